@@ -1,0 +1,128 @@
+"""Keys derived from RELAY_SECRET_KEY, encryption at rest, password hashing.
+
+One secret, several purposes: HKDF gives each purpose its own key so that a
+session cookie signature can never be replayed as a ciphertext and so on.
+
+- small secrets (SMTP password, API keys for the Reveal button): Fernet;
+- message bodies: AES-256-GCM with the message id as associated data. A
+  20 MiB attachment makes a ~28 MiB body; Fernet would base64 it again and
+  hold four copies while doing so, GCM encrypts it in one pass and binds it
+  to its row (a body copied onto another message fails to decrypt);
+- API keys are looked up by an HMAC of the key, never stored in clear;
+- the admin password: scrypt at OWASP's parameters (N=2^17, r=8, p=1).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .config import Settings
+
+_SALT = b"tspro-relay/v1"
+_NONCE = 12
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
+
+
+class DecryptionError(Exception):
+    """A ciphertext was made with another secret key, or was altered."""
+
+
+def _derive(secret: str, purpose: str, length: int = 32) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=_SALT,
+                info=purpose.encode()).derive(secret.encode())
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """Every key the relay uses, derived once at start-up."""
+
+    session_key: bytes
+    fernet: MultiFernet
+    body_keys: tuple[AESGCM, ...]
+    lookup_keys: tuple[bytes, ...]
+
+    def encrypt_text(self, value: str) -> str:
+        return self.fernet.encrypt(value.encode()).decode()
+
+    def decrypt_text(self, token: str) -> str:
+        try:
+            return self.fernet.decrypt(token.encode()).decode()
+        except InvalidToken:
+            raise DecryptionError(
+                "a stored secret cannot be decrypted with RELAY_SECRET_KEY (was the key changed?)"
+            ) from None
+
+    def encrypt_body(self, data: bytes, bound_to: str) -> bytes:
+        nonce = os.urandom(_NONCE)
+        return nonce + self.body_keys[0].encrypt(nonce, data, bound_to.encode())
+
+    def decrypt_body(self, blob: bytes, bound_to: str) -> bytes:
+        nonce, sealed = blob[:_NONCE], memoryview(blob)[_NONCE:]
+        for key in self.body_keys:
+            try:
+                return key.decrypt(nonce, sealed, bound_to.encode())
+            except InvalidTag:
+                continue
+        raise DecryptionError("a stored message body cannot be decrypted with RELAY_SECRET_KEY")
+
+    def lookup_hash(self, api_key: str) -> str:
+        return self.lookup_hashes(api_key)[0]
+
+    def lookup_hashes(self, api_key: str) -> list[str]:
+        """The key's lookup hash under the current secret, then under the old one."""
+        return [hmac.new(k, api_key.encode(), hashlib.sha256).hexdigest() for k in self.lookup_keys]
+
+
+def derive_keys(settings: Settings) -> KeySet:
+    secrets_in_order = [str(settings.secret_key)]
+    if settings.secret_key_old:
+        secrets_in_order.append(str(settings.secret_key_old))
+    fernets = [Fernet(base64.urlsafe_b64encode(_derive(s, "fernet"))) for s in secrets_in_order]
+    return KeySet(
+        session_key=_derive(secrets_in_order[0], "session"),
+        fernet=MultiFernet(fernets),
+        body_keys=tuple(AESGCM(_derive(s, "body")) for s in secrets_in_order),
+        lookup_keys=tuple(_derive(s, "api-key-lookup") for s in secrets_in_order),
+    )
+
+
+def new_api_key() -> str:
+    """A 256-bit key, URL-safe, with a prefix that makes leaked keys greppable."""
+    return "tsr_" + secrets.token_urlsafe(32)
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(18)
+
+
+def hash_password(password: str) -> str:
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
+                            maxmem=256 * 1024 * 1024, dklen=32)
+    return "scrypt${}${}${}${}${}".format(
+        SCRYPT_N, SCRYPT_R, SCRYPT_P, base64.b64encode(salt).decode(), base64.b64encode(digest).decode()
+    )
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = encoded.split("$")
+    except ValueError:
+        return False
+    if scheme != "scrypt":
+        return False
+    expected = base64.b64decode(digest)
+    actual = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r),
+                            p=int(p), maxmem=256 * 1024 * 1024, dklen=len(expected))
+    return hmac.compare_digest(actual, expected)

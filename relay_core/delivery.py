@@ -1,0 +1,187 @@
+"""One delivery attempt: claim, send, record — and decide what happens next.
+
+``Deliverer.attempt(message_id)`` is what a queue task runs. It is safe to
+call any number of times for the same id: only a successful claim leads to
+SMTP, and only the lease holder may record the outcome.
+
+Policy: recipients refused with 5xx fail for good; 4xx, timeouts,
+connection, TLS and AUTH errors defer them. Deferred recipients are retried
+with exponential backoff and jitter (``retry_base_seconds`` doubling up to
+``retry_max_seconds``, or later if the server said so) until the message is
+``max_age_hours`` old; then it fails with its last error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .crypto import DecryptionError
+from .options import Options
+from .smtp import DeliveryError, DeliveryResult, Mailer, RecipientResult, Target, retry_hint
+from .store import ClaimedMessage, LogEntry, Store
+
+logger = logging.getLogger("relay.delivery")
+
+
+@dataclass
+class Outcome:
+    message_id: str
+    status: str  # sent, deferred, failed
+    next_attempt_at: float | None
+    detail: str
+
+
+def backoff_delay(attempt: int, options: Options, rng: random.Random) -> float:
+    """Seconds before retry number ``attempt`` (1 = the first retry), with ±15% jitter."""
+    delay = min(float(options.retry_max_seconds), options.retry_base_seconds * 2.0 ** (attempt - 1))
+    return delay * rng.uniform(0.85, 1.15)
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Deliverer:
+    """Runs attempts for one worker process; each thread keeps its own ``Mailer``."""
+
+    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None, identity: str | None = None) -> None:
+        self.store = store
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.identity = identity or worker_identity()
+        self._local = threading.local()
+        self._mailers: list[Mailer] = []
+        self._mailers_lock = threading.Lock()
+
+    def mailer(self) -> Mailer:
+        mailer = getattr(self._local, "mailer", None)
+        if mailer is None:
+            mailer = Mailer()
+            self._local.mailer = mailer
+            with self._mailers_lock:
+                self._mailers.append(mailer)
+        return mailer
+
+    def close(self) -> None:
+        with self._mailers_lock:
+            mailers, self._mailers = self._mailers, []
+        for mailer in mailers:
+            mailer.close()
+
+    def attempt(self, message_id: str) -> Outcome | None:
+        """Deliver the message if it can be claimed now; None when there was nothing to do."""
+        options = self.store.options()
+        owner = f"{self.identity}:{threading.get_ident()}"
+        claimed = None
+        try:
+            claimed = self.store.claim(message_id, owner, options.lease_seconds, now=self.clock())
+        except DecryptionError as exc:
+            return self._undecryptable(message_id, owner, str(exc))
+        if claimed is None:
+            return None
+        return self._send(claimed, options)
+
+    def _undecryptable(self, message_id: str, owner: str, reason: str) -> Outcome:
+        # The claim committed before decryption failed; record under that lease.
+        stub = ClaimedMessage(message_id, "", "", "", b"", 0.0, 0, [], owner)
+        entry = LogEntry("attempt", "failed", message_id=message_id, stage="queue", detail=reason)
+        self.store.record_attempt(stub, "failed", next_attempt_at=None, last_error=reason,
+                                  recipient_updates={}, entry=entry, now=self.clock())
+        return Outcome(message_id, "failed", None, reason)
+
+    def _send(self, claimed: ClaimedMessage, options: Options) -> Outcome:
+        pending = [r for r in claimed.recipients if r.status in ("pending", "deferred")]
+        started = time.monotonic()
+        error: DeliveryError | None = None
+        results: list[RecipientResult]
+        if not options.smtp_configured:
+            error = DeliveryError("SMTP delivery is not configured (set smtp_host)", stage="connect",
+                                  permanent=False)
+        if error is None:
+            try:
+                result = self.mailer().deliver(Target.from_options(options), claimed.envelope_from,
+                                               [r.address for r in pending], claimed.body,
+                                               idle_limit=float(options.connection_idle_seconds))
+            except DeliveryError as exc:
+                error = exc
+        duration_ms = int((time.monotonic() - started) * 1000)
+        now = self.clock()
+
+        if error is not None:
+            results = [RecipientResult(r.address, False, error.code, error.message, error.permanent)
+                       for r in pending]
+            stage, code, detail, retry_after = error.stage, error.code, error.message, error.retry_after
+        else:
+            results = result.recipients
+            stage, code = result.stage, result.code
+            detail, retry_after = _summary(result), None
+
+        updates: dict[int, tuple[str, int | None, str | None]] = {}
+        deferred = []
+        for recipient, res in zip(pending, results):
+            if res.accepted:
+                updates[recipient.position] = ("sent", res.code, res.reply)
+            elif res.permanent:
+                updates[recipient.position] = ("failed", res.code, res.reply)
+            else:
+                updates[recipient.position] = ("deferred", res.code, res.reply)
+                deferred.append(res)
+                hint = retry_hint(res.reply)
+                if hint is not None:
+                    retry_after = max(retry_after or 0.0, hint)
+
+        final_statuses = {pos: st for pos, (st, _, _) in updates.items()}
+        for r in claimed.recipients:
+            final_statuses.setdefault(r.position, r.status)
+        next_attempt_at = None
+        if deferred:
+            delay = backoff_delay(claimed.attempts + 1, options, self.rng)
+            if retry_after:
+                delay = max(delay, retry_after)
+            deadline = claimed.created_at + options.max_age_hours * 3600
+            if now + delay > deadline:
+                status = "failed"
+                detail = (f"gave up after {claimed.attempts + 1} attempts over "
+                          f"{(now - claimed.created_at) / 3600:.1f} h: {detail}")
+                for pos, (st, c, reply) in list(updates.items()):
+                    if st == "deferred":
+                        updates[pos] = ("failed", c, reply)
+            else:
+                status = "deferred"
+                next_attempt_at = now + delay
+        elif any(st == "sent" for st in final_statuses.values()):
+            status = "sent"
+        else:
+            status = "failed"
+
+        failed_any = any(st == "failed" for st, _, _ in updates.values())
+        last_error = None if status == "sent" and not failed_any else detail
+        log_status = "partial" if status == "sent" and failed_any else status
+        entry = LogEntry(
+            "attempt", log_status, message_id=claimed.id, stage=stage, code=code, detail=detail,
+            duration_ms=duration_ms, sender=claimed.from_addr,
+            recipients=", ".join(r.address for r in pending), subject=claimed.subject, ts=now,
+        )
+        if not self.store.record_attempt(claimed, status, next_attempt_at=next_attempt_at,
+                                         last_error=last_error, recipient_updates=updates,
+                                         entry=entry, now=now):
+            logger.warning("lease on %s was lost before its outcome was recorded", claimed.id)
+        logger.debug("message %s %s (%s %s) in %d ms", claimed.id, log_status, stage, code or "", duration_ms)
+        return Outcome(claimed.id, status, next_attempt_at, detail)
+
+
+def _summary(result: DeliveryResult) -> str:
+    accepted = [r for r in result.recipients if r.accepted]
+    refused = [r for r in result.recipients if not r.accepted]
+    if not refused:
+        return f"{result.code} {result.reply}".strip()
+    parts = [f"{r.address}: {r.code} {r.reply}" for r in refused]
+    return f"{len(accepted)} of {len(result.recipients)} recipients accepted; refused " + "; ".join(parts)

@@ -1,0 +1,55 @@
+"""Errors that carry their HTTP status, so one handler can answer them all.
+
+The web layer turns any ``RelayError`` into ``{"ok": false, "error": ...}``
+with ``status``; the core raises them without knowing about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(RelayError):
+    status = 400
+
+
+class Unauthorized(RelayError):
+    status = 401
+
+
+class Forbidden(RelayError):
+    status = 403
+
+
+class NotFound(RelayError):
+    status = 404
+
+
+class Conflict(RelayError):
+    status = 409
+
+
+class PayloadTooLarge(RelayError):
+    status = 413
+
+
+class RateLimited(RelayError):
+    status = 429
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotConfigured(RelayError):
+    status = 503
+
+
+class StoreUnavailable(RelayError):
+    status = 503

@@ -1,0 +1,125 @@
+"""Group commit for the accept path.
+
+With ``synchronous=FULL`` every commit is an fsync, and SQLite serialises
+writers anyway. So the web process hands each write (an accepted message, a
+rejection for the log) to one writer thread, which takes everything waiting,
+runs each job in its own SAVEPOINT inside one transaction, commits once and
+then answers them all. Under load, one fsync covers many messages; alone, a
+job waits for nobody. Only after the commit does the caller answer 202, and
+only then are the ids enqueued (a lost enqueue is repaired by the sweeper).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import StoreUnavailable
+from .store import Store
+from .tasks import RelayQueue
+
+logger = logging.getLogger("relay.intake")
+
+Job = Callable[[sqlite3.Connection], tuple[Any, list[str]]]
+
+
+@dataclass
+class _Pending:
+    job: Job
+    future: Future = field(default_factory=Future)
+
+
+class Intake:
+    def __init__(self, store: Store, relay_queue: RelayQueue | None, max_batch: int = 512) -> None:
+        self.store = store
+        self.queue = relay_queue
+        self.max_batch = max_batch
+        self._jobs: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="relay-intake", daemon=True)
+        self.batches = 0
+        self.jobs_done = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish what is waiting, then end the writer thread."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join(timeout)
+
+    def submit(self, job: Job) -> Future:
+        """Run ``job(conn)`` in the next batch; the future holds its first return value."""
+        pending = _Pending(job)
+        self._jobs.put(pending)
+        return pending.future
+
+    def _take_batch(self, first: _Pending) -> tuple[list[_Pending], bool]:
+        batch, stopping = [first], False
+        while len(batch) < self.max_batch:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                stopping = True
+                break
+            batch.append(item)
+        return batch, stopping
+
+    def _run(self) -> None:
+        conn = self.store.conn()
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                break
+            batch, stopping = self._take_batch(first)
+            self._commit(conn, batch)
+            if stopping:
+                break
+        self.store.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
+        outcomes: list[tuple[_Pending, Any, list[str], BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for pending in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    value, ids = pending.job(conn)
+                except Exception as exc:  # the job's own error goes back to its caller
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    outcomes.append((pending, None, [], exc))
+                else:
+                    conn.execute("RELEASE job")
+                    outcomes.append((pending, value, ids, None))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            logger.error("the store refused a batch of %d writes: %s", len(batch), exc)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = StoreUnavailable("The relay's message store is unavailable; nothing was queued. Try again.")
+            for pending in batch:
+                pending.future.set_exception(error)
+            return
+        self.batches += 1
+        self.jobs_done += len(batch)
+        to_enqueue: list[str] = []
+        for pending, value, ids, exc in outcomes:
+            if exc is not None:
+                pending.future.set_exception(exc)
+            else:
+                pending.future.set_result(value)
+                to_enqueue.extend(ids)
+        if self.queue is not None:
+            for message_id in to_enqueue:
+                try:
+                    self.queue.enqueue(message_id)
+                except Exception:  # the sweeper re-enqueues whatever this misses
+                    logger.exception("could not enqueue %s; the sweeper will pick it up", message_id)

@@ -1,0 +1,269 @@
+"""The portal's message: parse and validate its JSON, build the MIME bytes.
+
+Pure functions, no I/O: ``parse_payload`` turns the decoded JSON into an
+``OutgoingMessage`` or raises a ``RelayError`` with the contract's status;
+``build_mime`` renders it with the standard library's email package.
+
+Large attachments are the one thing done by hand. The portal already sends
+them base64-encoded, which is their MIME transfer encoding too, so they are
+validated chunk by chunk (never decoded whole) and spliced into the rendered
+message as wrapped lines. Letting the email package decode and re-encode a
+20 MiB file holds five or six copies of it at once.
+"""
+
+from __future__ import annotations
+
+import binascii
+import mimetypes
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime
+from typing import Any
+
+from .errors import BadRequest, Forbidden, PayloadTooLarge
+from .options import Options, is_address
+
+MAX_RECIPIENTS = 100
+MAX_SUBJECT = 998
+# Headers folded at 78 with CRLF; bodies that are not plain short ASCII get a
+# transfer encoding, so the bytes are valid without 8BITMIME.
+POLICY = SMTP.clone(cte_type="7bit")
+_MIME_TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
+_B64_CHUNK = 4 * 65536
+_LINE = 76
+
+
+@dataclass
+class Attachment:
+    filename: str
+    mime_type: str
+    content_b64: str  # whitespace removed, validated
+    size: int  # decoded bytes
+
+
+@dataclass
+class OutgoingMessage:
+    from_email: str
+    from_name: str
+    to: list[str]
+    subject: str
+    text: str
+    html: str | None = None
+    reply_to: str | None = None
+    reply_to_name: str | None = None
+    attachments: list[Attachment] = field(default_factory=list)
+
+    @property
+    def attachment_bytes(self) -> int:
+        return sum(a.size for a in self.attachments)
+
+
+def new_message_id() -> str:
+    """Time-ordered and unguessable: 12 hex digits of milliseconds, 10 random."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
+
+
+def _string(payload: dict[str, Any], name: str, *, required: bool = False) -> str | None:
+    value = payload.get(name)
+    if value is None:
+        if required:
+            raise BadRequest(f"'{name}' is required.")
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"'{name}' must be a string.")
+    return value
+
+
+def _no_breaks(name: str, value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise BadRequest(f"'{name}' must not contain a line break (CR or LF).")
+    if "\x00" in value:
+        raise BadRequest(f"'{name}' must not contain a NUL character.")
+    return value
+
+
+def _address(name: str, value: str) -> str:
+    value = _no_breaks(name, value).strip()
+    if not is_address(value):
+        raise BadRequest(f"'{name}' is not a valid email address: {value!r}.")
+    return value
+
+
+def _recipients(raw: Any) -> list[str]:
+    if raw is None:
+        raise BadRequest("'to' is required: give one address or a list of addresses.")
+    if isinstance(raw, str):
+        _no_breaks("to", raw)
+        items = [part.strip() for part in re.split(r"[,;]", raw)]
+        items = [item for item in items if item]
+    elif isinstance(raw, list):
+        items = []
+        for item in raw:
+            if not isinstance(item, str):
+                raise BadRequest("Each element of 'to' must be a string holding one address.")
+            items.append(item.strip())
+    else:
+        raise BadRequest("'to' must be a list of addresses or a comma-separated string.")
+    if not items:
+        raise BadRequest("'to' holds no recipient address.")
+    if len(items) > MAX_RECIPIENTS:
+        raise BadRequest(f"'to' holds {len(items)} recipients; at most {MAX_RECIPIENTS} are allowed.")
+    seen: dict[str, str] = {}
+    for item in items:
+        address = _address("to", item)
+        seen.setdefault(address.lower(), address)
+    return list(seen.values())
+
+
+def from_permitted(address: str, allowed: tuple[str, ...]) -> bool:
+    """Exact address or exact domain, case-insensitive; an empty list admits all."""
+    if not allowed:
+        return True
+    address = address.lower()
+    domain = address.rpartition("@")[2]
+    return any(item == address or item == domain for item in allowed)
+
+
+def _attachment(index: int, raw: Any) -> Attachment:
+    if not isinstance(raw, dict):
+        raise BadRequest(f"attachments[{index}] must be an object with filename, mime_type and content_b64.")
+    filename = raw.get("filename") or f"attachment-{index + 1}"
+    if not isinstance(filename, str):
+        raise BadRequest(f"attachments[{index}].filename must be a string.")
+    _no_breaks(f"attachments[{index}].filename", filename)
+    mime_type = raw.get("mime_type") or mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    if not isinstance(mime_type, str) or not _MIME_TYPE_RE.match(mime_type):
+        raise BadRequest(f"attachments[{index}].mime_type is not a MIME type such as application/pdf.")
+    content = raw.get("content_b64")
+    if not isinstance(content, str):
+        raise BadRequest(f"attachments[{index}].content_b64 is required and must be a base64 string.")
+    if any(ch in content for ch in " \t\r\n"):
+        content = "".join(content.split())
+    return Attachment(filename, mime_type.lower(), content, _decoded_size(index, content))
+
+
+def _decoded_size(index: int, content: str) -> int:
+    """Validate base64 a chunk at a time and count its decoded bytes."""
+    if len(content) % 4:
+        raise BadRequest(f"attachments[{index}].content_b64 is not valid base64 (its length is not a multiple of 4).")
+    try:
+        for start in range(0, len(content), _B64_CHUNK):
+            binascii.a2b_base64(content[start:start + _B64_CHUNK], strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"attachments[{index}].content_b64 is not valid base64.") from None
+    return len(content) // 4 * 3 - len(content) + len(content.rstrip("="))
+
+
+def parse_payload(payload: Any, options: Options) -> OutgoingMessage:
+    """Validate the portal's JSON in the contract's order: from, recipients, attachments."""
+    if not isinstance(payload, dict):
+        raise BadRequest("The request body must be a JSON object.")
+
+    from_email = _string(payload, "from_email") or options.default_from
+    if not from_email:
+        raise BadRequest("'from_email' is missing and the relay has no Default From address.")
+    from_email = _address("from_email", from_email)
+    from_name = _string(payload, "from_name")
+    from_name = _no_breaks("from_name", from_name if from_name is not None else options.default_from_name)
+    if not from_permitted(from_email, options.allowed_from_items):
+        raise Forbidden(f"The From address {from_email} is not permitted by the relay's Allowed From list.")
+
+    to = _recipients(payload.get("to"))
+
+    subject = _no_breaks("subject", _string(payload, "subject") or "")
+    if len(subject) > MAX_SUBJECT:
+        raise BadRequest(f"'subject' is longer than {MAX_SUBJECT} characters.")
+    text = _string(payload, "text") or ""
+    html = _string(payload, "html") or None
+    if not text and not html:
+        raise BadRequest("Give a 'text' or an 'html' body (or both).")
+    reply_to = _string(payload, "reply_to") or None
+    if reply_to is not None:
+        reply_to = _address("reply_to", reply_to)
+    reply_to_name = _string(payload, "reply_to_name")
+    if reply_to_name is not None:
+        _no_breaks("reply_to_name", reply_to_name)
+
+    raw_attachments = payload.get("attachments") or []
+    if not isinstance(raw_attachments, list):
+        raise BadRequest("'attachments' must be a list.")
+    attachments = [_attachment(i, raw) for i, raw in enumerate(raw_attachments)]
+    message = OutgoingMessage(from_email, from_name, to, subject, text, html, reply_to,
+                              reply_to_name, attachments)
+    if message.attachment_bytes > options.max_attach_bytes:
+        raise PayloadTooLarge(
+            f"The attachments total {message.attachment_bytes} bytes, over the relay's limit of "
+            f"{options.max_attach_mb:g} MB ({options.max_attach_bytes} bytes)."
+        )
+    return message
+
+
+def _mailbox(name: str | None, address: str) -> Address:
+    user, _, domain = address.rpartition("@")
+    return Address(display_name=name or "", username=user, domain=domain)
+
+
+def _placeholder(index: int) -> str:
+    return f"@@tspro-relay-attachment-{index}-{secrets.token_hex(8)}@@"
+
+
+def build_mime(message: OutgoingMessage, message_id: str, created: float | None = None) -> bytes | bytearray:
+    """Render the message as CRLF-terminated bytes ready for SMTP DATA."""
+    msg = EmailMessage(policy=POLICY)
+    msg["From"] = _mailbox(message.from_name, message.from_email)
+    msg["To"] = [_mailbox(None, addr) for addr in message.to]
+    if message.reply_to:
+        msg["Reply-To"] = _mailbox(message.reply_to_name, message.reply_to)
+    msg["Subject"] = message.subject
+    when = datetime.fromtimestamp(created if created is not None else time.time(), timezone.utc)
+    msg["Date"] = format_datetime(when)
+    domain = message.from_email.rpartition("@")[2]
+    msg["Message-ID"] = f"<{message_id}@{domain}>"
+    msg["MIME-Version"] = "1.0"
+
+    if message.text:
+        msg.set_content(message.text)
+        if message.html:
+            msg.add_alternative(message.html, subtype="html")
+    else:
+        msg.set_content(message.html or "", subtype="html")
+
+    placeholders: list[tuple[bytes, Attachment]] = []
+    for index, attachment in enumerate(message.attachments):
+        token = _placeholder(index)
+        msg.add_attachment(token.encode(), *attachment.mime_type.split("/", 1),
+                           filename=attachment.filename, cte="7bit")
+        placeholders.append((token.encode(), attachment))
+    rendered = msg.as_bytes(policy=POLICY)
+    if not placeholders:
+        return rendered
+    return _splice(rendered, placeholders)
+
+
+def _splice(rendered: bytes, placeholders: list[tuple[bytes, Attachment]]) -> bytearray:
+    """Put each attachment's base64 in place of its token, wrapped at 76."""
+    out = bytearray()
+    rest = memoryview(rendered)
+    for token, attachment in placeholders:
+        at = rendered.find(token, len(rendered) - len(rest))
+        start = len(rendered) - len(rest)
+        out += rest[: at - start]
+        rest = rest[at - start + len(token):]
+        # The part was rendered as 7bit; it carries base64.
+        header = b"\r\nContent-Transfer-Encoding: 7bit\r\n"
+        header_at = out.rfind(header)
+        out[header_at:header_at + len(header)] = b"\r\nContent-Transfer-Encoding: base64\r\n"
+        content = attachment.content_b64
+        for line_start in range(0, len(content), _LINE):
+            out += content[line_start:line_start + _LINE].encode("ascii")
+            out += b"\r\n"
+        if bytes(rest[:2]) == b"\r\n":
+            rest = rest[2:]
+    out += rest
+    return out

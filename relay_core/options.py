@@ -1,0 +1,194 @@
+"""The relay's own settings: SMTP, senders, limits and delivery policy.
+
+They live in the database (edited with `tspro-relay config set` or the admin
+UI) so that a change takes effect in every running process without a
+restart. This module owns their names, defaults, parsing and validation;
+``store.py`` owns where they are kept.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+from .errors import BadRequest
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$|^\[?[0-9A-Fa-f:.]+\]?$")
+_ADDR_RE = re.compile(r"^[^@\s<>(),;:\"\[\]\\]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*$")
+_DOMAIN_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
+SECURITY_MODES = ("none", "starttls", "ssl")
+SECRET_OPTIONS = frozenset({"smtp_password"})
+
+
+def is_address(value: str) -> bool:
+    return bool(_ADDR_RE.match(value)) and len(value) <= 254
+
+
+def _text(name: str, value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise BadRequest(f"{name} must not contain line breaks.")
+    return value.strip()
+
+
+def _host(name: str, value: str) -> str:
+    value = _text(name, value)
+    if value and not _HOST_RE.match(value):
+        raise BadRequest(f"{name} must be a host name or IP address, not {value!r}.")
+    return value
+
+
+def _address(name: str, value: str) -> str:
+    value = _text(name, value)
+    if value and not is_address(value):
+        raise BadRequest(f"{name} must be an email address, not {value!r}.")
+    return value
+
+
+def _allowlist(name: str, value: str) -> str:
+    items = [item.strip().lower() for item in _text(name, value).replace(";", ",").split(",")]
+    items = [item for item in items if item]
+    for item in items:
+        if not (is_address(item) or _DOMAIN_RE.match(item)):
+            raise BadRequest(f"{name} holds {item!r}, which is neither an email address nor a domain.")
+    return ", ".join(items)
+
+
+def _security(name: str, value: str) -> str:
+    value = value.strip().lower()
+    aliases = {"tls": "ssl", "ssl/tls": "ssl", "plain": "none", "": "none"}
+    value = aliases.get(value, value)
+    if value not in SECURITY_MODES:
+        raise BadRequest(f"{name} must be one of none, starttls, ssl — not {value!r}.")
+    return value
+
+
+def _bool(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise BadRequest(f"{name} must be true or false, not {value!r}.")
+
+
+def _number(minimum: float, maximum: float, integer: bool = True) -> Callable[[str, str], Any]:
+    def parse(name: str, value: str) -> float | int:
+        try:
+            number: float | int = int(value) if integer else float(value)
+        except ValueError:
+            kind = "a whole number" if integer else "a number"
+            raise BadRequest(f"{name} must be {kind}, not {value!r}.") from None
+        if not minimum <= number <= maximum:
+            raise BadRequest(f"{name} must be between {minimum:g} and {maximum:g}, not {value}.")
+        return number
+    return parse
+
+
+@dataclass(frozen=True)
+class Options:
+    """A snapshot of every setting, typed. Defaults are the first-boot values."""
+
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_security: str = "starttls"
+    smtp_username: str = ""
+    smtp_password: str = ""
+    smtp_tls_verify: bool = True
+    smtp_timeout_seconds: int = 30
+    default_from: str = ""
+    default_from_name: str = ""
+    allowed_from: str = ""
+    envelope_from: str = ""
+    max_attach_mb: float = 25.0
+    retry_base_seconds: int = 60
+    retry_max_seconds: int = 3600
+    max_age_hours: float = 24.0
+    lease_seconds: int = 300
+    max_per_minute: int = 0
+    max_per_hour: int = 0
+    max_per_day: int = 0
+    connection_idle_seconds: int = 30
+    sweep_seconds: int = 30
+    retention_sent_hours: float = 24.0
+    retention_failed_days: float = 7.0
+    log_retention_days: float = 90.0
+    log_max_rows: int = 1_000_000
+
+    @property
+    def smtp_configured(self) -> bool:
+        return bool(self.smtp_host)
+
+    @property
+    def allowed_from_items(self) -> tuple[str, ...]:
+        return tuple(item.strip() for item in self.allowed_from.split(",") if item.strip())
+
+    @property
+    def max_attach_bytes(self) -> int:
+        return int(self.max_attach_mb * 1024 * 1024)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The request cap: attachments grow by 4/3 in base64, plus 1 MiB for the rest."""
+        return self.max_attach_bytes * 4 // 3 + 4 + 1024 * 1024
+
+
+PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "smtp_host": _host,
+    "smtp_port": _number(1, 65535),
+    "smtp_security": _security,
+    "smtp_username": _text,
+    "smtp_password": lambda name, value: value,
+    "smtp_tls_verify": _bool,
+    "smtp_timeout_seconds": _number(1, 600),
+    "default_from": _address,
+    "default_from_name": _text,
+    "allowed_from": _allowlist,
+    "envelope_from": _address,
+    "max_attach_mb": _number(0, 1024, integer=False),
+    "retry_base_seconds": _number(1, 86400),
+    "retry_max_seconds": _number(1, 7 * 86400),
+    "max_age_hours": _number(0.001, 24 * 30, integer=False),
+    "lease_seconds": _number(5, 86400),
+    "max_per_minute": _number(0, 10**9),
+    "max_per_hour": _number(0, 10**9),
+    "max_per_day": _number(0, 10**9),
+    "connection_idle_seconds": _number(0, 3600),
+    "sweep_seconds": _number(1, 3600),
+    "retention_sent_hours": _number(0, 24 * 3650, integer=False),
+    "retention_failed_days": _number(0, 3650, integer=False),
+    "log_retention_days": _number(1, 3650, integer=False),
+    "log_max_rows": _number(1000, 10**9),
+}
+OPTION_NAMES = tuple(f.name for f in fields(Options))
+assert set(PARSERS) == set(OPTION_NAMES)
+
+
+def parse_option(name: str, value: str) -> Any:
+    """Validate one `key=value`; raises ``BadRequest`` with a clear sentence."""
+    if name not in PARSERS:
+        raise BadRequest(f"Unknown setting {name!r}; known settings: {', '.join(OPTION_NAMES)}.")
+    return PARSERS[name](name, value)
+
+
+def to_text(value: Any) -> str:
+    """How a typed value is kept in the settings table."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def build_options(stored: dict[str, str]) -> Options:
+    """Turn the stored text values into a typed ``Options``, defaults for the rest."""
+    values = {}
+    for name in OPTION_NAMES:
+        if name in stored:
+            values[name] = PARSERS[name](name, stored[name])
+    return Options(**values)
+
+
+def check_consistency(options: Options) -> None:
+    if options.retry_max_seconds < options.retry_base_seconds:
+        raise BadRequest("retry_max_seconds must not be smaller than retry_base_seconds.")

@@ -1,0 +1,49 @@
+"""Queueing a message from inside the relay (the CLI's and the admin UI's test email)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from .config import Settings
+from .errors import BadRequest
+from .message import build_mime, new_message_id, parse_payload
+from .store import LogEntry, NewMessage, Store, insert_log, insert_message, transaction
+from .tasks import build_queue
+
+TEST_TEXT = """This is a test email from TS Pro Relay on {host}.
+
+If you are reading it, the relay reached your SMTP server ({smtp_host}:{smtp_port}, {security})
+and the server accepted the message for delivery.
+
+Sent at {when} UTC.
+"""
+
+
+def enqueue_test_message(store: Store, settings: Settings, to: str) -> str:
+    options = store.options()
+    if not options.smtp_configured:
+        raise BadRequest("SMTP delivery is not configured yet: set smtp_host (and the rest) first.")
+    if not options.default_from:
+        raise BadRequest("Set a Default From address (default_from) so the test has a sender.")
+    text = TEST_TEXT.format(host=socket.gethostname(), smtp_host=options.smtp_host,
+                            smtp_port=options.smtp_port, security=options.smtp_security,
+                            when=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
+    message = parse_payload({"to": [to], "subject": "TS Pro Relay test email", "text": text}, options)
+    message_id = new_message_id()
+    created = time.time()
+    body = store.keys.encrypt_body(build_mime(message, message_id, created), message_id)
+    record = NewMessage(
+        id=message_id, source="test", api_key_id=None, created_at=created,
+        from_addr=message.from_email, from_name=message.from_name,
+        envelope_from=options.envelope_from or message.from_email, subject=message.subject,
+        message_id_header=f"<{message_id}@{message.from_email.rpartition('@')[2]}>", body=body,
+        size=len(body) - 28, recipients=message.to,
+    )
+    conn = store.conn()
+    with transaction(conn):
+        insert_message(conn, record)
+        insert_log(conn, LogEntry("accepted", "queued", message_id=message_id, sender=message.from_email,
+                                  recipients=to, subject=message.subject, detail="test email", ts=created))
+    build_queue(settings).enqueue(message_id)
+    return message_id

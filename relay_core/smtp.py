@@ -1,0 +1,281 @@
+"""SMTP delivery with every failure classified.
+
+``Mailer.deliver`` runs one SMTP transaction (MAIL, RCPT per recipient,
+DATA) and returns each recipient's outcome. Whole-transaction failures raise
+``DeliveryError`` naming the stage (connect, STARTTLS, AUTH, MAIL, RCPT,
+DATA) and whether retrying can help: 5xx replies are permanent; 4xx
+replies, timeouts, connection, TLS and AUTH errors are transient. Error text
+never carries a secret.
+
+A ``Mailer`` belongs to one worker thread and keeps its connection open for
+``connection_idle_seconds`` between messages (RSET before reuse), so a burst
+pays the TCP, TLS and AUTH handshakes once.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+
+from .options import Options
+
+_RETRY_HINT = re.compile(
+    r"(?:try again|retry|wait)\D{0,24}?(\d{1,6})\s*(seconds?|secs?|s\b|minutes?|mins?|m\b|hours?|h\b)",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how to connect; two equal targets may share a connection."""
+
+    host: str
+    port: int
+    security: str
+    username: str
+    password: str
+    verify: bool
+    timeout: float
+
+    @classmethod
+    def from_options(cls, options: Options) -> "Target":
+        return cls(options.smtp_host, options.smtp_port, options.smtp_security, options.smtp_username,
+                   options.smtp_password, options.smtp_tls_verify, float(options.smtp_timeout_seconds))
+
+
+@dataclass
+class RecipientResult:
+    address: str
+    accepted: bool
+    code: int | None
+    reply: str
+    permanent: bool = False
+
+
+@dataclass
+class DeliveryResult:
+    recipients: list[RecipientResult]
+    stage: str
+    code: int | None
+    reply: str
+
+
+class DeliveryError(Exception):
+    """The whole transaction failed at ``stage``; ``permanent`` says retrying cannot help."""
+
+    def __init__(self, message: str, *, stage: str, permanent: bool, code: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.stage = stage
+        self.permanent = permanent
+        self.code = code
+        self.retry_after = retry_after
+
+
+def retry_hint(reply: str) -> float | None:
+    """Seconds from a reply such as '451 4.7.0 Try again in 30 seconds', if it says."""
+    match = _RETRY_HINT.search(reply or "")
+    if not match:
+        return None
+    number, unit = int(match.group(1)), match.group(2).lower()
+    if unit.startswith("h"):
+        return number * 3600.0
+    if unit.startswith("m"):
+        return number * 60.0
+    return float(number)
+
+
+def _reply_text(raw: bytes | str) -> str:
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    return " ".join(text.split())[:500]
+
+
+def _tls_context(verify: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _reply_error(stage: str, code: int, reply: str, what: str) -> DeliveryError:
+    return DeliveryError(f"{stage}: {what} answered {code} {reply}".strip(), stage=stage,
+                         permanent=500 <= code < 600, code=code, retry_after=retry_hint(reply))
+
+
+def _tls_error(target: Target, exc: ssl.SSLError, stage: str) -> DeliveryError:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = exc.verify_message or str(exc)
+        text = (f"{stage}: TLS certificate verification failed for {target.host}: {detail}. "
+                "Fix the server's certificate, or set smtp_tls_verify=false if you trust this network.")
+    else:
+        text = f"{stage}: TLS handshake with {target.host}:{target.port} failed: {exc.reason or exc}"
+    return DeliveryError(text, stage=stage, permanent=False)
+
+
+def connect(target: Target) -> smtplib.SMTP:
+    """Open, secure and authenticate a connection. Raises ``DeliveryError``."""
+    stage = "connect"
+    client: smtplib.SMTP | None = None
+    try:
+        if target.security == "ssl":
+            client = smtplib.SMTP_SSL(target.host, target.port, timeout=target.timeout,
+                                      context=_tls_context(target.verify))
+        else:
+            client = smtplib.SMTP(target.host, target.port, timeout=target.timeout)
+        stage = "EHLO"
+        client.ehlo()
+        if target.security == "starttls":
+            stage = "STARTTLS"
+            if not client.has_extn("starttls"):
+                raise DeliveryError(f"STARTTLS: {target.host} does not offer STARTTLS; set smtp_security "
+                                    "to ssl or none to match the server", stage=stage, permanent=False)
+            code, reply = client.starttls(context=_tls_context(target.verify))
+            if code != 220:
+                raise _reply_error(stage, code, _reply_text(reply), target.host)
+            client.ehlo()
+        if target.username:
+            stage = "AUTH"
+            if not client.has_extn("auth"):
+                raise DeliveryError(f"AUTH: {target.host} does not offer AUTH on this connection "
+                                    "(it may require STARTTLS first)", stage=stage, permanent=False)
+            client.login(target.username, target.password)
+        return client
+    except DeliveryError:
+        _abandon(client)
+        raise
+    except smtplib.SMTPAuthenticationError as exc:
+        _abandon(client)
+        # Transient by policy: a password fixed in the settings should let queued mail go.
+        raise DeliveryError(f"AUTH: {target.host} rejected the username or password "
+                            f"({exc.smtp_code} {_reply_text(exc.smtp_error)})", stage="AUTH",
+                            permanent=False, code=exc.smtp_code) from None
+    except ssl.SSLError as exc:
+        _abandon(client)
+        raise _tls_error(target, exc, stage) from None
+    except smtplib.SMTPResponseException as exc:
+        _abandon(client)
+        text = _reply_text(exc.smtp_error)
+        raise DeliveryError(f"{stage}: {target.host} answered {exc.smtp_code} {text}", stage=stage,
+                            permanent=False, code=exc.smtp_code, retry_after=retry_hint(text)) from None
+    except (smtplib.SMTPException, OSError) as exc:
+        _abandon(client)
+        raise DeliveryError(f"{stage}: cannot talk to {target.host}:{target.port}: {_describe(exc)}",
+                            stage=stage, permanent=False) from None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return f"host name lookup failed ({exc.strerror})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _abandon(client: smtplib.SMTP | None) -> None:
+    if client is None:
+        return
+    try:
+        client.close()
+    except OSError:
+        pass
+
+
+def transact(client: smtplib.SMTP, envelope_from: str, recipients: list[str], body: bytes) -> DeliveryResult:
+    """MAIL, RCPT for each recipient, DATA. Raises ``DeliveryError`` for whole failures."""
+    stage = "MAIL"
+    try:
+        code, reply = client.mail(envelope_from)
+        if code != 250:
+            client.rset()
+            raise _reply_error(stage, code, _reply_text(reply), "MAIL FROM")
+        stage = "RCPT"
+        results = []
+        for address in recipients:
+            code, reply = client.rcpt(address)
+            text = _reply_text(reply)
+            accepted = code in (250, 251)
+            results.append(RecipientResult(address, accepted, code, text,
+                                           permanent=not accepted and 500 <= code < 600))
+        if not any(r.accepted for r in results):
+            client.rset()
+            return DeliveryResult(results, stage, results[-1].code if results else None,
+                                  results[-1].reply if results else "")
+        stage = "DATA"
+        code, reply = client.data(body)
+        text = _reply_text(reply)
+        if code != 250:
+            raise _reply_error(stage, code, text, "DATA")
+        for r in results:
+            if r.accepted:
+                r.code, r.reply = code, text
+        return DeliveryResult(results, stage, code, text)
+    except DeliveryError:
+        raise
+    except smtplib.SMTPResponseException as exc:
+        text = _reply_text(exc.smtp_error)
+        raise DeliveryError(f"{stage}: the server answered {exc.smtp_code} {text}", stage=stage,
+                            permanent=500 <= exc.smtp_code < 600, code=exc.smtp_code,
+                            retry_after=retry_hint(text)) from None
+    except (smtplib.SMTPException, OSError) as exc:
+        raise DeliveryError(f"{stage}: connection lost: {_describe(exc)}", stage=stage,
+                            permanent=False) from None
+
+
+class Mailer:
+    """One thread's SMTP connection, reused between messages while fresh."""
+
+    def __init__(self) -> None:
+        self._client: smtplib.SMTP | None = None
+        self._target: Target | None = None
+        self._last_used = 0.0
+        self.connections_opened = 0
+
+    def _fresh_client(self, target: Target, idle_limit: float) -> tuple[smtplib.SMTP, bool]:
+        client = self._client
+        if client is not None and self._target == target and time.monotonic() - self._last_used < idle_limit:
+            try:
+                code, _ = client.rset()
+                if code == 250:
+                    return client, True
+            except (smtplib.SMTPException, OSError):
+                pass
+        self.close()
+        client = connect(target)
+        self.connections_opened += 1
+        self._client, self._target = client, target
+        return client, False
+
+    def deliver(self, target: Target, envelope_from: str, recipients: list[str], body: bytes,
+                idle_limit: float = 30.0) -> DeliveryResult:
+        client, reused = self._fresh_client(target, idle_limit)
+        try:
+            result = transact(client, envelope_from, recipients, body)
+        except DeliveryError as exc:
+            self.close()
+            if reused and exc.stage == "MAIL" and exc.code is None:
+                # The server dropped an idle connection before MAIL: nothing was sent, retry once.
+                client, _ = self._fresh_client(target, idle_limit)
+                result = transact(client, envelope_from, recipients, body)
+            else:
+                raise
+        self._last_used = time.monotonic()
+        if idle_limit <= 0:
+            self.close()
+        return result
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            client.quit()
+        except (smtplib.SMTPException, OSError):
+            _abandon(client)

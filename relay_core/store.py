@@ -1,0 +1,517 @@
+"""The store of record: SQLite in WAL mode, explicit transactions.
+
+Every process opens its own connections (one per thread). A message row and
+its encrypted body are committed before the web process answers 202; the
+worker claims a message with a conditional UPDATE checked by rowcount, so
+only one claimer ever delivers it (huey's ``dequeue`` and healthchecks'
+``sendalerts`` use the same pattern). Functions return dataclasses; raw rows
+stay in here.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import crypto, migrations
+from .config import Settings
+from .crypto import KeySet
+from .options import SECRET_OPTIONS, Options, build_options, check_consistency, to_text
+
+FINAL_STATES = ("sent", "failed", "cancelled")
+
+
+def connect(path: Path | str) -> sqlite3.Connection:
+    """A connection with WAL, a busy timeout, foreign keys and manual transactions."""
+    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE (take the write lock now, not at the first write); roll back on error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: int
+    label: str
+    is_primary: bool
+    created_at: float
+    revoked_at: float | None
+    lookup: str
+
+
+@dataclass
+class NewMessage:
+    id: str
+    source: str
+    api_key_id: int | None
+    created_at: float
+    from_addr: str
+    from_name: str
+    envelope_from: str
+    subject: str
+    message_id_header: str
+    body: bytes
+    size: int
+    recipients: list[str]
+
+
+@dataclass
+class LogEntry:
+    event: str
+    status: str
+    message_id: str | None = None
+    stage: str | None = None
+    code: int | None = None
+    detail: str = ""
+    duration_ms: int | None = None
+    source_ip: str | None = None
+    sender: str = ""
+    recipients: str = ""
+    subject: str = ""
+    ts: float = field(default_factory=time.time)
+
+
+@dataclass
+class Recipient:
+    position: int
+    address: str
+    status: str
+    code: int | None
+    reply: str | None
+
+
+@dataclass
+class ClaimedMessage:
+    id: str
+    envelope_from: str
+    from_addr: str
+    subject: str
+    body: bytes
+    created_at: float
+    attempts: int
+    recipients: list[Recipient]
+    lease_owner: str
+
+
+@dataclass
+class BootstrapReport:
+    admin_created: bool = False
+    admin_password_generated: str | None = None
+    api_key_created: bool = False
+
+
+def insert_log(conn: sqlite3.Connection, entry: LogEntry) -> None:
+    conn.execute(
+        "INSERT INTO log (ts, event, message_id, status, stage, code, detail, duration_ms,"
+        " source_ip, sender, recipients, subject) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        (entry.ts, entry.event, entry.message_id, entry.status, entry.stage, entry.code,
+         entry.detail, entry.duration_ms, entry.source_ip, entry.sender, entry.recipients,
+         entry.subject),
+    )
+
+
+def insert_message(conn: sqlite3.Connection, msg: NewMessage) -> None:
+    conn.execute(
+        "INSERT INTO messages (id, status, source, api_key_id, created_at, updated_at,"
+        " next_attempt_at, enqueued_at, from_addr, from_name, envelope_from, subject,"
+        " message_id_header, size, body) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (msg.id, msg.source, msg.api_key_id, msg.created_at, msg.created_at, msg.created_at,
+         msg.created_at, msg.from_addr, msg.from_name, msg.envelope_from, msg.subject,
+         msg.message_id_header, msg.size, msg.body),
+    )
+    conn.executemany(
+        "INSERT INTO recipients (message_id, position, address) VALUES (?, ?, ?)",
+        [(msg.id, i, addr) for i, addr in enumerate(msg.recipients)],
+    )
+
+
+class Store:
+    """Thread-safe access to relay.db: each thread gets its own connection."""
+
+    def __init__(self, path: Path, keys: KeySet) -> None:
+        self.path = path
+        self.keys = keys
+        self._local = threading.local()
+        self._cache_lock = threading.Lock()
+        self._cache: tuple[int, Options, list[ApiKey]] | None = None
+
+    @classmethod
+    def open(cls, settings: Settings, keys: KeySet | None = None) -> "Store":
+        """Create the data directory, migrate and seed: the explicit start-up step."""
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = cls(settings.db_path, keys or crypto.derive_keys(settings))
+        store.migrate()
+        return store
+
+    # -- connections ---------------------------------------------------
+    def conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path)
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def migrate(self) -> list[str]:
+        return migrations.migrate(self.conn())
+
+    def _bump_rev(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO meta (name, value) VALUES ('rev', '1') ON CONFLICT(name)"
+            " DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+        )
+
+    # -- first boot ------------------------------------------------------
+    def bootstrap(self, settings: Settings) -> BootstrapReport:
+        """Seed the admin account and the portal's API key if they do not exist."""
+        report = BootstrapReport()
+        conn = self.conn()
+        if conn.execute("SELECT 1 FROM admins LIMIT 1").fetchone() is None:
+            password = str(settings.admin_password) if settings.admin_password else None
+            if password is None:
+                password = crypto.new_password()
+                report.admin_password_generated = password
+            hashed = crypto.hash_password(password)
+            with transaction(conn):
+                if conn.execute("SELECT 1 FROM admins LIMIT 1").fetchone() is None:
+                    now = time.time()
+                    conn.execute("INSERT INTO admins (username, password_hash, created_at, updated_at)"
+                                 " VALUES (?, ?, ?, ?)", (settings.admin_user, hashed, now, now))
+                    report.admin_created = True
+            if not report.admin_created:
+                report.admin_password_generated = None
+        with transaction(conn):
+            if conn.execute("SELECT 1 FROM api_keys WHERE is_primary = 1 AND revoked_at IS NULL").fetchone() is None:
+                self._insert_api_key(conn, "portal", crypto.new_api_key(), primary=True)
+                report.api_key_created = True
+        return report
+
+    # -- settings ----------------------------------------------------------
+    def _load_cache(self) -> tuple[Options, list[ApiKey]]:
+        conn = self.conn()
+        row = conn.execute("SELECT value FROM meta WHERE name = 'rev'").fetchone()
+        rev = int(row[0]) if row else 0
+        cached = self._cache
+        if cached is not None and cached[0] == rev:
+            return cached[1], cached[2]
+        stored = {r["name"]: r["value"] for r in conn.execute("SELECT name, value FROM settings")}
+        for name in SECRET_OPTIONS:
+            if stored.get(name):
+                stored[name] = self.keys.decrypt_text(stored[name])
+        options = build_options(stored)
+        keys = [
+            ApiKey(r["id"], r["label"], bool(r["is_primary"]), r["created_at"], r["revoked_at"], r["lookup"])
+            for r in conn.execute("SELECT * FROM api_keys ORDER BY id")
+        ]
+        with self._cache_lock:
+            self._cache = (rev, options, keys)
+        return options, keys
+
+    def options(self) -> Options:
+        """The current settings; re-read only when another process changed them."""
+        return self._load_cache()[0]
+
+    def set_options(self, values: dict[str, Any]) -> Options:
+        """Write validated, typed values; secrets are encrypted. All or nothing."""
+        current = self.options()
+        merged = {**current.__dict__, **values}
+        candidate = Options(**merged)
+        check_consistency(candidate)
+        conn = self.conn()
+        now = time.time()
+        with transaction(conn):
+            for name, value in values.items():
+                text = to_text(value)
+                if name in SECRET_OPTIONS and text:
+                    text = self.keys.encrypt_text(text)
+                conn.execute(
+                    "INSERT INTO settings (name, value, updated_at) VALUES (?, ?, ?) ON CONFLICT(name)"
+                    " DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                    (name, text, now),
+                )
+            self._bump_rev(conn)
+        return self.options()
+
+    # -- API keys ----------------------------------------------------------
+    def _insert_api_key(self, conn: sqlite3.Connection, label: str, key: str, primary: bool) -> int:
+        cur = conn.execute(
+            "INSERT INTO api_keys (label, lookup, secret, is_primary, created_at) VALUES (?, ?, ?, ?, ?)",
+            (label, self.keys.lookup_hash(key), self.keys.encrypt_text(key), int(primary), time.time()),
+        )
+        self._bump_rev(conn)
+        return int(cur.lastrowid or 0)
+
+    def api_keys(self) -> list[ApiKey]:
+        return self._load_cache()[1]
+
+    def authenticate(self, token: str) -> ApiKey | None:
+        """The live key matching a Bearer token, or None. Compares HMACs, never keys."""
+        if not token:
+            return None
+        wanted = set(self.keys.lookup_hashes(token))
+        for key in self.api_keys():
+            if key.revoked_at is None and key.lookup in wanted:
+                return key
+        return None
+
+    def reveal_api_key(self, key_id: int | None = None) -> str:
+        conn = self.conn()
+        if key_id is None:
+            row = conn.execute("SELECT secret FROM api_keys WHERE is_primary = 1 AND revoked_at IS NULL"
+                               " ORDER BY id DESC LIMIT 1").fetchone()
+        else:
+            row = conn.execute("SELECT secret FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        if row is None:
+            raise LookupError("no such API key")
+        return self.keys.decrypt_text(row["secret"])
+
+    def new_primary_api_key(self) -> str:
+        """Replace the portal's key; the old one stops working at once."""
+        key = crypto.new_api_key()
+        conn = self.conn()
+        with transaction(conn):
+            conn.execute("UPDATE api_keys SET revoked_at = ? WHERE is_primary = 1 AND revoked_at IS NULL",
+                         (time.time(),))
+            self._insert_api_key(conn, "portal", key, primary=True)
+        return key
+
+    def add_api_key(self, label: str) -> tuple[int, str]:
+        key = crypto.new_api_key()
+        conn = self.conn()
+        with transaction(conn):
+            key_id = self._insert_api_key(conn, label, key, primary=False)
+        return key_id, key
+
+    def revoke_api_key(self, key_id: int) -> bool:
+        conn = self.conn()
+        with transaction(conn):
+            cur = conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                               (time.time(), key_id))
+            self._bump_rev(conn)
+        return cur.rowcount == 1
+
+    # -- admin -------------------------------------------------------------
+    def set_admin_password(self, username: str, password: str) -> None:
+        hashed = crypto.hash_password(password)
+        now = time.time()
+        conn = self.conn()
+        with transaction(conn):
+            cur = conn.execute("UPDATE admins SET username = ?, password_hash = ?, updated_at = ?"
+                               " WHERE id = (SELECT MIN(id) FROM admins)", (username, hashed, now))
+            if cur.rowcount == 0:
+                conn.execute("INSERT INTO admins (username, password_hash, created_at, updated_at)"
+                             " VALUES (?, ?, ?, ?)", (username, hashed, now, now))
+
+    def check_admin(self, username: str, password: str) -> bool:
+        row = self.conn().execute("SELECT password_hash FROM admins WHERE username = ?", (username,)).fetchone()
+        if row is None:
+            crypto.verify_password(password, crypto.hash_password("x"))  # same cost either way
+            return False
+        return crypto.verify_password(password, row["password_hash"])
+
+    # -- messages: the accept side --------------------------------------------
+    def log(self, entry: LogEntry) -> None:
+        conn = self.conn()
+        with transaction(conn):
+            insert_log(conn, entry)
+
+    def idempotent_answer(self, conn: sqlite3.Connection, api_key_id: int, key: str,
+                          since: float) -> tuple[str, int, dict[str, Any]] | None:
+        row = conn.execute("SELECT request_hash, status, response FROM idempotency"
+                           " WHERE api_key_id = ? AND key = ? AND created_at >= ?",
+                           (api_key_id, key, since)).fetchone()
+        if row is None:
+            return None
+        return row["request_hash"], int(row["status"]), json.loads(row["response"])
+
+    def remember_answer(self, conn: sqlite3.Connection, api_key_id: int, key: str, request_hash: str,
+                        status: int, response: dict[str, Any]) -> None:
+        conn.execute("INSERT OR REPLACE INTO idempotency (api_key_id, key, request_hash, status, response,"
+                     " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                     (api_key_id, key, request_hash, status, json.dumps(response), time.time()))
+
+    # -- messages: the delivery side -------------------------------------------
+    def claim(self, message_id: str, owner: str, lease_seconds: float,
+              now: float | None = None) -> ClaimedMessage | None:
+        """queued/deferred and due (or sending with an expired lease) -> sending, leased to owner.
+
+        Returns None when another worker got there first, the message is not
+        due yet, or it is finished: a duplicate wake-up is a harmless no-op.
+        """
+        now = time.time() if now is None else now
+        conn = self.conn()
+        with transaction(conn):
+            cur = conn.execute(
+                "UPDATE messages SET status = 'sending', lease_owner = ?, lease_expires_at = ?,"
+                " updated_at = ? WHERE id = ? AND ((status IN ('queued', 'deferred') AND next_attempt_at <= ?)"
+                " OR (status = 'sending' AND lease_expires_at < ?))",
+                (owner, now + lease_seconds, now, message_id, now, now),
+            )
+            if cur.rowcount != 1:
+                return None
+            row = conn.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+            recipients = [
+                Recipient(r["position"], r["address"], r["status"], r["code"], r["reply"])
+                for r in conn.execute("SELECT * FROM recipients WHERE message_id = ? ORDER BY position",
+                                      (message_id,))
+            ]
+        body = self.keys.decrypt_body(row["body"], message_id) if row["body"] is not None else b""
+        return ClaimedMessage(row["id"], row["envelope_from"], row["from_addr"], row["subject"], body,
+                              row["created_at"], row["attempts"], recipients, owner)
+
+    def record_attempt(self, claimed: ClaimedMessage, status: str, *, next_attempt_at: float | None,
+                       last_error: str | None, recipient_updates: dict[int, tuple[str, int | None, str | None]],
+                       entry: LogEntry, now: float | None = None) -> bool:
+        """Store one attempt's outcome, if this worker still holds the lease."""
+        now = time.time() if now is None else now
+        conn = self.conn()
+        with transaction(conn):
+            finished = now if status in FINAL_STATES else None
+            cur = conn.execute(
+                "UPDATE messages SET status = ?, attempts = attempts + 1, last_error = ?,"
+                " next_attempt_at = COALESCE(?, next_attempt_at), lease_owner = NULL,"
+                " lease_expires_at = NULL, updated_at = ?, finished_at = ?"
+                " WHERE id = ? AND status = 'sending' AND lease_owner = ?",
+                (status, last_error, next_attempt_at, now, finished, claimed.id, claimed.lease_owner),
+            )
+            if cur.rowcount != 1:
+                return False
+            conn.executemany(
+                "UPDATE recipients SET status = ?, code = ?, reply = ?, updated_at = ?"
+                " WHERE message_id = ? AND position = ?",
+                [(st, code, reply, now, claimed.id, pos) for pos, (st, code, reply) in recipient_updates.items()],
+            )
+            insert_log(conn, entry)
+        return True
+
+    def mark_enqueued(self, message_ids: list[str], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        conn = self.conn()
+        with transaction(conn):
+            conn.executemany("UPDATE messages SET enqueued_at = ? WHERE id = ?", [(now, i) for i in message_ids])
+
+    # -- reading -----------------------------------------------------------------
+    def message_status(self, message_id: str) -> dict[str, Any] | None:
+        """The contract's view of one message: state, attempts, per-recipient outcome."""
+        conn = self.conn()
+        row = conn.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        if row is None:
+            return None
+        attempts = [
+            {"at": r["ts"], "status": r["status"], "stage": r["stage"], "code": r["code"],
+             "detail": r["detail"], "duration_ms": r["duration_ms"]}
+            for r in conn.execute("SELECT * FROM log WHERE message_id = ? AND event = 'attempt' ORDER BY id",
+                                  (message_id,))
+        ]
+        recipients = [
+            {"address": r["address"], "status": r["status"], "code": r["code"], "reply": r["reply"]}
+            for r in conn.execute("SELECT * FROM recipients WHERE message_id = ? ORDER BY position",
+                                  (message_id,))
+        ]
+        waiting = row["status"] in ("queued", "deferred")
+        return {
+            "ok": True,
+            "id": row["id"],
+            "status": row["status"],
+            "created_at": row["created_at"],
+            "updated_at": row["updated_at"],
+            "finished_at": row["finished_at"],
+            "next_attempt_at": row["next_attempt_at"] if waiting else None,
+            "attempt_count": row["attempts"],
+            "last_error": row["last_error"],
+            "from": row["from_addr"],
+            "subject": row["subject"],
+            "message_id": row["message_id_header"],
+            "attempts": attempts,
+            "recipients": recipients,
+        }
+
+    def counts(self) -> dict[str, int]:
+        rows = self.conn().execute("SELECT status, COUNT(*) FROM messages GROUP BY status").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    # -- workers and the sweeper -----------------------------------------------------
+    def heartbeat(self, name: str, pid: int, host: str, started_at: float, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        conn = self.conn()
+        with transaction(conn):
+            conn.execute(
+                "INSERT INTO workers (name, pid, host, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (name, pid, host, started_at, now),
+            )
+
+    def forget_worker(self, name: str) -> None:
+        conn = self.conn()
+        with transaction(conn):
+            conn.execute("DELETE FROM workers WHERE name = ?", (name,))
+
+    def last_heartbeat(self) -> float | None:
+        row = self.conn().execute("SELECT MAX(heartbeat_at) FROM workers").fetchone()
+        return row[0] if row else None
+
+    def sweep(self, now: float, stale_after: float, limit: int = 1000) -> list[str]:
+        """Ids that need a new wake-up call; marks them enqueued now.
+
+        queued with no enqueue for ``stale_after`` seconds; deferred and due
+        with no enqueue since they fell due; sending with an expired lease.
+        """
+        conn = self.conn()
+        with transaction(conn):
+            rows = conn.execute(
+                "SELECT id FROM messages WHERE"
+                " (status = 'queued' AND COALESCE(enqueued_at, 0) < ?)"
+                " OR (status = 'deferred' AND next_attempt_at <= ? AND COALESCE(enqueued_at, 0) < ?)"
+                " OR (status = 'sending' AND lease_expires_at < ?)"
+                " ORDER BY next_attempt_at LIMIT ?",
+                (now - stale_after, now, now - stale_after, now, limit),
+            ).fetchall()
+            ids = [r[0] for r in rows]
+            conn.executemany("UPDATE messages SET enqueued_at = ? WHERE id = ?", [(now, i) for i in ids])
+        return ids
+
+    def prune(self, now: float, *, sent_body_seconds: float, failed_body_seconds: float,
+              log_seconds: float, log_max_rows: int, idempotency_seconds: float) -> dict[str, int]:
+        """Retention: drop finished bodies, old log rows and old idempotency answers."""
+        conn = self.conn()
+        with transaction(conn):
+            sent = conn.execute(
+                "UPDATE messages SET body = NULL WHERE body IS NOT NULL AND status = 'sent' AND finished_at < ?",
+                (now - sent_body_seconds,)).rowcount
+            failed = conn.execute(
+                "UPDATE messages SET body = NULL WHERE body IS NOT NULL AND status IN ('failed', 'cancelled')"
+                " AND finished_at < ?", (now - failed_body_seconds,)).rowcount
+            old_log = conn.execute("DELETE FROM log WHERE ts < ?", (now - log_seconds,)).rowcount
+            conn.execute("DELETE FROM messages WHERE finished_at < ?", (now - log_seconds,))
+            excess = conn.execute(
+                "DELETE FROM log WHERE id <= (SELECT id FROM log ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (log_max_rows,)).rowcount
+            idem = conn.execute("DELETE FROM idempotency WHERE created_at < ?",
+                                (now - idempotency_seconds,)).rowcount
+        return {"sent_bodies": sent, "failed_bodies": failed, "log_rows": old_log + excess, "idempotency": idem}

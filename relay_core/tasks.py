@@ -1,0 +1,75 @@
+"""The Huey queue: a wake-up call carrying a message id, nothing more.
+
+Huey deletes a task when a consumer takes it, so a consumer killed mid-task
+loses it; the store is the truth and the sweeper re-enqueues anything that
+was dropped. That is also why queue.db runs with ``synchronous=NORMAL``: a
+lost enqueue costs a sweep interval, never a message, and the accept path
+saves an fsync.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from typing import Callable
+
+from huey import Huey, RedisHuey
+from huey.storage import SqliteStorage
+
+from .config import ConfigError, Settings
+
+DELIVER = "relay.deliver"
+
+
+class RelaySqliteStorage(SqliteStorage):
+    def _create_connection(self) -> sqlite3.Connection:
+        conn = super()._create_connection()
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+
+class RelayQueue:
+    """The queue both processes share; the worker binds the handler that runs tasks."""
+
+    def __init__(self, huey: Huey) -> None:
+        self.huey = huey
+        self._handler: Callable[[str], object] | None = None
+
+        @huey.task(name=DELIVER)
+        def deliver(message_id: str) -> None:
+            if self._handler is None:
+                raise RuntimeError("no delivery handler is bound in this process")
+            self._handler(message_id)
+
+        self._deliver = deliver
+
+    def bind(self, handler: Callable[[str], object]) -> None:
+        self._handler = handler
+
+    def enqueue(self, message_id: str, eta: float | None = None) -> None:
+        if eta is None:
+            self._deliver(message_id)
+        else:
+            when = dt.datetime.fromtimestamp(eta, dt.timezone.utc).replace(tzinfo=None)
+            self._deliver.schedule((message_id,), eta=when)
+
+    def pending(self) -> int:
+        return int(self.huey.pending_count())
+
+    def scheduled(self) -> int:
+        return int(self.huey.scheduled_count())
+
+
+def build_queue(settings: Settings) -> RelayQueue:
+    """SqliteHuey at $RELAY_DATA_DIR/queue.db, or Redis when RELAY_QUEUE_URL says so."""
+    url = settings.queue_url
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        huey: Huey = RedisHuey("tspro-relay", url=url, results=False, utc=True)
+    else:
+        if url and not url.startswith("sqlite:"):
+            raise ConfigError(f"RELAY_QUEUE_URL must start with redis:// or sqlite:, not {url!r}.")
+        path = url.removeprefix("sqlite:///").removeprefix("sqlite:") if url else str(settings.queue_path)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        huey = Huey("tspro-relay", results=False, utc=True, storage_class=RelaySqliteStorage,
+                    filename=path, cache_mb=4)
+    return RelayQueue(huey)

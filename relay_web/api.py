@@ -1,0 +1,185 @@
+"""The portal's JSON API: POST /api/send, GET /api/messages/{id}, health.
+
+An accept reads: key -> capped body -> parse_payload -> MIME -> encrypt ->
+group commit -> 202. The key is checked before a byte of the body is read,
+so an empty POST tells a valid key (400) from a bad one (401).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from relay_core.errors import (BadRequest, Conflict, NotConfigured, NotFound, PayloadTooLarge,
+                               RateLimited, RelayError, Unauthorized)
+from relay_core.message import OutgoingMessage, build_mime, new_message_id, parse_payload
+from relay_core.store import ApiKey, LogEntry, NewMessage, insert_log, insert_message
+
+from .auth import bearer_token, client_ip
+from .state import AppState
+
+IDEMPOTENCY_WINDOW = 24 * 3600
+_THREAD_THRESHOLD = 256 * 1024  # parse and build larger bodies off the event loop
+
+
+def _state(request: Request) -> AppState:
+    return request.app.state.relay
+
+
+def authenticate(request: Request) -> ApiKey:
+    token = bearer_token(request)
+    key = _state(request).store.authenticate(token) if token else None
+    if key is None:
+        raise Unauthorized("Missing or invalid API key: send the relay's key as 'Authorization: Bearer <key>'.")
+    return key
+
+
+async def read_capped_body(request: Request, cap: int) -> bytearray:
+    """Read at most ``cap`` bytes; stop and refuse as soon as the body is bigger."""
+    length = request.headers.get("content-length")
+    too_big = PayloadTooLarge(
+        f"The request body is larger than the relay accepts ({cap} bytes, from its attachment limit)."
+    )
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise BadRequest("The Content-Length header is not a number.") from None
+        if declared > cap:
+            raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        if len(body) + len(chunk) > cap:
+            raise too_big
+        body += chunk
+    return body
+
+
+def _decode_json(body: bytearray) -> Any:
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise BadRequest("The request body is not UTF-8 encoded JSON.") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON ({exc.msg} at line {exc.lineno}, "
+                         f"column {exc.colno}).") from None
+
+
+def _render(message: OutgoingMessage, message_id: str, created: float, state: AppState) -> bytes:
+    mime = build_mime(message, message_id, created)
+    return state.store.keys.encrypt_body(mime, message_id)
+
+
+async def send(request: Request) -> JSONResponse:
+    state = _state(request)
+    key = authenticate(request)
+    options = state.store.options()
+    body = await read_capped_body(request, options.max_body_bytes)
+    if not body.strip():
+        raise BadRequest("The request body is empty; send the message as a JSON object.")
+    large = len(body) > _THREAD_THRESHOLD
+    payload = await run_in_threadpool(_decode_json, body) if large else _decode_json(body)
+    idempotency_key = request.headers.get("idempotency-key", "").strip()
+    request_hash = hashlib.sha256(body).hexdigest() if idempotency_key else ""
+    del body
+    message = parse_payload(payload, options)
+    del payload
+    if not options.smtp_configured:
+        raise NotConfigured("The relay's SMTP delivery is not configured yet, so this message could never "
+                            "be sent. Set the SMTP host in the relay's settings.")
+    wait = state.limiter.take(key.id)
+    if wait:
+        raise RateLimited(f"This API key has reached the relay's limit of {state.settings.send_per_hour} "
+                          f"messages per hour; retry in {wait} seconds.", retry_after=wait)
+    if len(idempotency_key) > 255:
+        raise BadRequest("The Idempotency-Key header is longer than 255 characters.")
+
+    message_id = new_message_id()
+    created = time.time()
+    if large or message.attachments:
+        sealed = await run_in_threadpool(_render, message, message_id, created, state)
+    else:
+        sealed = _render(message, message_id, created, state)
+    domain = message.from_email.rpartition("@")[2]
+    record = NewMessage(
+        id=message_id, source="api", api_key_id=key.id, created_at=created,
+        from_addr=message.from_email, from_name=message.from_name,
+        envelope_from=options.envelope_from or message.from_email, subject=message.subject,
+        message_id_header=f"<{message_id}@{domain}>", body=sealed, size=len(sealed) - 28,
+        recipients=message.to,
+    )
+    answer = {"ok": True, "id": message_id, "status": "queued"}
+    entry = LogEntry("accepted", "queued", message_id=message_id, source_ip=client_ip(request, state.settings),
+                     sender=message.from_email, recipients=", ".join(message.to), subject=message.subject,
+                     detail=f"{len(message.to)} recipient(s), {len(message.attachments)} attachment(s)",
+                     ts=created)
+
+    def accept(conn):  # type: ignore[no-untyped-def]
+        if idempotency_key:
+            earlier = state.store.idempotent_answer(conn, key.id, idempotency_key, created - IDEMPOTENCY_WINDOW)
+            if earlier is not None:
+                earlier_hash, status, response = earlier
+                if earlier_hash != request_hash:
+                    raise Conflict("This Idempotency-Key was already used with a different request body.")
+                return (status, response), []
+        insert_message(conn, record)
+        insert_log(conn, entry)
+        if idempotency_key:
+            state.store.remember_answer(conn, key.id, idempotency_key, request_hash, 202, answer)
+        return (202, answer), [message_id]
+
+    status, response = await state.submit(accept)
+    return JSONResponse(response, status_code=status)
+
+
+async def message_status(request: Request) -> JSONResponse:
+    authenticate(request)
+    message_id = request.path_params["message_id"]
+    view = _state(request).store.message_status(message_id)
+    if view is None:
+        raise NotFound(f"No message with id {message_id!r} is known to this relay.")
+    return JSONResponse(view)
+
+
+async def api_health(request: Request) -> JSONResponse:
+    authenticate(request)
+    return JSONResponse(_state(request).health(detailed=True))
+
+
+async def healthz(request: Request) -> JSONResponse:
+    state = _state(request)
+    try:
+        answer = state.health(detailed=False)
+    except Exception:
+        return JSONResponse({"ok": False, "configured": False}, status_code=503)
+    return JSONResponse(answer)
+
+
+def error_response(request: Request, exc: RelayError) -> JSONResponse:
+    headers = {}
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(exc.retry_after)
+    return JSONResponse({"ok": False, "error": exc.message}, status_code=exc.status, headers=headers)
+
+
+async def log_rejection(request: Request, exc: RelayError) -> None:
+    """Every refused send is in the transaction log, with the source IP."""
+    state = _state(request)
+    event = "unauthorized" if isinstance(exc, Unauthorized) else "rejected"
+    entry = LogEntry(event, "rejected", code=exc.status, detail=exc.message,
+                     source_ip=client_ip(request, state.settings))
+
+    def write(conn):  # type: ignore[no-untyped-def]
+        insert_log(conn, entry)
+        return None, []
+
+    try:
+        await state.submit(write)
+    except RelayError:
+        pass

@@ -1,0 +1,1 @@
+"""TS Pro Relay worker process: the Huey consumer that delivers queued mail."""

@@ -1,0 +1,65 @@
+"""The worker process: settings -> store -> queue -> Huey consumer.
+
+SIGINT and SIGTERM are both graceful here: stop taking tasks, let in-flight
+deliveries finish within ``GRACE_SECONDS``, then exit. Anything still leased
+when the process ends is picked up by a sweeper once the lease expires.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import uuid
+
+from relay_core import crypto
+from relay_core.config import Settings
+from relay_core.delivery import Deliverer
+from relay_core.logs import setup_logging
+from relay_core.store import Store
+from relay_core.tasks import build_queue
+
+from .sweeper import Sweeper
+
+logger = logging.getLogger("relay.worker")
+GRACE_SECONDS = 25.0
+
+
+def main(settings: Settings) -> int:
+    setup_logging(settings)
+    store = Store.open(settings, crypto.derive_keys(settings))
+    store.bootstrap(settings)
+    relay_queue = build_queue(settings)
+    deliverer = Deliverer(store)
+
+    def handle(message_id: str) -> None:
+        try:
+            outcome = deliverer.attempt(message_id)
+        except Exception:
+            logger.exception("delivery of %s failed unexpectedly; it will be retried after its lease", message_id)
+            return
+        if outcome is not None and outcome.status == "deferred" and outcome.next_attempt_at is not None:
+            relay_queue.enqueue(outcome.message_id, eta=outcome.next_attempt_at)
+            store.mark_enqueued([outcome.message_id], now=outcome.next_attempt_at)
+
+    relay_queue.bind(handle)
+    name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    sweeper = Sweeper(store, relay_queue, name)
+    sweeper.start()
+    consumer = relay_queue.huey.create_consumer(
+        workers=settings.worker_threads, worker_type="thread", periodic=False,
+        initial_delay=0.05, backoff=1.2, max_delay=0.5, scheduler_interval=1,
+        check_worker_health=True, shutdown_timeout=GRACE_SECONDS,
+    )
+    # Huey treats SIGTERM as "stop now"; containers send SIGTERM, so make it graceful too.
+    consumer._signal_actions[signal.SIGTERM] = (False, True)
+    logger.info("worker %s started with %d delivery threads", name, settings.worker_threads)
+    try:
+        consumer.run()
+    finally:
+        sweeper.stop()
+        deliverer.close()
+        store.forget_worker(name)
+        logger.info("worker %s stopped", name)
+    return 0

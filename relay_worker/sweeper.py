@@ -1,0 +1,81 @@
+"""The sweeper: re-enqueue what the queue lost, prune what retention allows,
+and keep this worker's heartbeat fresh.
+
+It runs once when the worker starts and then every ``sweep_seconds`` (a
+setting, so tests and impatient operators can shorten it). It is a thread of
+the worker rather than a Huey periodic task because Huey schedules periodic
+tasks by the minute; several workers sweeping at once is harmless, as every
+wake-up it sends is an idempotent claim.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Callable
+
+from relay_core.store import Store
+from relay_core.tasks import RelayQueue
+
+logger = logging.getLogger("relay.sweeper")
+
+
+class Sweeper:
+    def __init__(self, store: Store, relay_queue: RelayQueue, name: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.queue = relay_queue
+        self.name = name
+        self.clock = clock
+        self.started_at = clock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="relay-sweeper", daemon=True)
+
+    def start(self) -> None:
+        self.sweep_once()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    def sweep_once(self) -> int:
+        now = self.clock()
+        options = self.store.options()
+        self.store.heartbeat(self.name, os.getpid(), socket.gethostname(), self.started_at, now=now)
+        ids = self.store.sweep(now, stale_after=max(options.sweep_seconds, 5))
+        for message_id in ids:
+            self.queue.enqueue(message_id)
+        if ids:
+            logger.info("re-enqueued %d message(s)", len(ids))
+        pruned = self.store.prune(
+            now,
+            sent_body_seconds=options.retention_sent_hours * 3600,
+            failed_body_seconds=options.retention_failed_days * 86400,
+            log_seconds=options.log_retention_days * 86400,
+            log_max_rows=options.log_max_rows,
+            idempotency_seconds=24 * 3600,
+        )
+        if any(pruned.values()):
+            logger.info("retention: %s", pruned)
+        return len(ids)
+
+    def _run(self) -> None:
+        heartbeat_every = 10.0
+        last_sweep = time.monotonic()
+        while not self._stop.wait(heartbeat_every / 2):
+            try:
+                interval = self.store.options().sweep_seconds
+                if time.monotonic() - last_sweep >= interval:
+                    last_sweep = time.monotonic()
+                    self.sweep_once()
+                else:
+                    self.store.heartbeat(self.name, os.getpid(), socket.gethostname(), self.started_at,
+                                         now=self.clock())
+            except Exception:
+                logger.exception("sweep failed; trying again next interval")
+        self.store.close()
