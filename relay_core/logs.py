@@ -33,4 +33,4 @@ def setup_logging(settings: Settings) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
     # Huey logs two lines per task at INFO, which costs a third of its rate.
-    logging.getLogger("huey").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("huey").setLevel(logging.WARNING if root.level >= logging.INFO else logging.DEBUG)

@@ -50,8 +50,9 @@ class RelayQueue:
         if eta is None:
             self._deliver(message_id)
         else:
-            when = dt.datetime.fromtimestamp(eta, dt.timezone.utc).replace(tzinfo=None)
-            self._deliver.schedule((message_id,), eta=when)
+            # Aware, not naive: huey converts a naive eta with time.mktime, which drops
+            # the fraction of a second and can wake the task up to a second early.
+            self._deliver.schedule((message_id,), eta=dt.datetime.fromtimestamp(eta, dt.timezone.utc))
 
     def pending(self) -> int:
         return int(self.huey.pending_count())

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 
 from relay_core import crypto
@@ -39,7 +40,12 @@ def main(settings: Settings) -> int:
         except Exception:
             logger.exception("delivery of %s failed unexpectedly; it will be retried after its lease", message_id)
             return
-        if outcome is not None and outcome.status == "deferred" and outcome.next_attempt_at is not None:
+        if outcome is None:
+            # Woken before it was due (a clock step, an early scheduler): wait for it again.
+            due = store.waiting_until(message_id, time.time())
+            if due is not None:
+                relay_queue.enqueue(message_id, eta=due)
+        elif outcome.status == "deferred" and outcome.next_attempt_at is not None:
             relay_queue.enqueue(outcome.message_id, eta=outcome.next_attempt_at)
             store.mark_enqueued([outcome.message_id], now=outcome.next_attempt_at)
 

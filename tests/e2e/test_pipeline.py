@@ -143,7 +143,10 @@ def test_untrusted_certificate_defers_with_tls_error_until_verification_is_off(
         assert server.received == []
 
         relay.configure("smtp_tls_verify=false")
-        status = relay.wait_status(message_id, "sent", timeout=30)
+        try:
+            status = relay.wait_status(message_id, "sent", timeout=30)
+        except AssertionError:
+            raise AssertionError(f"{relay.status(message_id)}\n{relay.worker.output()}")
         assert len(server.received) == 1
         assert status["attempts"][-1]["status"] == "sent"
 
