@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .crypto import DecryptionError
+from .errors import RelayError
+from .message import build_mime, unpack_stored
 from .options import Options
 from .smtp import DeliveryError, DeliveryResult, Mailer, RecipientResult, Target, retry_hint
 from .store import ClaimedMessage, LogEntry, Store
@@ -107,8 +109,15 @@ class Deliverer:
                                   permanent=False)
         if error is None:
             try:
+                mime = render(claimed)
+            except (ValueError, KeyError, RelayError) as exc:
+                # A stored message that cannot be rendered never will be: fail it, say why.
+                error = DeliveryError(f"the stored message cannot be rendered: {exc}", stage="queue",
+                                      permanent=True)
+        if error is None:
+            try:
                 result = self.mailer().deliver(Target.from_options(options), claimed.envelope_from,
-                                               [r.address for r in pending], claimed.body,
+                                               [r.address for r in pending], mime,
                                                idle_limit=float(options.connection_idle_seconds))
             except DeliveryError as exc:
                 error = exc
@@ -176,6 +185,11 @@ class Deliverer:
             logger.warning("lease on %s was lost before its outcome was recorded", claimed.id)
         logger.debug("message %s %s (%s %s) in %d ms", claimed.id, log_status, stage, code or "", duration_ms)
         return Outcome(claimed.id, status, next_attempt_at, detail)
+
+
+def render(claimed: ClaimedMessage) -> bytes | bytearray:
+    """The MIME bytes for a claimed message: same Message-ID and Date on every attempt."""
+    return build_mime(unpack_stored(claimed.body), claimed.id, claimed.created_at)
 
 
 def _summary(result: DeliveryResult) -> str:

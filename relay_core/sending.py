@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
 from .config import Settings
 from .errors import BadRequest
-from .message import build_mime, new_message_id, parse_payload
+from .message import new_message_id, pack_stored, parse_payload
 from .store import LogEntry, NewMessage, Store, insert_log, insert_message, transaction
 from .tasks import build_queue
 
@@ -29,10 +30,12 @@ def enqueue_test_message(store: Store, settings: Settings, to: str) -> str:
     text = TEST_TEXT.format(host=socket.gethostname(), smtp_host=options.smtp_host,
                             smtp_port=options.smtp_port, security=options.smtp_security,
                             when=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
-    message = parse_payload({"to": [to], "subject": "TS Pro Relay test email", "text": text}, options)
+    payload = {"to": [to], "subject": "TS Pro Relay test email", "text": text}
+    message = parse_payload(payload, options)
     message_id = new_message_id()
     created = time.time()
-    body = store.keys.encrypt_body(build_mime(message, message_id, created), message_id)
+    document = pack_stored(bytearray(json.dumps(payload).encode()), message)
+    body = store.keys.encrypt_body(document, message_id)
     record = NewMessage(
         id=message_id, source="test", api_key_id=None, created_at=created,
         from_addr=message.from_email, from_name=message.from_name,

@@ -188,7 +188,8 @@ def _abandon(client: smtplib.SMTP | None) -> None:
         pass
 
 
-def transact(client: smtplib.SMTP, envelope_from: str, recipients: list[str], body: bytes) -> DeliveryResult:
+def transact(client: smtplib.SMTP, envelope_from: str, recipients: list[str],
+             body: bytes | bytearray) -> DeliveryResult:
     """MAIL, RCPT for each recipient, DATA. Raises ``DeliveryError`` for whole failures."""
     stage = "MAIL"
     try:
@@ -253,7 +254,7 @@ class Mailer:
         self._client, self._target = client, target
         return client, False
 
-    def deliver(self, target: Target, envelope_from: str, recipients: list[str], body: bytes,
+    def deliver(self, target: Target, envelope_from: str, recipients: list[str], body: bytes | bytearray,
                 idle_limit: float = 30.0) -> DeliveryResult:
         client, reused = self._fresh_client(target, idle_limit)
         try:

@@ -25,6 +25,7 @@ from .crypto import KeySet
 from .options import SECRET_OPTIONS, Options, build_options, check_consistency, to_text
 
 FINAL_STATES = ("sent", "failed", "cancelled")
+BLOB_STREAM_THRESHOLD = 256 * 1024
 
 
 def connect(path: Path | str) -> sqlite3.Connection:
@@ -132,14 +133,21 @@ def insert_log(conn: sqlite3.Connection, entry: LogEntry) -> None:
 
 
 def insert_message(conn: sqlite3.Connection, msg: NewMessage) -> None:
-    conn.execute(
+    # A large body is written through the blob API: binding it as a parameter
+    # would make SQLite copy it and keep that copy in the cached statement.
+    large = len(msg.body) > BLOB_STREAM_THRESHOLD
+    cur = conn.execute(
         "INSERT INTO messages (id, status, source, api_key_id, created_at, updated_at,"
         " next_attempt_at, enqueued_at, from_addr, from_name, envelope_from, subject,"
-        " message_id_header, size, body) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " message_id_header, size, body) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+        + ("zeroblob(?))" if large else "?)"),
         (msg.id, msg.source, msg.api_key_id, msg.created_at, msg.created_at, msg.created_at,
          msg.created_at, msg.from_addr, msg.from_name, msg.envelope_from, msg.subject,
-         msg.message_id_header, msg.size, msg.body),
+         msg.message_id_header, msg.size, len(msg.body) if large else msg.body),
     )
+    if large:
+        with conn.blobopen("messages", "body", cur.lastrowid) as blob:
+            blob.write(msg.body)
     conn.executemany(
         "INSERT INTO recipients (message_id, position, address) VALUES (?, ?, ?)",
         [(msg.id, i, addr) for i, addr in enumerate(msg.recipients)],
@@ -409,6 +417,13 @@ class Store:
             )
             insert_log(conn, entry)
         return True
+
+    def waiting_until(self, message_id: str, now: float) -> float | None:
+        """When a queued or deferred message falls due, if that is still in the future."""
+        row = self.conn().execute(
+            "SELECT next_attempt_at FROM messages WHERE id = ? AND status IN ('queued', 'deferred')"
+            " AND next_attempt_at > ?", (message_id, now)).fetchone()
+        return row[0] if row else None
 
     def mark_enqueued(self, message_ids: list[str], now: float | None = None) -> None:
         now = time.time() if now is None else now

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 
 from relay_core.errors import (BadRequest, Conflict, NotConfigured, NotFound, PayloadTooLarge,
                                RateLimited, RelayError, Unauthorized)
-from relay_core.message import OutgoingMessage, build_mime, new_message_id, parse_payload
+from relay_core.message import new_message_id, pack_stored, parse_payload
 from relay_core.store import ApiKey, LogEntry, NewMessage, insert_log, insert_message
 
 from .auth import bearer_token, client_ip
@@ -41,11 +41,16 @@ def authenticate(request: Request) -> ApiKey:
 
 
 async def read_capped_body(request: Request, cap: int) -> bytearray:
-    """Read at most ``cap`` bytes; stop and refuse as soon as the body is bigger."""
+    """Read at most ``cap`` bytes; stop and refuse as soon as the body is bigger.
+
+    With a Content-Length the buffer is allocated once at its final size, so a
+    large body is never copied while it grows.
+    """
     length = request.headers.get("content-length")
     too_big = PayloadTooLarge(
         f"The request body is larger than the relay accepts ({cap} bytes, from its attachment limit)."
     )
+    declared = None
     if length is not None:
         try:
             declared = int(length)
@@ -53,6 +58,17 @@ async def read_capped_body(request: Request, cap: int) -> bytearray:
             raise BadRequest("The Content-Length header is not a number.") from None
         if declared > cap:
             raise too_big
+    if declared:
+        body = bytearray(declared)
+        view, filled = memoryview(body), 0
+        async for chunk in request.stream():
+            if filled + len(chunk) > declared:
+                raise BadRequest("The request body is longer than its Content-Length.")
+            view[filled:filled + len(chunk)] = chunk
+            filled += len(chunk)
+        view.release()
+        del body[filled:]
+        return body
     body = bytearray()
     async for chunk in request.stream():
         if len(body) + len(chunk) > cap:
@@ -71,25 +87,19 @@ def _decode_json(body: bytearray) -> Any:
                          f"column {exc.colno}).") from None
 
 
-def _render(message: OutgoingMessage, message_id: str, created: float, state: AppState) -> bytes:
-    mime = build_mime(message, message_id, created)
-    return state.store.keys.encrypt_body(mime, message_id)
-
-
 async def send(request: Request) -> JSONResponse:
     state = _state(request)
     key = authenticate(request)
     options = state.store.options()
     body = await read_capped_body(request, options.max_body_bytes)
-    if not body.strip():
+    if not body or body.isspace():
         raise BadRequest("The request body is empty; send the message as a JSON object.")
     large = len(body) > _THREAD_THRESHOLD
     payload = await run_in_threadpool(_decode_json, body) if large else _decode_json(body)
     idempotency_key = request.headers.get("idempotency-key", "").strip()
     request_hash = hashlib.sha256(body).hexdigest() if idempotency_key else ""
-    del body
     message = parse_payload(payload, options)
-    del payload
+    del payload  # the attachments' base64 strings: the request bytes are what gets stored
     if not options.smtp_configured:
         raise NotConfigured("The relay's SMTP delivery is not configured yet, so this message could never "
                             "be sent. Set the SMTP host in the relay's settings.")
@@ -102,10 +112,15 @@ async def send(request: Request) -> JSONResponse:
 
     message_id = new_message_id()
     created = time.time()
-    if large or message.attachments:
-        sealed = await run_in_threadpool(_render, message, message_id, created, state)
+    document = pack_stored(body, message)
+    del body
+    attachment_count = len(message.attachments)
+    message.attachments.clear()  # their base64 text is in the document; drop the second copy
+    if large:
+        sealed = await run_in_threadpool(state.store.keys.encrypt_body, document, message_id)
     else:
-        sealed = _render(message, message_id, created, state)
+        sealed = state.store.keys.encrypt_body(document, message_id)
+    del document
     domain = message.from_email.rpartition("@")[2]
     record = NewMessage(
         id=message_id, source="api", api_key_id=key.id, created_at=created,
@@ -117,7 +132,7 @@ async def send(request: Request) -> JSONResponse:
     answer = {"ok": True, "id": message_id, "status": "queued"}
     entry = LogEntry("accepted", "queued", message_id=message_id, source_ip=client_ip(request, state.settings),
                      sender=message.from_email, recipients=", ".join(message.to), subject=message.subject,
-                     detail=f"{len(message.to)} recipient(s), {len(message.attachments)} attachment(s)",
+                     detail=f"{len(message.to)} recipient(s), {attachment_count} attachment(s)",
                      ts=created)
 
     def accept(conn):  # type: ignore[no-untyped-def]
