@@ -1,0 +1,317 @@
+"""The HTTP contract of POST /api/send and friends, every error code included.
+
+These run the real app (real store and SqliteHuey queue in tmp_path) through
+Starlette's TestClient; nothing is mocked. "Nothing queued" is checked in
+both the store and the queue.
+"""
+
+from __future__ import annotations
+
+import base64
+import email
+from email import policy
+from typing import Any, Iterator
+
+import pytest
+from starlette.testclient import TestClient
+
+from relay_core.config import Settings, load_settings
+from relay_core.delivery import render
+from relay_core.options import parse_option
+from relay_web.app import create_app
+from support import SECRET
+
+
+def make_client(settings: Settings, **options: str) -> TestClient:
+    client = TestClient(create_app(settings), client=("203.0.113.7", 50000))
+    client.__enter__()
+    store = client.app.state.relay.store
+    values = {"smtp_host": "127.0.0.1", "smtp_port": "2525", "smtp_security": "none", **options}
+    store.set_options({k: parse_option(k, v) for k, v in values.items() if v is not None})
+    client.headers["Authorization"] = f"Bearer {store.reveal_api_key()}"
+    return client
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    client = make_client(settings)
+    yield client
+    client.__exit__(None, None, None)
+
+
+def payload(**overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"from_email": "noreply@example.org", "from_name": "Portal",
+                            "to": ["a@example.com"], "subject": "Hello", "text": "Body"}
+    data.update(overrides)
+    return data
+
+
+def queued(client: TestClient) -> tuple[int, int]:
+    state = client.app.state.relay
+    return sum(state.store.counts().values()), state.queue.pending()
+
+
+def error_of(response: Any, status: int) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["ok"] is False and isinstance(body["error"], str) and body["error"].endswith((".", ")"))
+    assert set(body) == {"ok", "error"}
+    return body["error"]
+
+
+def test_accepts_and_queues(client: TestClient) -> None:
+    response = client.post("/api/send", json=payload())
+    assert response.status_code == 202
+    body = response.json()
+    assert body == {"ok": True, "id": body["id"], "status": "queued"}
+    assert queued(client) == (1, 1)
+    status = client.get(f"/api/messages/{body['id']}").json()
+    assert status["status"] == "queued"
+    assert status["recipients"] == [{"address": "a@example.com", "status": "pending", "code": None, "reply": None}]
+    assert status["attempts"] == [] and status["last_error"] is None
+    assert {"ok", "id", "status", "created_at", "next_attempt_at", "last_error", "attempts",
+            "recipients"} <= set(status)
+
+
+def test_empty_post_tells_a_good_key_from_a_bad_one(client: TestClient) -> None:
+    assert "empty" in error_of(client.post("/api/send", content=b""), 400)
+    assert "API key" in error_of(client.post("/api/send", content=b"", headers={"Authorization": "Bearer nope"}), 401)
+    assert "API key" in error_of(client.post("/api/send", content=b"", headers={"Authorization": ""}), 401)
+    assert "API key" in error_of(client.post("/api/send", json=payload(), headers={"Authorization": "Basic abc"}), 401)
+    assert queued(client) == (0, 0)
+
+
+def test_bad_key_is_refused_before_the_body_is_read(client: TestClient) -> None:
+    # A body far over the cap, but the key is wrong: 401, not 413.
+    huge = b"x" * (40 * 1024 * 1024)
+    error_of(client.post("/api/send", content=huge, headers={"Authorization": "Bearer wrong"}), 401)
+
+
+def test_unauthorized_attempts_are_logged_with_source_ip(client: TestClient) -> None:
+    client.post("/api/send", json=payload(), headers={"Authorization": "Bearer stolen"})
+    client.post("/api/send", json=payload(to=[]))
+    rows = client.app.state.relay.store.conn().execute("SELECT event, status, code, source_ip FROM log ORDER BY id").fetchall()
+    assert [tuple(r) for r in rows] == [("unauthorized", "rejected", 401, "203.0.113.7"),
+                                        ("rejected", "rejected", 400, "203.0.113.7")]
+
+
+@pytest.mark.parametrize("body,fragment", [
+    (b"[1, 2]", "JSON object"),
+    (b'"text"', "JSON object"),
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe{}", "JSON"),
+])
+def test_not_a_json_object(client: TestClient, body: bytes, fragment: str) -> None:
+    assert fragment in error_of(client.post("/api/send", content=body), 400)
+    assert queued(client) == (0, 0)
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    ({"from_email": "not-an-address"}, "from_email"),
+    ({"to": None}, "'to' is required"),
+    ({"to": []}, "no recipient"),
+    ({"to": ""}, "no recipient"),
+    ({"to": ["ok@example.com", "broken"]}, "not a valid email"),
+    ({"to": ["a@example.com, b@example.com"]}, "not a valid email"),
+    ({"to": [3]}, "must be a string"),
+    ({"to": 5}, "list of addresses"),
+    ({"text": "", "html": None}, "body"),
+    ({"reply_to": "nope"}, "reply_to"),
+    ({"attachments": {"a": 1}}, "must be a list"),
+    ({"attachments": [{"filename": "a.txt", "content_b64": "%%%"}]}, "base64"),
+    ({"attachments": [{"filename": "a.txt", "content_b64": "YWJj!"}]}, "base64"),
+    ({"attachments": [{"filename": "a.txt"}]}, "content_b64"),
+    ({"attachments": [{"filename": "a.txt", "mime_type": "pdf", "content_b64": "YWJj"}]}, "MIME type"),
+])
+def test_invalid_fields(client: TestClient, changes: dict[str, Any], fragment: str) -> None:
+    assert fragment in error_of(client.post("/api/send", json=payload(**changes)), 400)
+    assert queued(client) == (0, 0)
+
+
+def test_recipient_limit(client: TestClient) -> None:
+    hundred = [f"user{i}@example.com" for i in range(100)]
+    assert client.post("/api/send", json=payload(to=hundred)).status_code == 202
+    error = error_of(client.post("/api/send", json=payload(to=hundred + ["one-more@example.com"])), 400)
+    assert "101 recipients" in error
+    assert queued(client) == (1, 1)
+
+
+def test_comma_and_semicolon_string_recipients(client: TestClient) -> None:
+    response = client.post("/api/send", json=payload(to="a@example.com, b@example.com;c@example.com"))
+    status = client.get(f"/api/messages/{response.json()['id']}").json()
+    assert [r["address"] for r in status["recipients"]] == ["a@example.com", "b@example.com", "c@example.com"]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("subject", "Hi\r\nBcc: victim@example.com"),
+    ("subject", "Hi\nX-Injected: 1"),
+    ("from_name", "Portal\rBcc: x@example.com"),
+    ("from_email", "noreply@example.org\r\nBcc: x@example.com"),
+    ("reply_to", "x@example.org\nBcc: y@example.com"),
+    ("reply_to_name", "Help\r\nBcc: y@example.com"),
+    ("to", ["a@example.com\r\nBcc: y@example.com"]),
+    ("to", "a@example.com\nBcc: y@example.com"),
+])
+def test_header_injection_is_refused_and_nothing_queued(client: TestClient, field: str, value: Any) -> None:
+    error = error_of(client.post("/api/send", json=payload(**{field: value})), 400)
+    assert "line break" in error or "not a valid email" in error
+    assert queued(client) == (0, 0)
+
+
+def test_attachment_filename_with_line_break_is_refused(client: TestClient) -> None:
+    att = {"filename": "a.txt\r\nX-Evil: 1", "mime_type": "text/plain", "content_b64": "YWJj"}
+    assert "line break" in error_of(client.post("/api/send", json=payload(attachments=[att])), 400)
+
+
+def test_default_from_fills_in_and_missing_both_is_400(settings: Settings) -> None:
+    client = make_client(settings)
+    try:
+        error = error_of(client.post("/api/send", json=payload(from_email=None, from_name=None)), 400)
+        assert "Default From" in error
+        store = client.app.state.relay.store
+        store.set_options({"default_from": "relay@example.org", "default_from_name": "The Relay"})
+        response = client.post("/api/send", json=payload(from_email=None, from_name=None))
+        assert response.status_code == 202
+        claimed = store.claim(response.json()["id"], "test", 60)
+        assert claimed is not None
+        msg = email.message_from_bytes(bytes(render(claimed)), policy=policy.default)
+        assert msg["From"] == "The Relay <relay@example.org>"
+        assert claimed.envelope_from == "relay@example.org"
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_envelope_from_setting(settings: Settings) -> None:
+    client = make_client(settings, envelope_from="bounces@example.org")
+    try:
+        response = client.post("/api/send", json=payload())
+        claimed = client.app.state.relay.store.claim(response.json()["id"], "test", 60)
+        assert claimed is not None and claimed.envelope_from == "bounces@example.org"
+    finally:
+        client.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("sender,allowed", [
+    ("noreply@example.org", True),
+    ("NoReply@Example.ORG", True),
+    ("other@example.org", True),
+    ("x@mail.example.org", False),
+    ("x@evilexample.org", False),
+    ("boss@partner.net", True),
+    ("someone@partner.net", False),
+])
+def test_allowed_from(settings: Settings, sender: str, allowed: bool) -> None:
+    client = make_client(settings, allowed_from="Example.org, boss@partner.net")
+    try:
+        response = client.post("/api/send", json=payload(from_email=sender))
+        if allowed:
+            assert response.status_code == 202, response.text
+        else:
+            assert "Allowed From" in error_of(response, 403)
+            assert queued(client) == (0, 0)
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_attachment_limit_is_exact_in_decoded_bytes(settings: Settings) -> None:
+    client = make_client(settings, max_attach_mb="0.01")  # 10485 bytes
+    limit = int(0.01 * 1024 * 1024)
+    try:
+        half = limit // 2
+        exact = [{"filename": "a.bin", "content_b64": base64.b64encode(b"a" * half).decode()},
+                 {"filename": "b.bin", "content_b64": base64.b64encode(b"b" * (limit - half)).decode()}]
+        assert client.post("/api/send", json=payload(attachments=exact)).status_code == 202
+        over = [exact[0], {"filename": "b.bin", "content_b64": base64.b64encode(b"b" * (limit - half + 1)).decode()}]
+        error = error_of(client.post("/api/send", json=payload(attachments=over)), 413)
+        assert str(limit + 1) in error
+        assert queued(client) == (1, 1)
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_body_over_the_cap_is_413_with_or_without_content_length(settings: Settings) -> None:
+    client = make_client(settings, max_attach_mb="0.01")
+    cap = client.app.state.relay.store.options().max_body_bytes
+    try:
+        error_of(client.post("/api/send", content=b"{" + b" " * cap + b"}"), 413)
+
+        def chunks() -> Iterator[bytes]:
+            for _ in range(cap // 65536 + 2):
+                yield b" " * 65536
+        error_of(client.post("/api/send", content=chunks()), 413)
+        assert queued(client) == (0, 0)
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_not_configured_is_503(settings: Settings) -> None:
+    client = make_client(settings, smtp_host="")
+    try:
+        assert "not configured" in error_of(client.post("/api/send", json=payload()), 503)
+        assert queued(client) == (0, 0)
+        assert client.get("/healthz").json() == {"ok": True, "configured": False}
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_rate_limit_answers_429_with_retry_after(tmp_path: Any) -> None:
+    settings = load_settings({"RELAY_SECRET_KEY": SECRET, "RELAY_DATA_DIR": str(tmp_path / "d"),
+                              "RELAY_SEND_PER_HOUR": "2"})
+    client = make_client(settings)
+    try:
+        assert client.post("/api/send", json=payload()).status_code == 202
+        assert client.post("/api/send", json=payload()).status_code == 202
+        response = client.post("/api/send", json=payload())
+        assert "limit of 2 messages per hour" in error_of(response, 429)
+        assert 1 <= int(response.headers["Retry-After"]) <= 1800
+        assert queued(client) == (2, 2)
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_idempotency_key_replays_the_first_answer(client: TestClient) -> None:
+    first = client.post("/api/send", json=payload(), headers={"Idempotency-Key": "reset-42"})
+    again = client.post("/api/send", json=payload(), headers={"Idempotency-Key": "reset-42"})
+    assert first.status_code == again.status_code == 202
+    assert first.json() == again.json()
+    assert queued(client) == (1, 1)
+    other = client.post("/api/send", json=payload(subject="Different"), headers={"Idempotency-Key": "reset-42"})
+    assert "different request body" in error_of(other, 409)
+    assert client.post("/api/send", json=payload(), headers={"Idempotency-Key": "reset-43"}).status_code == 202
+    assert queued(client) == (2, 2)
+
+
+def test_every_api_answer_is_json(client: TestClient) -> None:
+    assert "not allowed" in error_of(client.get("/api/send"), 405)
+    assert "not allowed" in error_of(client.put("/api/send", json={}), 405)
+    error_of(client.get("/api/nothing-here"), 404)
+    assert "No message" in error_of(client.get("/api/messages/0123abc"), 404)
+    error_of(client.get("/api/messages/0123abc", headers={"Authorization": "Bearer x"}), 401)
+
+
+def test_health_endpoints(client: TestClient) -> None:
+    assert client.get("/healthz", headers={"Authorization": ""}).json() == {"ok": True, "configured": True}
+    error_of(client.get("/api/health", headers={"Authorization": "Bearer wrong"}), 401)
+    health = client.get("/api/health").json()
+    assert health["ok"] is True and health["configured"] is True
+    assert health["smtp_configured"] is True and health["worker_alive"] is False
+    assert "127.0.0.1" not in client.get("/healthz").text
+
+
+def test_settings_changes_reach_the_running_app(client: TestClient) -> None:
+    store = client.app.state.relay.store
+    assert client.post("/api/send", json=payload(from_email="x@other.org")).status_code == 202
+    # Another process (the CLI) changes the allowlist; no restart.
+    from relay_core.store import Store
+    other = Store(store.path, store.keys)
+    other.set_options({"allowed_from": "example.org"})
+    other.close()
+    error_of(client.post("/api/send", json=payload(from_email="x@other.org")), 403)
+
+
+def test_new_api_key_stops_the_old_one_at_once(client: TestClient) -> None:
+    store = client.app.state.relay.store
+    old = store.reveal_api_key()
+    new = store.new_primary_api_key()
+    error_of(client.post("/api/send", json=payload(), headers={"Authorization": f"Bearer {old}"}), 401)
+    assert client.post("/api/send", json=payload(), headers={"Authorization": f"Bearer {new}"}).status_code == 202
