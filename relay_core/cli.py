@@ -216,7 +216,7 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
 
 def cmd_worker_health(args: argparse.Namespace, settings: Settings) -> int:
-    store = Store(settings.db_path, crypto.derive_keys(settings))
+    store = Store.open(settings, crypto.derive_keys(settings))
     beat = store.last_heartbeat()
     if beat is None or time.time() - beat > 60:
         return _fail("no worker has reported in the last 60 seconds.")
@@ -285,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "run": cmd_run, "web": cmd_web, "worker": cmd_worker, "config": cmd_config,
         "api-key": cmd_api_key, "send-test": cmd_send_test, "admin": cmd_admin,
-        "backup": cmd_backup, "healthcheck": lambda a, s: cmd_healthcheck(a) or cmd_worker_health(a, s),
+        "backup": cmd_backup, "healthcheck": lambda a, s: max(cmd_healthcheck(a), cmd_worker_health(a, s)),
     }
     return handlers[args.command](args, settings)
 

@@ -15,6 +15,7 @@ session cookie signature can never be replayed as a ciphertext and so on.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import os
@@ -122,7 +123,10 @@ def verify_password(password: str, encoded: str) -> bool:
         return False
     if scheme != "scrypt":
         return False
-    expected = base64.b64decode(digest)
-    actual = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r),
-                            p=int(p), maxmem=256 * 1024 * 1024, dklen=len(expected))
+    try:
+        expected = base64.b64decode(digest, validate=True)
+        actual = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt, validate=True), n=int(n),
+                                r=int(r), p=int(p), maxmem=256 * 1024 * 1024, dklen=len(expected))
+    except (ValueError, binascii.Error):
+        return False  # a damaged hash fails the sign-in; it must not crash it
     return hmac.compare_digest(actual, expected)

@@ -48,6 +48,7 @@ from .options import Options, is_address
 
 MAX_RECIPIENTS = 100
 MAX_SUBJECT = 998
+MAX_NAME = 256
 # Headers folded at 78 with CRLF; bodies that are not plain short ASCII get a
 # transfer encoding, so the bytes are valid without 8BITMIME.
 _POLICY = compat32.clone(linesep="\r\n")
@@ -108,6 +109,14 @@ def _no_breaks(name: str, value: str) -> str:
     return value
 
 
+def _name(field_name: str, value: str) -> str:
+    """A display name: no line breaks, and short enough to fold into a header line."""
+    _no_breaks(field_name, value)
+    if len(value) > MAX_NAME:
+        raise BadRequest(f"'{field_name}' is longer than {MAX_NAME} characters.")
+    return value
+
+
 def _address(name: str, value: str) -> str:
     value = _no_breaks(name, value).strip()
     if not is_address(value):
@@ -127,7 +136,7 @@ def _recipients(raw: Any) -> list[str]:
         for item in raw:
             if not isinstance(item, str):
                 raise BadRequest("Each element of 'to' must be a string holding one address.")
-            items.append(item.strip())
+            items.append(_no_breaks("to", item).strip())
     else:
         raise BadRequest("'to' must be a list of addresses or a comma-separated string.")
     if not items:
@@ -158,7 +167,7 @@ def _attachment(index: int, raw: Any) -> Attachment:
         raise BadRequest(f"attachments[{index}].filename must be a string.")
     _no_breaks(f"attachments[{index}].filename", filename)
     mime_type = raw.get("mime_type") or mimetypes.guess_type(filename)[0] or "application/octet-stream"
-    if not isinstance(mime_type, str) or not _MIME_TYPE_RE.match(mime_type):
+    if not isinstance(mime_type, str) or not _MIME_TYPE_RE.fullmatch(mime_type):
         raise BadRequest(f"attachments[{index}].mime_type is not a MIME type such as application/pdf.")
     content = raw.get("content_b64")
     if not isinstance(content, str):
@@ -170,6 +179,10 @@ def _attachment(index: int, raw: Any) -> Attachment:
 
 def _decoded_size(index: int, content: str) -> int:
     """Validate base64 a chunk at a time and count its decoded bytes."""
+    unpadded = content.rstrip("=")
+    if "=" in unpadded or len(content) - len(unpadded) > 2:
+        # Checked here because the chunked decode below sees each chunk alone.
+        raise BadRequest(f"attachments[{index}].content_b64 is not valid base64 (padding before the end).")
     if len(content) % 4:
         raise BadRequest(f"attachments[{index}].content_b64 is not valid base64 (its length is not a multiple of 4).")
     try:
@@ -190,7 +203,7 @@ def parse_payload(payload: Any, options: Options) -> OutgoingMessage:
         raise BadRequest("'from_email' is missing and the relay has no Default From address.")
     from_email = _address("from_email", from_email)
     from_name = _string(payload, "from_name")
-    from_name = _no_breaks("from_name", from_name if from_name is not None else options.default_from_name)
+    from_name = _name("from_name", from_name if from_name is not None else options.default_from_name)
     if not from_permitted(from_email, options.allowed_from_items):
         raise Forbidden(f"The From address {from_email} is not permitted by the relay's Allowed From list.")
 
@@ -208,7 +221,7 @@ def parse_payload(payload: Any, options: Options) -> OutgoingMessage:
         reply_to = _address("reply_to", reply_to)
     reply_to_name = _string(payload, "reply_to_name")
     if reply_to_name is not None:
-        _no_breaks("reply_to_name", reply_to_name)
+        _name("reply_to_name", reply_to_name)
 
     raw_attachments = payload.get("attachments") or []
     if not isinstance(raw_attachments, list):
@@ -258,13 +271,17 @@ def _mailbox(name: str | None, address: str) -> str:
 
 
 def _header_text(value: str, name: str) -> Header | str:
-    if value.isascii():
+    # Plain ASCII folds at spaces; non-ASCII, or a word too long to fold, becomes
+    # RFC 2047 encoded-words, which can be split anywhere.
+    if value.isascii() and all(len(word) <= 900 for word in value.split()):
         return value
     return Header(value, "utf-8", header_name=name)
 
 
 def _text_part(body: str, subtype: str) -> MIMEText:
     """7bit when the text is short-lined ASCII; quoted-printable UTF-8 otherwise."""
+    if not body.endswith("\n"):
+        body += "\n"
     if body.isascii() and all(len(line) <= 998 for line in body.splitlines()):
         part = MIMEText(body.replace("\r\n", "\n"), subtype, "us-ascii")
     else:

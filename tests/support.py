@@ -23,6 +23,7 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+REPO = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz"
 SMTP_USER, SMTP_PASSWORD = "relayuser", "smtp-pass-Zq8!unique"
 
@@ -203,6 +204,8 @@ def relay_env(data_dir: Path, **extra: str) -> dict[str, str]:
         "RELAY_ADMIN_PASSWORD": "admin-pass-123",
         "RELAY_LOG_LEVEL": "WARNING",
         "PYTHONUNBUFFERED": "1",
+        # Subprocesses run from tmp directories: make them import this checkout.
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     })
     env.update(extra)
     return env

@@ -1,0 +1,498 @@
+"""relay_core.message: the portal's JSON validated, and the MIME bytes it becomes.
+
+Pure functions, so no fixtures beyond ``Options`` values; every built message is
+parsed back with the standard library to check what a mail client would see.
+"""
+
+from __future__ import annotations
+
+import base64
+import email
+import hashlib
+import re
+from email import policy
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+
+from relay_core.errors import BadRequest, Forbidden, PayloadTooLarge, RelayError
+from relay_core.message import MAX_RECIPIENTS, OutgoingMessage, build_mime, new_message_id, parse_payload
+from relay_core.options import Options, parse_option
+
+OPTIONS = Options()
+
+
+def payload(**overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"from_email": "noreply@example.org", "from_name": "Portal",
+                            "to": ["a@example.com"], "subject": "Hello", "text": "Body"}
+    data.update(overrides)
+    return data
+
+
+def attachment(content: bytes, filename: str = "file.bin", mime_type: str | None = "application/octet-stream",
+               ) -> dict[str, Any]:
+    item: dict[str, Any] = {"filename": filename, "content_b64": base64.b64encode(content).decode()}
+    if mime_type is not None:
+        item["mime_type"] = mime_type
+    return item
+
+
+def parsed(data: bytes | bytearray) -> EmailMessage:
+    return email.message_from_bytes(bytes(data), policy=policy.default)  # type: ignore[return-value]
+
+
+def content(part: Any) -> str:
+    """A text part's content; on the wire its lines end in CRLF, which the parser keeps."""
+    text = part.get_content()
+    assert isinstance(text, str)
+    return text.replace("\r\n", "\n")
+
+
+def build(options: Options = OPTIONS, message_id: str = "0190abcdef0123456789", **overrides: Any) -> bytes:
+    return bytes(build_mime(parse_payload(payload(**overrides), options), message_id))
+
+
+def lines_of(data: bytes) -> list[bytes]:
+    assert data.endswith(b"\r\n")
+    return data[:-2].split(b"\r\n")
+
+
+# -- parse_payload: senders ---------------------------------------------------------------
+def test_a_complete_payload_is_parsed() -> None:
+    message = parse_payload(payload(html="<p>Hi</p>", reply_to="help@example.org", reply_to_name="Help"), OPTIONS)
+    assert message == OutgoingMessage("noreply@example.org", "Portal", ["a@example.com"], "Hello", "Body",
+                                      "<p>Hi</p>", "help@example.org", "Help", [])
+
+
+def test_missing_from_uses_the_default_from_and_name() -> None:
+    options = Options(default_from="relay@example.org", default_from_name="The Relay")
+    message = parse_payload(payload(from_email=None, from_name=None), options)
+    assert (message.from_email, message.from_name) == ("relay@example.org", "The Relay")
+    # An explicit name wins over the default name, even with the default address.
+    message = parse_payload(payload(from_email=None, from_name="Portal"), options)
+    assert (message.from_email, message.from_name) == ("relay@example.org", "Portal")
+    # An explicit address keeps the default name when the name is missing.
+    message = parse_payload(payload(from_email="other@example.org", from_name=None), options)
+    assert (message.from_email, message.from_name) == ("other@example.org", "The Relay")
+
+
+def test_missing_from_without_a_default_is_a_bad_request() -> None:
+    with pytest.raises(BadRequest, match="from_email"):
+        parse_payload(payload(from_email=None), OPTIONS)
+    with pytest.raises(BadRequest, match="from_email"):
+        parse_payload(payload(from_email=""), OPTIONS)
+
+
+@pytest.mark.parametrize("sender,allowed", [
+    ("noreply@example.org", True),
+    ("NoReply@Example.ORG", True),
+    ("anyone@example.org", True),  # domain entry
+    ("boss@other.net", True),  # address entry
+    ("BOSS@OTHER.NET", True),
+    ("someone@other.net", False),  # only that one address of other.net
+    ("noreply@mail.example.org", False),  # a subdomain is not the domain
+    ("noreply@evilexample.org", False),
+    ("noreply@example.org.evil.com", False),
+    ("example.org@evil.com", False),
+])
+def test_allowed_from_matches_exact_address_or_domain_case_insensitively(sender: str, allowed: bool) -> None:
+    # As stored: through the option's parser, as `config set` and the settings page do.
+    options = Options(allowed_from=parse_option("allowed_from", "Example.org; boss@Other.net"))
+    if allowed:
+        assert parse_payload(payload(from_email=sender), options).from_email == sender
+    else:
+        with pytest.raises(Forbidden) as caught:
+            parse_payload(payload(from_email=sender), options)
+        assert caught.value.status == 403 and sender in caught.value.message
+
+
+def test_allowed_from_also_applies_to_the_default_from() -> None:
+    options = Options(default_from="relay@elsewhere.net", allowed_from=parse_option("allowed_from", "example.org"))
+    with pytest.raises(Forbidden):
+        parse_payload(payload(from_email=None), options)
+
+
+def test_empty_allowlist_admits_every_sender() -> None:
+    assert parse_payload(payload(from_email="x@anything.example"), OPTIONS).from_email == "x@anything.example"
+
+
+# -- parse_payload: recipients ----------------------------------------------------------------
+def test_to_string_is_split_on_commas_and_semicolons() -> None:
+    message = parse_payload(payload(to=" a@example.com, b@example.com;c@example.com ;; ,"), OPTIONS)
+    assert message.to == ["a@example.com", "b@example.com", "c@example.com"]
+
+
+def test_a_single_address_string_is_one_recipient() -> None:
+    assert parse_payload(payload(to="solo@example.com"), OPTIONS).to == ["solo@example.com"]
+
+
+@pytest.mark.parametrize("element", ["a@example.com, b@example.com", "a@example.com;b@example.com"])
+def test_list_elements_are_never_split(element: str) -> None:
+    with pytest.raises(BadRequest, match="not a valid email"):
+        parse_payload(payload(to=[element]), OPTIONS)
+
+
+def test_duplicates_are_dropped_case_insensitively_keeping_the_first_spelling() -> None:
+    message = parse_payload(payload(to=["Ann@Example.com", "bob@example.com", "ann@example.com",
+                                        "BOB@EXAMPLE.COM", "cy@example.com"]), OPTIONS)
+    assert message.to == ["Ann@Example.com", "bob@example.com", "cy@example.com"]
+    message = parse_payload(payload(to="x@example.com; X@example.com, x@example.com"), OPTIONS)
+    assert message.to == ["x@example.com"]
+
+
+def test_one_hundred_recipients_pass_and_one_hundred_and_one_do_not() -> None:
+    hundred = [f"user{i}@example.com" for i in range(MAX_RECIPIENTS)]
+    assert parse_payload(payload(to=hundred), OPTIONS).to == hundred
+    with pytest.raises(BadRequest, match="101 recipients"):
+        parse_payload(payload(to=hundred + ["one-more@example.com"]), OPTIONS)
+    with pytest.raises(BadRequest, match="101 recipients"):
+        parse_payload(payload(to=",".join(hundred + ["one-more@example.com"])), OPTIONS)
+
+
+@pytest.mark.parametrize("to,fragment", [
+    (None, "'to' is required"),
+    ([], "no recipient"),
+    ("", "no recipient"),
+    (" ; , ", "no recipient"),
+    (["ok@example.com", "broken"], "not a valid email"),
+    (["ok@example.com", 7], "must be a string"),
+    ({"a": "b"}, "list of addresses"),
+    (["a@@example.com"], "not a valid email"),
+    (["a b@example.com"], "not a valid email"),
+    (["<a@example.com>"], "not a valid email"),
+])
+def test_bad_recipients_are_refused(to: Any, fragment: str) -> None:
+    with pytest.raises(BadRequest, match=re.escape(fragment)):
+        parse_payload(payload(to=to), OPTIONS)
+
+
+# -- parse_payload: header injection ---------------------------------------------------------
+HEADER_FIELDS = ["from_email", "from_name", "subject", "reply_to", "reply_to_name", "to_string", "to_element",
+                 "filename", "mime_type"]
+
+
+def _with(field: str, bad: str) -> dict[str, Any]:
+    if field == "to_string":
+        return payload(to=f"a@example.com{bad}")
+    if field == "to_element":
+        return payload(to=[f"a@example.com{bad}"])
+    if field in ("filename", "mime_type"):
+        item = attachment(b"abc", filename="notes.txt", mime_type="text/plain")
+        item[field] = item[field] + bad
+        return payload(attachments=[item])
+    base = {"from_email": "noreply@example.org", "from_name": "Portal", "subject": "Hello",
+            "reply_to": "help@example.org", "reply_to_name": "Help"}
+    return payload(**{**base, field: base[field] + bad})
+
+
+@pytest.mark.parametrize("bad", ["\r\nBcc: victim@example.com", "\nX-Injected: 1", "\rX: 1", "\x00",
+                                 "\r\n", "\n"], ids=["crlf-header", "lf-header", "cr", "nul", "trailing-crlf",
+                                                     "trailing-lf"])
+@pytest.mark.parametrize("field", HEADER_FIELDS)
+def test_cr_lf_and_nul_are_refused_in_every_header_field(field: str, bad: str) -> None:
+    data = _with(field, bad)
+    with pytest.raises(BadRequest) as caught:
+        parse_payload(data, OPTIONS)
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("mime_type", ["text/plain\n", "application/pdf\n"], ids=["text-plain", "application-pdf"])
+def test_a_mime_type_ending_in_a_line_break_never_reaches_the_wire(mime_type: str) -> None:
+    # Either refused (400) or rendered without the bare LF: smtplib sends bytes as they are.
+    item = attachment(b"abc", filename="notes.txt", mime_type=mime_type)
+    try:
+        data = build(attachments=[item])
+    except BadRequest:
+        return
+    assert b"\n" not in data.replace(b"\r\n", b"")
+
+
+def test_header_fields_without_breaks_are_fine() -> None:
+    # The control for the test above: the same payloads without the bad characters pass.
+    for field in HEADER_FIELDS:
+        parse_payload(_with(field, ""), OPTIONS)
+
+
+def test_subject_length_is_bounded() -> None:
+    assert parse_payload(payload(subject="s" * 998), OPTIONS).subject == "s" * 998
+    with pytest.raises(BadRequest, match="subject"):
+        parse_payload(payload(subject="s" * 999), OPTIONS)
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    ({"text": "", "html": None}, "body"),
+    ({"text": None, "html": ""}, "body"),
+    ({"subject": 5}, "'subject' must be a string"),
+    ({"text": ["x"]}, "'text' must be a string"),
+    ({"from_email": 3}, "'from_email' must be a string"),
+    ({"reply_to": "not an address"}, "reply_to"),
+    ({"attachments": "file"}, "must be a list"),
+    ({"attachments": ["file"]}, "attachments[0]"),
+])
+def test_other_invalid_fields(changes: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(BadRequest, match=re.escape(fragment)):
+        parse_payload(payload(**changes), OPTIONS)
+
+
+def test_not_an_object_is_refused() -> None:
+    for value in ([payload()], "text", None, 3):
+        with pytest.raises(BadRequest, match="JSON object"):
+            parse_payload(value, OPTIONS)
+
+
+def test_html_only_is_accepted() -> None:
+    message = parse_payload(payload(text=None, html="<p>Only</p>"), OPTIONS)
+    assert (message.text, message.html) == ("", "<p>Only</p>")
+
+
+# -- parse_payload: attachments ------------------------------------------------------------------
+@pytest.mark.parametrize("content,size", [
+    ("", 0), ("YQ==", 1), ("YWI=", 2), ("YWJj", 3), ("YWJjZA==", 4), ("YWJjZGU=", 5), ("YWJjZGVm", 6),
+])
+def test_decoded_size_counts_padding(content: str, size: int) -> None:
+    message = parse_payload(payload(attachments=[{"filename": "a.bin", "content_b64": content}]), OPTIONS)
+    assert message.attachments[0].size == size == len(base64.b64decode(content))
+    assert message.attachment_bytes == size
+
+
+def test_whitespace_in_base64_is_stripped_before_validation() -> None:
+    data = bytes(range(256)) * 3
+    wrapped = base64.encodebytes(data).decode()  # 76-column lines with \n
+    spaced = "\r\n ".join(wrapped.split("\n")) + "\t"
+    message = parse_payload(payload(attachments=[{"filename": "a.bin", "content_b64": spaced}]), OPTIONS)
+    stored = message.attachments[0]
+    assert not re.search(r"\s", stored.content_b64)
+    assert base64.b64decode(stored.content_b64) == data and stored.size == len(data)
+
+
+@pytest.mark.parametrize("content", [
+    "YWJ",  # length not a multiple of 4
+    "YWJj!",
+    "YW!j",
+    "%%%%",
+    "YQ==YWJj",  # padding in the middle
+    "Y===",
+    "====",
+    "YWJjZA=",
+])
+def test_invalid_base64_is_refused(content: str) -> None:
+    with pytest.raises(BadRequest, match="base64"):
+        parse_payload(payload(attachments=[{"filename": "a.bin", "content_b64": content}]), OPTIONS)
+
+
+@pytest.mark.parametrize("prefix_len", [0, 4, 4 * 65536 - 4, 4 * 65536],
+                         ids=["start", "early", "end-of-first-chunk", "second-chunk"])
+def test_padding_in_the_middle_is_refused_at_any_offset(prefix_len: int) -> None:
+    # Validation runs in chunks of 4 * 65536 characters; padding that ends a chunk
+    # must not let more data follow it.
+    content = "A" * prefix_len + "YQ==" + "YWJj"
+    with pytest.raises(BadRequest, match="base64"):
+        parse_payload(payload(attachments=[{"filename": "a.bin", "content_b64": content}]), OPTIONS)
+
+
+def test_missing_or_non_string_content_is_refused() -> None:
+    for item in ({"filename": "a.txt"}, {"filename": "a.txt", "content_b64": 12},
+                 {"filename": "a.txt", "content_b64": None}):
+        with pytest.raises(BadRequest, match="content_b64"):
+            parse_payload(payload(attachments=[item]), OPTIONS)
+
+
+@pytest.mark.parametrize("filename,expected", [
+    ("minutes.pdf", "application/pdf"),
+    ("roster.CSV", "text/csv"),
+    ("photo.png", "image/png"),
+    ("notes.txt", "text/plain"),
+    ("blob.unknownext", "application/octet-stream"),
+    ("no-extension", "application/octet-stream"),
+])
+def test_mime_type_is_guessed_from_the_filename_when_missing(filename: str, expected: str) -> None:
+    for item in (attachment(b"x", filename=filename, mime_type=None),
+                 attachment(b"x", filename=filename, mime_type="")):
+        assert parse_payload(payload(attachments=[item]), OPTIONS).attachments[0].mime_type == expected
+
+
+def test_given_mime_type_wins_and_is_lowercased() -> None:
+    item = attachment(b"x", filename="minutes.pdf", mime_type="Text/Plain")
+    assert parse_payload(payload(attachments=[item]), OPTIONS).attachments[0].mime_type == "text/plain"
+
+
+@pytest.mark.parametrize("mime_type", ["pdf", "text/", "/plain", "text/plain; charset=utf-8", "text plain",
+                                       "text/pl ain", 5])
+def test_malformed_mime_type_is_refused(mime_type: Any) -> None:
+    item = attachment(b"x", filename="a.txt")
+    item["mime_type"] = mime_type
+    with pytest.raises(BadRequest, match="mime_type"):
+        parse_payload(payload(attachments=[item]), OPTIONS)
+
+
+def test_missing_filename_gets_a_numbered_name() -> None:
+    items = [attachment(b"1"), {"content_b64": "Mg==", "mime_type": "text/plain"}]
+    message = parse_payload(payload(attachments=items), OPTIONS)
+    assert [a.filename for a in message.attachments] == ["file.bin", "attachment-2"]
+
+
+def test_attachment_limit_counts_decoded_bytes_across_attachments() -> None:
+    options = Options(max_attach_mb=10 / (1024 * 1024))  # 10 bytes
+    assert options.max_attach_bytes == 10
+    # 4 + 6 = 10 decoded bytes (16 base64 characters with padding) is exactly the limit.
+    ok = [attachment(b"abcd"), attachment(b"efghij")]
+    assert parse_payload(payload(attachments=ok), options).attachment_bytes == 10
+    with pytest.raises(PayloadTooLarge) as caught:
+        parse_payload(payload(attachments=[attachment(b"abcd"), attachment(b"efghijk")]), options)
+    assert caught.value.status == 413 and "11 bytes" in caught.value.message
+
+
+def test_every_error_is_one_sentence() -> None:
+    bad = [payload(to=None), payload(from_email="x"), payload(subject="a\nb"),
+           payload(attachments=[{"filename": "a", "content_b64": "!"}])]
+    for data in bad:
+        with pytest.raises(RelayError) as caught:
+            parse_payload(data, OPTIONS)
+        text = caught.value.message
+        assert text.endswith((".", ")")) and "\n" not in text and "\r" not in text
+
+
+# -- build_mime ---------------------------------------------------------------------------------
+def test_message_ids_are_unique_and_time_ordered() -> None:
+    ids = [new_message_id() for _ in range(50)]
+    assert len(set(ids)) == 50
+    assert all(re.fullmatch(r"[0-9a-f]{22}", i) for i in ids)
+    assert [i[:12] for i in ids] == sorted(i[:12] for i in ids)
+
+
+def test_headers_and_bodies_round_trip() -> None:
+    data = build(from_name="Trusted Servants Pörtal", to=["ann@example.com", "Bob@Example.net"],
+                 subject="Reset your password ✓", text="Hello ünïcode\nSecond line",
+                 html="<p>Hello <b>ünïcode</b></p>", reply_to="help@example.org", reply_to_name="Help Desk")
+    msg = parsed(data)
+    assert msg["From"] == "Trusted Servants Pörtal <noreply@example.org>"
+    assert msg["To"] == "ann@example.com, Bob@Example.net"
+    assert msg["Reply-To"] == "Help Desk <help@example.org>"
+    assert msg["Subject"] == "Reset your password ✓"
+    assert msg["MIME-Version"] == "1.0"
+    assert msg["Date"].datetime is not None and msg["Date"].datetime.tzinfo is not None
+    assert msg.get_content_type() == "multipart/alternative"
+    assert content(msg.get_body(("plain",))) == "Hello ünïcode\nSecond line\n"
+    assert content(msg.get_body(("html",))) == "<p>Hello <b>ünïcode</b></p>\n"
+    assert "Bcc" not in msg and len(msg.get_all("To")) == 1
+
+
+def test_message_id_is_the_id_at_the_from_domain() -> None:
+    msg = parsed(build(message_id="0190abcdef01deadbeef42", from_email="noreply@Portal.Example.org"))
+    assert msg["Message-ID"] == "<0190abcdef01deadbeef42@Portal.Example.org>"
+
+
+def test_date_header_uses_the_creation_time() -> None:
+    data = build_mime(parse_payload(payload(), OPTIONS), "abc", created=0.0)
+    assert parsed(data)["Date"].datetime.timestamp() == 0.0
+
+
+def test_text_only_and_html_only_bodies() -> None:
+    msg = parsed(build(text="just text", html=None))
+    assert msg.get_content_type() == "text/plain" and content(msg) == "just text\n"
+    msg = parsed(build(text=None, html="<p>just html</p>"))
+    assert msg.get_content_type() == "text/html" and content(msg) == "<p>just html</p>\n"
+
+
+def test_no_reply_to_header_unless_given() -> None:
+    assert "Reply-To" not in parsed(build())
+
+
+def test_output_is_crlf_only_and_seven_bit() -> None:
+    data = build(text="line one\nline two\r\nline three\rline four\n\n", html="<p>a</p>\n<p>b</p>",
+                 subject="Ünïcode subject", attachments=[attachment(b"x\ny\n" * 100, "a.txt", "text/plain")])
+    assert b"\r\n" in data
+    assert b"\n" not in data.replace(b"\r\n", b"")
+    assert b"\r" not in data.replace(b"\r\n", b"")
+    assert all(byte < 128 for byte in data)
+
+
+def test_lines_stay_within_998_bytes_even_for_a_5000_character_line() -> None:
+    long_text = "word" * 1250  # 5,000 characters and no place to break
+    long_html = "<p>" + "ü" * 5000 + "</p>"
+    data = build(text=long_text, html=long_html)
+    assert max(len(line) for line in lines_of(data)) <= 998
+    msg = parsed(data)
+    assert content(msg.get_body(("plain",))) == long_text + "\n"
+    assert content(msg.get_body(("html",))) == long_html + "\n"
+
+
+def test_long_subject_stays_within_998_bytes() -> None:
+    data = build(subject="s" * 998)  # the longest subject allowed, with no space to fold at
+    assert max(len(line) for line in lines_of(data)) <= 998
+    assert parsed(data)["Subject"] == "s" * 998
+
+
+@pytest.mark.parametrize("field", ["from_name", "reply_to_name"])
+def test_long_display_names_stay_within_998_bytes(field: str) -> None:
+    # A name without spaces cannot be folded at whitespace; the bytes must still be
+    # valid SMTP (a server answers "500 Line too long" otherwise), or the name refused.
+    name = "n" * 1500
+    try:
+        data = build(reply_to="help@example.org", **{field: name})
+    except BadRequest:
+        return
+    assert max(len(line) for line in lines_of(data)) <= 998
+    header = "From" if field == "from_name" else "Reply-To"
+    assert parsed(data)[header].addresses[0].display_name == name
+
+
+def test_attachments_round_trip_byte_exact() -> None:
+    pdf = b"%PDF-1.4\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"
+    csv = "name,city\nÅsa,Malmö\n".encode() * 50
+    data = build(attachments=[attachment(pdf, "minutes.pdf", "application/pdf"),
+                              attachment(csv, "roster.csv", None),
+                              attachment(b"", "empty.bin")])
+    msg = parsed(data)
+    assert msg.get_content_type() == "multipart/mixed"
+    assert content(msg.get_body(("plain",))) == "Body\n"
+    parts = list(msg.iter_attachments())
+    assert [(p.get_filename(), p.get_content_type()) for p in parts] == [
+        ("minutes.pdf", "application/pdf"), ("roster.csv", "text/csv"), ("empty.bin", "application/octet-stream")]
+    assert [p["Content-Transfer-Encoding"] for p in parts] == ["base64"] * 3
+    assert [p.get_payload(decode=True) for p in parts] == [pdf, csv, b""]
+    assert max(len(line) for line in lines_of(data)) <= 998
+
+
+def test_attachments_with_html_alternative_keep_both_bodies() -> None:
+    msg = parsed(build(html="<p>rich</p>", attachments=[attachment(b"data", "d.bin")]))
+    assert content(msg.get_body(("plain",))) == "Body\n"
+    assert content(msg.get_body(("html",))) == "<p>rich</p>\n"
+    assert [p.get_payload(decode=True) for p in msg.iter_attachments()] == [b"data"]
+
+
+@pytest.mark.parametrize("filename", ["Protokoll Sitzung März – Übersicht.pdf", "会议记录.pdf",
+                                      "x" * 300 + "ü.pdf", 'quote "and" semi;colon.txt'])
+def test_unusual_filenames_round_trip(filename: str) -> None:
+    data = build(attachments=[attachment(b"content", filename, "application/pdf")])
+    (part,) = parsed(data).iter_attachments()
+    assert part.get_filename() == filename
+    assert part.get_payload(decode=True) == b"content"
+    assert max(len(line) for line in lines_of(data)) <= 998
+
+
+def test_three_mib_attachment_round_trips_byte_exact() -> None:
+    blob = hashlib.shake_256(b"tspro").digest(3 * 1024 * 1024)
+    data = build(attachments=[attachment(blob, "big.bin")])
+    assert max(len(line) for line in lines_of(data)) <= 998
+    (part,) = parsed(data).iter_attachments()
+    assert part.get_payload(decode=True) == blob
+
+
+def test_filename_that_looks_like_a_header_does_not_break_the_attachment() -> None:
+    tricky = "report Content-Transfer-Encoding: 7bit.pdf"
+    first, second = b"first attachment", bytes(range(256))
+    data = build(text="Content-Transfer-Encoding: 7bit\n",
+                 attachments=[attachment(first, tricky, "application/pdf"), attachment(second, "second.bin")])
+    msg = parsed(data)
+    assert content(msg.get_body(("plain",))) == "Content-Transfer-Encoding: 7bit\n"
+    parts = list(msg.iter_attachments())
+    assert [p.get_filename() for p in parts] == [tricky, "second.bin"]
+    assert [p["Content-Transfer-Encoding"] for p in parts] == ["base64", "base64"]
+    assert [p.get_payload(decode=True) for p in parts] == [first, second]
+
+
+def test_no_placeholder_survives_in_the_output() -> None:
+    data = build(attachments=[attachment(b"a", "a.bin"), attachment(b"b", "b.bin")])
+    assert b"tspro-relay-attachment" not in data

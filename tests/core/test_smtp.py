@@ -1,0 +1,324 @@
+"""relay_core.smtp against a real aiosmtpd server in each security mode.
+
+Every failure the worker can meet is produced by the server for real (refused
+recipients, 4xx/5xx replies, a wrong password, an untrusted certificate, a
+closed port) and must come back classified: its stage, its code, and whether
+retrying can help.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from relay_core.smtp import DeliveryError, Mailer, Target, retry_hint
+from support import SMTP_PASSWORD, SMTP_USER, Certificates, SmtpServer, free_port, wait_until
+
+BODY = (b"From: noreply@example.org\r\nTo: a@example.com\r\nSubject: Hi\r\n"
+        b"Message-ID: <m1@example.org>\r\n\r\nHello there.\r\n")
+
+
+@pytest.fixture(autouse=True)
+def trust_test_ca(monkeypatch: pytest.MonkeyPatch, certs: Certificates) -> None:
+    # ssl.create_default_context() loads SSL_CERT_FILE on every call.
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca_file))
+
+
+@pytest.fixture
+def mailer() -> Iterator[Mailer]:
+    mailer = Mailer()
+    yield mailer
+    mailer.close()
+
+
+def target(server: SmtpServer, *, auth: bool = False, password: str = SMTP_PASSWORD, verify: bool = True,
+           security: str | None = None) -> Target:
+    return Target("127.0.0.1", server.port, security or server.mode, SMTP_USER if auth else "",
+                  password if auth else "", verify, 10.0)
+
+
+def served(server: SmtpServer) -> int:
+    """Connections the server has accepted (its own start-up probe included)."""
+    return len(getattr(server.controller, "protocols", []))
+
+
+def body_of(raw: bytes) -> bytes:
+    return raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1]
+
+
+# -- success in every mode ------------------------------------------------------------
+@pytest.mark.parametrize("mode,auth", [("none", False), ("starttls", True), ("ssl", True), ("ssl", False)],
+                         ids=["plain", "starttls-auth", "ssl-auth", "ssl"])
+def test_deliver_in_each_mode(mailer: Mailer, certs: Certificates, mode: str, auth: bool) -> None:
+    with SmtpServer(mode, certs, auth=auth) as server:
+        result = mailer.deliver(target(server, auth=auth), "bounce@example.org",
+                                ["a@example.com", "b@example.net"], BODY)
+        assert result.stage == "DATA" and result.code == 250
+        assert [(r.address, r.accepted, r.code, r.permanent) for r in result.recipients] == [
+            ("a@example.com", True, 250, False), ("b@example.net", True, 250, False)]
+        assert "Message accepted" in result.recipients[0].reply
+        mailer.close()
+    (got,) = server.received
+    assert got.mail_from == "bounce@example.org"
+    assert got.rcpt_tos == ["a@example.com", "b@example.net"]
+    assert got.auth == (SMTP_USER if auth else None)
+    assert got.message["Subject"] == "Hi" and body_of(got.content) == b"Hello there.\n"
+
+
+def test_auth_required_but_not_given_is_refused(mailer: Mailer) -> None:
+    with SmtpServer("none", auth=True) as server:
+        with pytest.raises(DeliveryError) as caught:
+            mailer.deliver(target(server), "bounce@example.org", ["a@example.com"], BODY)
+    assert caught.value.stage == "MAIL" and caught.value.code == 530
+    assert server.received == []
+
+
+# -- recipients and replies ------------------------------------------------------------------
+def test_one_refused_recipient_of_three(mailer: Mailer) -> None:
+    with SmtpServer("none") as server:
+        server.behaviour.rcpt_replies["b@example.com"] = "550 5.1.1 no such user"
+        result = mailer.deliver(target(server), "bounce@example.org",
+                                ["a@example.com", "b@example.com", "c@example.com"], BODY)
+        mailer.close()
+    a, b, c = result.recipients
+    assert (a.accepted, a.code, a.permanent) == (True, 250, False)
+    assert (b.accepted, b.code, b.permanent) == (False, 550, True)
+    assert "no such user" in b.reply
+    assert (c.accepted, c.code, c.permanent) == (True, 250, False)
+    assert result.stage == "DATA" and result.code == 250
+    (got,) = server.received
+    assert got.rcpt_tos == ["a@example.com", "c@example.com"]
+
+
+def test_a_transiently_refused_recipient_is_not_permanent(mailer: Mailer) -> None:
+    with SmtpServer("none") as server:
+        server.behaviour.rcpt_replies["b@example.com"] = "450 4.2.1 mailbox busy, try again in 2 minutes"
+        result = mailer.deliver(target(server), "bounce@example.org", ["a@example.com", "b@example.com"], BODY)
+        mailer.close()
+    b = result.recipients[1]
+    assert (b.accepted, b.code, b.permanent) == (False, 450, False)
+    assert retry_hint(b.reply) == 120
+
+
+def test_every_recipient_refused_sends_no_data(mailer: Mailer) -> None:
+    with SmtpServer("none") as server:
+        server.behaviour.rcpt_replies.update({"a@example.com": "550 5.1.1 no such user",
+                                              "b@example.com": "452 4.2.2 mailbox full"})
+        result = mailer.deliver(target(server), "bounce@example.org", ["a@example.com", "b@example.com"], BODY)
+        mailer.close()
+    assert result.stage == "RCPT"
+    assert [(r.accepted, r.code, r.permanent) for r in result.recipients] == [(False, 550, True),
+                                                                                (False, 452, False)]
+    assert server.received == [] and server.handler.attempt_times == []
+
+
+@pytest.mark.parametrize("reply,permanent,code", [
+    ("451 4.3.0 try again later", False, 451),
+    ("554 5.7.1 rejected", True, 554),
+    ("452 4.3.1 insufficient system storage", False, 452),
+])
+def test_data_reply_is_classified(mailer: Mailer, reply: str, permanent: bool, code: int) -> None:
+    with SmtpServer("none") as server:
+        server.behaviour.data_replies.append(reply)
+        with pytest.raises(DeliveryError) as caught:
+            mailer.deliver(target(server), "bounce@example.org", ["a@example.com"], BODY)
+    error = caught.value
+    assert (error.stage, error.code, error.permanent) == ("DATA", code, permanent)
+    assert reply.split(" ", 1)[1] in error.message and error.message.startswith("DATA")
+    assert server.received == []
+
+
+@pytest.mark.parametrize("reply,permanent", [("421 4.3.2 service shutting down", False),
+                                             ("451 4.7.1 greylisted, try again in 5 minutes", False),
+                                             ("553 5.7.1 sender not allowed", True)])
+def test_mail_from_reply_is_classified(mailer: Mailer, reply: str, permanent: bool) -> None:
+    with SmtpServer("none") as server:
+        server.behaviour.mail_replies.append(reply)
+        with pytest.raises(DeliveryError) as caught:
+            mailer.deliver(target(server), "bounce@example.org", ["a@example.com"], BODY)
+    error = caught.value
+    assert error.stage == "MAIL" and error.code == int(reply[:3]) and error.permanent is permanent
+    assert server.received == []
+    if "5 minutes" in reply:
+        assert error.retry_after == 300
+
+
+def test_a_failed_transaction_does_not_spoil_the_next_one(mailer: Mailer) -> None:
+    with SmtpServer("none") as server:
+        server.behaviour.data_replies.append("451 4.3.0 try again later")
+        with pytest.raises(DeliveryError):
+            mailer.deliver(target(server), "bounce@example.org", ["a@example.com"], BODY)
+        result = mailer.deliver(target(server), "bounce@example.org", ["a@example.com"], BODY)
+        mailer.close()
+    assert result.code == 250 and len(server.received) == 1
+
+
+# -- connection, TLS and AUTH failures ------------------------------------------------------
+@pytest.mark.parametrize("mode", ["starttls", "ssl"])
+def test_wrong_password_is_a_transient_auth_error_without_the_password(mailer: Mailer, certs: Certificates,
+                                                                         mode: str) -> None:
+    wrong = "wrong-Pa55word-do-not-print"
+    with SmtpServer(mode, certs, auth=True) as server:
+        with pytest.raises(DeliveryError) as caught:
+            mailer.deliver(target(server, auth=True, password=wrong), "bounce@example.org", ["a@example.com"], BODY)
+    error = caught.value
+    assert error.stage == "AUTH" and error.permanent is False and error.code == 535
+    assert "rejected the username or password" in error.message
+    for text in (error.message, str(error), repr(error), repr(error.args)):
+        assert wrong not in text and SMTP_PASSWORD not in text
+    assert server.received == []
+
+
+def test_connection_refused_is_transient(mailer: Mailer) -> None:
+    closed = Target("127.0.0.1", free_port(), "none", "", "", True, 5.0)
+    with pytest.raises(DeliveryError) as caught:
+        mailer.deliver(closed, "bounce@example.org", ["a@example.com"], BODY)
+    error = caught.value
+    assert error.stage == "connect" and error.permanent is False and error.code is None
+    assert "refused" in error.message.lower() and f"127.0.0.1:{closed.port}" in error.message
+    assert mailer.connections_opened == 0
+
+
+@pytest.mark.parametrize("mode,stage", [("starttls", "STARTTLS"), ("ssl", "connect")])
+def test_untrusted_certificate_defers_with_a_clear_error(mailer: Mailer, certs: Certificates, mode: str,
+                                                         stage: str) -> None:
+    with SmtpServer(mode, certs, trusted=False) as server:
+        with pytest.raises(DeliveryError) as caught:
+            mailer.deliver(target(server), "bounce@example.org", ["a@example.com"], BODY)
+    error = caught.value
+    assert "TLS certificate verification failed" in error.message
+    assert "smtp_tls_verify" in error.message
+    assert error.stage == stage and error.permanent is False
+    assert server.received == []
+
+
+@pytest.mark.parametrize("mode", ["starttls", "ssl"])
+def test_untrusted_certificate_delivers_when_verification_is_off(mailer: Mailer, certs: Certificates,
+                                                                 mode: str) -> None:
+    with SmtpServer(mode, certs, trusted=False, auth=True) as server:
+        result = mailer.deliver(target(server, auth=True, verify=False), "bounce@example.org",
+                                ["a@example.com"], BODY)
+        mailer.close()
+    assert result.code == 250
+    assert len(server.received) == 1 and server.received[0].auth == SMTP_USER
+
+
+def test_the_test_ca_is_what_makes_the_certificate_trusted(mailer: Mailer, certs: Certificates,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: object) -> None:
+    # The control for the tests above: without SSL_CERT_FILE the trusted server fails too.
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca_file) + ".missing")
+    monkeypatch.setenv("SSL_CERT_DIR", str(certs.ca_file) + ".missing-dir")
+    with SmtpServer("ssl", certs) as server:
+        with pytest.raises(DeliveryError, match="TLS certificate verification failed"):
+            mailer.deliver(target(server), "bounce@example.org", ["a@example.com"], BODY)
+
+
+def test_starttls_against_a_server_without_tls_is_a_clear_error(mailer: Mailer) -> None:
+    with SmtpServer("none") as server:
+        with pytest.raises(DeliveryError) as caught:
+            mailer.deliver(target(server, security="starttls"), "bounce@example.org", ["a@example.com"], BODY)
+    error = caught.value
+    assert error.stage == "STARTTLS" and error.permanent is False
+    assert "does not offer STARTTLS" in error.message
+    assert server.received == []
+
+
+def test_plain_connection_to_an_implicit_tls_port_fails_cleanly(mailer: Mailer, certs: Certificates) -> None:
+    with SmtpServer("ssl", certs) as server:
+        with pytest.raises(DeliveryError) as caught:
+            mailer.deliver(Target("127.0.0.1", server.port, "none", "", "", True, 2.0), "bounce@example.org",
+                           ["a@example.com"], BODY)
+    assert caught.value.permanent is False and caught.value.stage == "connect"
+
+
+def test_auth_on_a_server_that_only_offers_it_after_starttls(mailer: Mailer, certs: Certificates) -> None:
+    with SmtpServer("starttls", certs, auth=True) as server:
+        with pytest.raises(DeliveryError) as caught:
+            mailer.deliver(target(server, auth=True, security="none"), "bounce@example.org", ["a@example.com"],
+                           BODY)
+    assert caught.value.stage == "AUTH" and caught.value.permanent is False
+    assert "STARTTLS" in caught.value.message and SMTP_PASSWORD not in caught.value.message
+
+
+# -- connection reuse -----------------------------------------------------------------------
+def test_two_messages_within_the_idle_time_share_one_connection(mailer: Mailer, certs: Certificates) -> None:
+    with SmtpServer("starttls", certs, auth=True) as server:
+        before = served(server)
+        first = mailer.deliver(target(server, auth=True), "bounce@example.org", ["a@example.com"], BODY,
+                               idle_limit=60)
+        second = mailer.deliver(target(server, auth=True), "bounce@example.org", ["b@example.com"],
+                                BODY.replace(b"Hello there.", b"Second one."), idle_limit=60)
+        mailer.close()
+    assert first.code == second.code == 250
+    assert mailer.connections_opened == 1
+    assert [r.rcpt_tos for r in server.received] == [["a@example.com"], ["b@example.com"]]
+    assert body_of(server.received[1].content) == b"Second one.\n"
+    assert served(server) - before == 1  # the server saw one connection too
+
+
+def test_zero_idle_limit_opens_a_connection_per_message(mailer: Mailer) -> None:
+    with SmtpServer("none") as server:
+        before = served(server)
+        for address in ("a@example.com", "b@example.com"):
+            mailer.deliver(target(server), "bounce@example.org", [address], BODY, idle_limit=0)
+    assert mailer.connections_opened == 2
+    assert len(server.received) == 2 and served(server) - before == 2
+
+
+def test_a_different_target_opens_a_new_connection(mailer: Mailer, certs: Certificates) -> None:
+    with SmtpServer("none") as one, SmtpServer("none") as two:
+        mailer.deliver(target(one), "bounce@example.org", ["a@example.com"], BODY)
+        mailer.deliver(target(two), "bounce@example.org", ["b@example.com"], BODY)
+        mailer.deliver(target(two), "bounce@example.org", ["c@example.com"], BODY)
+        mailer.close()
+    assert mailer.connections_opened == 2
+    assert len(one.received) == 1 and len(two.received) == 2
+
+
+def test_a_connection_dropped_by_a_restarted_server_is_replaced(mailer: Mailer) -> None:
+    first = SmtpServer("none")
+    with first:
+        mailer.deliver(target(first), "bounce@example.org", ["a@example.com"], BODY, idle_limit=60)
+    # Same port, new server process: the mailer's idle connection is dead.
+    second = SmtpServer("none")
+    second.controller.loop.close()  # the unstarted controller on another port is replaced
+    second.port = first.port
+    second.controller = type(first.controller)(second.handler, hostname="127.0.0.1", port=first.port)
+    with second:
+        result = mailer.deliver(target(second), "bounce@example.org", ["b@example.com"], BODY, idle_limit=60)
+        mailer.close()
+    assert result.code == 250
+    assert mailer.connections_opened == 2
+    assert [r.rcpt_tos for r in first.received] == [["a@example.com"]]
+    assert [r.rcpt_tos for r in second.received] == [["b@example.com"]]
+
+
+def test_close_sends_quit_and_is_idempotent(certs: Certificates) -> None:
+    mailer = Mailer()
+    with SmtpServer("none") as server:
+        mailer.deliver(target(server), "bounce@example.org", ["a@example.com"], BODY)
+        mailer.close()
+        mailer.close()
+        protocol = server.controller.protocols[-1]
+        wait_until(lambda: protocol.transport is None or protocol.transport.is_closing(),
+                   timeout=5, what="the server to see the connection closed")
+
+
+# -- retry hints ---------------------------------------------------------------------------
+@pytest.mark.parametrize("reply,seconds", [
+    ("451 4.7.0 Try again in 30 seconds", 30),
+    ("try again in 5 minutes", 300),
+    ("450 4.2.0 Greylisted, please retry in 2 mins", 120),
+    ("421 Too many connections; wait 1 hour", 3600),
+    ("451 4.7.1 Please try again in 45s", 45),
+    ("451 4.7.1 TRY AGAIN IN 10 SECS", 10),
+])
+def test_retry_hint_reads_the_delay(reply: str, seconds: float) -> None:
+    assert retry_hint(reply) == seconds
+
+
+@pytest.mark.parametrize("reply", ["451 busy", "", "550 5.1.1 no such user", "451 4.3.0 try again later"])
+def test_retry_hint_is_none_without_a_delay(reply: str) -> None:
+    assert retry_hint(reply) is None

@@ -1,0 +1,358 @@
+"""relay_core.store on a real SQLite file: migrations, first boot, settings, claims.
+
+The ``store`` fixture (conftest.py) is a migrated and bootstrapped store in
+tmp_path. Messages are inserted the way the web process does it: a
+``NewMessage`` with a body encrypted to its id, inside ``transaction``.
+"""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from relay_core import crypto
+from relay_core.config import Settings, load_settings
+from relay_core.errors import BadRequest
+from relay_core.migrations import MIGRATIONS
+from relay_core.options import Options, parse_option
+from relay_core.store import ClaimedMessage, LogEntry, NewMessage, Store, insert_message, transaction
+from support import SECRET
+
+T0 = 1_700_000_000.0
+
+
+def add_message(store: Store, message_id: str, *, created: float = T0, recipients: list[str] | None = None,
+                body: bytes = b"Subject: hi\r\n\r\nbody\r\n") -> None:
+    record = NewMessage(
+        id=message_id, source="api", api_key_id=None, created_at=created, from_addr="noreply@example.org",
+        from_name="Portal", envelope_from="noreply@example.org", subject="hi",
+        message_id_header=f"<{message_id}@example.org>", body=store.keys.encrypt_body(body, message_id),
+        size=len(body), recipients=recipients or ["a@example.com", "b@example.com"],
+    )
+    conn = store.conn()
+    with transaction(conn):
+        insert_message(conn, record)
+
+
+def status_of(store: Store, message_id: str) -> sqlite3.Row:
+    return store.conn().execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+
+
+def attempt_entry(message_id: str, status: str = "deferred") -> LogEntry:
+    return LogEntry("attempt", status, message_id=message_id, stage="DATA", code=451, detail="try later")
+
+
+# -- migrations -------------------------------------------------------------------------------
+def test_migrations_are_recorded(store: Store) -> None:
+    conn = store.conn()
+    rows = conn.execute("SELECT version, name, applied_at FROM schema_migrations ORDER BY version").fetchall()
+    assert [(r["version"], r["name"]) for r in rows] == [(i, name) for i, (name, _) in enumerate(MIGRATIONS, 1)]
+    assert all(r["applied_at"] > 0 for r in rows)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"messages", "recipients", "log", "settings", "api_keys", "admins", "idempotency", "workers",
+            "meta"} <= tables
+
+
+def test_connections_use_wal_and_foreign_keys(store: Store) -> None:
+    conn = store.conn()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+
+
+def test_migrate_twice_is_a_no_op(store: Store, settings: Settings) -> None:
+    before = [tuple(r) for r in store.conn().execute("SELECT * FROM schema_migrations")]
+    assert store.migrate() == []
+    again = Store.open(settings)  # another process starting up
+    try:
+        assert again.migrate() == []
+        assert [tuple(r) for r in again.conn().execute("SELECT * FROM schema_migrations")] == before
+    finally:
+        again.close()
+
+
+def test_a_fresh_database_applies_every_migration(tmp_path: Path) -> None:
+    settings = load_settings({"RELAY_SECRET_KEY": SECRET, "RELAY_DATA_DIR": str(tmp_path / "fresh" / "nested")})
+    store = Store(settings.db_path, crypto.derive_keys(settings))
+    settings.data_dir.mkdir(parents=True)
+    try:
+        assert store.migrate() == [name for name, _ in MIGRATIONS]
+        assert store.migrate() == []
+    finally:
+        store.close()
+
+
+# -- first boot ----------------------------------------------------------------------------------
+def test_bootstrap_seeds_one_admin_and_one_primary_key(store: Store) -> None:
+    conn = store.conn()
+    admins = conn.execute("SELECT username, password_hash FROM admins").fetchall()
+    assert len(admins) == 1 and admins[0]["username"] == "admin"
+    assert admins[0]["password_hash"].startswith("scrypt$") and "admin-pass-123" not in admins[0]["password_hash"]
+    assert store.check_admin("admin", "admin-pass-123") is True
+    assert store.check_admin("admin", "admin-pass-124") is False
+    assert store.check_admin("root", "admin-pass-123") is False
+
+    (key,) = store.api_keys()
+    assert key.is_primary and key.revoked_at is None and key.label == "portal"
+    revealed = store.reveal_api_key()
+    assert revealed.startswith("tsr_")
+    raw = base64.urlsafe_b64decode(revealed[4:] + "=" * (-len(revealed[4:]) % 4))
+    assert len(raw) >= 32
+    assert store.authenticate(revealed) == key
+    # Stored as an HMAC and a ciphertext, never in clear.
+    row = conn.execute("SELECT lookup, secret FROM api_keys").fetchone()
+    assert revealed not in (row["lookup"], row["secret"]) and revealed[4:] not in row["secret"]
+
+
+def test_second_bootstrap_changes_nothing(store: Store, settings: Settings) -> None:
+    conn = store.conn()
+    before = ([tuple(r) for r in conn.execute("SELECT * FROM admins")],
+              [tuple(r) for r in conn.execute("SELECT * FROM api_keys")])
+    report = store.bootstrap(settings)
+    assert (report.admin_created, report.api_key_created, report.admin_password_generated) == (False, False, None)
+    after = ([tuple(r) for r in conn.execute("SELECT * FROM admins")],
+             [tuple(r) for r in conn.execute("SELECT * FROM api_keys")])
+    assert after == before
+
+
+def test_bootstrap_without_a_password_generates_one(tmp_path: Path) -> None:
+    settings = load_settings({"RELAY_SECRET_KEY": SECRET, "RELAY_DATA_DIR": str(tmp_path / "d"),
+                              "RELAY_ADMIN_USER": "chief"})
+    store = Store.open(settings)
+    try:
+        report = store.bootstrap(settings)
+        assert report.admin_created and report.api_key_created
+        assert report.admin_password_generated and len(report.admin_password_generated) >= 16
+        assert store.check_admin("chief", report.admin_password_generated)
+    finally:
+        store.close()
+
+
+def test_set_admin_password(store: Store) -> None:
+    store.set_admin_password("admin", "new-password-99")
+    assert store.check_admin("admin", "new-password-99")
+    assert not store.check_admin("admin", "admin-pass-123")
+    assert store.conn().execute("SELECT COUNT(*) FROM admins").fetchone()[0] == 1
+
+
+# -- settings ------------------------------------------------------------------------------------
+def test_options_default_then_persist(store: Store, settings: Settings) -> None:
+    assert store.options() == Options()
+    store.set_options({"smtp_host": "mail.example.org", "smtp_port": 465, "smtp_security": "ssl",
+                       "max_attach_mb": 10.5, "smtp_tls_verify": False})
+    other = Store(settings.db_path, store.keys)  # another process sees it
+    try:
+        options = other.options()
+        assert (options.smtp_host, options.smtp_port, options.smtp_security) == ("mail.example.org", 465, "ssl")
+        assert options.max_attach_mb == 10.5 and options.smtp_tls_verify is False
+    finally:
+        other.close()
+
+
+def test_a_change_by_another_process_is_seen_without_restart(store: Store, settings: Settings) -> None:
+    assert store.options().smtp_host == ""
+    other = Store(settings.db_path, store.keys)
+    try:
+        other.set_options({"smtp_host": "changed.example.org"})
+    finally:
+        other.close()
+    assert store.options().smtp_host == "changed.example.org"
+
+
+def test_set_options_is_all_or_nothing(store: Store) -> None:
+    store.set_options({"retry_base_seconds": 60, "retry_max_seconds": 600})
+    rows_before = [tuple(r) for r in store.conn().execute("SELECT * FROM settings ORDER BY name")]
+    with pytest.raises(BadRequest, match="retry_max_seconds"):
+        store.set_options({"smtp_host": "mail.example.org", "retry_base_seconds": 900})
+    with pytest.raises(BadRequest, match="retry_max_seconds"):
+        store.set_options({"retry_max_seconds": 30, "smtp_port": 2525})
+    assert [tuple(r) for r in store.conn().execute("SELECT * FROM settings ORDER BY name")] == rows_before
+    options = store.options()
+    assert (options.smtp_host, options.smtp_port, options.retry_base_seconds,
+            options.retry_max_seconds) == ("", 587, 60, 600)
+
+
+def test_smtp_password_is_stored_encrypted(store: Store, settings: Settings) -> None:
+    password = "smtp-Pa55-unique-value"
+    store.set_options({"smtp_password": parse_option("smtp_password", password)})
+    (raw,) = store.conn().execute("SELECT value FROM settings WHERE name = 'smtp_password'").fetchone()
+    assert raw != password and password not in raw
+    assert store.keys.decrypt_text(raw) == password
+    assert store.options().smtp_password == password
+    # Nothing in the database file holds it in clear.
+    store.conn().execute("PRAGMA wal_checkpoint(FULL)")
+    assert password.encode() not in settings.db_path.read_bytes()
+    store.set_options({"smtp_password": ""})
+    assert store.options().smtp_password == ""
+
+
+# -- API keys ------------------------------------------------------------------------------------
+def test_new_primary_key_revokes_the_old_one_at_once(store: Store) -> None:
+    old = store.reveal_api_key()
+    new = store.new_primary_api_key()
+    assert new != old and store.reveal_api_key() == new
+    assert store.authenticate(old) is None
+    assert store.authenticate(new) is not None and store.authenticate(new).is_primary
+
+
+def test_extra_keys_can_be_added_and_revoked(store: Store) -> None:
+    key_id, key = store.add_api_key("rotation")
+    assert store.authenticate(key).id == key_id and store.reveal_api_key(key_id) == key
+    assert store.authenticate(store.reveal_api_key()) is not None  # the primary still works
+    assert store.revoke_api_key(key_id) is True
+    assert store.authenticate(key) is None
+    assert store.revoke_api_key(key_id) is False
+    assert store.revoke_api_key(9999) is False
+    assert store.authenticate("") is None and store.authenticate("tsr_guess") is None
+
+
+# -- claims -------------------------------------------------------------------------------------
+def test_claim_returns_the_decrypted_message(store: Store) -> None:
+    add_message(store, "m1", body=b"the MIME bytes")
+    claimed = store.claim("m1", "worker-a", 300, now=T0)
+    assert claimed is not None
+    assert (claimed.id, claimed.body, claimed.lease_owner, claimed.attempts) == ("m1", b"the MIME bytes",
+                                                                                 "worker-a", 0)
+    assert [(r.position, r.address, r.status) for r in claimed.recipients] == [
+        (0, "a@example.com", "pending"), (1, "b@example.com", "pending")]
+    row = status_of(store, "m1")
+    assert (row["status"], row["lease_owner"], row["lease_expires_at"]) == ("sending", "worker-a", T0 + 300)
+
+
+@pytest.mark.parametrize("size", [0, 1, 256 * 1024, 3 * 1024 * 1024 + 7])
+def test_bodies_of_every_size_round_trip(store: Store, size: int) -> None:
+    body = (bytes(range(256)) * (size // 256 + 1))[:size]
+    add_message(store, f"s{size}", body=body)
+    claimed = store.claim(f"s{size}", "w", 300, now=T0)
+    assert claimed is not None and claimed.body == body
+    raw = status_of(store, f"s{size}")["body"]
+    assert raw != body and len(raw) == len(store.keys.encrypt_body(body, "x"))
+
+
+def test_only_one_of_two_claims_succeeds(store: Store) -> None:
+    add_message(store, "m1")
+    first = store.claim("m1", "worker-a", 300, now=T0)
+    second = store.claim("m1", "worker-b", 300, now=T0 + 1)
+    assert first is not None and second is None
+    assert status_of(store, "m1")["lease_owner"] == "worker-a"
+
+
+def test_concurrent_claims_from_two_connections(store: Store, settings: Settings) -> None:
+    for i in range(20):
+        add_message(store, f"c{i}")
+    other = Store(settings.db_path, store.keys)
+    wins: dict[str, list[str]] = {"a": [], "b": []}
+    barrier = threading.Barrier(2)
+
+    def run(name: str, s: Store) -> None:
+        barrier.wait()
+        for i in range(20):
+            if s.claim(f"c{i}", name, 300, now=T0) is not None:
+                wins[name].append(f"c{i}")
+        s.close()
+
+    threads = [threading.Thread(target=run, args=("a", store)), threading.Thread(target=run, args=("b", other))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(wins["a"] + wins["b"]) == sorted(f"c{i}" for i in range(20))
+    assert not set(wins["a"]) & set(wins["b"])
+
+
+def test_not_claimable_before_next_attempt_at(store: Store) -> None:
+    add_message(store, "m1", created=T0)
+    assert store.claim("m1", "w", 300, now=T0 - 1) is None
+    claimed = store.claim("m1", "w", 300, now=T0)
+    assert claimed is not None
+    assert store.record_attempt(claimed, "deferred", next_attempt_at=T0 + 600, last_error="451 later",
+                                recipient_updates={0: ("deferred", 451, "later"), 1: ("sent", 250, "ok")},
+                                entry=attempt_entry("m1"), now=T0 + 5)
+    assert store.claim("m1", "w", 300, now=T0 + 599) is None
+    again = store.claim("m1", "w", 300, now=T0 + 600)
+    assert again is not None and again.attempts == 1
+    assert [(r.status, r.code) for r in again.recipients] == [("deferred", 451), ("sent", 250)]
+
+
+def test_an_expired_sending_lease_is_claimable_again(store: Store) -> None:
+    add_message(store, "m1")
+    first = store.claim("m1", "dead-worker", 60, now=T0)
+    assert first is not None
+    assert store.claim("m1", "w2", 60, now=T0 + 60) is None  # not yet expired
+    second = store.claim("m1", "w2", 60, now=T0 + 61)
+    assert second is not None and second.lease_owner == "w2"
+    # The dead worker, back from the grave, may not record its outcome.
+    assert store.record_attempt(first, "sent", next_attempt_at=None, last_error=None,
+                                recipient_updates={0: ("sent", 250, "ok")}, entry=attempt_entry("m1", "sent"),
+                                now=T0 + 62) is False
+    assert status_of(store, "m1")["status"] == "sending"
+    assert store.record_attempt(second, "sent", next_attempt_at=None, last_error=None,
+                                recipient_updates={0: ("sent", 250, "ok"), 1: ("sent", 250, "ok")},
+                                entry=attempt_entry("m1", "sent"), now=T0 + 63) is True
+    row = status_of(store, "m1")
+    assert (row["status"], row["attempts"], row["finished_at"], row["lease_owner"]) == ("sent", 1, T0 + 63, None)
+
+
+def test_record_attempt_by_a_non_owner_changes_nothing(store: Store) -> None:
+    add_message(store, "m1")
+    claimed = store.claim("m1", "owner", 300, now=T0)
+    assert claimed is not None
+    impostor = ClaimedMessage(**{**claimed.__dict__, "lease_owner": "impostor"})
+    assert store.record_attempt(impostor, "failed", next_attempt_at=None, last_error="nope",
+                                recipient_updates={0: ("failed", 550, "nope")}, entry=attempt_entry("m1", "failed"),
+                                now=T0 + 1) is False
+    row = status_of(store, "m1")
+    assert (row["status"], row["attempts"], row["last_error"]) == ("sending", 0, None)
+    assert store.conn().execute("SELECT COUNT(*) FROM log WHERE message_id = 'm1'").fetchone()[0] == 0
+    recipients = store.conn().execute("SELECT status FROM recipients WHERE message_id = 'm1'").fetchall()
+    assert [r[0] for r in recipients] == ["pending", "pending"]
+
+
+def test_finished_messages_are_never_claimed(store: Store) -> None:
+    add_message(store, "m1")
+    claimed = store.claim("m1", "w", 300, now=T0)
+    assert claimed is not None
+    assert store.record_attempt(claimed, "failed", next_attempt_at=None, last_error="550 no such user",
+                                recipient_updates={0: ("failed", 550, "no"), 1: ("failed", 550, "no")},
+                                entry=attempt_entry("m1", "failed"), now=T0 + 1)
+    assert store.claim("m1", "w", 300, now=T0 + 10**6) is None
+    status = store.message_status("m1")
+    assert status is not None and status["status"] == "failed" and status["last_error"] == "550 no such user"
+    assert [a["status"] for a in status["attempts"]] == ["failed"]
+
+
+def test_claim_of_an_unknown_id_is_none(store: Store) -> None:
+    assert store.claim("no-such-id", "w", 300, now=T0) is None
+    assert store.message_status("no-such-id") is None
+
+
+def test_a_body_moved_to_another_row_does_not_decrypt(store: Store) -> None:
+    add_message(store, "m1", body=b"for m1")
+    add_message(store, "m2", body=b"for m2")
+    conn = store.conn()
+    with transaction(conn):
+        conn.execute("UPDATE messages SET body = (SELECT body FROM messages WHERE id = 'm1') WHERE id = 'm2'")
+    with pytest.raises(crypto.DecryptionError):
+        store.claim("m2", "w", 300, now=T0)
+
+
+def test_sweep_finds_lost_wake_ups(store: Store) -> None:
+    add_message(store, "queued-stale", created=T0)
+    add_message(store, "queued-fresh", created=T0)
+    add_message(store, "deferred-due", created=T0)
+    add_message(store, "sending-expired", created=T0)
+    store.mark_enqueued(["queued-fresh"], now=T0 + 100)
+    claimed = store.claim("deferred-due", "w", 300, now=T0)
+    assert claimed is not None
+    store.record_attempt(claimed, "deferred", next_attempt_at=T0 + 50, last_error="451",
+                         recipient_updates={}, entry=attempt_entry("deferred-due"), now=T0 + 1)
+    assert store.claim("sending-expired", "w", 10, now=T0) is not None
+    assert sorted(store.sweep(now=T0 + 110, stale_after=30)) == ["deferred-due", "queued-stale", "sending-expired"]
+    again = store.sweep(now=T0 + 111, stale_after=30)  # the others were just enqueued
+    assert "queued-stale" not in again and "deferred-due" not in again and "queued-fresh" not in again
