@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import StoreUnavailable
-from .store import Store
+from .store import Store, write_lock
 from .tasks import RelayQueue
 
 logger = logging.getLogger("relay.intake")
@@ -85,6 +85,12 @@ class Intake:
         self.store.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
+        with write_lock(conn):
+            committed = self._commit_locked(conn, batch)
+        if committed is not None:
+            self._answer(committed)
+
+    def _commit_locked(self, conn: sqlite3.Connection, batch: list[_Pending]) -> list | None:
         outcomes: list[tuple[_Pending, Any, list[str], BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -107,9 +113,12 @@ class Intake:
             error = StoreUnavailable("The relay's message store is unavailable; nothing was queued. Try again.")
             for pending in batch:
                 pending.future.set_exception(error)
-            return
+            return None
+        return outcomes
+
+    def _answer(self, outcomes: list) -> None:
         self.batches += 1
-        self.jobs_done += len(batch)
+        self.jobs_done += len(outcomes)
         to_enqueue: list[str] = []
         for pending, value, ids, exc in outcomes:
             if exc is not None:
