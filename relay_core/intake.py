@@ -126,9 +126,9 @@ class Intake:
             else:
                 pending.future.set_result(value)
                 to_enqueue.extend(ids)
-        if self.queue is not None:
-            for message_id in to_enqueue:
-                try:
-                    self.queue.enqueue(message_id)
-                except Exception:  # the sweeper re-enqueues whatever this misses
-                    logger.exception("could not enqueue %s; the sweeper will pick it up", message_id)
+        if self.queue is not None and to_enqueue:
+            try:
+                self.queue.enqueue_many(to_enqueue)
+            except Exception:  # the sweeper re-enqueues whatever this misses
+                logger.exception("could not enqueue %d message(s); the sweeper will pick them up",
+                                 len(to_enqueue))

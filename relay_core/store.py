@@ -299,6 +299,10 @@ class Store:
         """The current settings; re-read only when another process changed them."""
         return self._load_cache()[0]
 
+    def snapshot(self) -> tuple[Options, list[ApiKey]]:
+        """Settings and keys from one look at the revision counter (the send path's)."""
+        return self._load_cache()
+
     def set_options(self, values: dict[str, Any]) -> Options:
         """Write validated, typed values; secrets are encrypted. All or nothing."""
         current = self.options()
@@ -332,12 +336,12 @@ class Store:
     def api_keys(self) -> list[ApiKey]:
         return self._load_cache()[1]
 
-    def authenticate(self, token: str) -> ApiKey | None:
+    def authenticate(self, token: str, keys: list[ApiKey] | None = None) -> ApiKey | None:
         """The live key matching a Bearer token, or None. Compares HMACs, never keys."""
         if not token:
             return None
         wanted = set(self.keys.lookup_hashes(token))
-        for key in self.api_keys():
+        for key in self.api_keys() if keys is None else keys:
             if key.revoked_at is None and key.lookup in wanted:
                 return key
         return None

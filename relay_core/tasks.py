@@ -27,6 +27,12 @@ class RelaySqliteStorage(SqliteStorage):
         conn.execute("PRAGMA synchronous = NORMAL")
         return conn
 
+    def enqueue_many(self, items: list[bytes]) -> None:
+        """One transaction for a batch of wake-up calls (the web's group commit)."""
+        with self.db(commit=True) as cursor:
+            cursor.executemany("insert into task (queue, data, priority) values (?, ?, 0)",
+                               [(self.name, self.to_blob(data)) for data in items])
+
 
 class RelayQueue:
     """The queue both processes share; the worker binds the handler that runs tasks."""
@@ -53,6 +59,15 @@ class RelayQueue:
             # Aware, not naive: huey converts a naive eta with time.mktime, which drops
             # the fraction of a second and can wake the task up to a second early.
             self._deliver.schedule((message_id,), eta=dt.datetime.fromtimestamp(eta, dt.timezone.utc))
+
+    def enqueue_many(self, message_ids: list[str]) -> None:
+        items = [self.huey.serialize_task(self._deliver.s(message_id)) for message_id in message_ids]
+        storage = self.huey.storage
+        if isinstance(storage, RelaySqliteStorage):
+            storage.enqueue_many(items)
+        else:
+            for data in items:
+                storage.enqueue(data)
 
     def pending(self) -> int:
         return int(self.huey.pending_count())

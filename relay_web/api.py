@@ -32,9 +32,9 @@ def _state(request: Request) -> AppState:
     return request.app.state.relay
 
 
-def authenticate(request: Request) -> ApiKey:
+def authenticate(request: Request, keys: list[ApiKey] | None = None) -> ApiKey:
     token = bearer_token(request)
-    key = _state(request).store.authenticate(token) if token else None
+    key = _state(request).store.authenticate(token, keys) if token else None
     if key is None:
         raise Unauthorized("Missing or invalid API key: send the relay's key as 'Authorization: Bearer <key>'.")
     return key
@@ -89,8 +89,8 @@ def _decode_json(body: bytearray) -> Any:
 
 async def send(request: Request) -> JSONResponse:
     state = _state(request)
-    key = authenticate(request)
-    options = state.store.options()
+    options, keys = state.store.snapshot()
+    key = authenticate(request, keys)
     body = await read_capped_body(request, options.max_body_bytes)
     if not body or body.isspace():
         raise BadRequest("The request body is empty; send the message as a JSON object.")
