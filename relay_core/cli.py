@@ -87,6 +87,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_init(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.exists():
+        if args.if_missing:
+            print(f"{path} already exists; keeping it.", file=sys.stderr)
+            return 0
         return _fail(f"{path} already exists; not overwriting it.")
     password = crypto.new_password()
     text = (
@@ -236,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="write a .env with a fresh secret and admin password")
     p.add_argument("--path", default=".env")
+    p.add_argument("--if-missing", action="store_true", help="succeed quietly when the file exists")
 
     p = sub.add_parser("config", help="show or change the relay's settings")
     config_sub = p.add_subparsers(dest="action", required=True)
