@@ -8,17 +8,11 @@ import time
 
 from .config import Settings
 from .errors import BadRequest
+from .resources import read_template
 from .message import new_message_id, pack_stored, parse_payload
 from .store import LogEntry, NewMessage, Store, insert_log, insert_message, transaction
 from .tasks import build_queue
 
-TEST_TEXT = """This is a test email from TS Pro Relay on {host}.
-
-If you are reading it, the relay reached your SMTP server ({smtp_host}:{smtp_port}, {security})
-and the server accepted the message for delivery.
-
-Sent at {when} UTC.
-"""
 
 
 def enqueue_test_message(store: Store, settings: Settings, to: str) -> str:
@@ -27,7 +21,7 @@ def enqueue_test_message(store: Store, settings: Settings, to: str) -> str:
         raise BadRequest("SMTP delivery is not configured yet: set smtp_host (and the rest) first.")
     if not options.default_from:
         raise BadRequest("Set a Default From address (default_from) so the test has a sender.")
-    text = TEST_TEXT.format(host=socket.gethostname(), smtp_host=options.smtp_host,
+    text = read_template("emails/test.txt").format(host=socket.gethostname(), smtp_host=options.smtp_host,
                             smtp_port=options.smtp_port, security=options.smtp_security,
                             when=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
     payload = {"to": [to], "subject": "TS Pro Relay test email", "text": text}

@@ -184,3 +184,26 @@ def test_not_configured_answers_503_and_health_says_so(tmp_path: Path) -> None:
         assert httpx.get(f"{web.url}/healthz").json() == {"ok": True, "configured": True}
     finally:
         web.stop()
+
+
+def test_send_test_command_delivers_the_test_email(relay: Relay) -> None:
+    with SmtpServer("none") as server:
+        relay.configure(*server.settings(), "default_from=relay@example.org", "default_from_name=The Relay")
+        out = cli(relay.env, "send-test", "--to", "admin@example.org", cwd=relay.cwd)
+        message_id = out.stdout.strip()
+        status = relay.wait_status(message_id, "sent")
+        assert status["recipients"][0]["address"] == "admin@example.org"
+        msg = server.received[0].message
+        assert msg["Subject"] == "TS Pro Relay test email"
+        assert msg["From"] == "The Relay <relay@example.org>"
+        assert "This is a test email from TS Pro Relay" in msg.get_body(("plain",)).get_content()
+
+
+def test_the_installed_package_finds_its_templates(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "from relay_core.resources import read_template; "
+                          "print(read_template('emails/test.txt'))"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True)
+    assert "test email from TS Pro Relay" in out.stdout
