@@ -27,7 +27,7 @@ from .errors import RelayError
 from .message import build_mime, unpack_stored
 from .options import Options
 from .smtp import DeliveryError, DeliveryResult, Mailer, RecipientResult, Target, retry_hint
-from .store import ClaimedMessage, LogEntry, Store
+from .store import ClaimedMessage, LogEntry, Paced, Store
 
 logger = logging.getLogger("relay.delivery")
 
@@ -84,11 +84,14 @@ class Deliverer:
         owner = f"{self.identity}:{threading.get_ident()}"
         claimed = None
         try:
-            claimed = self.store.claim(message_id, owner, options.lease_seconds, now=self.clock())
+            claimed = self.store.claim(message_id, owner, options.lease_seconds, now=self.clock(),
+                                       limits=options.pacing_limits)
         except DecryptionError as exc:
             return self._undecryptable(message_id, owner, str(exc))
         if claimed is None:
             return None
+        if isinstance(claimed, Paced):
+            return Outcome(message_id, "deferred", claimed.until, claimed.reason)
         return self._send(claimed, options)
 
     def _undecryptable(self, message_id: str, owner: str, reason: str) -> Outcome:

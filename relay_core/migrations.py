@@ -87,6 +87,10 @@ MIGRATIONS: list[tuple[str, str]] = [
             name TEXT PRIMARY KEY, pid INTEGER, host TEXT,
             started_at REAL NOT NULL, heartbeat_at REAL NOT NULL);
     """),
+    ("0002_pacing", """
+        CREATE TABLE pacing (id INTEGER PRIMARY KEY, ts REAL NOT NULL);
+        CREATE INDEX pacing_ts ON pacing (ts);
+    """),
 ]
 
 

@@ -124,6 +124,12 @@ class Options:
         return tuple(item.strip() for item in self.allowed_from.split(",") if item.strip())
 
     @property
+    def pacing_limits(self) -> tuple[tuple[int, float], ...]:
+        """(deliveries, per seconds) for each outbound limit that is set."""
+        pairs = ((self.max_per_minute, 60.0), (self.max_per_hour, 3600.0), (self.max_per_day, 86400.0))
+        return tuple((n, window) for n, window in pairs if n > 0)
+
+    @property
     def max_attach_bytes(self) -> int:
         return int(self.max_attach_mb * 1024 * 1024)
 

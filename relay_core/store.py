@@ -208,6 +208,32 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage) -> None:
     )
 
 
+@dataclass
+class Paced:
+    """A claim held back by an outbound limit: the message waits until ``until``."""
+
+    until: float
+    reason: str
+
+
+def _pacing_wait(conn: sqlite3.Connection, now: float,
+                 limits: tuple[tuple[int, float], ...]) -> Paced | None:
+    """When the next delivery may start, if any limit is reached now."""
+    wait: Paced | None = None
+    for allowed, window in limits:
+        used = conn.execute("SELECT COUNT(*) FROM pacing WHERE ts > ?", (now - window,)).fetchone()[0]
+        if used < allowed:
+            continue
+        # The slot frees when the oldest delivery still counted leaves the window.
+        oldest = conn.execute("SELECT ts FROM pacing WHERE ts > ? ORDER BY ts LIMIT 1 OFFSET ?",
+                              (now - window, used - allowed)).fetchone()[0]
+        until = oldest + window + 0.001
+        if wait is None or until > wait.until:
+            unit = {60: "minute", 3600: "hour", 86400: "day"}.get(int(window), f"{window:g} s")
+            wait = Paced(until, f"waiting for the outbound limit of {allowed} deliveries per {unit}")
+    return wait
+
+
 class Store:
     """Thread-safe access to relay.db: each thread gets its own connection."""
 
@@ -423,12 +449,15 @@ class Store:
                      (api_key_id, key, request_hash, status, json.dumps(response), time.time()))
 
     # -- messages: the delivery side -------------------------------------------
-    def claim(self, message_id: str, owner: str, lease_seconds: float,
-              now: float | None = None) -> ClaimedMessage | None:
+    def claim(self, message_id: str, owner: str, lease_seconds: float, now: float | None = None,
+              limits: tuple[tuple[int, float], ...] = ()) -> ClaimedMessage | Paced | None:
         """queued/deferred and due (or sending with an expired lease) -> sending, leased to owner.
 
         Returns None when another worker got there first, the message is not
         due yet, or it is finished: a duplicate wake-up is a harmless no-op.
+        ``limits`` are (deliveries, per seconds) pairs; when one is reached the
+        message goes back to deferred until a slot frees (``Paced``). The
+        count is taken under the write lock, so every worker process shares it.
         """
         now = time.time() if now is None else now
         conn = self.conn()
@@ -436,12 +465,12 @@ class Store:
         # the outcome recorded afterwards is committed with a full fsync.
         conn.execute("PRAGMA synchronous = NORMAL")
         try:
-            return self._claim(conn, message_id, owner, lease_seconds, now)
+            return self._claim(conn, message_id, owner, lease_seconds, now, limits)
         finally:
             conn.execute("PRAGMA synchronous = FULL")
 
     def _claim(self, conn: sqlite3.Connection, message_id: str, owner: str, lease_seconds: float,
-               now: float) -> ClaimedMessage | None:
+               now: float, limits: tuple[tuple[int, float], ...]) -> ClaimedMessage | Paced | None:
         with transaction(conn):
             cur = conn.execute(
                 "UPDATE messages SET status = 'sending', lease_owner = ?, lease_expires_at = ?,"
@@ -451,6 +480,15 @@ class Store:
             )
             if cur.rowcount != 1:
                 return None
+            paced = _pacing_wait(conn, now, limits)
+            if paced is not None:
+                conn.execute(
+                    "UPDATE messages SET status = 'deferred', lease_owner = NULL, lease_expires_at = NULL,"
+                    " next_attempt_at = ?, enqueued_at = ?, last_error = ? WHERE id = ?",
+                    (paced.until, paced.until, paced.reason, message_id))
+                return paced
+            if limits:
+                conn.execute("INSERT INTO pacing (ts) VALUES (?)", (now,))
             row = conn.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
             recipients = [
                 Recipient(r["position"], r["address"], r["status"], r["code"], r["reply"])
@@ -559,21 +597,31 @@ class Store:
         row = self.conn().execute("SELECT MAX(heartbeat_at) FROM workers").fetchone()
         return row[0] if row else None
 
-    def sweep(self, now: float, stale_after: float, limit: int = 1000) -> list[str]:
+    def waiting_count(self, now: float) -> int:
+        """Messages that should have a wake-up call in the queue now."""
+        return self.conn().execute(
+            "SELECT (SELECT COUNT(*) FROM messages WHERE status = 'queued')"
+            " + (SELECT COUNT(*) FROM messages WHERE status = 'deferred' AND next_attempt_at <= ?)",
+            (now,)).fetchone()[0]
+
+    def sweep(self, now: float, stale_after: float, include_waiting: bool = True,
+              limit: int = 1000) -> list[str]:
         """Ids that need a new wake-up call; marks them enqueued now.
 
-        queued with no enqueue for ``stale_after`` seconds; deferred and due
-        with no enqueue since they fell due; sending with an expired lease.
+        Always: sending with an expired lease (its task was consumed). With
+        ``include_waiting``: queued with no enqueue for ``stale_after`` seconds,
+        and deferred messages due for that long.
         """
         conn = self.conn()
         with transaction(conn):
             rows = conn.execute(
                 "SELECT id FROM messages WHERE"
-                " (status = 'queued' AND COALESCE(enqueued_at, 0) < ?)"
-                " OR (status = 'deferred' AND next_attempt_at <= ? AND COALESCE(enqueued_at, 0) < ?)"
-                " OR (status = 'sending' AND lease_expires_at < ?)"
+                " (status = 'sending' AND lease_expires_at < ?)"
+                " OR (? AND status = 'queued' AND COALESCE(enqueued_at, 0) < ?)"
+                " OR (? AND status = 'deferred' AND next_attempt_at <= ? AND COALESCE(enqueued_at, 0) < ?)"
                 " ORDER BY next_attempt_at LIMIT ?",
-                (now - stale_after, now, now - stale_after, now, limit),
+                (now, include_waiting, now - stale_after, include_waiting, now - stale_after,
+                 now - stale_after, limit),
             ).fetchall()
             ids = [r[0] for r in rows]
             conn.executemany("UPDATE messages SET enqueued_at = ? WHERE id = ?", [(now, i) for i in ids])
@@ -595,6 +643,7 @@ class Store:
             excess = conn.execute(
                 "DELETE FROM log WHERE id <= (SELECT id FROM log ORDER BY id DESC LIMIT 1 OFFSET ?)",
                 (log_max_rows,)).rowcount
+            conn.execute("DELETE FROM pacing WHERE ts < ?", (now - 86400,))
             idem = conn.execute("DELETE FROM idempotency WHERE created_at < ?",
                                 (now - idempotency_seconds,)).rowcount
         return {"sent_bodies": sent, "failed_bodies": failed, "log_rows": old_log + excess, "idempotency": idem}

@@ -47,7 +47,11 @@ class Sweeper:
         now = self.clock()
         options = self.store.options()
         self.store.heartbeat(self.name, os.getpid(), socket.gethostname(), self.started_at, now=now)
-        ids = self.store.sweep(now, stale_after=max(options.sweep_seconds, 5))
+        # While the queue holds at least as many tasks as there are messages
+        # waiting, each may still be in it: re-enqueueing them would only pile
+        # duplicates onto a backlog. Expired leases are always swept.
+        include_waiting = self.queue.pending() < self.store.waiting_count(now)
+        ids = self.store.sweep(now, stale_after=max(options.sweep_seconds, 5), include_waiting=include_waiting)
         for message_id in ids:
             self.queue.enqueue(message_id)
         if ids:

@@ -7,6 +7,7 @@ import email
 import os
 import signal
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -260,6 +261,7 @@ class RelayProcess:
         self.signal(signal.SIGKILL)
         assert self.proc is not None
         self.proc.wait(10)
+        self._log.close()
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.proc is None:
@@ -276,3 +278,61 @@ class RelayProcess:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+class Relay:
+    """A data directory with its web process and any number of worker processes."""
+
+    def __init__(self, cwd: Path, **env: str) -> None:
+        self.cwd = cwd
+        self.env = relay_env(cwd / "data", **env)
+        self.web: RelayProcess | None = None
+        self.workers: list[RelayProcess] = []
+        self.key = cli(self.env, "api-key", "show", cwd=cwd).stdout.strip()
+        self.http = httpx.Client(timeout=30)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.env["RELAY_DATA_DIR"])
+
+    def configure(self, *pairs: str) -> None:
+        cli(self.env, "config", "set", *pairs, cwd=self.cwd)
+
+    def start_web(self) -> RelayProcess:
+        self.web = RelayProcess("web", self.env, self.cwd, port=self.web.port if self.web else free_port()).start()
+        self.http.base_url = self.web.url
+        return self.web
+
+    def start_worker(self, **env: str) -> RelayProcess:
+        worker = RelayProcess("worker", {**self.env, **env}, self.cwd).start()
+        self.workers.append(worker)
+        return worker
+
+    @property
+    def worker(self) -> RelayProcess:
+        return self.workers[-1]
+
+    def close(self) -> None:
+        self.http.close()
+        for proc in [*self.workers, *([self.web] if self.web else [])]:
+            proc.stop()
+
+    def send(self, payload: Any, **headers: str) -> httpx.Response:
+        return self.http.post("/api/send", json=payload,
+                              headers={"Authorization": f"Bearer {self.key}", **headers})
+
+    def status(self, message_id: str) -> dict[str, Any]:
+        response = self.http.get(f"/api/messages/{message_id}", headers={"Authorization": f"Bearer {self.key}"})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_status(self, message_id: str, *statuses: str, timeout: float = 30) -> dict[str, Any]:
+        return wait_until(lambda: (s := self.status(message_id))["status"] in statuses and s,
+                          timeout=timeout, what=f"{message_id} to become {statuses}")
+
+    def counts(self) -> dict[str, int]:
+        conn = sqlite3.connect(str(self.data_dir / "relay.db"), timeout=30)
+        try:
+            return dict(conn.execute("SELECT status, COUNT(*) FROM messages GROUP BY status").fetchall())
+        finally:
+            conn.close()

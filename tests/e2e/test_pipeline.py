@@ -15,50 +15,24 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from support import SMTP_PASSWORD, SMTP_USER, Certificates, RelayProcess, SmtpServer, cli, free_port, relay_env, wait_until
+from support import (SMTP_PASSWORD, SMTP_USER, Certificates, Relay, RelayProcess, SmtpServer, cli, free_port,
+                     relay_env)
 
 PDF_BYTES = b"%PDF-1.4\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"
 CSV_BYTES = "name,city\nÅsa,Malmö\n".encode() * 50
 BODY_SECRET = "Welcome aboard! Your temporary password is Hx7-unique-body-text"
 
 
-class Relay:
-    def __init__(self, env: dict[str, str], web: RelayProcess, worker: RelayProcess, cwd: Path) -> None:
-        self.env, self.web, self.worker, self.cwd = env, web, worker, cwd
-        self.key = cli(env, "api-key", "show", cwd=cwd).stdout.strip()
-        self.http = httpx.Client(base_url=web.url, timeout=30)
-
-    def configure(self, *pairs: str) -> None:
-        cli(self.env, "config", "set", *pairs, cwd=self.cwd)
-
-    def send(self, payload: Any, **headers: str) -> httpx.Response:
-        return self.http.post("/api/send", json=payload,
-                              headers={"Authorization": f"Bearer {self.key}", **headers})
-
-    def status(self, message_id: str) -> dict[str, Any]:
-        response = self.http.get(f"/api/messages/{message_id}", headers={"Authorization": f"Bearer {self.key}"})
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def wait_status(self, message_id: str, *statuses: str, timeout: float = 30) -> dict[str, Any]:
-        return wait_until(lambda: (s := self.status(message_id))["status"] in statuses and s,
-                          timeout=timeout, what=f"{message_id} to become {statuses}")
-
-
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory: pytest.TempPathFactory, certs: Certificates) -> Iterator[Relay]:
-    cwd = tmp_path_factory.mktemp("relay")
-    env = relay_env(cwd / "data", SSL_CERT_FILE=str(certs.ca_file), RELAY_WORKER_THREADS="4")
-    cli(env, "config", "set", "retry_base_seconds=1", "retry_max_seconds=2", cwd=cwd)
-    web = RelayProcess("web", env, cwd, port=free_port()).start()
-    worker = RelayProcess("worker", env, cwd).start()
-    relay = Relay(env, web, worker, cwd)
+    relay = Relay(tmp_path_factory.mktemp("relay"), SSL_CERT_FILE=str(certs.ca_file), RELAY_WORKER_THREADS="4")
+    relay.configure("retry_base_seconds=1", "retry_max_seconds=2")
+    relay.start_web()
+    relay.start_worker()
     try:
         yield relay
     finally:
-        relay.http.close()
-        web.stop()
-        worker.stop()
+        relay.close()
 
 
 def portal_payload(to: Any) -> dict[str, Any]:
@@ -156,7 +130,7 @@ def test_secrets_never_reach_the_disk_in_clear(relay: Relay, certs: Certificates
         relay.configure(*server.settings(auth=True), "smtp_tls_verify=true")
         message_id = relay.send(portal_payload(["ann@example.com"])).json()["id"]
         relay.wait_status(message_id, "sent")
-    data = Path(relay.env["RELAY_DATA_DIR"])
+    data = relay.data_dir
     files = [p for p in data.iterdir() if p.name.startswith(("relay.db", "queue.db"))]
     assert {p.name for p in files} >= {"relay.db", "relay.db-wal", "queue.db"}
     needles = [SMTP_PASSWORD.encode(), relay.key.encode(), BODY_SECRET.encode(),

@@ -1,0 +1,161 @@
+"""Accepted mail is never lost: kills, restarts, several workers, graceful stops.
+
+Real `tspro-relay web` and `worker` processes and a real aiosmtpd server; the
+only shortcuts are short settings (lease, sweep interval) so the suite stays
+fast.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+import sqlite3
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from support import Relay, SmtpServer, cli, wait_until
+
+MESSAGE_ID = re.compile(rb"^Message-ID: <([0-9a-f]+)@", re.MULTILINE)
+
+
+def message(i: int) -> dict[str, object]:
+    return {"from_email": "noreply@example.org", "to": [f"member{i}@example.com"],
+            "subject": f"Message {i}", "text": f"Body of message {i}"}
+
+
+def post_all(relay: Relay, count: int, workers: int = 8) -> list[str]:
+    """POST ``count`` messages concurrently; every one must be accepted."""
+    def one(i: int) -> str:
+        response = relay.send(message(i))
+        assert response.status_code == 202, response.text
+        return response.json()["id"]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def delivered_ids(server: SmtpServer) -> Counter[str]:
+    ids: Counter[str] = Counter()
+    for received in list(server.received):
+        match = MESSAGE_ID.search(received.content)
+        assert match, received.content[:300]
+        ids[match.group(1).decode()] += 1
+    return ids
+
+
+def leased_ids(relay: Relay) -> set[str]:
+    conn = sqlite3.connect(str(relay.data_dir / "relay.db"), timeout=30)
+    try:
+        return {r[0] for r in conn.execute("SELECT id FROM messages WHERE status = 'sending'")}
+    finally:
+        conn.close()
+
+
+def all_sent(relay: Relay, count: int) -> bool:
+    return relay.counts() == {"sent": count}
+
+
+@pytest.fixture
+def relay(tmp_path: Path):  # type: ignore[no-untyped-def]
+    relay = Relay(tmp_path, RELAY_WORKER_THREADS="4")
+    yield relay
+    relay.close()
+
+
+def test_worker_killed_three_times_mid_burst_loses_nothing(relay: Relay) -> None:
+    with SmtpServer("none") as server:
+        server.behaviour.delay = 0.02  # make the burst last long enough to be interrupted
+        relay.configure(*server.settings(), "lease_seconds=5", "sweep_seconds=1")
+        relay.start_web()
+        ids = post_all(relay, 500)
+        relay.start_worker()
+        rng = random.Random(20261124)
+        in_flight: set[str] = set()
+        for _ in range(3):
+            time.sleep(rng.uniform(0.3, 1.2))
+            relay.workers.pop().kill()
+            # Nothing runs now: what is still leased was in flight at the kill.
+            in_flight |= leased_ids(relay)
+            relay.start_worker()
+        assert in_flight, "the kills should interrupt deliveries in flight"
+        wait_until(lambda: all_sent(relay, 500), timeout=90, what="all 500 messages sent")
+        delivered = delivered_ids(server)
+        assert set(delivered) == set(ids)
+        duplicates = {i: n for i, n in delivered.items() if n > 1}
+        assert set(duplicates) <= in_flight
+        assert sum(n - 1 for n in duplicates.values()) <= len(in_flight)
+        print(f"in flight at the kills: {len(in_flight)}, duplicates: {len(duplicates)}")
+        assert leased_ids(relay) == set()
+
+
+def test_web_killed_right_after_202s_loses_nothing(relay: Relay) -> None:
+    with SmtpServer("none") as server:
+        relay.configure(*server.settings(), "sweep_seconds=1")
+        web = relay.start_web()
+        ids = post_all(relay, 200)
+        web.kill()  # SIGKILL straight after the last 202: no shutdown, no flush
+        relay.start_web()
+        relay.start_worker()
+        wait_until(lambda: all_sent(relay, 200), timeout=60, what="all 200 messages sent")
+        assert set(delivered_ids(server)) == set(ids)
+
+
+def test_two_workers_deliver_each_message_exactly_once(relay: Relay) -> None:
+    with SmtpServer("none") as server:
+        relay.configure(*server.settings())
+        relay.start_web()
+        ids = post_all(relay, 1000)
+        relay.start_worker(RELAY_WORKER_THREADS="8")
+        relay.start_worker(RELAY_WORKER_THREADS="8")
+        wait_until(lambda: all_sent(relay, 1000), timeout=90, what="all 1000 messages sent")
+        delivered = delivered_ids(server)
+        assert set(delivered) == set(ids)
+        assert max(delivered.values()) == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_graceful_stop_finishes_in_flight_deliveries(relay: Relay, signum: int) -> None:
+    with SmtpServer("none") as server:
+        server.behaviour.delay = 0.5
+        relay.configure(*server.settings(), "sweep_seconds=1")
+        relay.start_web()
+        ids = post_all(relay, 40)
+        worker = relay.start_worker()
+        wait_until(lambda: leased_ids(relay), what="deliveries in flight")
+        started = time.monotonic()
+        worker.signal(signum)
+        assert worker.proc is not None
+        code = worker.proc.wait(30)
+        assert time.monotonic() - started < 26  # the grace period is 25 s
+        assert code == 0, worker.output()
+        # In-flight deliveries finished and were recorded: nothing is left leased.
+        assert leased_ids(relay) == set()
+        sent_before_restart = relay.counts().get("sent", 0)
+        assert 0 < sent_before_restart < 40
+        relay.workers.pop().stop()  # already exited: closes its log
+        server.behaviour.delay = 0.0
+        relay.start_worker()
+        wait_until(lambda: all_sent(relay, 40), timeout=60, what="the rest delivered after restart")
+        delivered = delivered_ids(server)
+        assert set(delivered) == set(ids) and max(delivered.values()) == 1
+
+
+def test_worker_heartbeat_reaches_health_and_healthcheck(relay: Relay) -> None:
+    with SmtpServer("none") as server:
+        relay.configure(*server.settings())
+        web = relay.start_web()
+        headers = {"Authorization": f"Bearer {relay.key}"}
+        assert relay.http.get("/api/health", headers=headers).json()["worker_alive"] is False
+        url = f"{web.url}/healthz"
+        assert cli(relay.env, "healthcheck", "--url", url, "--worker", cwd=relay.cwd, check=False).returncode == 1
+        relay.start_worker()
+        wait_until(lambda: relay.http.get("/api/health", headers=headers).json()["worker_alive"],
+                   what="worker heartbeat")
+        assert cli(relay.env, "healthcheck", "--url", url, "--worker", cwd=relay.cwd, check=False).returncode == 0
+        assert cli(relay.env, "healthcheck", "--url", url, cwd=relay.cwd, check=False).returncode == 0
+        relay.workers.pop().stop()
+        assert relay.http.get("/api/health", headers=headers).json()["worker_alive"] is False
