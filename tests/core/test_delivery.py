@@ -1,0 +1,142 @@
+"""Retry policy with an injected clock and seeded jitter; retention; pacing.
+
+The Deliverer talks to a real aiosmtpd server; only time is injected, so the
+backoff schedule is checked exactly without sleeping through it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Iterator
+
+import pytest
+
+from relay_core.delivery import Deliverer, backoff_delay
+from relay_core.message import new_message_id, pack_stored, parse_payload
+from relay_core.options import Options
+from relay_core.store import NewMessage, Paced, Store, insert_message, transaction
+from support import SmtpServer
+
+
+class Clock:
+    def __init__(self, start: float) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def queue_message(store: Store, created: float, to: list[str] | None = None) -> str:
+    payload = {"from_email": "noreply@example.org", "to": to or ["ann@example.com"], "subject": "s", "text": "t"}
+    message = parse_payload(payload, Options())
+    message_id = new_message_id()
+    import json
+    document = pack_stored(bytearray(json.dumps(payload).encode()), message)
+    conn = store.conn()
+    with transaction(conn):
+        insert_message(conn, NewMessage(message_id, "api", None, created, message.from_email, "",
+                                        message.from_email, "s", f"<{message_id}@example.org>",
+                                        store.keys.encrypt_body(document, message_id), len(document), message.to))
+    return message_id
+
+
+@pytest.fixture
+def server(store: Store) -> Iterator[SmtpServer]:
+    with SmtpServer("none") as server:
+        store.set_options({"smtp_host": "127.0.0.1", "smtp_port": server.port, "smtp_security": "none",
+                           "retry_base_seconds": 60, "retry_max_seconds": 3600, "max_age_hours": 24.0})
+        yield server
+
+
+def test_backoff_doubles_with_jitter_and_is_capped() -> None:
+    options = Options(retry_base_seconds=60, retry_max_seconds=3600)
+    rng = random.Random(7)
+    delays = [backoff_delay(n, options, rng) for n in range(1, 10)]
+    nominal = [60, 120, 240, 480, 960, 1920, 3600, 3600, 3600]
+    for delay, expected in zip(delays, nominal):
+        assert expected * 0.85 <= delay <= expected * 1.15
+    assert len({round(d, 6) for d in delays[-3:]}) == 3  # jitter: capped retries do not line up
+
+
+def test_retry_schedule_follows_the_clock_until_max_age(store: Store, server: SmtpServer) -> None:
+    server.behaviour.data_replies = ["451 4.3.0 try later"] * 100
+    clock = Clock(1_800_000_000.0)
+    deliverer = Deliverer(store, clock=clock, rng=random.Random(1))
+    message_id = queue_message(store, created=clock.now)
+    try:
+        waits = []
+        for _ in range(60):  # 6 doublings to the 1 h cap, then about 23 more to 24 h
+            outcome = deliverer.attempt(message_id)
+            assert outcome is not None
+            if outcome.status != "deferred":
+                break
+            assert outcome.next_attempt_at is not None
+            waits.append(outcome.next_attempt_at - clock.now)
+            assert deliverer.attempt(message_id) is None  # not due yet: nothing happens
+            clock.now = outcome.next_attempt_at
+        assert outcome.status == "failed" and "gave up after" in outcome.detail
+        assert 60 * 0.85 <= waits[0] <= 60 * 1.15
+        assert all(later > earlier for earlier, later in zip(waits[:6], waits[1:6]))
+        assert max(waits) <= 3600 * 1.15
+        assert clock.now - 1_800_000_000.0 <= 24 * 3600
+        status = store.message_status(message_id)
+        assert status is not None and status["status"] == "failed"
+        assert len(status["attempts"]) == len(waits) + 1
+    finally:
+        deliverer.close()
+
+
+def test_pacing_counts_deliveries_in_the_window(store: Store) -> None:
+    now = 1_800_000_000.0
+    ids = [queue_message(store, created=now) for _ in range(4)]
+    limits = ((2, 60.0),)
+    first = store.claim(ids[0], "w", 60, now=now, limits=limits)
+    second = store.claim(ids[1], "w", 60, now=now + 1, limits=limits)
+    third = store.claim(ids[2], "w", 60, now=now + 2, limits=limits)
+    assert not isinstance(first, Paced) and first is not None
+    assert not isinstance(second, Paced) and second is not None
+    assert isinstance(third, Paced) and third.until == pytest.approx(now + 60, abs=0.01)
+    assert "2 deliveries per minute" in third.reason
+    status = store.message_status(ids[2])
+    assert status is not None and status["status"] == "deferred" and status["attempt_count"] == 0
+    # Once the first delivery leaves the window, the next one may start.
+    assert store.claim(ids[2], "w", 60, now=now + 59, limits=limits) is None  # not due yet
+    assert not isinstance(store.claim(ids[2], "w", 60, now=now + 60.5, limits=limits), Paced)
+
+
+def test_retention_prunes_bodies_logs_and_old_messages(store: Store, server: SmtpServer) -> None:
+    now = time.time()
+    deliverer = Deliverer(store)
+    sent_id = queue_message(store, created=now)
+    assert deliverer.attempt(sent_id).status == "sent"  # type: ignore[union-attr]
+    deliverer.close()
+    waiting_id = queue_message(store, created=now)
+
+    def body(message_id: str) -> object:
+        return store.conn().execute("SELECT body FROM messages WHERE id = ?", (message_id,)).fetchone()[0]
+
+    kwargs = dict(sent_body_seconds=3600, failed_body_seconds=7 * 86400, log_seconds=90 * 86400,
+                  log_max_rows=1000, idempotency_seconds=86400)
+    store.prune(now + 60, **kwargs)  # type: ignore[arg-type]
+    assert body(sent_id) is not None
+    store.prune(now + 3601, **kwargs)  # type: ignore[arg-type]
+    assert body(sent_id) is None
+    assert body(waiting_id) is not None  # never prune what is still to be delivered
+    assert store.message_status(sent_id)["status"] == "sent"  # type: ignore[index]
+    store.prune(now + 91 * 86400, **kwargs)  # type: ignore[arg-type]
+    assert store.message_status(sent_id) is None
+    assert store.message_status(waiting_id) is not None
+    assert store.conn().execute("SELECT COUNT(*) FROM log WHERE message_id = ?", (sent_id,)).fetchone()[0] == 0
+
+
+def test_log_is_bounded_by_row_count(store: Store) -> None:
+    from relay_core.store import LogEntry
+    for i in range(1500):
+        store.conn().execute("INSERT INTO log (ts, event, status, detail) VALUES (?, 'rejected', 'rejected', ?)",
+                             (time.time(), str(i)))
+    store.prune(time.time(), sent_body_seconds=1, failed_body_seconds=1, log_seconds=86400,
+                log_max_rows=1000, idempotency_seconds=1)
+    rows = store.conn().execute("SELECT COUNT(*), MIN(detail + 0) FROM log").fetchone()
+    assert rows[0] == 1000 and rows[1] == 500  # the newest are kept
+    store.log(LogEntry("rejected", "rejected"))
