@@ -53,7 +53,12 @@ def bare_rate(seconds: int) -> dict[str, float]:
 
 def delivery_rate(count: int, delay: float, threads: int, workers: int = 1, reuse: bool = True,
                   starttls: tuple[str, str, str] | None = None) -> float:
-    """Queue ``count`` messages with the worker stopped, then time the drain."""
+    """Queue ``count`` messages with the worker stopped, then time the drain.
+
+    The clock starts when the first delivery began (its finish time less the
+    sink's delay) and stops at the last recorded delivery (``finished_at`` in
+    the store), so the worker process's start-up is not counted.
+    """
     sink_port = free_port()
     extra = ("--starttls", starttls[0], starttls[1]) if starttls else ()
     sink = start_sink(sink_port, delay, *extra)
@@ -65,19 +70,18 @@ def delivery_rate(count: int, delay: float, threads: int, workers: int = 1, reus
         relay.start_web()
         accepted = asyncio.run(post_many(relay.url, relay.key, count))
         assert accepted == count, f"only {accepted} of {count} accepted"
-        started = time.monotonic()
         for _ in range(workers):
             relay.start_worker()
-        deadline = started + 600
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if relay.counts().get("sent", 0) >= count:
                 break
             time.sleep(0.05)
-        elapsed = time.monotonic() - started
         sent = relay.counts().get("sent", 0)
         if sent < count:
             raise RuntimeError(f"only {sent} of {count} delivered in 600 s")
-        return count / elapsed
+        first, last = relay.finish_span()
+        return count / (last - first + delay)
     finally:
         relay.cleanup()
         stop(sink)

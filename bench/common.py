@@ -104,6 +104,14 @@ class Relay:
         finally:
             conn.close()
 
+    def finish_span(self) -> tuple[float, float]:
+        """When the first and the last message finished."""
+        conn = sqlite3.connect(str(self.dir / "data" / "relay.db"), timeout=30)
+        try:
+            return conn.execute("SELECT MIN(finished_at), MAX(finished_at) FROM messages").fetchone()
+        finally:
+            conn.close()
+
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
