@@ -179,8 +179,8 @@ def _attachment(index: int, raw: Any) -> Attachment:
 
 def _decoded_size(index: int, content: str) -> int:
     """Validate base64 a chunk at a time and count its decoded bytes."""
-    unpadded = content.rstrip("=")
-    if "=" in unpadded or len(content) - len(unpadded) > 2:
+    first_pad = content.find("=")  # no stripped copy: this may be 28 MB of text
+    if first_pad != -1 and (first_pad < len(content) - 2 or content[-1] != "="):
         # Checked here because the chunked decode below sees each chunk alone.
         raise BadRequest(f"attachments[{index}].content_b64 is not valid base64 (padding before the end).")
     if len(content) % 4:
@@ -190,7 +190,8 @@ def _decoded_size(index: int, content: str) -> int:
             binascii.a2b_base64(content[start:start + _B64_CHUNK], strict_mode=True)
     except (binascii.Error, ValueError):
         raise BadRequest(f"attachments[{index}].content_b64 is not valid base64.") from None
-    return len(content) // 4 * 3 - len(content) + len(content.rstrip("="))
+    padding = len(content) - first_pad if first_pad != -1 else 0
+    return len(content) // 4 * 3 - padding
 
 
 def parse_payload(payload: Any, options: Options) -> OutgoingMessage:
