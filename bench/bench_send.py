@@ -25,14 +25,16 @@ from common import (HERE, Relay, free_port, peak_rss_mib, portal_message, post_m
                     stop, wait_http, wrk)
 
 
-def accept_rate(seconds: int) -> dict[str, float]:
+def accept_rate(seconds: int, with_worker: bool = True) -> dict[str, float]:
+    """wrk against POST /api/send; with the worker delivering to a sink meanwhile, or alone."""
     sink_port = free_port()
     sink = start_sink(sink_port)
     relay = Relay()
     try:
         relay.cli("config", "set", "smtp_host=127.0.0.1", f"smtp_port={sink_port}", "smtp_security=none")
         relay.start_web()
-        relay.start_worker()
+        if with_worker:
+            relay.start_worker()
         wrk(relay.url + "/api/send", portal_message(), relay.key, seconds=2)  # warm-up
         return wrk(relay.url + "/api/send", portal_message(), relay.key, seconds=seconds)
     finally:
@@ -114,9 +116,12 @@ def main() -> None:
     n_instant, n_slow = (1000, 300) if args.quick else (3000, 600)
 
     relay = accept_rate(args.seconds)
+    alone = accept_rate(args.seconds, with_worker=False)
     bare = bare_rate(args.seconds)
     print(f"accept  relay  : {relay['rate']:8.0f} req/s  p50 {relay['p50']:6.2f} ms  p99 {relay['p99']:6.2f} ms"
-          f"  non-2xx {relay['non2xx']:.0f}   (16 connections, 2 KB JSON)")
+          f"  non-2xx {relay['non2xx']:.0f}   (16 connections, 2 KB JSON, worker delivering meanwhile)")
+    print(f"accept  web    : {alone['rate']:8.0f} req/s  p50 {alone['p50']:6.2f} ms  p99 {alone['p99']:6.2f} ms"
+          f"  non-2xx {alone['non2xx']:.0f}   (the same with no worker running)")
     print(f"accept  bare   : {bare['rate']:8.0f} req/s  p50 {bare['p50']:6.2f} ms  p99 {bare['p99']:6.2f} ms"
           f"   (Starlette, parse JSON only)")
     print(f"accept  ratio  : {relay['rate'] / bare['rate']:8.2f} of the bare endpoint")
