@@ -149,8 +149,8 @@ def cmd_api_key(args: argparse.Namespace, settings: Settings) -> int:
     elif args.action == "new":
         print(store.new_primary_api_key())
     elif args.action == "add":
-        key_id, key = store.add_api_key(args.label)
-        print(key)
+        key_id, secret = store.add_api_key(args.label)
+        print(secret)
         print(f"Added key {key_id} ({args.label}).", file=sys.stderr)
     elif args.action == "list":
         for key in store.api_keys():

@@ -64,7 +64,7 @@ class KeySet:
                 "a stored secret cannot be decrypted with RELAY_SECRET_KEY (was the key changed?)"
             ) from None
 
-    def encrypt_body(self, data: bytes, bound_to: str) -> bytes:
+    def encrypt_body(self, data: bytes | bytearray, bound_to: str) -> bytes:
         nonce = os.urandom(_NONCE)
         return nonce + self.body_keys[0].encrypt(nonce, data, bound_to.encode())
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import StoreUnavailable
-from .store import Store, write_lock
+from .db import write_lock
+from .store import Store
 from .tasks import RelayQueue
 
 logger = logging.getLogger("relay.intake")

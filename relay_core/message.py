@@ -286,7 +286,7 @@ def _text_part(body: str, subtype: str) -> MIMEText:
     if body.isascii() and all(len(line) <= 998 for line in body.splitlines()):
         part = MIMEText(body.replace("\r\n", "\n"), subtype, "us-ascii")
     else:
-        part = MIMEText(body.replace("\r\n", "\n"), subtype, _QP_UTF8)
+        part = MIMEText(body.replace("\r\n", "\n"), subtype, _QP_UTF8)  # type: ignore[arg-type]
     return part
 
 
@@ -329,7 +329,7 @@ def build_mime(message: OutgoingMessage, message_id: str, created: float | None 
     else:
         msg = body
 
-    headers = [
+    headers: list[tuple[str, Header | str]] = [
         ("From", _mailbox(message.from_name, message.from_email)),
         ("To", ", ".join(message.to)),
     ]
@@ -347,7 +347,7 @@ def build_mime(message: OutgoingMessage, message_id: str, created: float | None 
     for key in list(msg.keys()):
         del msg[key]
     for key, value in headers:
-        msg[key] = value
+        msg[key] = value  # type: ignore[assignment]  # compat32 takes Header objects
     for key, value in mime_headers:
         msg[key] = value
 

@@ -77,7 +77,7 @@ async def read_capped_body(request: Request, cap: int) -> bytearray:
     return body
 
 
-def _decode_json(body: bytearray) -> Any:
+def _decode_json(body: bytes | bytearray) -> Any:
     try:
         return json.loads(body)
     except UnicodeDecodeError:

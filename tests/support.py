@@ -187,7 +187,7 @@ class SmtpServer:
         return self.handler.behaviour
 
     def settings(self, auth: bool = False) -> list[str]:
-        pairs = [f"smtp_host=127.0.0.1", f"smtp_port={self.port}", f"smtp_security={self.mode}",
+        pairs = ["smtp_host=127.0.0.1", f"smtp_port={self.port}", f"smtp_security={self.mode}",
                  "smtp_timeout_seconds=10"]
         if auth:
             pairs += [f"smtp_username={SMTP_USER}", f"smtp_password={SMTP_PASSWORD}"]

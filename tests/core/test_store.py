@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import sqlite3
 import threading
-import time
 from pathlib import Path
 
 import pytest

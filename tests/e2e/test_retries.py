@@ -7,7 +7,6 @@ fresh aiosmtpd server that answers as the test needs.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
