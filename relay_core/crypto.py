@@ -32,6 +32,7 @@ from .config import Settings
 
 _SALT = b"tspro-relay/v1"
 _NONCE = 12
+BODY_OVERHEAD = _NONCE + 16  # nonce and GCM tag around each stored body
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
 
 

@@ -85,6 +85,11 @@ class OutgoingMessage:
         return sum(a.size for a in self.attachments)
 
 
+def message_id_header(message_id: str, from_email: str) -> str:
+    """The Message-ID every rendering of a message carries."""
+    return f"<{message_id}@{from_email.rpartition('@')[2]}>"
+
+
 def new_message_id() -> str:
     """Time-ordered and unguessable: 12 hex digits of milliseconds, 10 random."""
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
@@ -336,11 +341,10 @@ def build_mime(message: OutgoingMessage, message_id: str, created: float | None 
     if message.reply_to:
         headers.append(("Reply-To", _mailbox(message.reply_to_name, message.reply_to)))
     when = datetime.fromtimestamp(created if created is not None else time.time(), timezone.utc)
-    domain = message.from_email.rpartition("@")[2]
     headers += [
         ("Subject", _header_text(message.subject, "Subject")),
         ("Date", format_datetime(when)),
-        ("Message-ID", f"<{message_id}@{domain}>"),
+        ("Message-ID", message_id_header(message_id, message.from_email)),
     ]
     # Top-level headers first, in the usual order, then the MIME ones the parts set.
     mime_headers = msg.items()

@@ -8,11 +8,10 @@ import time
 
 from .config import Settings
 from .errors import BadRequest
-from .resources import read_template
 from .message import new_message_id, pack_stored, parse_payload
+from .resources import read_template
 from .store import LogEntry, NewMessage, Store, insert_log, insert_message, transaction
 from .tasks import build_queue
-
 
 
 def enqueue_test_message(store: Store, settings: Settings, to: str) -> str:
@@ -21,22 +20,16 @@ def enqueue_test_message(store: Store, settings: Settings, to: str) -> str:
         raise BadRequest("SMTP delivery is not configured yet: set smtp_host (and the rest) first.")
     if not options.default_from:
         raise BadRequest("Set a Default From address (default_from) so the test has a sender.")
-    text = read_template("emails/test.txt").format(host=socket.gethostname(), smtp_host=options.smtp_host,
-                            smtp_port=options.smtp_port, security=options.smtp_security,
-                            when=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
+    text = read_template("emails/test.txt").format(
+        host=socket.gethostname(), smtp_host=options.smtp_host, smtp_port=options.smtp_port,
+        security=options.smtp_security, when=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
     payload = {"to": [to], "subject": "TS Pro Relay test email", "text": text}
     message = parse_payload(payload, options)
     message_id = new_message_id()
     created = time.time()
     document = pack_stored(bytearray(json.dumps(payload).encode()), message)
     body = store.keys.encrypt_body(document, message_id)
-    record = NewMessage(
-        id=message_id, source="test", api_key_id=None, created_at=created,
-        from_addr=message.from_email, from_name=message.from_name,
-        envelope_from=options.envelope_from or message.from_email, subject=message.subject,
-        message_id_header=f"<{message_id}@{message.from_email.rpartition('@')[2]}>", body=body,
-        size=len(body) - 28, recipients=message.to,
-    )
+    record = NewMessage.accepted(message, message_id, body, created, options, "test", None)
     conn = store.conn()
     with transaction(conn):
         insert_message(conn, record)

@@ -22,6 +22,7 @@ from . import crypto, migrations
 from .db import connect, transaction, write_lock  # noqa: F401  (re-exported)
 from .config import Settings
 from .crypto import KeySet
+from .message import OutgoingMessage, message_id_header
 from .options import SECRET_OPTIONS, Options, build_options, check_consistency, to_text
 
 FINAL_STATES = ("sent", "failed", "cancelled")
@@ -52,6 +53,19 @@ class NewMessage:
     body: bytes
     size: int
     recipients: list[str]
+
+
+    @classmethod
+    def accepted(cls, message: OutgoingMessage, message_id: str, sealed: bytes, created: float,
+                 options: Options, source: str, api_key_id: int | None) -> "NewMessage":
+        """The row for a validated message whose stored document is ``sealed``."""
+        return cls(
+            id=message_id, source=source, api_key_id=api_key_id, created_at=created,
+            from_addr=message.from_email, from_name=message.from_name,
+            envelope_from=options.envelope_from or message.from_email, subject=message.subject,
+            message_id_header=message_id_header(message_id, message.from_email), body=sealed,
+            size=len(sealed) - crypto.BODY_OVERHEAD, recipients=message.to,
+        )
 
 
 @dataclass

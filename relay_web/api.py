@@ -121,14 +121,7 @@ async def send(request: Request) -> JSONResponse:
     else:
         sealed = state.store.keys.encrypt_body(document, message_id)
     del document
-    domain = message.from_email.rpartition("@")[2]
-    record = NewMessage(
-        id=message_id, source="api", api_key_id=key.id, created_at=created,
-        from_addr=message.from_email, from_name=message.from_name,
-        envelope_from=options.envelope_from or message.from_email, subject=message.subject,
-        message_id_header=f"<{message_id}@{domain}>", body=sealed, size=len(sealed) - 28,
-        recipients=message.to,
-    )
+    record = NewMessage.accepted(message, message_id, sealed, created, options, "api", key.id)
     answer = {"ok": True, "id": message_id, "status": "queued"}
     entry = LogEntry("accepted", "queued", message_id=message_id, source_ip=client_ip(request, state.settings),
                      sender=message.from_email, recipients=", ".join(message.to), subject=message.subject,
