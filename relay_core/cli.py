@@ -56,9 +56,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """Web and worker as two child processes; Ctrl-C or SIGTERM stops both cleanly."""
     _open_store(settings)  # migrate and seed once, before two processes race to
     base = [sys.executable, "-m", "relay_core.cli"]
+    # Own sessions: Ctrl-C in a terminal signals the whole foreground group, and a
+    # second SIGINT can turn the worker's graceful stop into an immediate one.
     children = [
-        subprocess.Popen([*base, "web", "--host", args.host, "--port", str(args.port)]),
-        subprocess.Popen([*base, "worker"]),
+        subprocess.Popen([*base, "web", "--host", args.host, "--port", str(args.port)], start_new_session=True),
+        subprocess.Popen([*base, "worker"], start_new_session=True),
     ]
     stopping = False
 
