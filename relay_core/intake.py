@@ -48,6 +48,10 @@ class Intake:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Finish what is waiting, then end the writer thread."""
         if self._thread.is_alive():
@@ -80,7 +84,15 @@ class Intake:
             if first is None:
                 break
             batch, stopping = self._take_batch(first)
-            self._commit(conn, batch)
+            try:
+                self._commit(conn, batch)
+            except Exception:
+                # Never let the writer die: every later send would wait forever.
+                logger.exception("the writer failed on a batch of %d writes", len(batch))
+                error = StoreUnavailable("The relay could not store this message; nothing was queued. Try again.")
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(error)
             if stopping:
                 break
         self.store.close()

@@ -53,6 +53,13 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return Response(str(exc.detail), status_code=exc.status_code, headers=exc.headers)
 
 
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """An unexpected error: logged once with its traceback, answered in the contract's shape."""
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"ok": False, "error": "The relay hit an internal error; the request was not completed."},
+                        status_code=500)
+
+
 def create_app(settings: Settings, store: Store | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -71,5 +78,5 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
     return Starlette(
         routes=routes(),
         lifespan=lifespan,
-        exception_handlers={RelayError: relay_error, HTTPException: http_error},
+        exception_handlers={RelayError: relay_error, HTTPException: http_error, Exception: internal_error},
     )

@@ -29,6 +29,8 @@ class AppState:
         return await asyncio.wrap_future(self.intake.submit(job))
 
     def health(self, detailed: bool) -> dict[str, Any]:
+        if not self.intake.alive:
+            raise RuntimeError("the store writer is not running")
         options = self.store.options()
         has_key = any(k.revoked_at is None for k in self.store.api_keys())
         answer: dict[str, Any] = {"ok": True, "configured": options.smtp_configured and has_key}
