@@ -71,8 +71,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
             if child.poll() is None:
                 child.send_signal(signal.SIGINT)
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
+        signal.signal(signum, forward)
     print(f"TS Pro Relay is running on http://{args.host}:{args.port} (Ctrl-C stops it).", file=sys.stderr)
     code = 0
     while any(child.poll() is None for child in children):
@@ -201,6 +201,7 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
     if target.exists():
         return _fail(f"{target} already exists; not overwriting it.")
     import sqlite3
+    os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # subjects and addresses are in clear
     destination = sqlite3.connect(str(target))
     with destination:
         store.conn().backup(destination)
@@ -286,8 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_healthcheck(args)
     try:
         settings = load_settings()
+        return _dispatch(args, settings)
     except ConfigError as exc:
         return _fail(str(exc), 2)
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     handlers = {
         "run": cmd_run, "web": cmd_web, "worker": cmd_worker, "config": cmd_config,
         "api-key": cmd_api_key, "send-test": cmd_send_test, "admin": cmd_admin,

@@ -27,7 +27,7 @@ from .errors import RelayError
 from .message import build_mime, unpack_stored
 from .options import Options
 from .smtp import DeliveryError, DeliveryResult, Mailer, RecipientResult, Target, retry_hint
-from .store import ClaimedMessage, LogEntry, Paced, Store
+from .store import ClaimedMessage, LogEntry, Paced, Recipient, Store
 
 logger = logging.getLogger("relay.delivery")
 
@@ -62,6 +62,7 @@ class Deliverer:
         self._local = threading.local()
         self._mailers: list[Mailer] = []
         self._mailers_lock = threading.Lock()
+        self.leases = LeaseKeeper(store, self.clock)
 
     def mailer(self) -> Mailer:
         mailer = getattr(self._local, "mailer", None)
@@ -82,52 +83,61 @@ class Deliverer:
         """Deliver the message if it can be claimed now; None when there was nothing to do."""
         options = self.store.options()
         owner = f"{self.identity}:{threading.get_ident()}"
-        claimed = None
-        try:
-            claimed = self.store.claim(message_id, owner, options.lease_seconds, now=self.clock(),
-                                       limits=options.pacing_limits)
-        except DecryptionError as exc:
-            return self._undecryptable(message_id, owner, str(exc))
+        claimed = self.store.claim(message_id, owner, options.lease_seconds, now=self.clock(),
+                                   limits=options.pacing_limits)
         if claimed is None:
             return None
         if isinstance(claimed, Paced):
             return Outcome(message_id, "deferred", claimed.until, claimed.reason)
-        return self._send(claimed, options)
-
-    def _undecryptable(self, message_id: str, owner: str, reason: str) -> Outcome:
-        # The claim committed before decryption failed; record under that lease.
-        stub = ClaimedMessage(message_id, "", "", "", b"", 0.0, 0, [], owner)
-        entry = LogEntry("attempt", "failed", message_id=message_id, stage="queue", detail=reason)
-        self.store.record_attempt(stub, "failed", next_attempt_at=None, last_error=reason,
-                                  recipient_updates={}, entry=entry, now=self.clock())
-        return Outcome(message_id, "failed", None, reason)
-
-    def _send(self, claimed: ClaimedMessage, options: Options) -> Outcome:
         pending = [r for r in claimed.recipients if r.status in ("pending", "deferred")]
         started = time.monotonic()
-        error: DeliveryError | None = None
-        results: list[RecipientResult]
+        self.leases.hold(claimed.id, owner, options.lease_seconds)
+        try:
+            try:
+                result, error = self._transact(claimed, options, pending)
+            except Exception as exc:
+                # The worker's boundary: whatever went wrong, the claimed message gets an
+                # outcome (and so a retry or an end) instead of waiting for its lease.
+                logger.exception("unexpected error while delivering %s", claimed.id)
+                self.mailer().close()
+                result, error = None, DeliveryError(f"internal error: {type(exc).__name__}: {exc}",
+                                                    stage="internal", permanent=False)
+            return self._conclude(claimed, options, pending, result, error, started)
+        finally:
+            self.leases.release(claimed.id)
+
+    def _transact(self, claimed: ClaimedMessage, options: Options,
+                  pending: list[Recipient]) -> tuple[DeliveryResult | None, DeliveryError | None]:
         if not options.smtp_configured:
-            error = DeliveryError("SMTP delivery is not configured (set smtp_host)", stage="connect",
-                                  permanent=False)
-        if error is None:
-            try:
-                mime = render(claimed)
-            except (ValueError, KeyError, RelayError) as exc:
-                # A stored message that cannot be rendered never will be: fail it, say why.
-                error = DeliveryError(f"the stored message cannot be rendered: {exc}", stage="queue",
-                                      permanent=True)
-        if error is None:
-            try:
-                result = self.mailer().deliver(Target.from_options(options), claimed.envelope_from,
-                                               [r.address for r in pending], mime,
-                                               idle_limit=float(options.connection_idle_seconds))
-            except DeliveryError as exc:
-                error = exc
+            return None, DeliveryError("SMTP delivery is not configured (set smtp_host)", stage="connect",
+                                       permanent=False)
+        try:
+            document = claimed.body
+        except DecryptionError as exc:
+            # Transient: another worker, started with the right key, can still send it.
+            return None, DeliveryError(f"{exc} on this worker", stage="queue", permanent=False)
+        try:
+            mime = build_mime(unpack_stored(document), claimed.id, claimed.created_at)
+        except (ValueError, KeyError, RelayError) as exc:
+            # A stored message that cannot be rendered never will be: fail it, say why.
+            return None, DeliveryError(f"the stored message cannot be rendered: {exc}", stage="queue",
+                                       permanent=True)
+        try:
+            return self.mailer().deliver(Target.from_options(options), claimed.envelope_from,
+                                         [r.address for r in pending], mime,
+                                         idle_limit=float(options.connection_idle_seconds)), None
+        except DeliveryError as exc:
+            return None, exc
+
+    def _conclude(self, claimed: ClaimedMessage, options: Options, pending: list[Recipient],
+                  result: DeliveryResult | None, error: DeliveryError | None, started: float) -> Outcome:
+        """Turn one attempt's result into recipient states, the message's next state and a log row."""
+        results: list[RecipientResult]
         duration_ms = int((time.monotonic() - started) * 1000)
         now = self.clock()
 
-        if error is not None:
+        if error is not None or result is None:
+            assert error is not None
             results = [RecipientResult(r.address, False, error.code, error.message, error.permanent)
                        for r in pending]
             stage, code, detail, retry_after = error.stage, error.code, error.message, error.retry_after
@@ -188,6 +198,53 @@ class Deliverer:
             logger.warning("lease on %s was lost before its outcome was recorded", claimed.id)
         logger.debug("message %s %s (%s %s) in %d ms", claimed.id, log_status, stage, code or "", duration_ms)
         return Outcome(claimed.id, status, next_attempt_at, detail)
+
+
+class LeaseKeeper:
+    """Renews the leases of deliveries in progress, so a slow server (100 slow RCPT
+    replies, a large DATA) never lets another worker take a message mid-send.
+
+    A delivery stuck for longer than ``MAX_ATTEMPT_SECONDS`` is no longer
+    renewed: its lease runs out and the message can be taken again.
+    """
+
+    MAX_ATTEMPT_SECONDS = 3600.0
+
+    def __init__(self, store: Store, clock: Callable[[], float]) -> None:
+        self.store = store
+        self.clock = clock
+        self._held: dict[str, tuple[str, float, float]] = {}  # id -> (owner, lease, started)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, message_id: str, owner: str, lease_seconds: float) -> None:
+        with self._lock:
+            self._held[message_id] = (owner, lease_seconds, time.monotonic())
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="relay-leases", daemon=True)
+                self._thread.start()
+
+    def release(self, message_id: str) -> None:
+        with self._lock:
+            self._held.pop(message_id, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                held = dict(self._held)
+            shortest = min((lease for _, lease, _ in held.values()), default=30.0)
+            self._wake.wait(max(shortest / 3, 0.5))
+            with self._lock:
+                due = [(mid, owner, lease) for mid, (owner, lease, started) in self._held.items()
+                       if time.monotonic() - started < self.MAX_ATTEMPT_SECONDS]
+            if not due:
+                continue
+            try:
+                for lease in {lease for _, _, lease in due}:
+                    self.store.renew_leases([(m, o) for m, o, l in due if l == lease], self.clock() + lease)
+            except Exception:
+                logger.exception("could not renew delivery leases; retrying")
 
 
 def render(claimed: ClaimedMessage) -> bytes | bytearray:

@@ -134,11 +134,14 @@ class Intake:
         self.jobs_done += len(outcomes)
         to_enqueue: list[str] = []
         for pending, value, ids, exc in outcomes:
+            if exc is None:
+                to_enqueue.extend(ids)  # committed: wake a worker even if nobody awaits the answer
+            if pending.future.done():
+                continue  # its request was cancelled (a client gone, a shutdown); the row stands
             if exc is not None:
                 pending.future.set_exception(exc)
             else:
                 pending.future.set_result(value)
-                to_enqueue.extend(ids)
         if self.queue is not None and to_enqueue:
             try:
                 self.queue.enqueue_many(to_enqueue)

@@ -55,6 +55,7 @@ _POLICY = compat32.clone(linesep="\r\n")
 _QP_UTF8 = _charset.Charset("utf-8")
 _QP_UTF8.body_encoding = _charset.QP
 _MIME_TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
+_HEADER_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]")
 _B64_CHUNK = 4 * 65536
 _UNLIMITED = Options(max_attach_mb=1024 * 1024)
 _LINE = 76
@@ -107,10 +108,13 @@ def _string(payload: dict[str, Any], name: str, *, required: bool = False) -> st
 
 
 def _no_breaks(name: str, value: str) -> str:
+    """Refuse what could end a header line: CR, LF and every other character that
+    ``str.splitlines`` (and so the email package) treats as a line boundary, and
+    control characters, which have no place in a header."""
     if "\r" in value or "\n" in value:
         raise BadRequest(f"'{name}' must not contain a line break (CR or LF).")
-    if "\x00" in value:
-        raise BadRequest(f"'{name}' must not contain a NUL character.")
+    if _HEADER_UNSAFE.search(value):
+        raise BadRequest(f"'{name}' must not contain control characters or line separators.")
     return value
 
 

@@ -91,6 +91,9 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE TABLE pacing (id INTEGER PRIMARY KEY, ts REAL NOT NULL);
         CREATE INDEX pacing_ts ON pacing (ts);
     """),
+    ("0003_claims", """
+        ALTER TABLE messages ADD COLUMN claims INTEGER NOT NULL DEFAULT 0;
+    """),
 ]
 
 

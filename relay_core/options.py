@@ -22,11 +22,12 @@ SECRET_OPTIONS = frozenset({"smtp_password"})
 
 
 def is_address(value: str) -> bool:
-    return bool(_ADDR_RE.match(value)) and len(value) <= 254
+    """A plain ASCII address (no SMTPUTF8: most relays' upstream servers refuse it)."""
+    return value.isascii() and bool(_ADDR_RE.fullmatch(value)) and len(value) <= 254
 
 
 def _text(name: str, value: str) -> str:
-    if "\r" in value or "\n" in value:
+    if len(value.splitlines()) > 1 or "\r" in value or "\n" in value:
         raise BadRequest(f"{name} must not contain line breaks.")
     return value.strip()
 

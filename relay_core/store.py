@@ -10,7 +10,9 @@ stay in here.
 
 from __future__ import annotations
 
+import functools
 import json
+import secrets
 import sqlite3
 import threading
 import time
@@ -20,12 +22,16 @@ from typing import Any
 
 from . import crypto, migrations
 from .db import connect, transaction, write_lock  # noqa: F401  (re-exported)
-from .config import Settings
+from .config import ConfigError, Settings
 from .crypto import KeySet
 from .message import OutgoingMessage, message_id_header
 from .options import SECRET_OPTIONS, Options, build_options, check_consistency, to_text
 
 FINAL_STATES = ("sent", "failed", "cancelled")
+# Claims with no outcome recorded (the worker died each time, say on a message
+# that crashes it) before the message is failed instead of taken once more.
+MAX_UNRECORDED_CLAIMS = 5
+KEY_CHECK = "tspro-relay key check"
 BLOB_STREAM_THRESHOLD = 256 * 1024
 
 
@@ -99,11 +105,19 @@ class ClaimedMessage:
     envelope_from: str
     from_addr: str
     subject: str
-    body: bytes
+    sealed: bytes | None
     created_at: float
     attempts: int
     recipients: list[Recipient]
     lease_owner: str
+    keys: KeySet | None = None
+
+    @property
+    def body(self) -> bytes:
+        """The stored document, decrypted on first use (raises ``DecryptionError``)."""
+        if self.sealed is None or self.keys is None:
+            return b""
+        return self.keys.decrypt_body(self.sealed, self.id)
 
 
 @dataclass
@@ -171,6 +185,23 @@ def _pacing_wait(conn: sqlite3.Connection, now: float,
     return wait
 
 
+@functools.lru_cache(maxsize=1)
+def _dummy_hash() -> str:
+    return crypto.hash_password(secrets.token_urlsafe(16))
+
+
+def _fail_interrupted(conn: sqlite3.Connection, message_id: str, interrupted: int, now: float) -> None:
+    reason = (f"delivery was interrupted {interrupted} times with no outcome recorded (the worker stopped "
+              "or crashed during each attempt); giving up")
+    conn.execute("UPDATE messages SET status = 'failed', lease_owner = NULL, lease_expires_at = NULL,"
+                 " last_error = ?, finished_at = ?, updated_at = ? WHERE id = ?", (reason, now, now, message_id))
+    conn.execute("UPDATE recipients SET status = 'failed', reply = ?, updated_at = ? WHERE message_id = ?"
+                 " AND status IN ('pending', 'deferred')", (reason, now, message_id))
+    row = conn.execute("SELECT from_addr, subject FROM messages WHERE id = ?", (message_id,)).fetchone()
+    insert_log(conn, LogEntry("attempt", "failed", message_id=message_id, stage="queue", detail=reason,
+                              sender=row["from_addr"], subject=row["subject"], ts=now))
+
+
 class Store:
     """Thread-safe access to relay.db: each thread gets its own connection."""
 
@@ -187,7 +218,30 @@ class Store:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = cls(settings.db_path, keys or crypto.derive_keys(settings))
         store.migrate()
+        store.verify_secret()
         return store
+
+    def verify_secret(self) -> None:
+        """Refuse a RELAY_SECRET_KEY that cannot read this data directory's secrets.
+
+        A worker started with a mistyped key would otherwise fail or defer mail
+        it cannot decrypt; better that it does not start, and says why.
+        """
+        conn = self.conn()
+        row = conn.execute("SELECT value FROM meta WHERE name = 'key_check'").fetchone()
+        if row is None:
+            with transaction(conn):
+                conn.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('key_check', ?)",
+                             (self.keys.encrypt_text(KEY_CHECK),))
+            return
+        try:
+            self.keys.decrypt_text(row["value"])
+        except crypto.DecryptionError:
+            raise ConfigError(
+                f"RELAY_SECRET_KEY is not the key the data directory {self.path.parent} was created with, so its "
+                "stored secrets and queued mail cannot be read; use the original key (during a rotation, set "
+                "the original as RELAY_SECRET_KEY_OLD)."
+            ) from None
 
     # -- connections ---------------------------------------------------
     def conn(self) -> sqlite3.Connection:
@@ -360,7 +414,7 @@ class Store:
     def check_admin(self, username: str, password: str) -> bool:
         row = self.conn().execute("SELECT password_hash FROM admins WHERE username = ?", (username,)).fetchone()
         if row is None:
-            crypto.verify_password(password, crypto.hash_password("x"))  # same cost either way
+            crypto.verify_password(password, _dummy_hash())  # one scrypt either way: no username oracle
             return False
         return crypto.verify_password(password, row["password_hash"])
 
@@ -411,17 +465,22 @@ class Store:
         with transaction(conn):
             cur = conn.execute(
                 "UPDATE messages SET status = 'sending', lease_owner = ?, lease_expires_at = ?,"
-                " updated_at = ? WHERE id = ? AND ((status IN ('queued', 'deferred') AND next_attempt_at <= ?)"
+                " updated_at = ?, claims = claims + 1"
+                " WHERE id = ? AND ((status IN ('queued', 'deferred') AND next_attempt_at <= ?)"
                 " OR (status = 'sending' AND lease_expires_at < ?))",
                 (owner, now + lease_seconds, now, message_id, now, now),
             )
             if cur.rowcount != 1:
                 return None
+            counts = conn.execute("SELECT claims, attempts FROM messages WHERE id = ?", (message_id,)).fetchone()
+            if counts["claims"] - counts["attempts"] > MAX_UNRECORDED_CLAIMS:
+                _fail_interrupted(conn, message_id, counts["claims"] - counts["attempts"] - 1, now)
+                return None
             paced = _pacing_wait(conn, now, limits)
             if paced is not None:
                 conn.execute(
                     "UPDATE messages SET status = 'deferred', lease_owner = NULL, lease_expires_at = NULL,"
-                    " next_attempt_at = ?, enqueued_at = ?, last_error = ? WHERE id = ?",
+                    " next_attempt_at = ?, enqueued_at = ?, last_error = ?, claims = claims - 1 WHERE id = ?",
                     (paced.until, paced.until, paced.reason, message_id))
                 return paced
             if limits:
@@ -432,9 +491,15 @@ class Store:
                 for r in conn.execute("SELECT * FROM recipients WHERE message_id = ? ORDER BY position",
                                       (message_id,))
             ]
-        body = self.keys.decrypt_body(row["body"], message_id) if row["body"] is not None else b""
-        return ClaimedMessage(row["id"], row["envelope_from"], row["from_addr"], row["subject"], body,
-                              row["created_at"], row["attempts"], recipients, owner)
+        return ClaimedMessage(row["id"], row["envelope_from"], row["from_addr"], row["subject"], row["body"],
+                              row["created_at"], row["attempts"], recipients, owner, self.keys)
+
+    def renew_leases(self, held: list[tuple[str, str]], until: float) -> None:
+        """Extend the leases of deliveries still in progress (id, owner)."""
+        conn = self.conn()
+        with transaction(conn):
+            conn.executemany("UPDATE messages SET lease_expires_at = ? WHERE id = ? AND lease_owner = ?"
+                             " AND status = 'sending'", [(until, mid, owner) for mid, owner in held])
 
     def record_attempt(self, claimed: ClaimedMessage, status: str, *, next_attempt_at: float | None,
                        last_error: str | None, recipient_updates: dict[int, tuple[str, int | None, str | None]],

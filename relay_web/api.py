@@ -97,7 +97,14 @@ async def send(request: Request) -> JSONResponse:
     large = len(body) > _THREAD_THRESHOLD
     payload = await run_in_threadpool(_decode_json, body) if large else _decode_json(body)
     idempotency_key = request.headers.get("idempotency-key", "").strip()
+    if len(idempotency_key) > 255:
+        raise BadRequest("The Idempotency-Key header is longer than 255 characters.")
     request_hash = hashlib.sha256(body).hexdigest() if idempotency_key else ""
+    if idempotency_key:
+        # A repeat gets the first answer whatever has changed since (limits, settings).
+        earlier = replay(state, key.id, idempotency_key, request_hash, time.time())
+        if earlier is not None:
+            return JSONResponse(earlier[1], status_code=earlier[0])
     message = parse_payload(payload, options)
     del payload  # the attachments' base64 strings: the request bytes are what gets stored
     if not options.smtp_configured:
@@ -107,8 +114,6 @@ async def send(request: Request) -> JSONResponse:
     if wait:
         raise RateLimited(f"This API key has reached the relay's limit of {state.settings.send_per_hour} "
                           f"messages per hour; retry in {wait} seconds.", retry_after=wait)
-    if len(idempotency_key) > 255:
-        raise BadRequest("The Idempotency-Key header is longer than 255 characters.")
 
     message_id = new_message_id()
     created = time.time()
@@ -130,12 +135,10 @@ async def send(request: Request) -> JSONResponse:
 
     def accept(conn):  # type: ignore[no-untyped-def]
         if idempotency_key:
-            earlier = state.store.idempotent_answer(conn, key.id, idempotency_key, created - IDEMPOTENCY_WINDOW)
+            # Checked again inside the write transaction: two repeats racing each other.
+            earlier = replay(state, key.id, idempotency_key, request_hash, created, conn)
             if earlier is not None:
-                earlier_hash, status, response = earlier
-                if earlier_hash != request_hash:
-                    raise Conflict("This Idempotency-Key was already used with a different request body.")
-                return (status, response), []
+                return earlier, []
         insert_message(conn, record)
         insert_log(conn, entry)
         if idempotency_key:
@@ -144,6 +147,19 @@ async def send(request: Request) -> JSONResponse:
 
     status, response = await state.submit(accept)
     return JSONResponse(response, status_code=status)
+
+
+def replay(state: AppState, key_id: int, idempotency_key: str, request_hash: str, now: float,
+           conn: Any = None) -> tuple[int, dict[str, Any]] | None:
+    """The first answer to this Idempotency-Key within 24 h, or None; 409 for another body."""
+    earlier = state.store.idempotent_answer(conn or state.store.conn(), key_id, idempotency_key,
+                                            now - IDEMPOTENCY_WINDOW)
+    if earlier is None:
+        return None
+    earlier_hash, status, response = earlier
+    if earlier_hash != request_hash:
+        raise Conflict("This Idempotency-Key was already used with a different request body.")
+    return status, response
 
 
 async def message_status(request: Request) -> JSONResponse:

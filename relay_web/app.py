@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 from typing import AsyncIterator
 
 from starlette.applications import Starlette
@@ -14,7 +15,8 @@ from starlette.routing import Route
 
 from relay_core import crypto
 from relay_core.config import Settings
-from relay_core.errors import RelayError
+from relay_core.crypto import DecryptionError
+from relay_core.errors import RelayError, StoreUnavailable
 from relay_core.intake import Intake
 from relay_core.ratelimit import RateLimiter
 from relay_core.store import Store
@@ -55,6 +57,9 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def internal_error(request: Request, exc: Exception) -> Response:
     """An unexpected error: logged once with its traceback, answered in the contract's shape."""
+    if isinstance(exc, (sqlite3.Error, DecryptionError)):
+        logger.error("the store is unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return api.error_response(request, StoreUnavailable("The relay's message store is unavailable; try again."))
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"ok": False, "error": "The relay hit an internal error; the request was not completed."},
                         status_code=500)

@@ -9,6 +9,7 @@ import uvicorn
 
 from relay_core.config import Settings
 from relay_core.logs import setup_logging
+from relay_core.store import Store
 
 from .app import create_app
 
@@ -33,8 +34,9 @@ def _return_large_buffers_to_the_os() -> None:
 def serve(settings: Settings, host: str, port: int) -> int:
     setup_logging(settings)
     _return_large_buffers_to_the_os()
+    store = Store.open(settings)  # before uvicorn: a bad secret or data dir stops us with one sentence
     config = uvicorn.Config(
-        create_app(settings), host=host, port=port, loop="uvloop", http="httptools",
+        create_app(settings, store), host=host, port=port, loop="uvloop", http="httptools",
         access_log=False, log_config=None, log_level=settings.log_level.lower(),
         proxy_headers=False, server_header=False, timeout_graceful_shutdown=10,
     )

@@ -316,3 +316,14 @@ def test_healthcheck_fails_when_nothing_answers(env: dict[str, str], tmp_path: P
     assert result.returncode != 0
     assert url in only_line(result.stderr) and "Traceback" not in result.stderr
 
+
+
+def test_a_different_secret_key_refuses_to_start_and_the_old_one_rescues(tmp_path: Path) -> None:
+    env = relay_env(tmp_path / "data")
+    original = cli(env, "api-key", "show", cwd=tmp_path).stdout.strip()
+    wrong = {**env, "RELAY_SECRET_KEY": "a-completely-different-secret-key-0123456789"}
+    result = cli(wrong, "config", "show", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "not the key the data directory" in result.stderr and result.stderr.count("\n") == 1
+    rotated = {**wrong, "RELAY_SECRET_KEY_OLD": env["RELAY_SECRET_KEY"]}
+    assert cli(rotated, "api-key", "show", cwd=tmp_path).stdout.strip() == original

@@ -16,7 +16,7 @@ from relay_core.delivery import Deliverer, backoff_delay
 from relay_core.message import new_message_id, pack_stored, parse_payload
 from relay_core.options import Options
 from relay_core.store import NewMessage, Paced, Store, insert_message, transaction
-from support import SmtpServer
+from support import SmtpServer, wait_until
 
 
 class Clock:
@@ -140,3 +140,99 @@ def test_log_is_bounded_by_row_count(store: Store) -> None:
     rows = store.conn().execute("SELECT COUNT(*), MIN(detail + 0) FROM log").fetchone()
     assert rows[0] == 1000 and rows[1] == 500  # the newest are kept
     store.log(LogEntry("rejected", "rejected"))
+
+
+def test_an_unexpected_error_is_recorded_as_a_deferred_attempt(store: Store, server: SmtpServer) -> None:
+    # An envelope sender the settings would refuse today (non-ASCII), as older data may hold:
+    # smtplib raises UnicodeEncodeError at MAIL, which is neither an SMTP nor a socket error.
+    payload = {"from_email": "noreply@example.org", "to": ["ann@example.com"], "subject": "s", "text": "t"}
+    message = parse_payload(payload, Options())
+    import json
+    document = pack_stored(bytearray(json.dumps(payload).encode()), message)
+    conn = store.conn()
+    with transaction(conn):
+        insert_message(conn, NewMessage("bad1", "api", None, time.time(), message.from_email, "", "bö@example.org",
+                                        "s", "<bad1@example.org>", store.keys.encrypt_body(document, "bad1"),
+                                        len(document), message.to))
+    deliverer = Deliverer(store)
+    try:
+        outcome = deliverer.attempt("bad1")
+        assert outcome is not None and outcome.status == "deferred"
+        status = store.message_status("bad1")
+        assert status is not None and status["status"] == "deferred"
+        assert status["attempts"][0]["stage"] == "internal"
+        assert "UnicodeEncodeError" in status["last_error"]
+        # The thread's connection was dropped, and the next message goes out normally.
+        good = queue_message(store, created=time.time())
+        assert deliverer.attempt(good).status == "sent"  # type: ignore[union-attr]
+    finally:
+        deliverer.close()
+
+
+def test_a_message_whose_attempts_never_finish_is_failed_after_repeated_claims(store: Store) -> None:
+    now = 1_800_000_000.0
+    message_id = queue_message(store, created=now)
+    from relay_core.store import MAX_UNRECORDED_CLAIMS
+    for i in range(MAX_UNRECORDED_CLAIMS):
+        # Each claimer dies (nothing recorded); the lease runs out and it is claimed again.
+        assert store.claim(message_id, f"w{i}", 60, now=now) is not None
+        now += 61
+    assert store.claim(message_id, "last", 60, now=now) is None
+    status = store.message_status(message_id)
+    assert status is not None and status["status"] == "failed"
+    assert f"interrupted {MAX_UNRECORDED_CLAIMS} times" in status["last_error"]
+    assert status["recipients"][0]["status"] == "failed"
+
+
+def test_leases_are_renewed_while_a_slow_delivery_runs(store: Store, server: SmtpServer) -> None:
+    import threading
+    store.set_options({"lease_seconds": 5})
+    server.behaviour.delay = 7.0  # DATA outlasts the lease
+    message_id = queue_message(store, created=time.time())
+    slow, other = Deliverer(store, identity="slow"), Deliverer(store, identity="other")
+    outcomes = []
+    thread = threading.Thread(target=lambda: outcomes.append(slow.attempt(message_id)))
+    try:
+        thread.start()
+        wait_until(lambda: store.conn().execute("SELECT lease_owner FROM messages WHERE id = ?",
+                                                (message_id,)).fetchone()[0], what="the slow claim")
+        deadline = time.monotonic() + 9
+        while time.monotonic() < deadline and thread.is_alive():
+            assert other.attempt(message_id) is None  # never claimable while the send runs
+            time.sleep(0.5)
+        thread.join(10)
+        assert outcomes[0] is not None and outcomes[0].status == "sent"
+        assert len(server.received) == 1
+    finally:
+        slow.close()
+        other.close()
+
+
+def test_the_writer_answers_around_a_cancelled_request(store: Store, settings: object) -> None:
+    from relay_core.intake import Intake
+    from relay_core.tasks import build_queue
+    queue = build_queue(settings)  # type: ignore[arg-type]
+    intake = Intake(store, queue)
+    ids = []
+
+    def job(message_id: str):  # type: ignore[no-untyped-def]
+        def write(conn):  # type: ignore[no-untyped-def]
+            payload = {"from_email": "noreply@example.org", "to": ["a@example.com"], "subject": "s", "text": "t"}
+            message = parse_payload(payload, Options())
+            insert_message(conn, NewMessage(message_id, "api", None, time.time(), message.from_email, "",
+                                            message.from_email, "s", "<x>", b"sealed", 6, message.to))
+            return message_id, [message_id]
+        ids.append(message_id)
+        return write
+
+    first = intake.submit(job("c1"))
+    second = intake.submit(job("c2"))
+    assert first.cancel()  # the client went away before the writer got to it
+    intake.start()
+    try:
+        assert second.result(10) == "c2"
+    finally:
+        intake.stop()
+    rows = {r[0] for r in store.conn().execute("SELECT id FROM messages")}
+    assert rows == {"c1", "c2"}  # committed either way: the row stands, and it is queued
+    assert queue.pending() == 2

@@ -337,8 +337,10 @@ def test_a_body_moved_to_another_row_does_not_decrypt(store: Store) -> None:
     conn = store.conn()
     with transaction(conn):
         conn.execute("UPDATE messages SET body = (SELECT body FROM messages WHERE id = 'm1') WHERE id = 'm2'")
+    claimed = store.claim("m2", "w", 300, now=T0)
+    assert isinstance(claimed, ClaimedMessage)
     with pytest.raises(crypto.DecryptionError):
-        store.claim("m2", "w", 300, now=T0)
+        claimed.body
 
 
 def test_sweep_finds_lost_wake_ups(store: Store) -> None:

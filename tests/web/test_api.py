@@ -151,10 +151,22 @@ def test_comma_and_semicolon_string_recipients(client: TestClient) -> None:
     ("reply_to_name", "Help\r\nBcc: y@example.com"),
     ("to", ["a@example.com\r\nBcc: y@example.com"]),
     ("to", "a@example.com\nBcc: y@example.com"),
+    ("subject", "Hi\x0bBcc: x@example.com"),  # vertical tab: the email package splits lines on it
+    ("subject", "Hi\x0cBcc : x@example.com"),
+    ("from_name", "Portal\u2028Bcc: x@example.com"),
+    ("reply_to_name", "Help\x85Bcc: x@example.com"),
+    ("subject", "bell\x07"),
 ])
 def test_header_injection_is_refused_and_nothing_queued(client: TestClient, field: str, value: Any) -> None:
     error = error_of(client.post("/api/send", json=payload(**{field: value})), 400)
-    assert "line break" in error or "not a valid email" in error
+    assert "line break" in error or "not a valid email" in error or "control characters" in error
+    assert queued(client) == (0, 0)
+
+
+def test_non_ascii_addresses_are_refused(client: TestClient) -> None:
+    # No SMTPUTF8: a non-ASCII address would fail at RCPT after the 202.
+    assert "not a valid email" in error_of(client.post("/api/send", json=payload(to=["ü@example.com"])), 400)
+    assert "from_email" in error_of(client.post("/api/send", json=payload(from_email="ü@example.org")), 400)
     assert queued(client) == (0, 0)
 
 
@@ -265,6 +277,23 @@ def test_rate_limit_answers_429_with_retry_after(tmp_path: Any) -> None:
         assert "limit of 2 messages per hour" in error_of(response, 429)
         assert 1 <= int(response.headers["Retry-After"]) <= 1800
         assert queued(client) == (2, 2)
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_idempotent_repeat_is_answered_even_when_limited_or_unconfigured(tmp_path: Any) -> None:
+    settings = load_settings({"RELAY_SECRET_KEY": SECRET, "RELAY_DATA_DIR": str(tmp_path / "d"),
+                              "RELAY_SEND_PER_HOUR": "1"})
+    client = make_client(settings)
+    try:
+        first = client.post("/api/send", json=payload(), headers={"Idempotency-Key": "k1"})
+        assert first.status_code == 202
+        again = client.post("/api/send", json=payload(), headers={"Idempotency-Key": "k1"})
+        assert (again.status_code, again.json()) == (202, first.json())  # not 429
+        client.app.state.relay.store.set_options({"smtp_host": ""})
+        again = client.post("/api/send", json=payload(), headers={"Idempotency-Key": "k1"})
+        assert (again.status_code, again.json()) == (202, first.json())  # not 503
+        assert queued(client) == (1, 1)
     finally:
         client.__exit__(None, None, None)
 
