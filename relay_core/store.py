@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 import secrets
 import sqlite3
 import threading
@@ -178,7 +179,9 @@ def _pacing_wait(conn: sqlite3.Connection, now: float,
         # The slot frees when the oldest delivery still counted leaves the window.
         oldest = conn.execute("SELECT ts FROM pacing WHERE ts > ? ORDER BY ts LIMIT 1 OFFSET ?",
                               (now - window, used - allowed)).fetchone()[0]
-        until = oldest + window + 0.001
+        # Spread the held-back messages over a slot's length so one freed slot does
+        # not wake the whole backlog at once.
+        until = oldest + window + 0.001 + random.uniform(0, min(5.0, window / allowed))
         if wait is None or until > wait.until:
             unit = {60: "minute", 3600: "hour", 86400: "day"}.get(int(window), f"{window:g} s")
             wait = Paced(until, f"waiting for the outbound limit of {allowed} deliveries per {unit}")
