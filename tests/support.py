@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import json
 import os
 import signal
 import socket
@@ -23,6 +24,10 @@ import httpx
 import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from relay_core.message import new_message_id, pack_stored, parse_payload
+from relay_core.options import Options
+from relay_core.store import NewMessage, Store, insert_message, transaction
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -278,6 +283,20 @@ class RelayProcess:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def store_message(store: Store, created: float, to: list[str] | None = None) -> str:
+    """Commit a queued message straight into the store, as the web does, but enqueue nothing:
+    what a web process killed between its commit and its enqueue leaves behind."""
+    payload = {"from_email": "noreply@example.org", "to": to or ["ann@example.com"], "subject": "s", "text": "t"}
+    message = parse_payload(payload, Options())
+    message_id = new_message_id()
+    document = pack_stored(bytearray(json.dumps(payload).encode()), message)
+    sealed = store.keys.encrypt_body(document, message_id)
+    conn = store.conn()
+    with transaction(conn):
+        insert_message(conn, NewMessage.accepted(message, message_id, sealed, created, Options(), "api", None))
+    return message_id
 
 
 class Relay:

@@ -13,10 +13,10 @@ from typing import Iterator
 import pytest
 
 from relay_core.delivery import Deliverer, backoff_delay
-from relay_core.message import new_message_id, pack_stored, parse_payload
+from relay_core.message import pack_stored, parse_payload
 from relay_core.options import Options
 from relay_core.store import NewMessage, Paced, Store, insert_message, transaction
-from support import SmtpServer, wait_until
+from support import SmtpServer, store_message as queue_message, wait_until
 
 
 class Clock:
@@ -25,20 +25,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def queue_message(store: Store, created: float, to: list[str] | None = None) -> str:
-    payload = {"from_email": "noreply@example.org", "to": to or ["ann@example.com"], "subject": "s", "text": "t"}
-    message = parse_payload(payload, Options())
-    message_id = new_message_id()
-    import json
-    document = pack_stored(bytearray(json.dumps(payload).encode()), message)
-    conn = store.conn()
-    with transaction(conn):
-        insert_message(conn, NewMessage(message_id, "api", None, created, message.from_email, "",
-                                        message.from_email, "s", f"<{message_id}@example.org>",
-                                        store.keys.encrypt_body(document, message_id), len(document), message.to))
-    return message_id
 
 
 @pytest.fixture

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from support import Relay, SmtpServer, cli, wait_until
+from relay_core.config import load_settings
+from relay_core.store import Store
+from support import Relay, SmtpServer, cli, store_message, wait_until
 
 MESSAGE_ID = re.compile(rb"^Message-ID: <([0-9a-f]+)@", re.MULTILINE)
 
@@ -102,6 +104,21 @@ def test_web_killed_right_after_202s_loses_nothing(relay: Relay) -> None:
         relay.start_worker()
         wait_until(lambda: all_sent(relay, 200), timeout=60, what="all 200 messages sent")
         assert set(delivered_ids(server)) == set(ids)
+
+
+def test_a_message_whose_wake_up_was_lost_is_swept(relay: Relay) -> None:
+    with SmtpServer("none") as server:
+        relay.configure(*server.settings(), "sweep_seconds=1")
+        store = Store.open(load_settings(relay.env))
+        try:
+            lost = store_message(store, created=time.time())  # committed, never enqueued
+        finally:
+            store.close()
+        relay.start_web()
+        relay.start_worker()
+        status = relay.wait_status(lost, "sent", timeout=30)
+        assert status["attempts"][0]["status"] == "sent"
+        assert set(delivered_ids(server)) == {lost}
 
 
 def test_two_workers_deliver_each_message_exactly_once(relay: Relay) -> None:
