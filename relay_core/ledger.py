@@ -1,0 +1,417 @@
+"""The message side of the store: accepted messages, claims, attempts, the log.
+
+A message row and its encrypted body are committed before the web process
+answers 202; a worker claims a message with a conditional UPDATE checked by
+rowcount, so only one claimer ever delivers it (huey's ``dequeue`` and
+healthchecks' ``sendalerts`` use the same pattern), and only the lease holder
+records the outcome. Functions return dataclasses; raw rows stay in here.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import crypto
+from .crypto import KeySet
+from .db import transaction
+from .message import OutgoingMessage, message_id_header
+from .options import Options
+
+FINAL_STATES = ("sent", "failed", "cancelled")
+# Claims with no outcome recorded (the worker died each time, say on a message
+# that crashes it) before the message is failed instead of taken once more.
+MAX_UNRECORDED_CLAIMS = 5
+BLOB_STREAM_THRESHOLD = 256 * 1024
+
+
+@dataclass
+class NewMessage:
+    id: str
+    source: str
+    api_key_id: int | None
+    created_at: float
+    from_addr: str
+    from_name: str
+    envelope_from: str
+    subject: str
+    message_id_header: str
+    body: bytes
+    size: int
+    recipients: list[str]
+
+
+    @classmethod
+    def accepted(cls, message: OutgoingMessage, message_id: str, sealed: bytes, created: float,
+                 options: Options, source: str, api_key_id: int | None) -> "NewMessage":
+        """The row for a validated message whose stored document is ``sealed``."""
+        return cls(
+            id=message_id, source=source, api_key_id=api_key_id, created_at=created,
+            from_addr=message.from_email, from_name=message.from_name,
+            envelope_from=options.envelope_from or message.from_email, subject=message.subject,
+            message_id_header=message_id_header(message_id, message.from_email), body=sealed,
+            size=len(sealed) - crypto.BODY_OVERHEAD, recipients=message.to,
+        )
+
+
+@dataclass
+class LogEntry:
+    event: str
+    status: str
+    message_id: str | None = None
+    stage: str | None = None
+    code: int | None = None
+    detail: str = ""
+    duration_ms: int | None = None
+    source_ip: str | None = None
+    sender: str = ""
+    recipients: str = ""
+    subject: str = ""
+    ts: float = field(default_factory=time.time)
+
+
+@dataclass
+class Recipient:
+    position: int
+    address: str
+    status: str
+    code: int | None
+    reply: str | None
+
+
+@dataclass
+class ClaimedMessage:
+    id: str
+    envelope_from: str
+    from_addr: str
+    subject: str
+    sealed: bytes | None
+    created_at: float
+    attempts: int
+    recipients: list[Recipient]
+    lease_owner: str
+    keys: KeySet | None = None
+
+    @property
+    def body(self) -> bytes:
+        """The stored document, decrypted on first use (raises ``DecryptionError``)."""
+        if self.sealed is None or self.keys is None:
+            return b""
+        return self.keys.decrypt_body(self.sealed, self.id)
+
+
+def insert_log(conn: sqlite3.Connection, entry: LogEntry) -> None:
+    conn.execute(
+        "INSERT INTO log (ts, event, message_id, status, stage, code, detail, duration_ms,"
+        " source_ip, sender, recipients, subject) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        (entry.ts, entry.event, entry.message_id, entry.status, entry.stage, entry.code,
+         entry.detail, entry.duration_ms, entry.source_ip, entry.sender, entry.recipients,
+         entry.subject),
+    )
+
+
+def insert_message(conn: sqlite3.Connection, msg: NewMessage) -> None:
+    # A large body is written through the blob API: binding it as a parameter
+    # would make SQLite copy it and keep that copy in the cached statement.
+    large = len(msg.body) > BLOB_STREAM_THRESHOLD
+    cur = conn.execute(
+        "INSERT INTO messages (id, status, source, api_key_id, created_at, updated_at,"
+        " next_attempt_at, enqueued_at, from_addr, from_name, envelope_from, subject,"
+        " message_id_header, size, body) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+        + ("zeroblob(?))" if large else "?)"),
+        (msg.id, msg.source, msg.api_key_id, msg.created_at, msg.created_at, msg.created_at,
+         msg.created_at, msg.from_addr, msg.from_name, msg.envelope_from, msg.subject,
+         msg.message_id_header, msg.size, len(msg.body) if large else msg.body),
+    )
+    if large:
+        with conn.blobopen("messages", "body", int(cur.lastrowid or 0)) as blob:
+            blob.write(msg.body)
+    conn.executemany(
+        "INSERT INTO recipients (message_id, position, address) VALUES (?, ?, ?)",
+        [(msg.id, i, addr) for i, addr in enumerate(msg.recipients)],
+    )
+
+
+@dataclass
+class Paced:
+    """A claim held back by an outbound limit: the message waits until ``until``."""
+
+    until: float
+    reason: str
+
+
+def _pacing_wait(conn: sqlite3.Connection, now: float,
+                 limits: tuple[tuple[int, float], ...]) -> Paced | None:
+    """When the next delivery may start, if any limit is reached now."""
+    wait: Paced | None = None
+    for allowed, window in limits:
+        used = conn.execute("SELECT COUNT(*) FROM pacing WHERE ts > ?", (now - window,)).fetchone()[0]
+        if used < allowed:
+            continue
+        # The slot frees when the oldest delivery still counted leaves the window.
+        oldest = conn.execute("SELECT ts FROM pacing WHERE ts > ? ORDER BY ts LIMIT 1 OFFSET ?",
+                              (now - window, used - allowed)).fetchone()[0]
+        # Spread the held-back messages over a slot's length so one freed slot does
+        # not wake the whole backlog at once.
+        until = oldest + window + 0.001 + random.uniform(0, min(5.0, window / allowed))
+        if wait is None or until > wait.until:
+            unit = {60: "minute", 3600: "hour", 86400: "day"}.get(int(window), f"{window:g} s")
+            wait = Paced(until, f"waiting for the outbound limit of {allowed} deliveries per {unit}")
+    return wait
+
+
+def _fail_interrupted(conn: sqlite3.Connection, message_id: str, interrupted: int, now: float) -> None:
+    reason = (f"delivery was interrupted {interrupted} times with no outcome recorded (the worker stopped "
+              "or crashed during each attempt); giving up")
+    conn.execute("UPDATE messages SET status = 'failed', lease_owner = NULL, lease_expires_at = NULL,"
+                 " last_error = ?, finished_at = ?, updated_at = ? WHERE id = ?", (reason, now, now, message_id))
+    conn.execute("UPDATE recipients SET status = 'failed', reply = ?, updated_at = ? WHERE message_id = ?"
+                 " AND status IN ('pending', 'deferred')", (reason, now, message_id))
+    row = conn.execute("SELECT from_addr, subject FROM messages WHERE id = ?", (message_id,)).fetchone()
+    insert_log(conn, LogEntry("attempt", "failed", message_id=message_id, stage="queue", detail=reason,
+                              sender=row["from_addr"], subject=row["subject"], ts=now))
+
+
+class Ledger:
+    """Message operations; mixed into ``Store``, which provides the connection and keys."""
+
+    keys: KeySet
+
+    def conn(self) -> sqlite3.Connection:
+        raise NotImplementedError
+
+    # -- messages: the accept side --------------------------------------------
+    def log(self, entry: LogEntry) -> None:
+        conn = self.conn()
+        with transaction(conn):
+            insert_log(conn, entry)
+
+    def idempotent_answer(self, conn: sqlite3.Connection, api_key_id: int, key: str,
+                          since: float) -> tuple[str, int, dict[str, Any]] | None:
+        row = conn.execute("SELECT request_hash, status, response FROM idempotency"
+                           " WHERE api_key_id = ? AND key = ? AND created_at >= ?",
+                           (api_key_id, key, since)).fetchone()
+        if row is None:
+            return None
+        return row["request_hash"], int(row["status"]), json.loads(row["response"])
+
+    def remember_answer(self, conn: sqlite3.Connection, api_key_id: int, key: str, request_hash: str,
+                        status: int, response: dict[str, Any]) -> None:
+        conn.execute("INSERT OR REPLACE INTO idempotency (api_key_id, key, request_hash, status, response,"
+                     " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                     (api_key_id, key, request_hash, status, json.dumps(response), time.time()))
+
+    # -- messages: the delivery side -------------------------------------------
+    def claim(self, message_id: str, owner: str, lease_seconds: float, now: float | None = None,
+              limits: tuple[tuple[int, float], ...] = ()) -> ClaimedMessage | Paced | None:
+        """queued/deferred and due (or sending with an expired lease) -> sending, leased to owner.
+
+        Returns None when another worker got there first, the message is not
+        due yet, or it is finished: a duplicate wake-up is a harmless no-op.
+        ``limits`` are (deliveries, per seconds) pairs; when one is reached the
+        message goes back to deferred until a slot frees (``Paced``). The
+        count is taken under the write lock, so every worker process shares it.
+        """
+        now = time.time() if now is None else now
+        conn = self.conn()
+        # A claim lost to a power cut only means the message is claimed again;
+        # the outcome recorded afterwards is committed with a full fsync.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            return self._claim(conn, message_id, owner, lease_seconds, now, limits)
+        finally:
+            conn.execute("PRAGMA synchronous = FULL")
+
+    def _claim(self, conn: sqlite3.Connection, message_id: str, owner: str, lease_seconds: float,
+               now: float, limits: tuple[tuple[int, float], ...]) -> ClaimedMessage | Paced | None:
+        with transaction(conn):
+            cur = conn.execute(
+                "UPDATE messages SET status = 'sending', lease_owner = ?, lease_expires_at = ?,"
+                " updated_at = ?, claims = claims + 1"
+                " WHERE id = ? AND ((status IN ('queued', 'deferred') AND next_attempt_at <= ?)"
+                " OR (status = 'sending' AND lease_expires_at < ?))",
+                (owner, now + lease_seconds, now, message_id, now, now),
+            )
+            if cur.rowcount != 1:
+                return None
+            counts = conn.execute("SELECT claims, attempts FROM messages WHERE id = ?", (message_id,)).fetchone()
+            if counts["claims"] - counts["attempts"] > MAX_UNRECORDED_CLAIMS:
+                _fail_interrupted(conn, message_id, counts["claims"] - counts["attempts"] - 1, now)
+                return None
+            paced = _pacing_wait(conn, now, limits)
+            if paced is not None:
+                conn.execute(
+                    "UPDATE messages SET status = 'deferred', lease_owner = NULL, lease_expires_at = NULL,"
+                    " next_attempt_at = ?, enqueued_at = ?, last_error = ?, claims = claims - 1 WHERE id = ?",
+                    (paced.until, paced.until, paced.reason, message_id))
+                return paced
+            if limits:
+                conn.execute("INSERT INTO pacing (ts) VALUES (?)", (now,))
+            row = conn.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+            recipients = [
+                Recipient(r["position"], r["address"], r["status"], r["code"], r["reply"])
+                for r in conn.execute("SELECT * FROM recipients WHERE message_id = ? ORDER BY position",
+                                      (message_id,))
+            ]
+        return ClaimedMessage(row["id"], row["envelope_from"], row["from_addr"], row["subject"], row["body"],
+                              row["created_at"], row["attempts"], recipients, owner, self.keys)
+
+    def renew_leases(self, held: list[tuple[str, str]], until: float) -> None:
+        """Extend the leases of deliveries still in progress (id, owner)."""
+        conn = self.conn()
+        with transaction(conn):
+            conn.executemany("UPDATE messages SET lease_expires_at = ? WHERE id = ? AND lease_owner = ?"
+                             " AND status = 'sending'", [(until, mid, owner) for mid, owner in held])
+
+    def record_attempt(self, claimed: ClaimedMessage, status: str, *, next_attempt_at: float | None,
+                       last_error: str | None, recipient_updates: dict[int, tuple[str, int | None, str | None]],
+                       entry: LogEntry, now: float | None = None) -> bool:
+        """Store one attempt's outcome, if this worker still holds the lease."""
+        now = time.time() if now is None else now
+        conn = self.conn()
+        with transaction(conn):
+            finished = now if status in FINAL_STATES else None
+            cur = conn.execute(
+                "UPDATE messages SET status = ?, attempts = attempts + 1, last_error = ?,"
+                " next_attempt_at = COALESCE(?, next_attempt_at), lease_owner = NULL,"
+                " lease_expires_at = NULL, updated_at = ?, finished_at = ?"
+                " WHERE id = ? AND status = 'sending' AND lease_owner = ?",
+                (status, last_error, next_attempt_at, now, finished, claimed.id, claimed.lease_owner),
+            )
+            if cur.rowcount != 1:
+                return False
+            conn.executemany(
+                "UPDATE recipients SET status = ?, code = ?, reply = ?, updated_at = ?"
+                " WHERE message_id = ? AND position = ?",
+                [(st, code, reply, now, claimed.id, pos) for pos, (st, code, reply) in recipient_updates.items()],
+            )
+            insert_log(conn, entry)
+        return True
+
+    def waiting_until(self, message_id: str, now: float) -> float | None:
+        """When a queued or deferred message falls due, if that is still in the future."""
+        row = self.conn().execute(
+            "SELECT next_attempt_at FROM messages WHERE id = ? AND status IN ('queued', 'deferred')"
+            " AND next_attempt_at > ?", (message_id, now)).fetchone()
+        return row[0] if row else None
+
+    def mark_enqueued(self, message_ids: list[str], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        conn = self.conn()
+        with transaction(conn):
+            conn.executemany("UPDATE messages SET enqueued_at = ? WHERE id = ?", [(now, i) for i in message_ids])
+
+    # -- reading -----------------------------------------------------------------
+    def message_status(self, message_id: str) -> dict[str, Any] | None:
+        """The contract's view of one message: state, attempts, per-recipient outcome."""
+        conn = self.conn()
+        row = conn.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        if row is None:
+            return None
+        attempts = [
+            {"at": r["ts"], "status": r["status"], "stage": r["stage"], "code": r["code"],
+             "detail": r["detail"], "duration_ms": r["duration_ms"]}
+            for r in conn.execute("SELECT * FROM log WHERE message_id = ? AND event = 'attempt' ORDER BY id",
+                                  (message_id,))
+        ]
+        recipients = [
+            {"address": r["address"], "status": r["status"], "code": r["code"], "reply": r["reply"]}
+            for r in conn.execute("SELECT * FROM recipients WHERE message_id = ? ORDER BY position",
+                                  (message_id,))
+        ]
+        waiting = row["status"] in ("queued", "deferred")
+        return {
+            "ok": True,
+            "id": row["id"],
+            "status": row["status"],
+            "created_at": row["created_at"],
+            "updated_at": row["updated_at"],
+            "finished_at": row["finished_at"],
+            "next_attempt_at": row["next_attempt_at"] if waiting else None,
+            "attempt_count": row["attempts"],
+            "last_error": row["last_error"],
+            "from": row["from_addr"],
+            "subject": row["subject"],
+            "message_id": row["message_id_header"],
+            "attempts": attempts,
+            "recipients": recipients,
+        }
+
+    def counts(self) -> dict[str, int]:
+        rows = self.conn().execute("SELECT status, COUNT(*) FROM messages GROUP BY status").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    # -- workers and the sweeper -----------------------------------------------------
+    def heartbeat(self, name: str, pid: int, host: str, started_at: float, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        conn = self.conn()
+        with transaction(conn):
+            conn.execute(
+                "INSERT INTO workers (name, pid, host, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (name, pid, host, started_at, now),
+            )
+
+    def forget_worker(self, name: str) -> None:
+        conn = self.conn()
+        with transaction(conn):
+            conn.execute("DELETE FROM workers WHERE name = ?", (name,))
+
+    def last_heartbeat(self) -> float | None:
+        row = self.conn().execute("SELECT MAX(heartbeat_at) FROM workers").fetchone()
+        return row[0] if row else None
+
+    def waiting_count(self, now: float) -> int:
+        """Messages that should have a wake-up call in the queue now."""
+        return self.conn().execute(
+            "SELECT (SELECT COUNT(*) FROM messages WHERE status = 'queued')"
+            " + (SELECT COUNT(*) FROM messages WHERE status = 'deferred' AND next_attempt_at <= ?)",
+            (now,)).fetchone()[0]
+
+    def sweep(self, now: float, stale_after: float, include_waiting: bool = True,
+              limit: int = 1000) -> list[str]:
+        """Ids that need a new wake-up call; marks them enqueued now.
+
+        Always: sending with an expired lease (its task was consumed). With
+        ``include_waiting``: queued with no enqueue for ``stale_after`` seconds,
+        and deferred messages due for that long.
+        """
+        conn = self.conn()
+        with transaction(conn):
+            rows = conn.execute(
+                "SELECT id FROM messages WHERE"
+                " (status = 'sending' AND lease_expires_at < ?)"
+                " OR (? AND status = 'queued' AND COALESCE(enqueued_at, 0) < ?)"
+                " OR (? AND status = 'deferred' AND next_attempt_at <= ? AND COALESCE(enqueued_at, 0) < ?)"
+                " ORDER BY next_attempt_at LIMIT ?",
+                (now, include_waiting, now - stale_after, include_waiting, now - stale_after,
+                 now - stale_after, limit),
+            ).fetchall()
+            ids = [r[0] for r in rows]
+            conn.executemany("UPDATE messages SET enqueued_at = ? WHERE id = ?", [(now, i) for i in ids])
+        return ids
+
+    def prune(self, now: float, *, sent_body_seconds: float, failed_body_seconds: float,
+              log_seconds: float, log_max_rows: int, idempotency_seconds: float) -> dict[str, int]:
+        """Retention: drop finished bodies, old log rows and old idempotency answers."""
+        conn = self.conn()
+        with transaction(conn):
+            sent = conn.execute(
+                "UPDATE messages SET body = NULL WHERE body IS NOT NULL AND status = 'sent' AND finished_at < ?",
+                (now - sent_body_seconds,)).rowcount
+            failed = conn.execute(
+                "UPDATE messages SET body = NULL WHERE body IS NOT NULL AND status IN ('failed', 'cancelled')"
+                " AND finished_at < ?", (now - failed_body_seconds,)).rowcount
+            old_log = conn.execute("DELETE FROM log WHERE ts < ?", (now - log_seconds,)).rowcount
+            conn.execute("DELETE FROM messages WHERE finished_at < ?", (now - log_seconds,))
+            excess = conn.execute(
+                "DELETE FROM log WHERE id <= (SELECT id FROM log ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (log_max_rows,)).rowcount
+            conn.execute("DELETE FROM pacing WHERE ts < ?", (now - 86400,))
+            idem = conn.execute("DELETE FROM idempotency WHERE created_at < ?",
+                                (now - idempotency_seconds,)).rowcount
+        return {"sent_bodies": sent, "failed_bodies": failed, "log_rows": old_log + excess, "idempotency": idem}
