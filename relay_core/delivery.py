@@ -112,12 +112,10 @@ class Deliverer:
             return None, DeliveryError("SMTP delivery is not configured (set smtp_host)", stage="connect",
                                        permanent=False)
         try:
-            document = claimed.body
+            mime = render(claimed)
         except DecryptionError as exc:
             # Transient: another worker, started with the right key, can still send it.
             return None, DeliveryError(f"{exc} on this worker", stage="queue", permanent=False)
-        try:
-            mime = build_mime(unpack_stored(document), claimed.id, claimed.created_at)
         except (ValueError, KeyError, RelayError) as exc:
             # A stored message that cannot be rendered never will be: fail it, say why.
             return None, DeliveryError(f"the stored message cannot be rendered: {exc}", stage="queue",
@@ -215,7 +213,6 @@ class LeaseKeeper:
         self.clock = clock
         self._held: dict[str, tuple[str, float, float]] = {}  # id -> (owner, lease, started)
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     def hold(self, message_id: str, owner: str, lease_seconds: float) -> None:
@@ -234,7 +231,7 @@ class LeaseKeeper:
             with self._lock:
                 held = dict(self._held)
             shortest = min((lease for _, lease, _ in held.values()), default=30.0)
-            self._wake.wait(max(shortest / 3, 0.5))
+            time.sleep(max(shortest / 3, 0.5))
             with self._lock:
                 due = [(mid, owner, lease) for mid, (owner, lease, started) in self._held.items()
                        if time.monotonic() - started < self.MAX_ATTEMPT_SECONDS]

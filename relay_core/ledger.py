@@ -277,10 +277,12 @@ class Ledger:
             finished = now if status in FINAL_STATES else None
             cur = conn.execute(
                 "UPDATE messages SET status = ?, attempts = attempts + 1, last_error = ?,"
-                " next_attempt_at = COALESCE(?, next_attempt_at), lease_owner = NULL,"
-                " lease_expires_at = NULL, updated_at = ?, finished_at = ?"
+                " next_attempt_at = COALESCE(?, next_attempt_at), enqueued_at = COALESCE(?, enqueued_at),"
+                " lease_owner = NULL, lease_expires_at = NULL, updated_at = ?, finished_at = ?"
                 " WHERE id = ? AND status = 'sending' AND lease_owner = ?",
-                (status, last_error, next_attempt_at, now, finished, claimed.id, claimed.lease_owner),
+                # A retry's wake-up is scheduled for when it falls due: that is its enqueue time.
+                (status, last_error, next_attempt_at, next_attempt_at, now, finished, claimed.id,
+                 claimed.lease_owner),
             )
             if cur.rowcount != 1:
                 return False

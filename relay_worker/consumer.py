@@ -47,7 +47,6 @@ def main(settings: Settings) -> int:
                 relay_queue.enqueue(message_id, eta=due)
         elif outcome.status == "deferred" and outcome.next_attempt_at is not None:
             relay_queue.enqueue(outcome.message_id, eta=outcome.next_attempt_at)
-            store.mark_enqueued([outcome.message_id], now=outcome.next_attempt_at)
 
     relay_queue.bind(handle)
     name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"

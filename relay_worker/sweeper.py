@@ -52,9 +52,8 @@ class Sweeper:
         # duplicates onto a backlog. Expired leases are always swept.
         include_waiting = self.queue.pending() < self.store.waiting_count(now)
         ids = self.store.sweep(now, stale_after=max(options.sweep_seconds, 5), include_waiting=include_waiting)
-        for message_id in ids:
-            self.queue.enqueue(message_id)
         if ids:
+            self.queue.enqueue_many(ids)
             logger.info("re-enqueued %d message(s)", len(ids))
         pruned = self.store.prune(
             now,
