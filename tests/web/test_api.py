@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import email
 from email import policy
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import pytest
@@ -22,21 +23,25 @@ from relay_web.app import create_app
 from support import SECRET
 
 
-def make_client(settings: Settings, **options: str) -> TestClient:
-    client = TestClient(create_app(settings), client=("203.0.113.7", 50000))
-    client.__enter__()
-    store = client.app.state.relay.store
-    values = {"smtp_host": "127.0.0.1", "smtp_port": "2525", "smtp_security": "none", **options}
-    store.set_options({k: parse_option(k, v) for k, v in values.items() if v is not None})
-    client.headers["Authorization"] = f"Bearer {store.reveal_api_key()}"
-    return client
+@contextmanager
+def running_client(settings: Settings, **options: str) -> Iterator[TestClient]:
+    """The app with its lifespan running, SMTP set (plus ``options``) and the key in the headers."""
+    with TestClient(create_app(settings), client=("203.0.113.7", 50000)) as client:
+        store = client.app.state.relay.store
+        values = {"smtp_host": "127.0.0.1", "smtp_port": "2525", "smtp_security": "none", **options}
+        store.set_options({k: parse_option(k, v) for k, v in values.items() if v is not None})
+        client.headers["Authorization"] = f"Bearer {store.reveal_api_key()}"
+        yield client
+
+
+def settings_with(tmp_path: Any, **env: str) -> Settings:
+    return load_settings({"RELAY_SECRET_KEY": SECRET, "RELAY_DATA_DIR": str(tmp_path / "d"), **env})
 
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
-    client = make_client(settings)
-    yield client
-    client.__exit__(None, None, None)
+    with running_client(settings) as client:
+        yield client
 
 
 def payload(**overrides: Any) -> dict[str, Any]:
@@ -176,8 +181,7 @@ def test_attachment_filename_with_line_break_is_refused(client: TestClient) -> N
 
 
 def test_default_from_fills_in_and_missing_both_is_400(settings: Settings) -> None:
-    client = make_client(settings)
-    try:
+    with running_client(settings) as client:
         error = error_of(client.post("/api/send", json=payload(from_email=None, from_name=None)), 400)
         assert "Default From" in error
         store = client.app.state.relay.store
@@ -189,18 +193,13 @@ def test_default_from_fills_in_and_missing_both_is_400(settings: Settings) -> No
         msg = email.message_from_bytes(bytes(render(claimed)), policy=policy.default)
         assert msg["From"] == "The Relay <relay@example.org>"
         assert claimed.envelope_from == "relay@example.org"
-    finally:
-        client.__exit__(None, None, None)
 
 
 def test_envelope_from_setting(settings: Settings) -> None:
-    client = make_client(settings, envelope_from="bounces@example.org")
-    try:
+    with running_client(settings, envelope_from="bounces@example.org") as client:
         response = client.post("/api/send", json=payload())
         claimed = client.app.state.relay.store.claim(response.json()["id"], "test", 60)
         assert claimed is not None and claimed.envelope_from == "bounces@example.org"
-    finally:
-        client.__exit__(None, None, None)
 
 
 @pytest.mark.parametrize("sender,allowed", [
@@ -213,22 +212,18 @@ def test_envelope_from_setting(settings: Settings) -> None:
     ("someone@partner.net", False),
 ])
 def test_allowed_from(settings: Settings, sender: str, allowed: bool) -> None:
-    client = make_client(settings, allowed_from="Example.org, boss@partner.net")
-    try:
+    with running_client(settings, allowed_from="Example.org, boss@partner.net") as client:
         response = client.post("/api/send", json=payload(from_email=sender))
         if allowed:
             assert response.status_code == 202, response.text
         else:
             assert "Allowed From" in error_of(response, 403)
             assert queued(client) == (0, 0)
-    finally:
-        client.__exit__(None, None, None)
 
 
 def test_attachment_limit_is_exact_in_decoded_bytes(settings: Settings) -> None:
-    client = make_client(settings, max_attach_mb="0.01")  # 10485 bytes
     limit = int(0.01 * 1024 * 1024)
-    try:
+    with running_client(settings, max_attach_mb="0.01") as client:  # 10485 bytes
         half = limit // 2
         exact = [{"filename": "a.bin", "content_b64": base64.b64encode(b"a" * half).decode()},
                  {"filename": "b.bin", "content_b64": base64.b64encode(b"b" * (limit - half)).decode()}]
@@ -237,14 +232,11 @@ def test_attachment_limit_is_exact_in_decoded_bytes(settings: Settings) -> None:
         error = error_of(client.post("/api/send", json=payload(attachments=over)), 413)
         assert str(limit + 1) in error
         assert queued(client) == (1, 1)
-    finally:
-        client.__exit__(None, None, None)
 
 
 def test_body_over_the_cap_is_413_with_or_without_content_length(settings: Settings) -> None:
-    client = make_client(settings, max_attach_mb="0.01")
-    cap = client.app.state.relay.store.options().max_body_bytes
-    try:
+    with running_client(settings, max_attach_mb="0.01") as client:
+        cap = client.app.state.relay.store.options().max_body_bytes
         error_of(client.post("/api/send", content=b"{" + b" " * cap + b"}"), 413)
 
         def chunks() -> Iterator[bytes]:
@@ -252,40 +244,29 @@ def test_body_over_the_cap_is_413_with_or_without_content_length(settings: Setti
                 yield b" " * 65536
         error_of(client.post("/api/send", content=chunks()), 413)
         assert queued(client) == (0, 0)
-    finally:
-        client.__exit__(None, None, None)
 
 
 def test_not_configured_is_503(settings: Settings) -> None:
-    client = make_client(settings, smtp_host="")
-    try:
+    with running_client(settings, smtp_host="") as client:
         assert "not configured" in error_of(client.post("/api/send", json=payload()), 503)
         assert queued(client) == (0, 0)
         assert client.get("/healthz").json() == {"ok": True, "configured": False}
-    finally:
-        client.__exit__(None, None, None)
 
 
 def test_rate_limit_answers_429_with_retry_after(tmp_path: Any) -> None:
-    settings = load_settings({"RELAY_SECRET_KEY": SECRET, "RELAY_DATA_DIR": str(tmp_path / "d"),
-                              "RELAY_SEND_PER_HOUR": "2"})
-    client = make_client(settings)
-    try:
+    settings = settings_with(tmp_path, RELAY_SEND_PER_HOUR="2")
+    with running_client(settings) as client:
         assert client.post("/api/send", json=payload()).status_code == 202
         assert client.post("/api/send", json=payload()).status_code == 202
         response = client.post("/api/send", json=payload())
         assert "limit of 2 messages per hour" in error_of(response, 429)
         assert 1 <= int(response.headers["Retry-After"]) <= 1800
         assert queued(client) == (2, 2)
-    finally:
-        client.__exit__(None, None, None)
 
 
 def test_idempotent_repeat_is_answered_even_when_limited_or_unconfigured(tmp_path: Any) -> None:
-    settings = load_settings({"RELAY_SECRET_KEY": SECRET, "RELAY_DATA_DIR": str(tmp_path / "d"),
-                              "RELAY_SEND_PER_HOUR": "1"})
-    client = make_client(settings)
-    try:
+    settings = settings_with(tmp_path, RELAY_SEND_PER_HOUR="1")
+    with running_client(settings) as client:
         first = client.post("/api/send", json=payload(), headers={"Idempotency-Key": "k1"})
         assert first.status_code == 202
         again = client.post("/api/send", json=payload(), headers={"Idempotency-Key": "k1"})
@@ -294,8 +275,6 @@ def test_idempotent_repeat_is_answered_even_when_limited_or_unconfigured(tmp_pat
         again = client.post("/api/send", json=payload(), headers={"Idempotency-Key": "k1"})
         assert (again.status_code, again.json()) == (202, first.json())  # not 503
         assert queued(client) == (1, 1)
-    finally:
-        client.__exit__(None, None, None)
 
 
 def test_idempotency_key_replays_the_first_answer(client: TestClient) -> None:
