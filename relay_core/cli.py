@@ -15,12 +15,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Sequence
 
-from . import crypto
+from . import crypto, health
 from .config import ConfigError, Settings, load_settings
 from .errors import RelayError
 from .options import OPTION_NAMES, SECRET_OPTIONS, parse_option, to_text
@@ -30,6 +28,27 @@ from .store import Store
 def _fail(message: str, code: int = 1) -> int:
     print(f"tspro-relay: {message}", file=sys.stderr)
     return code
+
+
+def _act_as_data_owner(settings: Settings) -> None:
+    """As root, act as the user who owns the data directory.
+
+    In the container the relay runs as an unprivileged user, while `docker
+    compose exec web tspro-relay ...` runs as root; a root-owned relay.db-wal,
+    queue.db or backup left in the data directory would lock the relay out of
+    its own files. Switching to the directory's owner first prevents that.
+    """
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return
+    try:
+        owner = settings.data_dir.stat()
+    except OSError:
+        return
+    if owner.st_uid == 0:
+        return
+    os.setgroups([])
+    os.setgid(owner.st_gid)
+    os.setuid(owner.st_uid)
 
 
 def _open_store(settings: Settings) -> Store:
@@ -211,21 +230,21 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """Web: /healthz answers. --worker: the heartbeat in the store, no web needed. --auto: PID 1's role."""
+    def settings() -> Settings:
+        loaded = load_settings()
+        _act_as_data_owner(loaded)
+        return loaded
+
     try:
-        with urllib.request.urlopen(args.url, timeout=5) as response:
-            answer = json.load(response)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        return _fail(f"{args.url} did not answer: {exc}")
-    if not answer.get("ok"):
-        return _fail(f"{args.url} answered {answer}")
-    return 0
-
-
-def cmd_worker_health(args: argparse.Namespace, settings: Settings) -> int:
-    store = Store.open(settings, crypto.derive_keys(settings))
-    beat = store.last_heartbeat()
-    if beat is None or time.time() - beat > 60:
-        return _fail("no worker has reported in the last 60 seconds.")
+        if args.auto:
+            health.check_auto(settings)
+        elif args.worker:
+            health.check_worker(settings())
+        else:
+            health.check_web(args.url)
+    except health.Unhealthy as exc:
+        return _fail(str(exc))
     return 0
 
 
@@ -273,9 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backup", help="a consistent copy of relay.db, safe while running")
     p.add_argument("file")
 
-    p = sub.add_parser("healthcheck", help="exit 0 when the relay answers /healthz")
-    p.add_argument("--url", default="http://127.0.0.1:8000/healthz")
-    p.add_argument("--worker", action="store_true", help="also require a live worker heartbeat")
+    p = sub.add_parser("healthcheck", help="exit 0 when the web process answers, or a worker is alive")
+    p.add_argument("--url", default="http://127.0.0.1:8000/healthz", help="the web process's /healthz")
+    role = p.add_mutually_exclusive_group()
+    role.add_argument("--worker", action="store_true",
+                      help="check the worker's heartbeat in the store instead (no web process needed)")
+    role.add_argument("--auto", action="store_true",
+                      help="check whatever this container's main process runs (web, worker or both)")
     return parser
 
 
@@ -283,10 +306,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "init":
         return cmd_init(args)
-    if args.command == "healthcheck" and not args.worker:
-        return cmd_healthcheck(args)
     try:
+        if args.command == "healthcheck":
+            return cmd_healthcheck(args)
         settings = load_settings()
+        _act_as_data_owner(settings)
         return _dispatch(args, settings)
     except ConfigError as exc:
         return _fail(str(exc), 2)
@@ -296,7 +320,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     handlers = {
         "run": cmd_run, "web": cmd_web, "worker": cmd_worker, "config": cmd_config,
         "api-key": cmd_api_key, "send-test": cmd_send_test, "admin": cmd_admin,
-        "backup": cmd_backup, "healthcheck": lambda a, s: max(cmd_healthcheck(a), cmd_worker_health(a, s)),
+        "backup": cmd_backup,
     }
     return handlers[args.command](args, settings)
 

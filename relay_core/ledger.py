@@ -367,6 +367,15 @@ class Ledger:
         row = self.conn().execute("SELECT MAX(heartbeat_at) FROM workers").fetchone()
         return row[0] if row else None
 
+    def heartbeats(self, names: list[str]) -> dict[str, float]:
+        """The last heartbeat of each named worker that has one."""
+        if not names:
+            return {}
+        marks = ", ".join("?" for _ in names)
+        rows = self.conn().execute(f"SELECT name, heartbeat_at FROM workers WHERE name IN ({marks})",
+                                   names).fetchall()
+        return {r[0]: r[1] for r in rows}
+
     def waiting_count(self, now: float) -> int:
         """Messages that should have a wake-up call in the queue now."""
         return self.conn().execute(

@@ -9,6 +9,7 @@ the admin; ``ledger.py`` the messages, claims and the log.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -35,6 +36,15 @@ class BootstrapReport:
     api_key_created: bool = False
 
 
+def _writable(directory: Path) -> bool:
+    """Whether files can be created in ``directory`` (or in the parent that would hold it)."""
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    writable = os.access(directory, os.W_OK | os.X_OK)
+    db = directory / "relay.db"
+    return writable and (not db.exists() or os.access(db, os.R_OK | os.W_OK))
+
+
 class Store(Accounts, Ledger):
     """Thread-safe access to relay.db: each thread gets its own connection."""
 
@@ -48,9 +58,18 @@ class Store(Accounts, Ledger):
     @classmethod
     def open(cls, settings: Settings, keys: KeySet | None = None) -> "Store":
         """Create the data directory, migrate and seed: the explicit start-up step."""
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = cls(settings.db_path, keys or crypto.derive_keys(settings))
-        store.migrate()
+        try:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            store.migrate()
+        except (OSError, sqlite3.OperationalError) as exc:
+            if _writable(settings.data_dir):
+                raise
+            raise ConfigError(
+                f"The data directory '{settings.data_dir}' cannot be written by this user (uid {os.getuid()}): "
+                f"make it theirs (chown -R {os.getuid()} '{settings.data_dir}') or set RELAY_DATA_DIR to "
+                "a writable directory."
+            ) from exc
         store.verify_secret()
         return store
 

@@ -17,6 +17,7 @@ import uuid
 from relay_core import crypto
 from relay_core.config import Settings
 from relay_core.delivery import Deliverer
+from relay_core.health import mark_worker, unmark_worker
 from relay_core.logs import setup_logging
 from relay_core.store import Store
 from relay_core.tasks import build_queue
@@ -52,6 +53,7 @@ def main(settings: Settings) -> int:
     name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     sweeper = Sweeper(store, relay_queue, name)
     sweeper.start()
+    marker = mark_worker(settings, name)  # `tspro-relay healthcheck --worker` looks up this worker's heartbeat
     consumer = relay_queue.huey.create_consumer(
         workers=settings.worker_threads, worker_type="thread", periodic=False,
         initial_delay=0.05, backoff=1.2, max_delay=0.5, scheduler_interval=1,
@@ -66,5 +68,6 @@ def main(settings: Settings) -> int:
         sweeper.stop()
         deliverer.close()
         store.forget_worker(name)
+        unmark_worker(marker)
         logger.info("worker %s stopped", name)
     return 0

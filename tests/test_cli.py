@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sqlite3
 import stat
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,8 +19,9 @@ import pytest
 
 from relay_core import crypto
 from relay_core.config import load_settings, read_dotenv
+from relay_core.health import Unhealthy, main_process_role
 from relay_core.store import Store
-from support import SECRET, cli, free_port, relay_env
+from support import SECRET, RelayProcess, cli, free_port, relay_env, wait_until
 
 KEY_RE = re.compile(r"tsr_[A-Za-z0-9_-]{43}")
 
@@ -315,6 +318,55 @@ def test_healthcheck_fails_when_nothing_answers(env: dict[str, str], tmp_path: P
     result = cli(env, "healthcheck", "--url", url, cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert url in only_line(result.stderr) and "Traceback" not in result.stderr
+
+
+def test_healthcheck_worker_reads_this_workers_heartbeat_and_needs_no_web(env: dict[str, str],
+                                                                          tmp_path: Path) -> None:
+    result = cli(env, "healthcheck", "--worker", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "there is no store at" in only_line(result.stderr)
+    cli(env, "config", "show", cwd=tmp_path)
+    result = cli(env, "healthcheck", "--worker", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "no worker has reported" in only_line(result.stderr)
+    worker = RelayProcess("worker", env, tmp_path).start()
+    db = tmp_path / "data" / "relay.db"
+    try:
+        wait_until(lambda: cli(env, "healthcheck", "--worker", cwd=tmp_path, check=False).returncode == 0,
+                   timeout=30, what="the worker's first heartbeat")
+        # Another container's worker on the same store reports; this one hangs.
+        conn = sqlite3.connect(db, timeout=30)
+        with conn:
+            conn.execute("INSERT INTO workers (name, pid, host, started_at, heartbeat_at)"
+                         " VALUES ('elsewhere:1:abc', 1, 'elsewhere', ?, ?)", (time.time(), time.time()))
+        worker.signal(signal.SIGSTOP)
+        try:
+            with conn:
+                conn.execute("UPDATE workers SET heartbeat_at = heartbeat_at - 120 WHERE host != 'elsewhere'")
+            result = cli(env, "healthcheck", "--worker", cwd=tmp_path, check=False)
+            assert result.returncode == 1
+            assert "has not reported in the last 60 seconds" in only_line(result.stderr)
+        finally:
+            worker.signal(signal.SIGCONT)
+        conn.close()
+    finally:
+        assert worker.stop() == 0
+    # With no worker of this store running here, any worker's heartbeat answers.
+    assert cli(env, "healthcheck", "--worker", cwd=tmp_path, check=False).returncode == 0
+
+
+@pytest.mark.parametrize("cmdline,expected", [
+    (["/usr/bin/python3", "/usr/local/bin/tspro-relay", "worker"], ("worker", 8000)),
+    (["tspro-relay", "web", "--host", "0.0.0.0", "--port", "8123"], ("web", 8123)),
+    (["python", "-m", "relay_core.cli", "run", "--port=9000"], ("run", 9000)),
+    (["tini", "--", "tspro-relay", "run"], ("run", 8000)),
+])
+def test_healthcheck_auto_reads_the_role_of_the_main_process(cmdline: list[str],
+                                                             expected: tuple[str, int]) -> None:
+    assert main_process_role(cmdline) == expected
+
+
+def test_healthcheck_auto_refuses_a_process_that_is_not_the_relay() -> None:
+    with pytest.raises(Unhealthy, match="not a relay process"):
+        main_process_role(["/bin/sh", "-c", "sleep 1"])
 
 
 

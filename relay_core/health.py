@@ -1,0 +1,158 @@
+"""Health checks for containers and supervisors: `tspro-relay healthcheck`.
+
+Three checks, one per role:
+
+- the web process answers ``/healthz`` (an HTTP request to its port);
+- a worker is alive: its heartbeat in the store is recent. A worker marks
+  itself in a small file in the temporary directory (its pid, its name in
+  the ``workers`` table and its store), so the check looks at the workers of
+  this store running *here* (in this container, or on this machine) and
+  needs no web process. When none runs here, any worker's heartbeat will
+  do: that answers "is mail being delivered at all?" from elsewhere;
+- ``--auto`` looks at what the container's main process (PID 1) runs and
+  checks that: web, worker, or both for ``run``. One image serves every role,
+  so its HEALTHCHECK cannot name the role itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+from .config import Settings
+
+HEARTBEAT_STALE_SECONDS = 60.0
+MARKER_PREFIX = "tspro-relay-worker."
+
+
+class Unhealthy(Exception):
+    """The one sentence a failed check prints."""
+
+
+def marker_dir() -> Path:
+    return Path(tempfile.gettempdir())
+
+
+def _store_identity(settings: Settings) -> str:
+    return str(settings.db_path.resolve())
+
+
+def mark_worker(settings: Settings, name: str, pid: int | None = None) -> Path:
+    """Record that the worker ``name`` of this store runs here as ``pid`` (readable by any user)."""
+    path = marker_dir() / f"{MARKER_PREFIX}{pid or os.getpid()}"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{name}\n{_store_identity(settings)}\n", encoding="utf-8")
+    tmp.chmod(0o644)  # the container's health check may run as another user
+    tmp.replace(path)
+    return path
+
+
+def unmark_worker(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def local_workers(settings: Settings) -> list[str]:
+    """Names of this store's workers whose processes run here now."""
+    names = []
+    for path in marker_dir().glob(MARKER_PREFIX + "*"):
+        suffix = path.name[len(MARKER_PREFIX):]
+        if not suffix.isdigit() or not _alive(int(suffix)):
+            continue
+        try:
+            name, _, store = path.read_text(encoding="utf-8").partition("\n")
+        except OSError:
+            continue
+        if store.strip() == _store_identity(settings):
+            names.append(name.strip())
+    return names
+
+
+def check_web(url: str) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            answer = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise Unhealthy(f"{url} did not answer: {exc}") from None
+    if not isinstance(answer, dict) or not answer.get("ok"):
+        raise Unhealthy(f"{url} answered {answer}")
+
+
+def check_worker(settings: Settings, now: float | None = None) -> None:
+    """The workers running here have a recent heartbeat (or, with none here, some worker has)."""
+    # Imported here: the web check must stay cheap and work without a secret.
+    from . import crypto
+    from .store import Store
+
+    if not settings.db_path.exists():
+        raise Unhealthy(f"there is no store at {settings.db_path} yet.")
+    now = time.time() if now is None else now
+    store = Store(settings.db_path, crypto.derive_keys(settings))
+    try:
+        local = local_workers(settings)
+        if local:
+            beats = store.heartbeats(local)
+            for name in local:
+                beat = beats.get(name)
+                if beat is None or now - beat > HEARTBEAT_STALE_SECONDS:
+                    raise Unhealthy(f"the worker {name} has not reported in the last "
+                                    f"{HEARTBEAT_STALE_SECONDS:.0f} seconds.")
+            return
+        beat = store.last_heartbeat()
+        if beat is None or now - beat > HEARTBEAT_STALE_SECONDS:
+            raise Unhealthy(f"no worker has reported in the last {HEARTBEAT_STALE_SECONDS:.0f} seconds.")
+    finally:
+        store.close()
+
+
+def main_process_role(cmdline: list[str]) -> tuple[str, int]:
+    """(role, port) of a tspro-relay command line: ``run``, ``web`` or ``worker``."""
+    for index, arg in enumerate(cmdline):
+        if arg in ("run", "web", "worker"):
+            role, rest = arg, cmdline[index + 1:]
+            break
+    else:
+        raise Unhealthy(f"the main process is not a relay process ({' '.join(cmdline)!r}).")
+    port = 8000
+    for index, arg in enumerate(rest):
+        value = None
+        if arg == "--port" and index + 1 < len(rest):
+            value = rest[index + 1]
+        elif arg.startswith("--port="):
+            value = arg.split("=", 1)[1]
+        if value is not None and value.isdigit():
+            port = int(value)
+    return role, port
+
+
+def read_cmdline(pid: int = 1) -> list[str]:
+    raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def check_auto(load: Callable[[], Settings], pid: int = 1) -> None:
+    """Check whatever role process ``pid`` runs: web, worker, or both."""
+    try:
+        role, port = main_process_role(read_cmdline(pid))
+    except OSError as exc:
+        raise Unhealthy(f"cannot read the command of process {pid}: {exc.strerror}.") from None
+    if role in ("web", "run"):
+        check_web(f"http://127.0.0.1:{port}/healthz")
+    if role in ("worker", "run"):
+        check_worker(load())
+
