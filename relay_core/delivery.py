@@ -24,6 +24,7 @@ from typing import Callable
 
 from .crypto import DecryptionError
 from .errors import RelayError
+from .logs import fields
 from .message import build_mime, unpack_stored
 from .options import Options
 from .smtp import DeliveryError, DeliveryResult, Mailer, RecipientResult, Target, retry_hint
@@ -98,7 +99,8 @@ class Deliverer:
             except Exception as exc:
                 # The worker's boundary: whatever went wrong, the claimed message gets an
                 # outcome (and so a retry or an end) instead of waiting for its lease.
-                logger.exception("unexpected error while delivering %s", claimed.id)
+                logger.exception("unexpected error while delivering %s", claimed.id,
+                                 extra=fields("delivery.error", message_id=claimed.id))
                 self.mailer().close()
                 result, error = None, DeliveryError(f"internal error: {type(exc).__name__}: {exc}",
                                                     stage="internal", permanent=False)
@@ -193,8 +195,12 @@ class Deliverer:
         if not self.store.record_attempt(claimed, status, next_attempt_at=next_attempt_at,
                                          last_error=last_error, recipient_updates=updates,
                                          entry=entry, now=now):
-            logger.warning("lease on %s was lost before its outcome was recorded", claimed.id)
-        logger.debug("message %s %s (%s %s) in %d ms", claimed.id, log_status, stage, code or "", duration_ms)
+            logger.warning("lease on %s was lost before its outcome was recorded", claimed.id,
+                           extra=fields("delivery.lease_lost", message_id=claimed.id))
+        # One line per attempt; the detail is the server's reply or the error, never the message.
+        logger.info("message %s %s (%s %s) in %d ms", claimed.id, log_status, stage, code or "", duration_ms,
+                    extra=fields("delivery.attempt", message_id=claimed.id, status=log_status, stage=stage,
+                                 code=code, duration_ms=duration_ms, attempts=claimed.attempts + 1))
         return Outcome(claimed.id, status, next_attempt_at, detail)
 
 
@@ -241,7 +247,7 @@ class LeaseKeeper:
                 for lease in {lease for _, _, lease in due}:
                     self.store.renew_leases([(m, o) for m, o, l in due if l == lease], self.clock() + lease)
             except Exception:
-                logger.exception("could not renew delivery leases; retrying")
+                logger.exception("could not renew delivery leases; retrying", extra=fields("delivery.lease_error"))
 
 
 def render(claimed: ClaimedMessage) -> bytes | bytearray:

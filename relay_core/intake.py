@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import StoreUnavailable
+from .logs import fields
 from .db import write_lock
 from .store import Store
 from .tasks import RelayQueue
@@ -88,7 +89,8 @@ class Intake:
                 self._commit(conn, batch)
             except Exception:
                 # Never let the writer die: every later send would wait forever.
-                logger.exception("the writer failed on a batch of %d writes", len(batch))
+                logger.exception("the writer failed on a batch of %d writes", len(batch),
+                                 extra=fields("intake.error", count=len(batch)))
                 error = StoreUnavailable("The relay could not store this message; nothing was queued. Try again.")
                 for pending in batch:
                     if not pending.future.done():
@@ -120,7 +122,8 @@ class Intake:
                     outcomes.append((pending, value, ids, None))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            logger.error("the store refused a batch of %d writes: %s", len(batch), exc)
+            logger.error("the store refused a batch of %d writes: %s", len(batch), exc,
+                         extra=fields("intake.store_refused", count=len(batch)))
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             error = StoreUnavailable("The relay's message store is unavailable; nothing was queued. Try again.")
@@ -147,4 +150,4 @@ class Intake:
                 self.queue.enqueue_many(to_enqueue)
             except Exception:  # the sweeper re-enqueues whatever this misses
                 logger.exception("could not enqueue %d message(s); the sweeper will pick them up",
-                                 len(to_enqueue))
+                                 len(to_enqueue), extra=fields("intake.enqueue_error", count=len(to_enqueue)))

@@ -1,4 +1,14 @@
-"""Process logging: text or JSON lines on stderr, never a secret."""
+"""Process logging: text lines, or one JSON object per line, on stderr; never a secret.
+
+With ``RELAY_LOG_FORMAT=json`` every record becomes one JSON object with
+``time`` (UTC, ISO 8601), ``level``, ``event`` (a short dotted name such as
+``delivery.attempt``), ``logger`` and ``message``, plus the structured fields
+a call passes with ``extra=`` — the message id first of all. Only the fields
+named in ``STRUCTURED_FIELDS`` are copied: whatever else a record carries
+(arguments of a library's log call, say) stays out, so a body, a key or a
+password can reach the log only by being written into a message on purpose,
+and no call here does that.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +16,37 @@ import json
 import logging
 import sys
 import time
+from typing import Any
 
 from .config import Settings
+
+STRUCTURED_FIELDS = ("message_id", "status", "stage", "code", "duration_ms", "attempts", "count",
+                     "worker", "threads", "method", "path")
+
+
+def fields(event: str, **values: Any) -> dict[str, Any]:
+    """``extra=`` for a log call: the event name and its structured fields."""
+    return {"event": event, **values}
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        data: dict[str, Any] = {
+            "time": f"{stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname,
+            # Records from libraries (uvicorn, huey) carry no event: their logger names one.
+            "event": getattr(record, "event", None) or record.name,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for name in STRUCTURED_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                data[name] = value
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
-        return json.dumps(data)
+        return json.dumps(data, ensure_ascii=False, default=str)
 
 
 def setup_logging(settings: Settings) -> None:

@@ -18,6 +18,7 @@ from relay_core.config import Settings
 from relay_core.crypto import DecryptionError
 from relay_core.errors import RelayError, StoreUnavailable
 from relay_core.intake import Intake
+from relay_core.logs import fields
 from relay_core.ratelimit import RateLimiter
 from relay_core.store import Store
 from relay_core.tasks import build_queue
@@ -58,9 +59,11 @@ async def http_error(request: Request, exc: Exception) -> Response:
 async def internal_error(request: Request, exc: Exception) -> Response:
     """An unexpected error: logged once with its traceback, answered in the contract's shape."""
     if isinstance(exc, (sqlite3.Error, DecryptionError)):
-        logger.error("the store is unavailable on %s %s: %s", request.method, request.url.path, exc)
+        logger.error("the store is unavailable on %s %s: %s", request.method, request.url.path, exc,
+                     extra=fields("web.store_unavailable", method=request.method, path=request.url.path))
         return api.error_response(request, StoreUnavailable("The relay's message store is unavailable; try again."))
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc,
+                 extra=fields("web.error", method=request.method, path=request.url.path))
     return JSONResponse({"ok": False, "error": "The relay hit an internal error; the request was not completed."},
                         status_code=500)
 

@@ -18,7 +18,7 @@ from relay_core import crypto
 from relay_core.config import Settings
 from relay_core.delivery import Deliverer
 from relay_core.health import mark_worker, unmark_worker
-from relay_core.logs import setup_logging
+from relay_core.logs import fields, setup_logging
 from relay_core.store import Store
 from relay_core.tasks import build_queue
 
@@ -39,7 +39,8 @@ def main(settings: Settings) -> int:
         try:
             outcome = deliverer.attempt(message_id)
         except Exception:
-            logger.exception("delivery of %s failed unexpectedly; it will be retried after its lease", message_id)
+            logger.exception("delivery of %s failed unexpectedly; it will be retried after its lease", message_id,
+                             extra=fields("delivery.crash", message_id=message_id))
             return
         if outcome is None:
             # Woken before it was due (a clock step, an early scheduler): wait for it again.
@@ -61,7 +62,8 @@ def main(settings: Settings) -> int:
     )
     # Huey treats SIGTERM as "stop now"; containers send SIGTERM, so make it graceful too.
     consumer._signal_actions[signal.SIGTERM] = (False, True)
-    logger.info("worker %s started with %d delivery threads", name, settings.worker_threads)
+    logger.info("worker %s started with %d delivery threads", name, settings.worker_threads,
+                extra=fields("worker.started", worker=name, threads=settings.worker_threads))
     try:
         consumer.run()
     finally:
@@ -69,5 +71,5 @@ def main(settings: Settings) -> int:
         deliverer.close()
         store.forget_worker(name)
         unmark_worker(marker)
-        logger.info("worker %s stopped", name)
+        logger.info("worker %s stopped", name, extra=fields("worker.stopped", worker=name))
     return 0

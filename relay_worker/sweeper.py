@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Callable
 
+from relay_core.logs import fields
 from relay_core.store import Store
 from relay_core.tasks import RelayQueue
 
@@ -54,7 +55,7 @@ class Sweeper:
         ids = self.store.sweep(now, stale_after=max(options.sweep_seconds, 5), include_waiting=include_waiting)
         if ids:
             self.queue.enqueue_many(ids)
-            logger.info("re-enqueued %d message(s)", len(ids))
+            logger.info("re-enqueued %d message(s)", len(ids), extra=fields("sweep.requeued", count=len(ids)))
         pruned = self.store.prune(
             now,
             sent_body_seconds=options.retention_sent_hours * 3600,
@@ -64,7 +65,7 @@ class Sweeper:
             idempotency_seconds=24 * 3600,
         )
         if any(pruned.values()):
-            logger.info("retention: %s", pruned)
+            logger.info("retention: %s", pruned, extra=fields("sweep.retention", count=sum(pruned.values())))
         return len(ids)
 
     def _run(self) -> None:
@@ -80,5 +81,5 @@ class Sweeper:
                     self.store.heartbeat(self.name, os.getpid(), socket.gethostname(), self.started_at,
                                          now=self.clock())
             except Exception:
-                logger.exception("sweep failed; trying again next interval")
+                logger.exception("sweep failed; trying again next interval", extra=fields("sweep.error"))
         self.store.close()
