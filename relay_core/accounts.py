@@ -2,7 +2,9 @@
 
 API keys are found by an HMAC of the presented key (never compared or kept in
 clear) and kept Fernet-encrypted for the Reveal button; the admin password is
-an scrypt hash.
+an scrypt hash, upgraded to today's parameters at the next successful
+sign-in. ``must_change`` marks a password someone else chose (the first-boot
+seed): the admin UI opens no page until it is changed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,18 @@ class ApiKey:
     created_at: float
     revoked_at: float | None
     lookup: str
+
+
+@dataclass(frozen=True)
+class Admin:
+    id: int
+    username: str
+    must_change: bool
+
+
+# Seen in the guide and the compose file: signing in with one of these always forces a change.
+WELL_KNOWN_PASSWORDS = frozenset({"admin", "change-me-on-first-login", "password", "changeme"})
+KEY_USE_RESOLUTION = 60.0  # last-used times are kept to the minute: one write per key per minute at most
 
 
 @functools.lru_cache(maxsize=1)
@@ -106,22 +120,84 @@ class Accounts:
             self._bump_rev(conn)
         return cur.rowcount == 1
 
+    def note_key_use(self, conn: sqlite3.Connection, key_id: int, now: float) -> None:
+        """Record that a key was used; a no-op within a minute of the last record."""
+        conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?"
+                     " AND (last_used_at IS NULL OR last_used_at < ?)",
+                     (now, key_id, now - KEY_USE_RESOLUTION))
+
+    def api_key_usage(self) -> dict[int, float]:
+        """Each key's last use (to the minute), read fresh: it is not part of the cached snapshot."""
+        rows = self.conn().execute("SELECT id, last_used_at FROM api_keys WHERE last_used_at IS NOT NULL")
+        return {int(r["id"]): float(r["last_used_at"]) for r in rows}
+
     # -- admin -------------------------------------------------------------
-    def set_admin_password(self, username: str, password: str) -> None:
+    def set_admin_password(self, username: str, password: str, must_change: bool = False) -> None:
+        """Reset the login (the CLI's); every signed-in browser is signed out."""
         hashed = crypto.hash_password(password)
         now = time.time()
         conn = self.conn()
         with transaction(conn):
-            cur = conn.execute("UPDATE admins SET username = ?, password_hash = ?, updated_at = ?"
-                               " WHERE id = (SELECT MIN(id) FROM admins)", (username, hashed, now))
+            cur = conn.execute("UPDATE admins SET username = ?, password_hash = ?, must_change = ?, updated_at = ?"
+                               " WHERE id = (SELECT MIN(id) FROM admins)", (username, hashed, int(must_change), now))
             if cur.rowcount == 0:
-                conn.execute("INSERT INTO admins (username, password_hash, created_at, updated_at)"
-                             " VALUES (?, ?, ?, ?)", (username, hashed, now, now))
+                conn.execute("INSERT INTO admins (username, password_hash, must_change, created_at, updated_at)"
+                             " VALUES (?, ?, ?, ?, ?)", (username, hashed, int(must_change), now, now))
+            conn.execute("DELETE FROM admin_sessions")
 
     def check_admin(self, username: str, password: str) -> bool:
-        row = self.conn().execute("SELECT password_hash FROM admins WHERE username = ?", (username,)).fetchone()
+        return self.verify_admin(username, password) is not None
+
+    def verify_admin(self, username: str, password: str) -> Admin | None:
+        """The admin whose username and password these are, or None.
+
+        Costs one scrypt whether or not the username exists (no username
+        oracle). A hash made with weaker parameters than today's is replaced
+        now, while the password is at hand.
+        """
+        row = self.conn().execute("SELECT id, username, password_hash, must_change FROM admins"
+                                  " WHERE username = ?", (username,)).fetchone()
         if row is None:
-            crypto.verify_password(password, _dummy_hash())  # one scrypt either way: no username oracle
-            return False
-        return crypto.verify_password(password, row["password_hash"])
+            crypto.verify_password(password, _dummy_hash())
+            return None
+        if not crypto.verify_password(password, row["password_hash"]):
+            return None
+        if crypto.needs_rehash(row["password_hash"]):
+            conn = self.conn()
+            with transaction(conn):
+                conn.execute("UPDATE admins SET password_hash = ? WHERE id = ? AND password_hash = ?",
+                             (crypto.hash_password(password), row["id"], row["password_hash"]))
+        return Admin(int(row["id"]), row["username"], bool(row["must_change"]))
+
+    def admin(self, admin_id: int) -> Admin | None:
+        row = self.conn().execute("SELECT id, username, must_change FROM admins WHERE id = ?",
+                                  (admin_id,)).fetchone()
+        return Admin(int(row["id"]), row["username"], bool(row["must_change"])) if row else None
+
+    def require_password_change(self, admin_id: int) -> None:
+        conn = self.conn()
+        with transaction(conn):
+            conn.execute("UPDATE admins SET must_change = 1 WHERE id = ?", (admin_id,))
+
+    def update_admin(self, admin_id: int, *, username: str | None = None, password: str | None = None,
+                     keep_session: str | None = None) -> None:
+        """Change the username and/or password (the admin UI's); clears ``must_change``.
+
+        A new password signs out every other session of this admin.
+        """
+        conn = self.conn()
+        hashed = crypto.hash_password(password) if password is not None else None
+        with transaction(conn):
+            if username is not None:
+                taken = conn.execute("SELECT 1 FROM admins WHERE username = ? AND id <> ?",
+                                     (username, admin_id)).fetchone()
+                if taken:
+                    raise ValueError(f"the username {username!r} is taken")
+                conn.execute("UPDATE admins SET username = ?, updated_at = ? WHERE id = ?",
+                             (username, time.time(), admin_id))
+            if hashed is not None:
+                conn.execute("UPDATE admins SET password_hash = ?, must_change = 0, updated_at = ? WHERE id = ?",
+                             (hashed, time.time(), admin_id))
+                conn.execute("DELETE FROM admin_sessions WHERE admin_id = ? AND id_hash <> ?",
+                             (admin_id, keep_session or ""))
 

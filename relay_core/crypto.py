@@ -117,6 +117,15 @@ def hash_password(password: str) -> str:
     )
 
 
+def needs_rehash(encoded: str) -> bool:
+    """True when a stored hash is weaker than today's parameters (or unreadable)."""
+    try:
+        scheme, n, r, p, _salt, _digest = encoded.split("$")
+        return scheme != "scrypt" or int(n) < SCRYPT_N or int(r) < SCRYPT_R or int(p) < SCRYPT_P
+    except ValueError:
+        return True
+
+
 def verify_password(password: str, encoded: str) -> bool:
     try:
         scheme, n, r, p, salt, digest = encoded.split("$")

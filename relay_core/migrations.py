@@ -94,6 +94,25 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("0003_claims", """
         ALTER TABLE messages ADD COLUMN claims INTEGER NOT NULL DEFAULT 0;
     """),
+    ("0004_admin_ui", """
+        ALTER TABLE admins ADD COLUMN must_change INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE api_keys ADD COLUMN last_used_at REAL;
+        CREATE TABLE admin_sessions (
+            id_hash TEXT PRIMARY KEY,
+            admin_id INTEGER NOT NULL REFERENCES admins(id) ON DELETE CASCADE,
+            created_at REAL NOT NULL, last_seen REAL NOT NULL,
+            ip TEXT NOT NULL DEFAULT '', user_agent TEXT NOT NULL DEFAULT '');
+        CREATE INDEX admin_sessions_admin ON admin_sessions (admin_id);
+        CREATE INDEX admin_sessions_seen ON admin_sessions (last_seen);
+        CREATE TABLE login_failures (
+            id INTEGER PRIMARY KEY, ts REAL NOT NULL, ip TEXT NOT NULL, username TEXT NOT NULL);
+        CREATE INDEX login_failures_ip ON login_failures (ip, ts);
+        CREATE INDEX login_failures_user ON login_failures (username, ts);
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY, ts REAL NOT NULL, actor TEXT NOT NULL, ip TEXT NOT NULL DEFAULT '',
+            action TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '');
+        CREATE INDEX audit_ts ON audit (ts);
+    """),
 ]
 
 

@@ -18,7 +18,8 @@ _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$|^\[?[0-9
 _ADDR_RE = re.compile(r"^[^@\s<>(),;:\"\[\]\\]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*$")
 _DOMAIN_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
 SECURITY_MODES = ("none", "starttls", "ssl")
-SECRET_OPTIONS = frozenset({"smtp_password"})
+SECRET_OPTIONS = frozenset({"smtp_password", "turnstile_secret"})
+TURNSTILE_VERIFY_URL = "https://challenges.cloudflare.com/turnstile/v0/siteverify"
 
 
 def is_address(value: str) -> bool:
@@ -61,6 +62,22 @@ def _security(name: str, value: str) -> str:
     value = aliases.get(value, value)
     if value not in SECURITY_MODES:
         raise BadRequest(f"{name} must be one of none, starttls, ssl — not {value!r}.")
+    return value
+
+
+def _url(name: str, value: str) -> str:
+    value = _text(name, value)
+    scheme, _, rest = value.partition("://")
+    if scheme.lower() not in ("http", "https") or not rest or any(c.isspace() for c in value):
+        raise BadRequest(f"{name} must be an http:// or https:// URL, not {value!r}.")
+    return value
+
+
+def _token(name: str, value: str) -> str:
+    """A key someone pasted (Turnstile's): printable ASCII, no spaces."""
+    value = _text(name, value)
+    if value and not (value.isascii() and value.isprintable() and " " not in value):
+        raise BadRequest(f"{name} must be the key exactly as given, without spaces.")
     return value
 
 
@@ -115,10 +132,18 @@ class Options:
     retention_failed_days: float = 7.0
     log_retention_days: float = 90.0
     log_max_rows: int = 1_000_000
+    session_idle_minutes: int = 30
+    turnstile_site_key: str = ""
+    turnstile_secret: str = ""
+    turnstile_verify_url: str = TURNSTILE_VERIFY_URL
 
     @property
     def smtp_configured(self) -> bool:
         return bool(self.smtp_host)
+
+    @property
+    def turnstile_enabled(self) -> bool:
+        return bool(self.turnstile_site_key and self.turnstile_secret)
 
     @property
     def allowed_from_items(self) -> tuple[str, ...]:
@@ -166,16 +191,24 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "retention_failed_days": _number(0, 3650, integer=False),
     "log_retention_days": _number(1, 3650, integer=False),
     "log_max_rows": _number(1000, 10**9),
+    "session_idle_minutes": _number(1, 7 * 24 * 60),
+    "turnstile_site_key": _token,
+    "turnstile_secret": _token,
+    "turnstile_verify_url": _url,
 }
 OPTION_NAMES = tuple(f.name for f in fields(Options))
 assert set(PARSERS) == set(OPTION_NAMES)
 
 
-def parse_option(name: str, value: str) -> Any:
-    """Validate one `key=value`; raises ``BadRequest`` with a clear sentence."""
+def parse_option(name: str, value: str, label: str | None = None) -> Any:
+    """Validate one `key=value`; raises ``BadRequest`` with a clear sentence.
+
+    ``label`` is what the sentence calls the setting: the CLI names the key,
+    the admin UI the field's visible label; the rules are the same.
+    """
     if name not in PARSERS:
         raise BadRequest(f"Unknown setting {name!r}; known settings: {', '.join(OPTION_NAMES)}.")
-    return PARSERS[name](name, value)
+    return PARSERS[name](label or name, value)
 
 
 def to_text(value: Any) -> str:
@@ -199,3 +232,18 @@ def build_options(stored: dict[str, str]) -> Options:
 def check_consistency(options: Options) -> None:
     if options.retry_max_seconds < options.retry_base_seconds:
         raise BadRequest("retry_max_seconds must not be smaller than retry_base_seconds.")
+
+
+def describe_changes(before: Options, values: dict[str, Any], labels: dict[str, str] | None = None) -> str:
+    """'Port: 587 → 2525; Password changed' for the audit trail. Secret values never appear."""
+    parts = []
+    for name, value in values.items():
+        old = getattr(before, name)
+        if old == value:
+            continue
+        label = (labels or {}).get(name, name)
+        if name in SECRET_OPTIONS:
+            parts.append(f"{label} {'cleared' if not value else 'changed'}")
+        else:
+            parts.append(f"{label}: {to_text(old) or '(empty)'} → {to_text(value) or '(empty)'}")
+    return "; ".join(parts)

@@ -11,10 +11,12 @@ from .errors import BadRequest
 from .message import new_message_id, pack_stored, parse_payload
 from .resources import read_template
 from .store import LogEntry, NewMessage, Store, insert_log, insert_message, transaction
-from .tasks import build_queue
+from .tasks import RelayQueue, build_queue
 
 
-def enqueue_test_message(store: Store, settings: Settings, to: str) -> str:
+def enqueue_test_message(store: Store, settings: Settings, to: str, relay_queue: RelayQueue | None = None,
+                         source_ip: str | None = None) -> str:
+    """Queue the test email to ``to``; its id. ``relay_queue``: the caller's open queue, if it has one."""
     options = store.options()
     if not options.smtp_configured:
         raise BadRequest("SMTP delivery is not configured yet: set smtp_host (and the rest) first.")
@@ -34,6 +36,7 @@ def enqueue_test_message(store: Store, settings: Settings, to: str) -> str:
     with transaction(conn):
         insert_message(conn, record)
         insert_log(conn, LogEntry("accepted", "queued", message_id=message_id, sender=message.from_email,
-                                  recipients=to, subject=message.subject, detail="test email", ts=created))
-    build_queue(settings).enqueue(message_id)
+                                  recipients=to, subject=message.subject, detail="test email", ts=created,
+                                  source_ip=source_ip))
+    (relay_queue or build_queue(settings)).enqueue(message_id)
     return message_id

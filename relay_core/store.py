@@ -4,7 +4,8 @@ Every process opens its own connections (one per thread, see ``db.py``).
 Settings and API keys are cached per process and re-read only when the
 revision counter moves, so a change made by the CLI or another process takes
 effect everywhere without a restart. ``accounts.py`` holds the API keys and
-the admin; ``ledger.py`` the messages, claims and the log.
+the admin; ``sessions.py`` the admin's sign-in state; ``audit.py`` the audit
+trail; ``ledger.py`` the messages, claims and the log.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from . import crypto, migrations
-from .accounts import Accounts, ApiKey
+from .accounts import Accounts, Admin, ApiKey  # noqa: F401  (re-exported)
+from .audit import Audit, AuditEntry, insert_audit  # noqa: F401  (re-exported)
 from .config import ConfigError, Settings
 from .crypto import KeySet
 from .db import connect, transaction, write_lock  # noqa: F401  (re-exported)
 from .ledger import (FINAL_STATES, MAX_UNRECORDED_CLAIMS, ClaimedMessage, Ledger, LogEntry,  # noqa: F401
                      NewMessage, Paced, Recipient, insert_log, insert_message)
 from .options import SECRET_OPTIONS, Options, build_options, check_consistency, to_text
+from .sessions import AdminSession, Sessions  # noqa: F401  (re-exported)
 
 KEY_CHECK = "tspro-relay key check"
 
@@ -45,7 +48,7 @@ def _writable(directory: Path) -> bool:
     return writable and (not db.exists() or os.access(db, os.R_OK | os.W_OK))
 
 
-class Store(Accounts, Ledger):
+class Store(Accounts, Sessions, Audit, Ledger):
     """Thread-safe access to relay.db: each thread gets its own connection."""
 
     def __init__(self, path: Path, keys: KeySet) -> None:
@@ -132,8 +135,10 @@ class Store(Accounts, Ledger):
             with transaction(conn):
                 if conn.execute("SELECT 1 FROM admins LIMIT 1").fetchone() is None:
                     now = time.time()
-                    conn.execute("INSERT INTO admins (username, password_hash, created_at, updated_at)"
-                                 " VALUES (?, ?, ?, ?)", (settings.admin_user, hashed, now, now))
+                    # A password chosen before anyone signed in (the seed, or one we
+                    # generated and printed) must be changed at the first sign-in.
+                    conn.execute("INSERT INTO admins (username, password_hash, must_change, created_at,"
+                                 " updated_at) VALUES (?, ?, 1, ?, ?)", (settings.admin_user, hashed, now, now))
                     report.admin_created = True
             if not report.admin_created:
                 report.admin_password_generated = None
@@ -172,8 +177,11 @@ class Store(Accounts, Ledger):
         """Settings and keys from one look at the revision counter (the send path's)."""
         return self._load_cache()
 
-    def set_options(self, values: dict[str, Any]) -> Options:
-        """Write validated, typed values; secrets are encrypted. All or nothing."""
+    def set_options(self, values: dict[str, Any], audit: tuple[str, str, str, str] | None = None) -> Options:
+        """Write validated, typed values; secrets are encrypted. All or nothing.
+
+        ``audit`` (actor, ip, action, detail) is recorded in the same transaction.
+        """
         current = self.options()
         merged = {**current.__dict__, **values}
         candidate = Options(**merged)
@@ -190,6 +198,8 @@ class Store(Accounts, Ledger):
                     " DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                     (name, text, now),
                 )
+            if audit is not None:
+                insert_audit(conn, *audit, ts=now)
             self._bump_rev(conn)
         return self.options()
 

@@ -64,6 +64,7 @@ class Sweeper:
             log_max_rows=options.log_max_rows,
             idempotency_seconds=24 * 3600,
         )
+        pruned["admin_sessions"] = self.store.prune_sessions(now, options.session_idle_minutes * 60)
         if any(pruned.values()):
             logger.info("retention: %s", pruned, extra=fields("sweep.retention", count=sum(pruned.values())))
         return len(ids)
