@@ -37,6 +37,7 @@ def authenticate(request: Request, keys: list[ApiKey] | None = None) -> ApiKey:
     key = _state(request).store.authenticate(token, keys) if token else None
     if key is None:
         raise Unauthorized("Missing or invalid API key: send the relay's key as 'Authorization: Bearer <key>'.")
+    _state(request).note_key_use(key.id)
     return key
 
 

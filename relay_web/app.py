@@ -1,4 +1,10 @@
-"""The web application factory: one route table, a lifespan that opens the store."""
+"""The web application factory: one route table, a lifespan that opens the store.
+
+The API (JSON under /api/ and /healthz) and the admin pages share one port
+and one route table. Errors answer in the shape of where they happened: the
+contract's JSON under /api/, an HTML error page elsewhere. The security
+headers middleware wraps everything, Starlette's own error answers included.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp
 
 from relay_core import crypto
 from relay_core.config import Settings
@@ -23,37 +30,48 @@ from relay_core.ratelimit import RateLimiter
 from relay_core.store import Store
 from relay_core.tasks import build_queue
 
-from . import api
+from . import admin, api
+from .admin.pages import error_page
+from .headers import SecurityHeaders
 from .state import AppState
 
 logger = logging.getLogger("relay.web")
 
 
-def routes() -> list[Route]:
+def routes() -> list[BaseRoute]:
     return [
         Route("/api/send", api.send, methods=["POST"], name="api_send"),
         Route("/api/messages/{message_id}", api.message_status, methods=["GET"], name="api_message"),
         Route("/api/health", api.api_health, methods=["GET"], name="api_health"),
         Route("/healthz", api.healthz, methods=["GET"], name="healthz"),
+        *admin.routes(),
     ]
+
+
+def _is_api(request: Request) -> bool:
+    return request.url.path.startswith("/api/") or request.url.path == "/healthz"
 
 
 async def relay_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RelayError)
     if request.url.path == "/api/send":
         await api.log_rejection(request, exc)
-    return api.error_response(request, exc)
+    if _is_api(request):
+        return api.error_response(request, exc)
+    return error_page(request, exc.status, exc.message)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own 404/405/413 become the contract's JSON under /api/."""
+    """Starlette's own 404/405/413 become the contract's JSON under /api/, a page elsewhere."""
     assert isinstance(exc, HTTPException)
-    if request.url.path.startswith("/api/") or request.url.path == "/healthz":
+    if _is_api(request):
         messages = {404: "No such API endpoint.", 405: f"{request.method} is not allowed here.",
                     413: "The request body is too large."}
         text = messages.get(exc.status_code, str(exc.detail))
         return JSONResponse({"ok": False, "error": text}, status_code=exc.status_code, headers=exc.headers)
-    return Response(str(exc.detail), status_code=exc.status_code, headers=exc.headers)
+    messages = {404: "There is no page at this address.", 405: f"{request.method} is not allowed on this page.",
+                413: "What was sent is too large."}
+    return error_page(request, exc.status_code, messages.get(exc.status_code, str(exc.detail)), exc.headers)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
@@ -61,11 +79,24 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, (sqlite3.Error, DecryptionError)):
         logger.error("the store is unavailable on %s %s: %s", request.method, request.url.path, exc,
                      extra=fields("web.store_unavailable", method=request.method, path=request.url.path))
-        return api.error_response(request, StoreUnavailable("The relay's message store is unavailable; try again."))
+        unavailable = StoreUnavailable("The relay's message store is unavailable; try again.")
+        if _is_api(request):
+            return api.error_response(request, unavailable)
+        return error_page(request, unavailable.status, unavailable.message)
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc,
                  extra=fields("web.error", method=request.method, path=request.url.path))
+    if not _is_api(request):
+        return error_page(request, 500, "The relay hit an internal error; nothing was completed. The details "
+                                        "are in the relay's log.")
     return JSONResponse({"ok": False, "error": "The relay hit an internal error; the request was not completed."},
                         status_code=500)
+
+
+class RelayApp(Starlette):
+    """Starlette with the security headers outside everything, its own error middleware included."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return SecurityHeaders(super().build_middleware_stack())
 
 
 def create_app(settings: Settings, store: Store | None = None) -> Starlette:
@@ -83,7 +114,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
         finally:
             intake.stop()
 
-    return Starlette(
+    return RelayApp(
         routes=routes(),
         lifespan=lifespan,
         exception_handlers={RelayError: relay_error, HTTPException: http_error, Exception: internal_error},

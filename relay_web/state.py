@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from relay_core import __version__
 from relay_core.config import Settings
 from relay_core.intake import Intake, Job
 from relay_core.ratelimit import RateLimiter
-from relay_core.store import Store
+from relay_core.store import Admin, Store
 from relay_core.tasks import RelayQueue
 
 WORKER_STALE_SECONDS = 60
@@ -24,6 +26,28 @@ class AppState:
     queue: RelayQueue
     intake: Intake
     limiter: RateLimiter
+    # scrypt takes ~128 MiB and a few hundred ms: at most two at once, whatever arrives.
+    password_checks: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
+    _key_uses: dict[int, float] = field(default_factory=dict)
+
+    def note_key_use(self, key_id: int, now: float | None = None) -> None:
+        """Record an API key's use, at most once a minute per key, through the group-commit writer."""
+        now = time.time() if now is None else now
+        if now - self._key_uses.get(key_id, 0.0) < 60:
+            return
+        self._key_uses[key_id] = now
+        store = self.store
+
+        def record(conn: sqlite3.Connection) -> tuple[None, list[str]]:
+            store.note_key_use(conn, key_id, now)
+            return None, []
+
+        self.intake.submit(record)
+
+    def check_password(self, username: str, password: str) -> Admin | None:
+        """``Store.verify_admin`` under the semaphore; call it from a worker thread."""
+        with self.password_checks:
+            return self.store.verify_admin(username, password)
 
     async def submit(self, job: Job) -> Any:
         return await asyncio.wrap_future(self.intake.submit(job))

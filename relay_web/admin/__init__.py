@@ -1,0 +1,41 @@
+"""The admin web interface: sign-in, the Queue page, Settings; served beside the API.
+
+``routes()`` is its part of the application's one route table. Modules:
+``sessions`` (cookie, CSRF, Origin, the ``require_admin`` guard), ``forms``
+(reading posts, per-field errors), ``templating`` (``render``, filters),
+``signin``, ``account``, ``settings_page``, ``keys``, ``checks``, ``pages``,
+``turnstile``.
+"""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from . import account, checks, keys, pages, settings_page, signin
+from .templating import STATIC_DIR
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route("/", pages.dashboard, methods=["GET"], name="dashboard"),
+        Route("/login", signin.login_page, methods=["GET"], name="login_page"),
+        Route("/login", signin.login, methods=["POST"], name="login"),
+        Route("/logout", signin.logout, methods=["POST"], name="logout"),
+        Route("/account/password", account.change_password_page, methods=["GET"], name="change_password_page"),
+        Route("/account/password", account.change_password, methods=["POST"], name="change_password"),
+        Route("/settings", settings_page.settings_page, methods=["GET"], name="settings"),
+        Route("/settings/smtp", settings_page.save_smtp, methods=["POST"], name="settings_smtp"),
+        Route("/settings/smtp/test", checks.test_connection, methods=["POST"], name="settings_smtp_test"),
+        Route("/settings/delivery", settings_page.save_delivery, methods=["POST"], name="settings_delivery"),
+        Route("/settings/signin", settings_page.save_signin, methods=["POST"], name="settings_signin"),
+        Route("/settings/account", account.save_account, methods=["POST"], name="settings_account"),
+        Route("/settings/test-email", checks.send_test_email, methods=["POST"], name="test_email"),
+        Route("/settings/test-email/{message_id}", checks.test_email_status, methods=["GET"],
+              name="test_email_status"),
+        Route("/settings/api-keys", keys.add, methods=["POST"], name="api_key_add"),
+        Route("/settings/api-keys/new", keys.generate, methods=["POST"], name="api_key_new"),
+        Route("/settings/api-keys/{key_id:int}/reveal", keys.reveal, methods=["POST"], name="api_key_reveal"),
+        Route("/settings/api-keys/{key_id:int}/revoke", keys.revoke, methods=["POST"], name="api_key_revoke"),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]

@@ -1,0 +1,236 @@
+"""The admin's session cookie, CSRF tokens, the Origin check and the sign-in guard.
+
+- The cookie holds a random session id signed with the HKDF session key
+  (itsdangerous); the row it names is in the store (``relay_core.sessions``),
+  so deleting the row is signing out, whatever the browser still holds.
+  HttpOnly, SameSite=Lax, Secure unless RELAY_INSECURE_COOKIES=1.
+- A CSRF token is an HMAC of the session id: nothing more to store, and it
+  dies with the session. Before sign-in, a signed random nonce in its own
+  cookie plays that part for the sign-in form.
+- Every state-changing request must come from this site: its Origin (or,
+  without one, its Referer) names the Host it was sent to.
+- ``require_admin`` wraps an endpoint: no session → the sign-in page; a
+  password that must change → the change page; a POST → Origin, then CSRF.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import secrets
+from typing import Any, Awaitable, Callable
+from urllib.parse import quote, urlsplit
+
+from itsdangerous import BadSignature, Signer
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+
+from relay_core.errors import Forbidden
+from relay_core.sessions import AdminSession, session_hash
+
+from ..auth import client_ip
+from ..state import AppState
+from .forms import read_form
+
+SESSION_COOKIE = "relay_session"
+LOGIN_COOKIE = "relay_login"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+AUTO_REFRESH_HEADER = "x-auto-refresh"  # app.js sends it when it reloads a page by itself
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "x-csrf-token"
+FOREIGN_ORIGIN = ("This request did not come from the relay's own pages, so it was refused and nothing "
+                  "changed. Open the page again and retry.")
+BAD_TOKEN = ("This form has expired or did not come from the relay's own pages, so nothing changed. "
+             "Reload the page and try again.")
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def relay_state(request: Request) -> AppState:
+    return request.app.state.relay
+
+
+def _signer(request: Request, purpose: str) -> Signer:
+    return Signer(relay_state(request).store.keys.session_key, salt=f"relay-admin-{purpose}")
+
+
+def _token(request: Request, purpose: str, value: str) -> str:
+    key = relay_state(request).store.keys.session_key
+    return hmac.new(key, f"{purpose}|{value}".encode(), hashlib.sha256).hexdigest()
+
+
+def _unsign(request: Request, purpose: str, cookie: str | None) -> str | None:
+    if not cookie:
+        return None
+    try:
+        return _signer(request, purpose).unsign(cookie).decode()
+    except (BadSignature, UnicodeDecodeError):
+        return None
+
+
+def set_cookie(request: Request, response: Response, name: str, value: str) -> None:
+    response.set_cookie(name, value, httponly=True, samesite="lax", path="/",
+                        secure=not relay_state(request).settings.insecure_cookies)
+
+
+def clear_cookie(request: Request, response: Response, name: str) -> None:
+    response.delete_cookie(name, path="/", httponly=True, samesite="lax",
+                           secure=not relay_state(request).settings.insecure_cookies)
+
+
+# -- the session ------------------------------------------------------------------------
+def session_id(request: Request) -> str | None:
+    return _unsign(request, "session", request.cookies.get(SESSION_COOKIE))
+
+
+async def load_session(request: Request, touch: bool = True) -> AdminSession | None:
+    """The signed-in session of this request, or None; fills ``request.state`` for the templates."""
+    sid = session_id(request)
+    if sid is None:
+        return None
+    state = relay_state(request)
+    idle = state.store.options().session_idle_minutes * 60
+    session = await run_in_threadpool(state.store.find_session, sid, idle, None, touch)
+    if session is not None:
+        request.state.session = session
+        request.state.admin = session.admin
+        request.state.csrf_token = _token(request, "csrf", sid)
+    return session
+
+
+async def start_session(request: Request, response: Response, admin_id: int) -> None:
+    """A fresh session id at every sign-in; the one this browser held (if any) is deleted."""
+    state = relay_state(request)
+    new_id = secrets.token_urlsafe(32)
+    old = session_id(request)
+    await run_in_threadpool(state.store.create_session, admin_id, new_id, client_ip(request, state.settings),
+                            request.headers.get("user-agent", ""), None, session_hash(old) if old else None)
+    set_cookie(request, response, SESSION_COOKIE, _signer(request, "session").sign(new_id).decode())
+    clear_cookie(request, response, LOGIN_COOKIE)
+
+
+async def end_session(request: Request, response: Response) -> None:
+    sid = session_id(request)
+    if sid is not None:
+        await run_in_threadpool(relay_state(request).store.delete_session, sid)
+    clear_cookie(request, response, SESSION_COOKIE)
+
+
+# -- the sign-in form's token -------------------------------------------------------------
+def login_token(request: Request, response: Response | None = None) -> tuple[str, str | None]:
+    """The sign-in form's CSRF token, and the cookie to set when this browser has no nonce yet."""
+    nonce = _unsign(request, "login", request.cookies.get(LOGIN_COOKIE))
+    cookie = None
+    if nonce is None:
+        nonce = secrets.token_urlsafe(24)
+        cookie = _signer(request, "login").sign(nonce).decode()
+    return _token(request, "login", nonce), cookie
+
+
+def check_login_token(request: Request, form: dict[str, str]) -> None:
+    nonce = _unsign(request, "login", request.cookies.get(LOGIN_COOKIE))
+    sent = form.get(CSRF_FIELD, "")
+    if nonce is None or not sent or not hmac.compare_digest(sent, _token(request, "login", nonce)):
+        raise Forbidden(BAD_TOKEN)
+
+
+# -- origin and CSRF ------------------------------------------------------------------------
+def _netloc(url: str) -> str:
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if not host:
+        return ""
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    try:
+        port = parts.port
+    except ValueError:
+        return ""
+    if ":" in host:
+        host = f"[{host}]"
+    return host if port in (None, default) else f"{host}:{port}"
+
+
+def same_origin(request: Request) -> bool:
+    """The Origin header (or the Referer, when Origin is absent) names the Host this was sent to."""
+    host = request.headers.get("host", "").strip().lower()
+    if not host:
+        return False
+    source = request.headers.get("origin") or request.headers.get("referer") or ""
+    if not source or source == "null":
+        return False
+    netloc = _netloc(source)
+    if not netloc:
+        return False
+    # Host has no scheme: drop a default port on either side before comparing.
+    for default in (":80", ":443"):
+        if host.endswith(default):
+            host = host[: -len(default)]
+    return hmac.compare_digest(netloc, host)
+
+
+def check_origin(request: Request) -> None:
+    if request.method not in SAFE_METHODS and not same_origin(request):
+        raise Forbidden(FOREIGN_ORIGIN)
+
+
+async def check_csrf(request: Request) -> None:
+    urlencoded = request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded")
+    form = await read_form(request) if urlencoded else {}
+    sent = form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER, "")
+    expected = getattr(request.state, "csrf_token", "")
+    if not sent or not expected or not hmac.compare_digest(sent, expected):
+        raise Forbidden(BAD_TOKEN)
+
+
+# -- redirects -------------------------------------------------------------------------------
+def safe_next(value: str | None, default: str = "/") -> str:
+    """A local path to go to after sign-in; anything else (//evil, /\\evil, a scheme) → ``default``."""
+    if not value or not value.startswith("/") or value.startswith("//"):
+        return default
+    if "\\" in value or any(ord(c) < 0x21 or ord(c) == 0x7f for c in value):
+        return default
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc:
+        return default
+    return value
+
+
+def login_redirect(request: Request) -> Response:
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"/login?next={quote(here, safe='/')}", status_code=303)
+
+
+# -- the guard --------------------------------------------------------------------------------
+PASSWORD_CHANGE_PATH = "/account/password"
+
+
+def require_admin(endpoint: Endpoint | None = None, *, during_password_change: bool = False) -> Any:
+    """Only a signed-in admin gets through; see the module docstring for the order of checks.
+
+    ``during_password_change``: the endpoint stays open while the admin's
+    password must still be changed (the change page itself, sign-out).
+    """
+    def decorate(func: Endpoint) -> Endpoint:
+        @functools.wraps(func)
+        async def guarded(request: Request) -> Response:
+            check_origin(request)
+            touch = AUTO_REFRESH_HEADER not in request.headers  # a refreshing tab does not keep it alive
+            session = await load_session(request, touch=touch)
+            if session is None:
+                if "application/json" in request.headers.get("accept", ""):
+                    return JSONResponse({"ok": False, "error": "Sign in again: your session has ended."},
+                                        status_code=401)
+                return login_redirect(request)
+            if session.admin.must_change and not during_password_change:
+                return RedirectResponse(f"{PASSWORD_CHANGE_PATH}?next={quote(request.url.path, safe='/')}",
+                                        status_code=303)
+            if request.method not in SAFE_METHODS:
+                await check_csrf(request)
+            return await func(request)
+        return guarded
+
+    if endpoint is not None:
+        return decorate(endpoint)
+    return decorate

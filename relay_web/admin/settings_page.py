@@ -1,0 +1,183 @@
+"""The Settings page and its settings cards: SMTP delivery, retries and pacing, sign-in protection.
+
+Each card posts to its own endpoint. Bad input re-renders the page (400)
+with the card's fields as typed and each message next to its field, and
+saves nothing; a good post saves all of the card at once, records what
+changed in the audit trail (secrets as "changed", never their values), and
+redirects back with a notice. ``render_settings`` draws the whole page; the
+other card modules (keys, account, checks) use it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from relay_core.errors import BadRequest
+from relay_core.options import describe_changes, parse_option
+from relay_core.store import ApiKey
+
+from ..auth import client_ip
+from .forms import FormState, parse_fields, read_form
+from .sessions import relay_state, require_admin
+from .templating import render
+
+SMTP_LABELS = {
+    "smtp_host": "SMTP host", "smtp_port": "Port", "smtp_security": "Security", "smtp_username": "Username",
+    "default_from": "Default From email", "default_from_name": "Default From name",
+    "allowed_from": "Allowed From", "max_attach_mb": "Max attachment size (MB)",
+}
+SECURITY_CHOICES = [("starttls", "STARTTLS"), ("ssl", "SSL/TLS"), ("none", "None")]
+DELIVERY_LABELS = {
+    "retry_base_seconds": "First retry after (seconds)",
+    "retry_max_seconds": "Longest wait between retries (seconds)",
+    "max_age_hours": "Give up after (hours)",
+    "max_per_minute": "Deliveries per minute",
+    "max_per_hour": "Deliveries per hour",
+    "max_per_day": "Deliveries per day",
+}
+SIGNIN_LABELS = {"turnstile_site_key": "Turnstile site key", "session_idle_minutes": "Sign out after idle (minutes)"}
+ALL_LABELS = {**SMTP_LABELS, **DELIVERY_LABELS, **SIGNIN_LABELS, "smtp_password": "SMTP password",
+              "turnstile_secret": "Turnstile secret key"}
+NOTICES = {
+    "smtp": "SMTP settings saved.", "delivery": "Retries and pacing saved.",
+    "signin": "Sign-in protection saved.", "account": "Admin account saved.",
+    "revoked": "The key was revoked; requests with it now get 401.",
+}
+FINISHED = ("sent", "partial", "failed", "cancelled")
+
+
+def actor(request: Request) -> tuple[str, str]:
+    """Who is acting and from where, for the audit trail."""
+    return request.state.admin.username, client_ip(request, relay_state(request).settings)
+
+
+def _key_rows(request: Request, revealed: dict[int, str]) -> list[dict[str, Any]]:
+    store = relay_state(request).store
+    usage = store.api_key_usage()
+    keys: list[ApiKey] = sorted(store.api_keys(), key=lambda k: (k.revoked_at is not None, -k.id))
+    return [{**dataclasses.asdict(k), "last_used_at": usage.get(k.id), "secret": revealed.get(k.id)}
+            for k in keys]
+
+
+def _test_outcome(request: Request) -> dict[str, Any] | None:
+    message_id = request.query_params.get("test", "")
+    if not message_id:
+        return None
+    view = relay_state(request).store.message_status(message_id)
+    if view is None:
+        return None
+    return describe_test(view)
+
+
+def describe_test(view: dict[str, Any]) -> dict[str, Any]:
+    """The test email's state as the card shows it (and its JSON poll answers)."""
+    status = view["status"]
+    recipients = view.get("recipients") or []
+    if status == "sent":
+        detail = "Delivered: the mail server accepted it." + (
+            f" ({recipients[0]['code']} {recipients[0]['reply']})" if recipients and recipients[0].get("code") else "")
+    elif status in ("queued", "sending"):
+        detail = "Waiting for a worker to deliver it…"
+    elif status == "deferred":
+        detail = f"Not delivered yet; it will be retried. Last error: {view.get('last_error') or 'none'}"
+    else:
+        detail = view.get("last_error") or ""
+    return {"id": view["id"], "status": status, "detail": detail,
+            "to": ", ".join(r["address"] for r in recipients), "final": status in FINISHED}
+
+
+def render_settings(request: Request, forms: dict[str, FormState] | None = None, status_code: int = 200,
+                    revealed: dict[int, str] | None = None, notice: str = "") -> Response:
+    options = relay_state(request).store.options()
+    state = {
+        "smtp": FormState.from_options(options, list(SMTP_LABELS)),
+        "keys": FormState(),
+        "test_email": FormState(),
+        "account": FormState(values={"username": request.state.admin.username}),
+        "delivery": FormState.from_options(options, list(DELIVERY_LABELS)),
+        "signin": FormState.from_options(options, list(SIGNIN_LABELS)),
+        **(forms or {}),
+    }
+    keys = _key_rows(request, revealed or {})
+    primary = next((k for k in keys if k["is_primary"] and k["revoked_at"] is None), None)
+    return render(request, "settings.html", {
+        "forms_state": state,
+        "notice": notice or NOTICES.get(request.query_params.get("saved", ""), ""),
+        "security_choices": SECURITY_CHOICES,
+        "delivery_labels": DELIVERY_LABELS,
+        "smtp_password_set": bool(options.smtp_password),
+        "turnstile_secret_set": bool(options.turnstile_secret),
+        "keys": keys,
+        "primary": primary,
+        "test": _test_outcome(request),
+        "audit": relay_state(request).store.audit_entries(limit=20),
+    }, status_code=status_code)
+
+
+@require_admin
+async def settings_page(request: Request) -> Response:
+    return render_settings(request)
+
+
+async def _save(request: Request, card: str, values: dict[str, Any], shown: FormState, action: str) -> Response:
+    """Save a validated card, or show why not; audit what changed."""
+    store = relay_state(request).store
+    if shown.failed:
+        return render_settings(request, {card: shown}, status_code=400)
+    detail = describe_changes(store.options(), values, ALL_LABELS)
+    who, ip = actor(request)
+    try:
+        await run_in_threadpool(store.set_options, values, (who, ip, action, detail) if detail else None)
+    except BadRequest as exc:
+        shown.error = exc.message
+        return render_settings(request, {card: shown}, status_code=400)
+    return RedirectResponse(f"/settings?saved={card}#{card}", status_code=303)
+
+
+def parse_smtp(form: dict[str, str]) -> tuple[dict[str, Any], FormState]:
+    """The SMTP card's values; the password only when one was typed or clearing was asked."""
+    values, shown = parse_fields(form, SMTP_LABELS)
+    if form.get("clear_smtp_password") == "yes":
+        values["smtp_password"] = ""
+    elif form.get("smtp_password"):
+        values["smtp_password"] = form["smtp_password"]
+    return values, shown
+
+
+@require_admin
+async def save_smtp(request: Request) -> Response:
+    values, shown = parse_smtp(await read_form(request))
+    return await _save(request, "smtp", values, shown, "settings.smtp")
+
+
+@require_admin
+async def save_delivery(request: Request) -> Response:
+    values, shown = parse_fields(await read_form(request), DELIVERY_LABELS)
+    if not shown.failed and values["retry_max_seconds"] < values["retry_base_seconds"]:
+        shown.errors["retry_max_seconds"] = (f"{DELIVERY_LABELS['retry_max_seconds']} must not be shorter than "
+                                             f"the first retry ({values['retry_base_seconds']} seconds).")
+    return await _save(request, "delivery", values, shown, "settings.delivery")
+
+
+@require_admin
+async def save_signin(request: Request) -> Response:
+    form = await read_form(request)
+    values, shown = parse_fields(form, SIGNIN_LABELS)
+    if form.get("clear_turnstile_secret") == "yes":
+        values["turnstile_secret"] = ""
+    elif form.get("turnstile_secret"):
+        try:
+            values["turnstile_secret"] = parse_option("turnstile_secret", form["turnstile_secret"],
+                                                      ALL_LABELS["turnstile_secret"])
+        except BadRequest as exc:
+            shown.errors["turnstile_secret"] = exc.message
+    secret = values.get("turnstile_secret", relay_state(request).store.options().turnstile_secret)
+    if not shown.failed and values["turnstile_site_key"] and not secret:
+        shown.errors["turnstile_secret"] = "Enter the secret key too: Turnstile needs both keys."
+    return await _save(request, "signin", values, shown, "settings.signin")
+

@@ -1,0 +1,121 @@
+"""Signing in and out.
+
+POST /login runs, in order: the Origin check, the sign-in form's CSRF token,
+the lockout (5 failures a minute per IP or per username, counted in the
+store), Turnstile when it is on, then one scrypt. Success deletes whatever
+session the browser held, starts a new one, and sends an admin whose
+password is still a seeded or well-known one to the change page first.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from urllib.parse import quote
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from relay_core.accounts import WELL_KNOWN_PASSWORDS
+
+from ..auth import client_ip
+from ..headers import allow_turnstile
+from . import turnstile
+from .forms import FormState, read_form
+from .sessions import (LOGIN_COOKIE, PASSWORD_CHANGE_PATH, check_login_token, check_origin, end_session,
+                       load_session, login_token, relay_state, require_admin, safe_next, set_cookie,
+                       start_session)
+from .templating import render
+
+NOTICES = {
+    "signed_out": "You are signed out.",
+    "expired": "Your session ended; sign in again.",
+    "password_changed": "Your password was changed; sign in with the new one.",
+}
+
+
+def _lockout_message(until: float) -> str:
+    wait = max(1, math.ceil(until - time.time()))
+    return (f"Too many failed sign-ins. Signing in is locked for {wait} more second{'s' if wait != 1 else ''}; "
+            "wait, then try again with the right username and password.")
+
+
+def _login_page(request: Request, form: FormState, status_code: int = 200, notice: str = "") -> Response:
+    options = relay_state(request).store.options()
+    token, cookie = login_token(request)
+    if options.turnstile_enabled:
+        allow_turnstile(request)
+    response = render(request, "login.html", {
+        "form": form, "login_csrf": token, "notice": notice,
+        "turnstile_site_key": options.turnstile_site_key if options.turnstile_enabled else "",
+        "turnstile_script": turnstile.SCRIPT_URL,
+    }, status_code=status_code)
+    if cookie is not None:
+        set_cookie(request, response, LOGIN_COOKIE, cookie)
+    return response
+
+
+async def login_page(request: Request) -> Response:
+    next_path = safe_next(request.query_params.get("next"))
+    if await load_session(request) is not None:
+        return RedirectResponse(next_path, status_code=303)
+    notice = NOTICES.get(request.query_params.get("notice", ""), "")
+    return _login_page(request, FormState(values={"username": "", "next": next_path}), notice=notice)
+
+
+async def login(request: Request) -> Response:
+    check_origin(request)
+    form = await read_form(request)
+    check_login_token(request, form)
+    state = relay_state(request)
+    ip = client_ip(request, state.settings)
+    username = form.get("username", "").strip()
+    password = form.get("password", "")
+    shown = FormState(values={"username": username, "next": safe_next(form.get("next"))})
+
+    locked = await run_in_threadpool(state.store.locked_until, ip, username)
+    if locked is not None:
+        shown.error = _lockout_message(locked)
+        return _login_page(request, shown, status_code=429)
+    if not username or not password:
+        shown.error = "Enter your username and password."
+        return _login_page(request, shown, status_code=400)
+    options = state.store.options()
+    if options.turnstile_enabled:
+        try:
+            await run_in_threadpool(turnstile.verify, options, form.get(turnstile.RESPONSE_FIELD, ""), ip)
+        except turnstile.TurnstileFailed as exc:
+            shown.error = exc.message
+            return _login_page(request, shown, status_code=403)
+
+    admin = await run_in_threadpool(state.check_password, username, password)
+    if admin is None:
+        await run_in_threadpool(state.store.record_login_failure, ip, username)
+        locked = await run_in_threadpool(state.store.locked_until, ip, username)
+        shown.error = _lockout_message(locked) if locked else "Wrong username or password."
+        return _login_page(request, shown, status_code=429 if locked else 401)
+
+    await run_in_threadpool(state.store.clear_login_failures, username)
+    seeded = state.settings.admin_password is not None and password == str(state.settings.admin_password)
+    if not admin.must_change and (password in WELL_KNOWN_PASSWORDS or seeded):
+        await run_in_threadpool(state.store.require_password_change, admin.id)
+        admin = type(admin)(admin.id, admin.username, True)
+    await run_in_threadpool(state.store.record_audit, admin.username, ip, "admin.signin", "signed in")
+    target = shown.values["next"]
+    if admin.must_change:
+        target = f"{PASSWORD_CHANGE_PATH}?next={quote(target, safe='/')}"
+    response = RedirectResponse(target, status_code=303)
+    await start_session(request, response, admin.id)
+    return response
+
+
+@require_admin(during_password_change=True)
+async def logout(request: Request) -> Response:
+    state = relay_state(request)
+    admin = request.state.admin
+    await run_in_threadpool(state.store.record_audit, admin.username, client_ip(request, state.settings),
+                            "admin.signout", "signed out")
+    response = RedirectResponse("/login?notice=signed_out", status_code=303)
+    await end_session(request, response)
+    return response

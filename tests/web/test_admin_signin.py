@@ -1,0 +1,377 @@
+"""Signing in to the admin pages over HTTP: the forced change, lockout, sessions, CSRF, Origin,
+redirects and Turnstile. The real app, store and a real local Turnstile stand-in; nothing mocked."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from relay_core import crypto
+from relay_core.options import parse_option
+from relay_web.admin.sessions import safe_next
+from relay_web.app import create_app
+from admin_helpers import (ORIGIN, PASSWORD, SEED_PASSWORD, AdminClient, FakeTurnstile, admin_client,
+                           admin_settings, field_error, set_password, token_in)
+from support import free_port
+
+
+def db(client: AdminClient) -> sqlite3.Connection:
+    return sqlite3.connect(str(client.state.settings.db_path))
+
+
+def test_pages_send_a_signed_out_visitor_to_the_sign_in_page(tmp_path: Path) -> None:
+    with admin_client(admin_settings(tmp_path), sign_in=False) as client:
+        assert client.get("/").headers["location"] == "/login?next=/"
+        assert client.get("/settings").headers["location"] == "/login?next=/settings"
+        assert client.get("/settings/test-email/x", headers={"Accept": "application/json"}).status_code == 401
+        page = client.get("/login").text
+        assert 'for="f-username">Username</label>' in page and 'for="f-password">Password</label>' in page
+        assert ">Sign in</button>" in page
+
+
+def test_first_sign_in_with_the_seeded_password_forces_a_change(tmp_path: Path) -> None:
+    with admin_client(admin_settings(tmp_path), sign_in=False) as client:
+        response = client.sign_in(password=SEED_PASSWORD, next_path="/settings")
+        assert response.status_code == 303
+        assert response.headers["location"] == "/account/password?next=/settings"
+        first_cookie = client.session_cookie()
+        # No other page opens before the change.
+        for path in ("/", "/settings"):
+            assert client.get(path).headers["location"].startswith("/account/password")
+        assert client.post("/settings/smtp", {"smtp_host": "x.example"}, token_from="/account/password"
+                           ).headers["location"].startswith("/account/password")
+        assert client.state.store.options().smtp_host == ""
+
+        bad = [({"current_password": SEED_PASSWORD, "new_password": "abc", "confirm_password": "abc"},
+                 "new_password", "at least 8"),
+               ({"current_password": SEED_PASSWORD, "new_password": "long-enough-1", "confirm_password": "other-one-1"},
+                "confirm_password", "do not match"),
+               ({"current_password": "wrong-password", "new_password": "long-enough-1",
+                 "confirm_password": "long-enough-1"}, "current_password", "not your current password"),
+               ({"current_password": SEED_PASSWORD, "new_password": "change-me-on-first-login",
+                 "confirm_password": "change-me-on-first-login"}, "new_password", "choose another"),
+               ({"current_password": SEED_PASSWORD, "new_password": SEED_PASSWORD,
+                 "confirm_password": SEED_PASSWORD}, "new_password", "choose another")]
+        for fields, name, words in bad:
+            response = client.post("/account/password", {**fields, "next": "/settings"}, token_from="/account/password")
+            assert response.status_code == 400
+            assert words in field_error(response.text, name)
+            assert client.state.store.admin(1).must_change
+
+        response = client.post("/account/password", {"current_password": SEED_PASSWORD, "new_password": PASSWORD,
+                                                      "confirm_password": PASSWORD, "next": "/settings"},
+                               token_from="/account/password")
+        assert response.status_code == 303 and response.headers["location"] == "/settings"
+        assert client.session_cookie() != first_cookie  # a new session id once the password is the admin's own
+        assert client.get("/settings").status_code == 200
+        assert not client.state.store.admin(1).must_change
+        assert client.state.store.verify_admin("admin", PASSWORD) is not None
+        assert "password changed" in client.state.store.audit_entries()[0].detail
+
+
+def test_a_well_known_password_forces_a_change_even_when_not_flagged(tmp_path: Path) -> None:
+    with admin_client(admin_settings(tmp_path), sign_in=False) as client:
+        client.state.store.set_admin_password("admin", "change-me-on-first-login")  # must_change off
+        response = client.sign_in(password="change-me-on-first-login")
+        assert response.headers["location"] == "/account/password?next=/"
+        assert client.state.store.admin(1).must_change
+
+
+def test_five_failures_a_minute_lock_the_account_across_processes(tmp_path: Path) -> None:
+    settings = admin_settings(tmp_path, RELAY_TRUSTED_PROXIES="198.51.100.20")
+    with admin_client(settings, sign_in=False) as client:
+        set_password(client)
+        for attempt in range(4):
+            response = client.sign_in(password=f"wrong-{attempt}")
+            assert response.status_code == 401 and "Wrong username or password." in response.text
+            assert 'value="admin"' in response.text  # the username typed is kept
+        response = client.sign_in(password="wrong-4")
+        assert response.status_code == 429
+        assert "Too many failed sign-ins" in response.text and "locked for" in response.text
+        # Now even the right password is refused, from this IP...
+        assert client.sign_in().status_code == 429
+        # ...and for this account from anywhere, in another web process on the same data directory.
+        with TestClient(create_app(settings), base_url=ORIGIN, client=("198.51.100.20", 1)) as raw:
+            other = AdminClient(raw)
+            response = other.post("/login", {"username": "admin", "password": PASSWORD, "next": "/"},
+                                  token_from="/login", **{"X-Forwarded-For": "203.0.113.99"})
+            assert response.status_code == 429 and "Too many failed sign-ins" in response.text
+        # A minute later the lock opens.
+        with db(client) as conn:
+            conn.execute("UPDATE login_failures SET ts = ts - 61")
+        assert client.sign_in().status_code == 303
+
+
+def test_five_failures_from_one_ip_lock_that_ip(tmp_path: Path) -> None:
+    settings = admin_settings(tmp_path, RELAY_TRUSTED_PROXIES="198.51.100.20")
+    with admin_client(settings, sign_in=False) as client:
+        set_password(client)
+        attacker = {"X-Forwarded-For": "203.0.113.66"}
+        for attempt in range(5):
+            response = client.post("/login", {"username": f"guess{attempt}", "password": "x", "next": "/"},
+                                   token_from="/login", **attacker)
+        assert response.status_code == 429
+        response = client.post("/login", {"username": "admin", "password": PASSWORD, "next": "/"},
+                               token_from="/login", **attacker)
+        assert response.status_code == 429
+        # The admin, from elsewhere, is not locked out by someone else's guesses at other names.
+        response = client.post("/login", {"username": "admin", "password": PASSWORD, "next": "/"},
+                               token_from="/login", **{"X-Forwarded-For": "192.0.2.10"})
+        assert response.status_code == 303
+
+
+def test_a_new_session_id_at_every_sign_in_and_the_old_one_dies(tmp_path: Path) -> None:
+    with admin_client(admin_settings(tmp_path)) as client:
+        first = client.session_cookie()
+        assert first
+        # Sign in again from a sign-in page opened in this browser, the old session cookie still held.
+        client.client.cookies.delete("relay_session")
+        token = client.token("/login")
+        client.replay_session_cookie(first)
+        response = client.post("/login", {"username": "admin", "password": PASSWORD, "next": "/"}, token=token)
+        second = client.session_cookie()
+        assert response.status_code == 303 and second and second != first
+        client.replay_session_cookie(first)
+        assert client.get("/settings").headers["location"] == "/login?next=/settings"
+        with db(client) as conn:
+            stored = [row[0] for row in conn.execute("SELECT id_hash FROM admin_sessions")]
+        assert len(stored) == 1
+        raw_id = second.split(".")[0]
+        assert stored == [hashlib.sha256(raw_id.encode()).hexdigest()]  # the id itself is not stored
+
+
+def test_the_session_cookie_is_httponly_lax_and_secure_unless_told(tmp_path: Path) -> None:
+    with admin_client(admin_settings(tmp_path), sign_in=False) as client:
+        set_password(client)
+        cookie = client.sign_in().headers["set-cookie"]
+        assert "relay_session=" in cookie and "HttpOnly" in cookie and "SameSite=lax" in cookie
+        assert "Secure" not in cookie.split("relay_login")[0]
+    secure = admin_settings(tmp_path / "secure")
+    secure = type(secure)(**{**secure.__dict__, "insecure_cookies": False})
+    with TestClient(create_app(secure), base_url="https://testserver") as raw:
+        client = AdminClient(raw)
+        set_password(client)
+        response = client.post("/login", {"username": "admin", "password": PASSWORD, "next": "/"},
+                               token_from="/login", origin="https://testserver")
+        assert response.status_code == 303
+        assert "Secure" in response.headers["set-cookie"].split("relay_login")[0]
+
+
+def test_an_idle_session_expires(tmp_path: Path) -> None:
+    with admin_client(admin_settings(tmp_path)) as client:
+        client.state.store.set_options({"session_idle_minutes": parse_option("session_idle_minutes", "5")})
+        assert client.get("/settings").status_code == 200
+        with db(client) as conn:
+            conn.execute("UPDATE admin_sessions SET last_seen = last_seen - 4 * 60")
+        assert client.get("/settings").status_code == 200  # 4 minutes idle: still signed in
+        with db(client) as conn:
+            conn.execute("UPDATE admin_sessions SET last_seen = last_seen - 6 * 60")
+        assert client.get("/settings").headers["location"] == "/login?next=/settings"
+        with db(client) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM admin_sessions").fetchone()[0] == 0
+
+
+def test_an_automatic_refresh_does_not_keep_a_session_alive(tmp_path: Path) -> None:
+    with admin_client(admin_settings(tmp_path)) as client:
+        with db(client) as conn:
+            conn.execute("UPDATE admin_sessions SET last_seen = last_seen - 120")
+            before = conn.execute("SELECT last_seen FROM admin_sessions").fetchone()[0]
+        assert client.get("/", headers={"X-Auto-Refresh": "1"}).status_code == 200
+        with db(client) as conn:
+            assert conn.execute("SELECT last_seen FROM admin_sessions").fetchone()[0] == before
+        assert client.get("/").status_code == 200
+        with db(client) as conn:
+            assert conn.execute("SELECT last_seen FROM admin_sessions").fetchone()[0] > before
+
+
+def test_sign_out_makes_a_replayed_cookie_useless(tmp_path: Path) -> None:
+    with admin_client(admin_settings(tmp_path)) as client:
+        cookie = client.session_cookie()
+        token = client.token()
+        response = client.post("/logout", token=token)
+        assert response.status_code == 303 and response.headers["location"] == "/login?notice=signed_out"
+        assert "You are signed out." in client.client.get(response.headers["location"]).text
+        client.replay_session_cookie(cookie)
+        assert client.get("/settings").headers["location"] == "/login?next=/settings"
+        response = client.post("/settings/smtp", {"smtp_host": "evil.example", "smtp_port": "25"}, token=token)
+        assert response.headers["location"].startswith("/login")
+        assert client.state.store.options().smtp_host == ""
+        assert [e.action for e in client.state.store.audit_entries()][:2] == ["admin.signout", "admin.signin"]
+
+
+SMTP_FORM = {"smtp_host": "mail.example.org", "smtp_port": "587", "smtp_security": "starttls", "smtp_username": "",
+             "default_from": "", "default_from_name": "", "allowed_from": "", "max_attach_mb": "25"}
+
+
+CSRF_CASES = ["no token", "wrong token", "token of another session", "foreign origin", "foreign referer",
+              "null origin", "no origin or referer"]
+
+
+def test_csrf_and_origin_failures_are_refused_and_change_nothing(tmp_path: Path) -> None:
+    with admin_client(admin_settings(tmp_path / "other")) as other:
+        foreign_token = other.token()
+    with admin_client(admin_settings(tmp_path)) as client:
+        for case in CSRF_CASES:
+            token: str | None = client.token()
+            origin: str | None = ORIGIN
+            headers: dict[str, str] = {}
+            if case == "no token":
+                token = None
+            elif case == "wrong token":
+                token = "0" * 64
+            elif case == "token of another session":
+                token = foreign_token
+            elif case == "foreign origin":
+                origin = "https://evil.example"
+            elif case == "foreign referer":
+                origin, headers = None, {"Referer": "https://evil.example/settings"}
+            elif case == "null origin":
+                origin = "null"
+            else:
+                origin = None
+            audit_before = len(client.state.store.audit_entries())
+            response = client.post("/settings/smtp", SMTP_FORM, token=token, origin=origin, **headers)
+            assert response.status_code == 403, case
+            assert "nothing changed" in response.text and "<h1>" in response.text  # the 403 page
+            assert client.state.store.options().smtp_host == ""
+            assert len(client.state.store.audit_entries()) == audit_before
+            # Sign-out is state-changing too.
+            response = client.post("/logout", token=token, origin=origin, **headers)
+            assert response.status_code == 403 and client.get("/settings").status_code == 200, case
+
+
+def test_a_same_origin_referer_stands_in_for_a_missing_origin(tmp_path: Path) -> None:
+    with admin_client(admin_settings(tmp_path)) as client:
+        response = client.post("/settings/smtp", SMTP_FORM, origin=None, Referer=f"{ORIGIN}/settings")
+        assert response.status_code == 303
+        assert client.state.store.options().smtp_host == "mail.example.org"
+
+
+def test_the_sign_in_form_needs_its_token_and_our_origin(tmp_path: Path) -> None:
+    with admin_client(admin_settings(tmp_path), sign_in=False) as client:
+        set_password(client)
+        fields = {"username": "admin", "password": PASSWORD, "next": "/"}
+        assert client.post("/login", fields, token=None).status_code == 403
+        assert client.post("/login", fields, token="x" * 64).status_code == 403
+        assert client.post("/login", fields, token_from="/login", origin="https://evil.example").status_code == 403
+        assert client.session_cookie() is None
+        assert client.post("/login", fields, token_from="/login").status_code == 303
+
+
+OFFSITE = ["//evil.example/", "/\\evil.example", "https://evil.example/x", "javascript:alert(1)",
+           "\\\\evil.example", "/\t/evil.example", "http:/evil.example", "evil.example", "/\n/evil.example"]
+
+
+def test_next_never_leaves_the_site(tmp_path: Path) -> None:
+    with admin_client(admin_settings(tmp_path), sign_in=False) as client:
+        set_password(client)
+        for target in OFFSITE[:3]:  # through the sign-in form (each costs a password check)...
+            client.client.cookies.delete("relay_session")
+            assert client.sign_in(next_path=target).headers["location"] == "/", target
+        for target in OFFSITE:  # ...and all of them through the signed-in visit to /login
+            assert safe_next(target) == "/", target
+            assert client.get("/login", params={"next": target}).headers["location"] == "/", target
+        client.client.cookies.delete("relay_session")
+        page = client.client.get("/login", params={"next": "//evil.example/"}).text
+        assert 'name="next" value="/"' in page
+
+
+def test_next_keeps_a_local_path(tmp_path: Path) -> None:
+    assert safe_next("/settings?saved=smtp") == "/settings?saved=smtp"
+    with admin_client(admin_settings(tmp_path), sign_in=False) as client:
+        set_password(client)
+        login = client.get("/settings")
+        assert login.headers["location"] == "/login?next=/settings"
+        assert client.sign_in(next_path="/settings").headers["location"] == "/settings"
+
+
+def test_a_weak_password_hash_is_upgraded_at_sign_in(tmp_path: Path) -> None:
+    with admin_client(admin_settings(tmp_path), sign_in=False) as client:
+        salt = os.urandom(16)
+        digest = hashlib.scrypt(PASSWORD.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
+        weak = f"scrypt${2**14}$8$1${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+        assert crypto.needs_rehash(weak) and not crypto.needs_rehash(crypto.hash_password("x"))
+        with db(client) as conn:
+            conn.execute("UPDATE admins SET password_hash = ?, must_change = 0", (weak,))
+        assert client.sign_in(password="not-it").status_code == 401
+        with db(client) as conn:
+            assert conn.execute("SELECT password_hash FROM admins").fetchone()[0] == weak  # only on success
+        assert client.sign_in().status_code == 303
+        with db(client) as conn:
+            upgraded = conn.execute("SELECT password_hash FROM admins").fetchone()[0]
+        assert upgraded.startswith(f"scrypt${crypto.SCRYPT_N}$") and crypto.verify_password(PASSWORD, upgraded)
+
+
+# -- Turnstile ---------------------------------------------------------------------------------
+def turnstile_on(client: AdminClient, url: str) -> None:
+    client.state.store.set_options({
+        "turnstile_site_key": parse_option("turnstile_site_key", "0x4AAAAAAA-site"),
+        "turnstile_secret": parse_option("turnstile_secret", "0x4AAAAAAA-secret-value"),
+        "turnstile_verify_url": parse_option("turnstile_verify_url", url),
+    })
+
+
+def turnstile_sign_in(client: AdminClient, token: str | None) -> object:
+    fields = {"username": "admin", "password": PASSWORD, "next": "/"}
+    if token is not None:
+        fields["cf-turnstile-response"] = token
+    return client.post("/login", fields, token_from="/login")
+
+
+def test_turnstile_passes_fails_and_fails_closed(tmp_path: Path) -> None:
+    with FakeTurnstile() as verifier, admin_client(admin_settings(tmp_path), sign_in=False) as client:
+        set_password(client)
+        page = client.get("/login")
+        assert "challenges.cloudflare.com" not in page.headers["content-security-policy"]
+        assert "cf-turnstile" not in page.text
+        turnstile_on(client, verifier.url)
+        page = client.get("/login")
+        assert 'class="cf-turnstile" data-sitekey="0x4AAAAAAA-site"' in page.text
+        assert "script-src 'self' https://challenges.cloudflare.com" in page.headers["content-security-policy"]
+        assert "frame-src 'self' https://challenges.cloudflare.com" in page.headers["content-security-policy"]
+        assert "challenges.cloudflare.com" not in client.get("/healthz").headers["content-security-policy"]
+
+        response = turnstile_sign_in(client, None)
+        assert response.status_code == 403 and "Complete the bot check" in response.text
+        response = turnstile_sign_in(client, "fail-token")
+        assert response.status_code == 403 and "did not pass" in response.text
+        assert client.session_cookie() is None
+        response = turnstile_sign_in(client, "error-token")
+        assert response.status_code == 403 and "could not be verified" in response.text
+        response = turnstile_sign_in(client, "pass-token")
+        assert response.status_code == 303 and client.session_cookie()
+        assert [c["response"] for c in verifier.calls] == ["fail-token", "error-token", "pass-token"]
+        assert all(c["secret"] == "0x4AAAAAAA-secret-value" and c["remoteip"] == "198.51.100.20"
+                   for c in verifier.calls)
+
+
+def test_turnstile_unreachable_refuses_sign_in(tmp_path: Path) -> None:
+    with admin_client(admin_settings(tmp_path), sign_in=False) as client:
+        set_password(client)
+        turnstile_on(client, f"http://127.0.0.1:{free_port()}/siteverify")  # nothing listens there
+        response = turnstile_sign_in(client, "pass-token")
+        assert response.status_code == 403
+        assert "could not be verified" in response.text and "sign-in is refused" in response.text
+        assert client.session_cookie() is None
+
+
+def test_cli_password_reset_signs_every_browser_out(tmp_path: Path) -> None:
+    with admin_client(admin_settings(tmp_path)) as client:
+        assert client.get("/settings").status_code == 200
+        client.state.store.set_admin_password("admin", "reset-by-cli-1")
+        assert client.get("/settings").headers["location"].startswith("/login")
+
+
+def test_login_page_token_is_tied_to_its_cookie(tmp_path: Path) -> None:
+    with admin_client(admin_settings(tmp_path), sign_in=False) as client:
+        set_password(client)
+        token = token_in(client.get("/login").text)
+        client.client.cookies.delete("relay_login")
+        response = client.post("/login", {"username": "admin", "password": PASSWORD, "next": "/"}, token=token)
+        assert response.status_code == 403
