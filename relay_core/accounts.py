@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import functools
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 
 from . import crypto
 from .crypto import KeySet
-from .db import transaction
+from .db import Connection, transaction
 from .options import Options
 
 
@@ -53,23 +52,24 @@ class Accounts:
 
     keys: KeySet
 
-    def conn(self) -> sqlite3.Connection:
+    def conn(self) -> Connection:
         raise NotImplementedError
 
     def _load_cache(self) -> tuple[Options, list[ApiKey]]:
         raise NotImplementedError
 
-    def _bump_rev(self, conn: sqlite3.Connection) -> None:
+    def _bump_rev(self, conn: Connection) -> None:
         raise NotImplementedError
 
     # -- API keys ----------------------------------------------------------
-    def _insert_api_key(self, conn: sqlite3.Connection, label: str, key: str, primary: bool) -> int:
-        cur = conn.execute(
-            "INSERT INTO api_keys (label, lookup, secret, is_primary, created_at) VALUES (?, ?, ?, ?, ?)",
+    def _insert_api_key(self, conn: Connection, label: str, key: str, primary: bool) -> int:
+        row = conn.execute(
+            "INSERT INTO api_keys (label, lookup, secret, is_primary, created_at) VALUES (?, ?, ?, ?, ?)"
+            " RETURNING id",
             (label, self.keys.lookup_hash(key), self.keys.encrypt_text(key), int(primary), time.time()),
-        )
+        ).fetchone()
         self._bump_rev(conn)
-        return int(cur.lastrowid or 0)
+        return int(row[0])
 
     def api_keys(self) -> list[ApiKey]:
         return self._load_cache()[1]

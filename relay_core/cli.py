@@ -16,10 +16,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 from . import crypto, health
 from .config import ConfigError, Settings, load_settings
+from .db import StoreInUse
 from .errors import RelayError
 from .options import OPTION_NAMES, SECRET_OPTIONS, parse_option, to_text
 from .store import Store
@@ -73,7 +74,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """Web and worker as two child processes; Ctrl-C or SIGTERM stops both cleanly."""
-    _open_store(settings)  # migrate and seed once, before two processes race to
+    from .tasks import check_queue
+    check_queue(settings)
+    _open_store(settings).shutdown()  # migrate and seed once, before two processes race to
     base = [sys.executable, "-m", "relay_core.cli"]
     # Own sessions: Ctrl-C in a terminal signals the whole foreground group, and a
     # second SIGINT can turn the worker's graceful stop into an immediate one.
@@ -215,6 +218,9 @@ def cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.database_url:
+        return _fail("the store is in PostgreSQL (RELAY_DATABASE_URL): back it up with pg_dump; "
+                     "backup copies relay.db only.")
     store = _open_store(settings)
     target = Path(args.file)
     if target.exists():
@@ -223,7 +229,7 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
     os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # subjects and addresses are in clear
     destination = sqlite3.connect(str(target))
     with destination:
-        store.conn().backup(destination)
+        cast(sqlite3.Connection, store.conn()).backup(destination)
     destination.close()
     print(f"Backed up {settings.db_path} to {target}.")
     return 0
@@ -312,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
         _act_as_data_owner(settings)
         return _dispatch(args, settings)
-    except ConfigError as exc:
+    except (ConfigError, StoreInUse) as exc:
         return _fail(str(exc), 2)
 
 

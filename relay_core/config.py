@@ -53,6 +53,7 @@ class Settings:
     worker_threads: int = 8
     metrics: bool = False
     metrics_token: Secret | None = None
+    database_url: Secret | None = None  # PostgreSQL instead of relay.db; it may hold a password
 
     @property
     def db_path(self) -> Path:
@@ -120,6 +121,21 @@ def _parse_proxies(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Ne
     return tuple(networks)
 
 
+def parse_database_url(value: str, name: str = "RELAY_DATABASE_URL") -> Secret | None:
+    """A postgresql:// URL (kept as a ``Secret``: it may hold a password), or None when empty."""
+    url = value.strip()
+    if not url:
+        return None
+    if not url.startswith(("postgresql://", "postgres://")):
+        shown = url.split("://", 1)[0] + "://..." if "://" in url else "a value without a scheme"
+        raise ConfigError(
+            f"{name} must be a PostgreSQL URL (postgresql://user:password@host:5432/dbname), not {shown}"
+            + ("; leave it unset to keep the store in relay.db in the data directory." if name.startswith("RELAY")
+               else ".")
+        )
+    return Secret(url)
+
+
 def _read_secret(env: Mapping[str, str]) -> str:
     secret = env.get("RELAY_SECRET_KEY", "")
     secret_file = env.get("RELAY_SECRET_KEY_FILE", "")
@@ -178,4 +194,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         worker_threads=_parse_int("RELAY_WORKER_THREADS", env.get("RELAY_WORKER_THREADS", "") or "8", 1),
         metrics=_parse_bool("RELAY_METRICS", env.get("RELAY_METRICS", "")),
         metrics_token=Secret(token) if token else None,
+        database_url=parse_database_url(env.get("RELAY_DATABASE_URL", "")),
     )

@@ -1,91 +1,118 @@
-"""SQLite plumbing: connections, the cross-process write lock, transactions.
+"""The store's database layer: one interface, two backends (SQLite, PostgreSQL).
 
-Every connection runs in WAL mode with a busy timeout, foreign keys on,
-``synchronous=FULL`` and manual transactions; writers take ``WriteLock``
-before ``BEGIN IMMEDIATE``.
+Store modules hold every SQL text, written once for both backends (``?``
+placeholders, ``ON CONFLICT``, ``RETURNING``). What differs lives behind
+this module, in ``db_sqlite.py`` and ``db_postgres.py``:
+
+- ``conn.execute(sql, params)`` / ``executemany`` with rows readable by name
+  and by index (``sqlite3.Row`` on SQLite, ``db_postgres.Row`` on PostgreSQL);
+- ``transaction(conn, durable=True)``: BEGIN IMMEDIATE under the write lock
+  on SQLite, BEGIN on a pooled connection on PostgreSQL; ``durable=False``
+  for writes whose loss to a power cut repeats work but loses nothing;
+- ``write_lock(conn)``: the SQLite cross-process writer lock (nothing on
+  PostgreSQL, where MVCC and row locks order writers);
+- ``serialize(conn, name)``: inside a transaction, wait until no other
+  transaction holds ``name`` (an advisory lock on PostgreSQL; nothing to do on
+  SQLite, whose writers already take turns) — for check-then-write code that
+  relied on that, such as the pacing count or first-boot seeding;
+- ``insert_row(conn, table, row, blob=...)``: SQLite streams a large body
+  through its blob API, PostgreSQL binds the bytes;
+- ``is_database_error(exc)``: either driver's errors.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
 import sqlite3
-import threading
-from contextlib import contextmanager
+import sys
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Iterator, Mapping, Protocol, Sequence
+
+from .db_sqlite import RelayConnection, SqliteDatabase, StoreInUse, WriteLock, connect  # noqa: F401
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 
-class WriteLock:
-    """One writer at a time across threads and processes, handed over without polling.
+class Cursor(Protocol):
+    rowcount: int
 
-    SQLite makes a writer that finds the database locked sleep and retry, with
-    sleeps growing to 100 ms, so under contention a web request could wait
-    behind a worker for a quarter of a second. Taking this lock (a thread lock,
-    then flock on a file beside the database) before BEGIN IMMEDIATE means the
-    next writer is woken the moment the previous one commits.
-    """
+    def fetchone(self) -> Any: ...
 
-    _registry: dict[str, "WriteLock"] = {}
-    _registry_lock = threading.Lock()
+    def fetchall(self) -> list[Any]: ...
 
-    def __init__(self, path: str) -> None:
-        self._thread_lock = threading.Lock()
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-
-    @classmethod
-    def for_database(cls, db_path: str) -> "WriteLock":
-        key = os.path.abspath(db_path)
-        with cls._registry_lock:
-            lock = cls._registry.get(key)
-            if lock is None:
-                lock = cls._registry[key] = cls(key + "-writelock")
-            return lock
-
-    def __enter__(self) -> None:
-        self._thread_lock.acquire()
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._thread_lock.release()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        self._thread_lock.release()
+    def __iter__(self) -> Iterator[Any]: ...
 
 
-class RelayConnection(sqlite3.Connection):
-    write_lock: WriteLock | None = None
+class Connection(Protocol):
+    """What the store modules may use of a connection, on either backend."""
+
+    dialect: str
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Any: ...
+
+    def transaction(self, durable: bool = True) -> ContextManager[Any]: ...
+
+    def exclusive(self) -> ContextManager[None]: ...
+
+    def take_turn(self, name: str) -> None: ...
+
+    def insert_row(self, table: str, row: Mapping[str, Any], blob: str | None = None) -> None: ...
+
+    def close(self) -> None: ...
 
 
-def connect(path: Path | str) -> sqlite3.Connection:
-    """A connection with WAL, a busy timeout, foreign keys and manual transactions."""
-    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False,
-                           factory=RelayConnection)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA busy_timeout = 30000")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("PRAGMA foreign_keys = ON")
-    conn.write_lock = WriteLock.for_database(str(path))
-    return conn
+class Database(Protocol):
+    """Where the store lives; hands out connections (one per thread, kept by ``Store``)."""
+
+    dialect: str
+
+    @property
+    def path(self) -> Path | None: ...  # relay.db, or None for PostgreSQL
+
+    def describe(self) -> str: ...
+
+    def connect(self) -> Any: ...
+
+    def close(self) -> None: ...
 
 
-def write_lock(conn: sqlite3.Connection) -> WriteLock | contextlib.nullcontext[None]:
-    lock = getattr(conn, "write_lock", None)
-    return lock if lock is not None else contextlib.nullcontext()
+def open_database(settings: "Settings") -> Database:
+    """PostgreSQL when RELAY_DATABASE_URL is set, else relay.db in the data directory."""
+    if settings.database_url:
+        from .db_postgres import PostgresDatabase  # psycopg is imported only by those who use it
+        return PostgresDatabase(str(settings.database_url), max_size=settings.worker_threads + 4)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return SqliteDatabase(settings.db_path)
 
 
-@contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE under the write lock; roll back on error."""
-    with write_lock(conn):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+def transaction(conn: Any, durable: bool = True) -> ContextManager[Any]:
+    """A write transaction, committed on success and rolled back on error."""
+    return conn.transaction(durable)  # type: ignore[no-any-return]
+
+
+def write_lock(conn: Any) -> ContextManager[None]:
+    """The SQLite writer lock (a no-op on PostgreSQL); ``transaction`` takes it itself."""
+    return conn.exclusive()  # type: ignore[no-any-return]
+
+
+def serialize(conn: Any, name: str) -> None:
+    """Inside a transaction: one transaction at a time past this point, per ``name``."""
+    conn.take_turn(name)
+
+
+def insert_row(conn: Any, table: str, row: Mapping[str, Any], blob: str | None = None) -> None:
+    """INSERT one row given as {column: value}; ``blob`` names a column that may be large."""
+    conn.insert_row(table, row, blob)
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """An error from the database driver (either backend), as opposed to a bug."""
+    if isinstance(exc, sqlite3.Error):
+        return True
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(exc, psycopg.Error)

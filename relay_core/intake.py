@@ -1,6 +1,7 @@
 """Group commit for the accept path.
 
-With ``synchronous=FULL`` every commit is an fsync, and SQLite serialises
+With ``synchronous=FULL`` (SQLite) or ``synchronous_commit=on``
+(PostgreSQL) every commit waits for a flush to disk, and SQLite serialises
 writers anyway. So the web process hands each write (an accepted message, a
 rejection for the log) to one writer thread, which takes everything waiting,
 runs each job in its own SAVEPOINT inside one transaction, commits once and
@@ -13,21 +14,20 @@ from __future__ import annotations
 
 import logging
 import queue
-import sqlite3
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .db import Connection, is_database_error, transaction
 from .errors import StoreUnavailable
 from .logs import fields
-from .db import write_lock
 from .store import Store
 from .tasks import RelayQueue
 
 logger = logging.getLogger("relay.intake")
 
-Job = Callable[[sqlite3.Connection], tuple[Any, list[str]]]
+Job = Callable[[Connection], tuple[Any, list[str]]]
 
 
 @dataclass
@@ -99,16 +99,25 @@ class Intake:
                 break
         self.store.close()
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
-        with write_lock(conn):
-            committed = self._commit_locked(conn, batch)
-        if committed is not None:
-            self._answer(committed)
-
-    def _commit_locked(self, conn: sqlite3.Connection, batch: list[_Pending]) -> list | None:
-        outcomes: list[tuple[_Pending, Any, list[str], BaseException | None]] = []
+    def _commit(self, conn: Connection, batch: list[_Pending]) -> None:
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            outcomes = self._run_batch(conn, batch)
+        except Exception as exc:
+            if not is_database_error(exc):
+                raise
+            logger.error("the store refused a batch of %d writes: %s", len(batch), exc,
+                         extra=fields("intake.store_refused", count=len(batch)))
+            error = StoreUnavailable("The relay's message store is unavailable; nothing was queued. Try again.")
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            return
+        self._answer(outcomes)
+
+    def _run_batch(self, conn: Connection, batch: list[_Pending]) -> list:
+        """One transaction; each job in a savepoint, so one job's error undoes only that job."""
+        outcomes: list[tuple[_Pending, Any, list[str], BaseException | None]] = []
+        with transaction(conn):
             for pending in batch:
                 conn.execute("SAVEPOINT job")
                 try:
@@ -120,16 +129,6 @@ class Intake:
                 else:
                     conn.execute("RELEASE job")
                     outcomes.append((pending, value, ids, None))
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            logger.error("the store refused a batch of %d writes: %s", len(batch), exc,
-                         extra=fields("intake.store_refused", count=len(batch)))
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            error = StoreUnavailable("The relay's message store is unavailable; nothing was queued. Try again.")
-            for pending in batch:
-                pending.future.set_exception(error)
-            return None
         return outcomes
 
     def _answer(self, outcomes: list) -> None:

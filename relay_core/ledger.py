@@ -5,20 +5,20 @@ answers 202; a worker claims a message with a conditional UPDATE checked by
 rowcount, so only one claimer ever delivers it (huey's ``dequeue`` and
 healthchecks' ``sendalerts`` use the same pattern), and only the lease holder
 records the outcome. Functions return dataclasses; raw rows stay in here.
+The SQL runs on both backends (see ``db.py``).
 """
 
 from __future__ import annotations
 
 import json
 import random
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import crypto
 from .crypto import KeySet
-from .db import transaction
+from .db import Connection, insert_row, serialize, transaction
 from .message import OutgoingMessage, message_id_header
 from .options import Options
 
@@ -26,7 +26,6 @@ FINAL_STATES = ("sent", "failed", "cancelled")
 # Claims with no outcome recorded (the worker died each time, say on a message
 # that crashes it) before the message is failed instead of taken once more.
 MAX_UNRECORDED_CLAIMS = 5
-BLOB_STREAM_THRESHOLD = 256 * 1024
 
 
 @dataclass
@@ -104,7 +103,7 @@ class ClaimedMessage:
         return self.keys.decrypt_body(self.sealed, self.id)
 
 
-def insert_log(conn: sqlite3.Connection, entry: LogEntry) -> None:
+def insert_log(conn: Connection, entry: LogEntry) -> None:
     conn.execute(
         "INSERT INTO log (ts, event, message_id, status, stage, code, detail, duration_ms,"
         " source_ip, sender, recipients, subject) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -114,22 +113,14 @@ def insert_log(conn: sqlite3.Connection, entry: LogEntry) -> None:
     )
 
 
-def insert_message(conn: sqlite3.Connection, msg: NewMessage) -> None:
-    # A large body is written through the blob API: binding it as a parameter
-    # would make SQLite copy it and keep that copy in the cached statement.
-    large = len(msg.body) > BLOB_STREAM_THRESHOLD
-    cur = conn.execute(
-        "INSERT INTO messages (id, status, source, api_key_id, created_at, updated_at,"
-        " next_attempt_at, enqueued_at, from_addr, from_name, envelope_from, subject,"
-        " message_id_header, size, body) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-        + ("zeroblob(?))" if large else "?)"),
-        (msg.id, msg.source, msg.api_key_id, msg.created_at, msg.created_at, msg.created_at,
-         msg.created_at, msg.from_addr, msg.from_name, msg.envelope_from, msg.subject,
-         msg.message_id_header, msg.size, len(msg.body) if large else msg.body),
-    )
-    if large:
-        with conn.blobopen("messages", "body", int(cur.lastrowid or 0)) as blob:
-            blob.write(msg.body)
+def insert_message(conn: Connection, msg: NewMessage) -> None:
+    insert_row(conn, "messages", {
+        "id": msg.id, "status": "queued", "source": msg.source, "api_key_id": msg.api_key_id,
+        "created_at": msg.created_at, "updated_at": msg.created_at, "next_attempt_at": msg.created_at,
+        "enqueued_at": msg.created_at, "from_addr": msg.from_addr, "from_name": msg.from_name,
+        "envelope_from": msg.envelope_from, "subject": msg.subject,
+        "message_id_header": msg.message_id_header, "size": msg.size, "body": msg.body,
+    }, blob="body")  # a large body is streamed on SQLite rather than bound (see db_sqlite)
     conn.executemany(
         "INSERT INTO recipients (message_id, position, address) VALUES (?, ?, ?)",
         [(msg.id, i, addr) for i, addr in enumerate(msg.recipients)],
@@ -144,7 +135,7 @@ class Paced:
     reason: str
 
 
-def _pacing_wait(conn: sqlite3.Connection, now: float,
+def _pacing_wait(conn: Connection, now: float,
                  limits: tuple[tuple[int, float], ...]) -> Paced | None:
     """When the next delivery may start, if any limit is reached now."""
     wait: Paced | None = None
@@ -164,7 +155,7 @@ def _pacing_wait(conn: sqlite3.Connection, now: float,
     return wait
 
 
-def _fail_interrupted(conn: sqlite3.Connection, message_id: str, interrupted: int, now: float) -> None:
+def _fail_interrupted(conn: Connection, message_id: str, interrupted: int, now: float) -> None:
     reason = (f"delivery was interrupted {interrupted} times with no outcome recorded (the worker stopped "
               "or crashed during each attempt); giving up")
     conn.execute("UPDATE messages SET status = 'failed', lease_owner = NULL, lease_expires_at = NULL,"
@@ -181,7 +172,7 @@ class Ledger:
 
     keys: KeySet
 
-    def conn(self) -> sqlite3.Connection:
+    def conn(self) -> Connection:
         raise NotImplementedError
 
     # -- messages: the accept side --------------------------------------------
@@ -190,7 +181,7 @@ class Ledger:
         with transaction(conn):
             insert_log(conn, entry)
 
-    def idempotent_answer(self, conn: sqlite3.Connection, api_key_id: int, key: str,
+    def idempotent_answer(self, conn: Connection, api_key_id: int, key: str,
                           since: float) -> tuple[str, int, dict[str, Any]] | None:
         row = conn.execute("SELECT request_hash, status, response FROM idempotency"
                            " WHERE api_key_id = ? AND key = ? AND created_at >= ?",
@@ -199,11 +190,21 @@ class Ledger:
             return None
         return row["request_hash"], int(row["status"]), json.loads(row["response"])
 
-    def remember_answer(self, conn: sqlite3.Connection, api_key_id: int, key: str, request_hash: str,
-                        status: int, response: dict[str, Any]) -> None:
-        conn.execute("INSERT OR REPLACE INTO idempotency (api_key_id, key, request_hash, status, response,"
-                     " created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                     (api_key_id, key, request_hash, status, json.dumps(response), time.time()))
+    def remember_answer(self, conn: Connection, api_key_id: int, key: str, request_hash: str,
+                        status: int, response: dict[str, Any], since: float) -> bool:
+        """Record the answer to an Idempotency-Key, unless one newer than ``since`` is there.
+
+        False when another request with this key got there first: on
+        PostgreSQL, two web processes may race, and the second's insert waits
+        for the first's commit and then does nothing.
+        """
+        cur = conn.execute(
+            "INSERT INTO idempotency (api_key_id, key, request_hash, status, response, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (api_key_id, key) DO UPDATE SET"
+            " request_hash = excluded.request_hash, status = excluded.status, response = excluded.response,"
+            " created_at = excluded.created_at WHERE idempotency.created_at < ?",
+            (api_key_id, key, request_hash, status, json.dumps(response), time.time(), since))
+        return bool(cur.rowcount == 1)
 
     # -- messages: the delivery side -------------------------------------------
     def claim(self, message_id: str, owner: str, lease_seconds: float, now: float | None = None,
@@ -214,21 +215,14 @@ class Ledger:
         due yet, or it is finished: a duplicate wake-up is a harmless no-op.
         ``limits`` are (deliveries, per seconds) pairs; when one is reached the
         message goes back to deferred until a slot frees (``Paced``). The
-        count is taken under the write lock, so every worker process shares it.
+        count is taken under the write lock (an advisory lock on PostgreSQL),
+        so every worker process shares it.
         """
         now = time.time() if now is None else now
         conn = self.conn()
         # A claim lost to a power cut only means the message is claimed again;
         # the outcome recorded afterwards is committed with a full fsync.
-        conn.execute("PRAGMA synchronous = NORMAL")
-        try:
-            return self._claim(conn, message_id, owner, lease_seconds, now, limits)
-        finally:
-            conn.execute("PRAGMA synchronous = FULL")
-
-    def _claim(self, conn: sqlite3.Connection, message_id: str, owner: str, lease_seconds: float,
-               now: float, limits: tuple[tuple[int, float], ...]) -> ClaimedMessage | Paced | None:
-        with transaction(conn):
+        with transaction(conn, durable=False):
             cur = conn.execute(
                 "UPDATE messages SET status = 'sending', lease_owner = ?, lease_expires_at = ?,"
                 " updated_at = ?, claims = claims + 1"
@@ -242,6 +236,8 @@ class Ledger:
             if counts["claims"] - counts["attempts"] > MAX_UNRECORDED_CLAIMS:
                 _fail_interrupted(conn, message_id, counts["claims"] - counts["attempts"] - 1, now)
                 return None
+            if limits:
+                serialize(conn, "tspro-relay pacing")  # one count at a time across all workers
             paced = _pacing_wait(conn, now, limits)
             if paced is not None:
                 conn.execute(

@@ -60,3 +60,5 @@ def setup_logging(settings: Settings) -> None:
     root.setLevel(settings.log_level)
     # Huey logs two lines per task at INFO, which costs a third of its rate.
     logging.getLogger("huey").setLevel(logging.WARNING if root.level >= logging.INFO else logging.DEBUG)
+    # psycopg's pool logs every connection checkout at INFO.
+    logging.getLogger("psycopg.pool").setLevel(max(root.level, logging.WARNING))

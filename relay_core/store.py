@@ -1,6 +1,7 @@
-"""The store of record: relay.db, its settings, and the two halves mixed in.
+"""The store of record (relay.db, or PostgreSQL), its settings, and the two halves mixed in.
 
-Every process opens its own connections (one per thread, see ``db.py``).
+Every process opens its own connections (one per thread; on PostgreSQL each
+borrows from the process's pool, see ``db.py``).
 Settings and API keys are cached per process and re-read only when the
 revision counter moves, so a change made by the CLI or another process takes
 effect everywhere without a restart. ``accounts.py`` holds the API keys and
@@ -10,6 +11,7 @@ trail; ``ledger.py`` the messages, claims and the log.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -23,13 +25,15 @@ from .accounts import Accounts, Admin, ApiKey  # noqa: F401  (re-exported)
 from .audit import Audit, AuditEntry, insert_audit  # noqa: F401  (re-exported)
 from .config import ConfigError, Settings
 from .crypto import KeySet
-from .db import connect, transaction, write_lock  # noqa: F401  (re-exported)
+from .db import (Connection, Database, SqliteDatabase, connect, insert_row, open_database,  # noqa: F401
+                 serialize, transaction, write_lock)
 from .ledger import (FINAL_STATES, MAX_UNRECORDED_CLAIMS, ClaimedMessage, Ledger, LogEntry,  # noqa: F401
                      NewMessage, Paced, Recipient, insert_log, insert_message)
 from .options import SECRET_OPTIONS, Options, build_options, check_consistency, to_text
 from .sessions import AdminSession, Sessions  # noqa: F401  (re-exported)
 
 KEY_CHECK = "tspro-relay key check"
+MOVED_MARK = "moved_to"  # set in relay.db by migrate-store (see transfer.py)
 
 
 @dataclass
@@ -49,10 +53,11 @@ def _writable(directory: Path) -> bool:
 
 
 class Store(Accounts, Sessions, Audit, Ledger):
-    """Thread-safe access to relay.db: each thread gets its own connection."""
+    """Thread-safe access to the store: each thread gets its own connection."""
 
-    def __init__(self, path: Path, keys: KeySet) -> None:
-        self.path = path
+    def __init__(self, database: Database | Path, keys: KeySet) -> None:
+        self.database: Database = SqliteDatabase(database) if isinstance(database, Path) else database
+        self.path = self.database.path  # relay.db, or None on PostgreSQL
         self.keys = keys
         self._local = threading.local()
         self._cache_lock = threading.Lock()
@@ -60,21 +65,42 @@ class Store(Accounts, Sessions, Audit, Ledger):
 
     @classmethod
     def open(cls, settings: Settings, keys: KeySet | None = None) -> "Store":
-        """Create the data directory, migrate and seed: the explicit start-up step."""
-        store = cls(settings.db_path, keys or crypto.derive_keys(settings))
+        """Open the database (creating the data directory for SQLite), migrate, check the secret.
+
+        The explicit start-up step. With PostgreSQL nothing is written to the
+        data directory: another host's process could not see it.
+        """
+        store: Store | None = None
         try:
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            store = cls(open_database(settings), keys or crypto.derive_keys(settings))
             store.migrate()
-        except (OSError, sqlite3.OperationalError) as exc:
-            if _writable(settings.data_dir):
-                raise
-            raise ConfigError(
-                f"The data directory '{settings.data_dir}' cannot be written by this user (uid {os.getuid()}): "
-                f"make it theirs (chown -R {os.getuid()} '{settings.data_dir}') or set RELAY_DATA_DIR to "
-                "a writable directory."
-            ) from exc
-        store.verify_secret()
+            store.check_not_moved()
+            store.verify_secret()
+        except BaseException as exc:
+            if store is not None:
+                store.shutdown()
+            if (isinstance(exc, (OSError, sqlite3.OperationalError)) and not settings.database_url
+                    and not _writable(settings.data_dir)):
+                raise ConfigError(
+                    f"The data directory '{settings.data_dir}' cannot be written by this user (uid {os.getuid()}): "
+                    f"make it theirs (chown -R {os.getuid()} '{settings.data_dir}') or set RELAY_DATA_DIR to "
+                    "a writable directory."
+                ) from exc
+            raise
         return store
+
+    def check_not_moved(self) -> None:
+        """Refuse a relay.db that migrate-store has moved: its mail now lives in PostgreSQL,
+        and a worker delivering from this copy would send it a second time."""
+        row = self.conn().execute("SELECT value FROM meta WHERE name = ?", (MOVED_MARK,)).fetchone()
+        if row is None:
+            return
+        mark = json.loads(row[0])
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(mark["at"]))
+        raise ConfigError(
+            f"{self.path} was moved to PostgreSQL ({mark['to']}) by `tspro-relay migrate-store` on {when} and "
+            "is kept only as a backup: set RELAY_DATABASE_URL (and RELAY_QUEUE_URL) to run on PostgreSQL."
+        )
 
     def verify_secret(self) -> None:
         """Refuse a RELAY_SECRET_KEY that cannot read this data directory's secrets.
@@ -86,39 +112,45 @@ class Store(Accounts, Sessions, Audit, Ledger):
         row = conn.execute("SELECT value FROM meta WHERE name = 'key_check'").fetchone()
         if row is None:
             with transaction(conn):
-                conn.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('key_check', ?)",
+                conn.execute("INSERT INTO meta (name, value) VALUES ('key_check', ?) ON CONFLICT (name) DO NOTHING",
                              (self.keys.encrypt_text(KEY_CHECK),))
             return
         try:
             self.keys.decrypt_text(row["value"])
         except crypto.DecryptionError:
             raise ConfigError(
-                f"RELAY_SECRET_KEY is not the key the data directory {self.path.parent} was created with, so its "
+                f"RELAY_SECRET_KEY is not the key {self.database.describe()} was created with, so its "
                 "stored secrets and queued mail cannot be read; use the original key (during a rotation, set "
                 "the original as RELAY_SECRET_KEY_OLD)."
             ) from None
 
     # -- connections ---------------------------------------------------
-    def conn(self) -> sqlite3.Connection:
+    def conn(self) -> Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = connect(self.path)
+            conn = self.database.connect()
             self._local.conn = conn
-        return conn
+        return conn  # type: ignore[no-any-return]
 
     def close(self) -> None:
+        """Close this thread's connection (other threads keep theirs)."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
 
+    def shutdown(self) -> None:
+        """Close this thread's connection and the database itself (the pool; the hold on relay.db)."""
+        self.close()
+        self.database.close()
+
     def migrate(self) -> list[str]:
         return migrations.migrate(self.conn())
 
-    def _bump_rev(self, conn: sqlite3.Connection) -> None:
+    def _bump_rev(self, conn: Connection) -> None:
         conn.execute(
             "INSERT INTO meta (name, value) VALUES ('rev', '1') ON CONFLICT(name)"
-            " DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+            " DO UPDATE SET value = CAST(CAST(meta.value AS INTEGER) + 1 AS TEXT)"
         )
 
     # -- first boot ------------------------------------------------------
@@ -133,6 +165,7 @@ class Store(Accounts, Sessions, Audit, Ledger):
                 report.admin_password_generated = password
             hashed = crypto.hash_password(password)
             with transaction(conn):
+                serialize(conn, "tspro-relay bootstrap")  # two processes booting at once seed once
                 if conn.execute("SELECT 1 FROM admins LIMIT 1").fetchone() is None:
                     now = time.time()
                     # A password chosen before anyone signed in (the seed, or one we
@@ -143,6 +176,7 @@ class Store(Accounts, Sessions, Audit, Ledger):
             if not report.admin_created:
                 report.admin_password_generated = None
         with transaction(conn):
+            serialize(conn, "tspro-relay bootstrap")
             if conn.execute("SELECT 1 FROM api_keys WHERE is_primary = 1 AND revoked_at IS NULL").fetchone() is None:
                 self._insert_api_key(conn, "portal", crypto.new_api_key(), primary=True)
                 report.api_key_created = True

@@ -76,10 +76,25 @@ class RelayQueue:
         return int(self.huey.scheduled_count())
 
 
+def is_shared_queue(url: str) -> bool:
+    return url.startswith(("redis://", "rediss://", "unix://"))
+
+
+def check_queue(settings: Settings) -> None:
+    """Refuse a queue other hosts cannot see when the store is one they can (PostgreSQL)."""
+    if settings.database_url and not is_shared_queue(settings.queue_url):
+        raise ConfigError(
+            "RELAY_DATABASE_URL puts the store in PostgreSQL, so the web process and workers may run on "
+            "different hosts, but the queue would be queue.db in this host's data directory, which they "
+            "cannot share: set RELAY_QUEUE_URL=redis://host:6379/0 for every process."
+        )
+
+
 def build_queue(settings: Settings) -> RelayQueue:
     """SqliteHuey at $RELAY_DATA_DIR/queue.db, or Redis when RELAY_QUEUE_URL says so."""
+    check_queue(settings)
     url = settings.queue_url
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if is_shared_queue(url):
         huey: Huey = RedisHuey("tspro-relay", url=url, results=False, utc=True)
     else:
         if url and not url.startswith("sqlite:"):

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from relay_core.errors import (BadRequest, Conflict, NotConfigured, NotFound, PayloadTooLarge,
-                               RateLimited, RelayError, Unauthorized)
+                               RateLimited, RelayError, StoreUnavailable, Unauthorized)
 from relay_core.message import new_message_id, pack_stored, parse_payload
 from relay_core.store import ApiKey, LogEntry, NewMessage, insert_log, insert_message
 
@@ -135,15 +135,16 @@ async def send(request: Request) -> JSONResponse:
                      ts=created)
 
     def accept(conn):  # type: ignore[no-untyped-def]
-        if idempotency_key:
-            # Checked again inside the write transaction: two repeats racing each other.
+        # The answer is claimed first, inside the write transaction: of two repeats
+        # racing each other (two web processes, on PostgreSQL), one stores the message.
+        if idempotency_key and not state.store.remember_answer(conn, key.id, idempotency_key, request_hash,
+                                                                202, answer, created - IDEMPOTENCY_WINDOW):
             earlier = replay(state, key.id, idempotency_key, request_hash, created, conn)
             if earlier is not None:
                 return earlier, []
+            raise StoreUnavailable("The relay could not settle this Idempotency-Key; nothing was queued. Try again.")
         insert_message(conn, record)
         insert_log(conn, entry)
-        if idempotency_key:
-            state.store.remember_answer(conn, key.id, idempotency_key, request_hash, 202, answer)
         return (202, answer), [message_id]
 
     status, response = await state.submit(accept)

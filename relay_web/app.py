@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sqlite3
 from typing import AsyncIterator
 
 from starlette.applications import Starlette
@@ -23,6 +22,7 @@ from starlette.types import ASGIApp
 from relay_core import crypto
 from relay_core.config import Settings
 from relay_core.crypto import DecryptionError
+from relay_core.db import is_database_error
 from relay_core.errors import RelayError, StoreUnavailable
 from relay_core.intake import Intake
 from relay_core.logs import fields
@@ -76,7 +76,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def internal_error(request: Request, exc: Exception) -> Response:
     """An unexpected error: logged once with its traceback, answered in the contract's shape."""
-    if isinstance(exc, (sqlite3.Error, DecryptionError)):
+    if is_database_error(exc) or isinstance(exc, DecryptionError):
         logger.error("the store is unavailable on %s %s: %s", request.method, request.url.path, exc,
                      extra=fields("web.store_unavailable", method=request.method, path=request.url.path))
         unavailable = StoreUnavailable("The relay's message store is unavailable; try again.")
@@ -103,6 +103,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         relay_store = store or Store.open(settings, crypto.derive_keys(settings))
+        owned = store is None
         relay_store.bootstrap(settings)
         relay_queue = build_queue(settings)
         intake = Intake(relay_store, relay_queue)
@@ -113,6 +114,8 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             yield
         finally:
             intake.stop()
+            if owned:
+                relay_store.shutdown()
 
     return RelayApp(
         routes=routes(),

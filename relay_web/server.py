@@ -10,6 +10,7 @@ import uvicorn
 from relay_core.config import Settings
 from relay_core.logs import setup_logging
 from relay_core.store import Store
+from relay_core.tasks import check_queue
 
 from .app import create_app
 
@@ -34,7 +35,8 @@ def _return_large_buffers_to_the_os() -> None:
 def serve(settings: Settings, host: str, port: int) -> int:
     setup_logging(settings)
     _return_large_buffers_to_the_os()
-    store = Store.open(settings)  # before uvicorn: a bad secret or data dir stops us with one sentence
+    check_queue(settings)  # before uvicorn: a bad queue, secret or data dir stops us with one sentence
+    store = Store.open(settings)
     config = uvicorn.Config(
         create_app(settings, store), host=host, port=port, loop="uvloop", http="httptools",
         access_log=False, log_config=None, log_level=settings.log_level.lower(),
@@ -44,4 +46,6 @@ def serve(settings: Settings, host: str, port: int) -> int:
         uvicorn.Server(config).run()
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C after its graceful shutdown; that is a clean stop
+    finally:
+        store.shutdown()
     return 0

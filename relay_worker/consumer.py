@@ -71,5 +71,6 @@ def main(settings: Settings) -> int:
         deliverer.close()
         store.forget_worker(name)
         unmark_worker(marker)
+        store.shutdown()
         logger.info("worker %s stopped", name, extra=fields("worker.stopped", worker=name))
     return 0

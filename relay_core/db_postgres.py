@@ -1,0 +1,333 @@
+"""The PostgreSQL backend (``RELAY_DATABASE_URL=postgresql://...``): psycopg 3 and a pool.
+
+The store modules write one SQL text for both backends (``?`` placeholders,
+``ON CONFLICT``, ``RETURNING``); ``PgConnection`` is what lets that text run
+here. It translates placeholders for psycopg, returns rows readable by name
+and by index as ``sqlite3.Row`` is, and borrows a pooled connection for one
+statement, or for the length of a ``transaction()``. So the number of
+server connections follows the work in flight, not the number of threads.
+
+Durability as on SQLite: every commit waits for its WAL flush
+(``synchronous_commit = on`` is set on every connection, whatever the
+server's default), except transactions opened with ``durable=False``.
+There is no process-wide write lock: MVCC and row locks order concurrent
+writers, and where the relay relies on one writer at a time (the pacing
+count, first-boot seeding, migrations) ``serialize(name)`` takes a
+transaction-scoped advisory lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import threading
+import urllib.parse
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import psycopg
+from psycopg import pq
+from psycopg.adapt import Loader
+from psycopg_pool import ConnectionPool
+
+from .config import ConfigError
+
+CONNECT_TIMEOUT = 10
+POOL_TIMEOUT = 15.0
+_TRANSLATIONS: dict[str, str] = {}
+_TRANSLATIONS_LOCK = threading.Lock()
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced, for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            netloc = userinfo.split(":", 1)[0] + ":***@" + host
+    query = "&".join(
+        f"{k}=***" if k == "password" else f"{k}={v}"
+        for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def translate(sql: str) -> str:
+    """``?`` placeholders to psycopg's ``%s``; a literal ``%`` doubled (psycopg parses every one).
+
+    A ``?`` inside a quoted string, a quoted identifier or a ``--`` comment is left alone.
+    """
+    cached = _TRANSLATIONS.get(sql)
+    if cached is not None:
+        return cached
+    out: list[str] = []
+    quote: str | None = None
+    i, n = 0, len(sql)
+    while i < n:
+        ch = sql[i]
+        if ch == "%":
+            out.append("%%")
+        elif quote is not None:
+            out.append(ch)
+            if ch == quote:
+                quote = None
+        elif ch in ("'", '"'):
+            quote = ch
+            out.append(ch)
+        elif ch == "-" and sql.startswith("--", i):
+            end = sql.find("\n", i)
+            end = n if end < 0 else end
+            out.append(sql[i:end].replace("%", "%%"))
+            i = end
+            continue
+        elif ch == "?":
+            out.append("%s")
+        else:
+            out.append(ch)
+        i += 1
+    result = "".join(out)
+    with _TRANSLATIONS_LOCK:
+        if len(_TRANSLATIONS) > 4096:  # only dynamic SQL could grow it this far
+            _TRANSLATIONS.clear()
+        _TRANSLATIONS[sql] = result
+    return result
+
+
+class Row(tuple):  # type: ignore[type-arg]
+    """A result row readable by index and by column name, like ``sqlite3.Row``."""
+
+    __slots__ = ()
+    _index: dict[str, int] = {}
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            try:
+                key = self._index[key]
+            except KeyError:
+                raise IndexError(f"no column named {key!r}") from None
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+
+@functools.lru_cache(maxsize=512)
+def _row_class(names: tuple[str, ...]) -> type[Row]:
+    return type("Row", (Row,), {"__slots__": (), "_index": {name: i for i, name in enumerate(names)}})
+
+
+def _row_factory(cursor: Any) -> Any:
+    description = cursor.description
+    if description is None:
+        return tuple
+    return _row_class(tuple(column.name for column in description))
+
+
+class _NumericLoader(Loader):
+    """NUMERIC (what SUM of a BIGINT column returns) as int or float, as SQLite gives, not Decimal."""
+
+    def load(self, data: Any) -> int | float:
+        text = bytes(data).decode()
+        try:
+            return int(text)
+        except ValueError:
+            return float(text)
+
+
+def _advisory_key(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+class Result:
+    """What ``execute`` returns: the rows already fetched, and the affected-row count."""
+
+    __slots__ = ("_rows", "_pos", "rowcount", "description")
+
+    def __init__(self, rows: list[Any], rowcount: int, description: Any) -> None:
+        self._rows, self._pos, self.rowcount, self.description = rows, 0, rowcount, description
+
+    def fetchone(self) -> Any:
+        if self._pos >= len(self._rows):
+            return None
+        self._pos += 1
+        return self._rows[self._pos - 1]
+
+    def fetchall(self) -> list[Any]:
+        rest, self._pos = self._rows[self._pos:], len(self._rows)
+        return rest
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.fetchall())
+
+
+def _run(raw: psycopg.Connection[Any], query: str, params: Sequence[Any]) -> Result:
+    cur = raw.execute(query, params)  # type: ignore[call-overload]
+    rows = cur.fetchall() if cur.description is not None else []
+    result = Result(rows, cur.rowcount, cur.description)
+    cur.close()
+    return result
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_sql(table: str, columns: tuple[str, ...]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})"
+
+
+class PgConnection:
+    """One thread's handle on the pool, with the sqlite3-like surface the store modules use."""
+
+    dialect = "postgresql"
+
+    def __init__(self, database: "PostgresDatabase") -> None:
+        self._database = database
+        self._raw: psycopg.Connection[Any] | None = None
+
+    @classmethod
+    def pinned(cls, raw: psycopg.Connection[Any]) -> "PgConnection":
+        """A handle on one connection outside any pool, inside its caller's transaction."""
+        conn = cls.__new__(cls)
+        conn._raw = raw
+        return conn
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._raw is not None and self._raw.info.transaction_status != pq.TransactionStatus.IDLE
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
+        query = translate(sql)
+        if self._raw is not None:
+            return _run(self._raw, query, params)
+        pool = self._database.pool
+        for attempt in (1, 2):
+            raw = pool.getconn()
+            try:
+                return _run(raw, query, params)
+            except psycopg.OperationalError:
+                # A pooled connection the server closed (a restart): a read may run again
+                # on a fresh one; a write may already have happened, so it is not repeated.
+                if attempt == 2 or not raw.broken or not query.lstrip()[:6].upper() == "SELECT":
+                    raise
+            finally:
+                pool.putconn(raw)
+        raise AssertionError("unreachable")
+
+    def executemany(self, sql: str, seq_of_params: Iterable[Sequence[Any]]) -> Result:
+        query, rows = translate(sql), list(seq_of_params)
+        with self._borrow() as raw:
+            if not rows:
+                return Result([], 0, None)
+            cur = raw.cursor()
+            cur.executemany(query, rows)  # type: ignore[call-overload]
+            result = Result([], cur.rowcount, None)
+            cur.close()
+            return result
+
+    @contextmanager
+    def _borrow(self) -> Iterator[psycopg.Connection[Any]]:
+        if self._raw is not None:
+            yield self._raw
+            return
+        with self._database.pool.connection() as raw:
+            yield raw
+
+    @contextmanager
+    def transaction(self, durable: bool = True) -> Iterator["PgConnection"]:
+        """BEGIN ... COMMIT on one pooled connection; roll back on error."""
+        if self._raw is not None:
+            raise RuntimeError("a transaction is already open on this connection")
+        pool = self._database.pool
+        raw = pool.getconn()
+        try:
+            raw.execute("BEGIN")
+        except psycopg.OperationalError:
+            pool.putconn(raw)
+            if not raw.broken:
+                raise
+            raw = pool.getconn()  # the server dropped that one; nothing ran yet, so try one more
+            try:
+                raw.execute("BEGIN")
+            except BaseException:
+                pool.putconn(raw)
+                raise
+        self._raw = raw
+        try:
+            if not durable:
+                raw.execute("SET LOCAL synchronous_commit = off")
+            try:
+                yield self
+            except BaseException:
+                with contextlib.suppress(psycopg.Error):
+                    raw.execute("ROLLBACK")
+                raise
+            raw.execute("COMMIT")
+        finally:
+            self._raw = None
+            pool.putconn(raw)
+
+    def exclusive(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
+
+    def take_turn(self, name: str) -> None:
+        """Wait for, then hold until this transaction ends, the lock called ``name``."""
+        if self._raw is None:
+            raise RuntimeError("take_turn() needs an open transaction")
+        self._raw.execute("SELECT pg_advisory_xact_lock(%s)", (_advisory_key(name),))
+
+    def insert_row(self, table: str, row: Mapping[str, Any], blob: str | None = None) -> None:
+        with self._borrow() as raw:
+            raw.execute(_insert_sql(table, tuple(row)), tuple(row.values())).close()
+
+    def raw(self) -> psycopg.Connection[Any]:
+        """The pinned connection inside a transaction (for COPY and other psycopg-only work)."""
+        if self._raw is None:
+            raise RuntimeError("raw() needs an open transaction")
+        return self._raw
+
+    def close(self) -> None:
+        """Nothing is held between statements; the pool closes with the database."""
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    conn.adapters.register_loader("numeric", _NumericLoader)
+    # Commit waits for the WAL flush, whatever the server's default: the 202 depends on it.
+    conn.execute("SET synchronous_commit = on")
+    conn.execute("SET application_name = 'tspro-relay'")
+
+
+def connect_once(url: str) -> psycopg.Connection[Any]:
+    """One connection outside any pool (migrate-store, tests), set up like the pool's."""
+    try:
+        conn = psycopg.connect(url, autocommit=True, row_factory=_row_factory, connect_timeout=CONNECT_TIMEOUT)
+    except psycopg.Error as exc:
+        raise ConfigError(f"Cannot connect to the PostgreSQL database {mask_url(url)}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    _configure(conn)
+    return conn
+
+
+class PostgresDatabase:
+    """A PostgreSQL store of record: one pool per process."""
+
+    dialect = "postgresql"
+    path = None
+
+    def __init__(self, url: str, max_size: int = 12) -> None:
+        self.url = url
+        connect_once(url).close()  # a wrong URL or password fails here, in one sentence
+        self.pool: ConnectionPool[Any] = ConnectionPool(
+            url, min_size=1, max_size=max(2, max_size), open=True, configure=_configure,
+            kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT},
+            timeout=POOL_TIMEOUT, name="tspro-relay",
+        )
+
+    def describe(self) -> str:
+        return f"the PostgreSQL database {mask_url(self.url)}"
+
+    def connect(self) -> PgConnection:
+        return PgConnection(self)
+
+    def close(self) -> None:
+        self.pool.close()
+

@@ -1,0 +1,254 @@
+"""The SQLite backend: relay.db in the data directory.
+
+Every connection runs in WAL mode with a busy timeout, foreign keys on,
+``synchronous=FULL`` and manual transactions; writers take ``WriteLock``
+before ``BEGIN IMMEDIATE``, so every write transaction is serialised across
+threads and processes (which is what makes a plain SELECT-then-write safe
+here, and why ``serialize`` has nothing to do).
+
+Every process that opens the store also holds a shared ``flock`` on
+``relay.db-inuse`` for as long as it may use it, so a command that must have
+the file to itself (``migrate-store``) can tell that a relay is running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import os
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+# Bodies above this are written through the blob API: binding one as a parameter
+# would make SQLite copy it and keep that copy in the cached statement.
+BLOB_STREAM_THRESHOLD = 256 * 1024
+
+
+class StoreInUse(Exception):
+    """Another process holds the SQLite store in a way that excludes this one."""
+
+
+class WriteLock:
+    """One writer at a time across threads and processes, handed over without polling.
+
+    SQLite makes a writer that finds the database locked sleep and retry, with
+    sleeps growing to 100 ms, so under contention a web request could wait
+    behind a worker for a quarter of a second. Taking this lock (a thread lock,
+    then flock on a file beside the database) before BEGIN IMMEDIATE means the
+    next writer is woken the moment the previous one commits.
+    """
+
+    _registry: dict[str, "WriteLock"] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, path: str) -> None:
+        self._thread_lock = threading.Lock()
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    @classmethod
+    def for_database(cls, db_path: str) -> "WriteLock":
+        key = os.path.abspath(db_path)
+        with cls._registry_lock:
+            lock = cls._registry.get(key)
+            if lock is None:
+                lock = cls._registry[key] = cls(key + "-writelock")
+            return lock
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._thread_lock.release()
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_sql(table: str, columns: tuple[str, ...], zeroblob: str | None) -> str:
+    values = ", ".join("zeroblob(?)" if name == zeroblob else "?" for name in columns)
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({values})"
+
+
+class RelayConnection(sqlite3.Connection):
+    """sqlite3's connection plus the few operations whose SQL differs by backend."""
+
+    dialect = "sqlite"
+    writer: WriteLock | None = None
+
+    @contextmanager
+    def transaction(self, durable: bool = True) -> Iterator["RelayConnection"]:
+        """BEGIN IMMEDIATE under the write lock; roll back on error.
+
+        ``durable=False`` commits with ``synchronous=NORMAL``: for writes whose
+        loss to a power cut only repeats work (a claim), never loses mail.
+        """
+        if not durable:
+            self.execute("PRAGMA synchronous = NORMAL")
+        try:
+            with self.exclusive():
+                self.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self
+                except BaseException:
+                    self.execute("ROLLBACK")
+                    raise
+                try:
+                    self.execute("COMMIT")
+                except BaseException:
+                    if self.in_transaction:
+                        self.execute("ROLLBACK")
+                    raise
+        finally:
+            if not durable:
+                self.execute("PRAGMA synchronous = FULL")
+
+    def exclusive(self) -> WriteLock | contextlib.nullcontext[None]:
+        return self.writer if self.writer is not None else contextlib.nullcontext()
+
+    def take_turn(self, name: str) -> None:
+        """Nothing to do: write transactions here are already one at a time."""
+
+    def insert_row(self, table: str, row: Mapping[str, Any], blob: str | None = None) -> None:
+        value = row.get(blob) if blob else None
+        stream = isinstance(value, (bytes, bytearray)) and len(value) > BLOB_STREAM_THRESHOLD
+        columns = tuple(row)
+        params = tuple(row.values())
+        if stream:
+            assert value is not None and blob is not None
+            params = tuple(len(value) if name == blob else v for name, v in zip(columns, params))
+        cur = self.execute(_insert_sql(table, columns, blob if stream else None), params)
+        if stream:
+            assert value is not None and blob is not None
+            with self.blobopen(table, blob, int(cur.lastrowid or 0)) as handle:
+                handle.write(value)
+
+
+def connect(path: Path | str) -> RelayConnection:
+    """A connection with WAL, a busy timeout, foreign keys and manual transactions."""
+    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False,
+                           factory=RelayConnection)
+    assert isinstance(conn, RelayConnection)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.writer = WriteLock.for_database(str(path))
+    return conn
+
+
+# -- who holds the store ------------------------------------------------------------------
+class _Holds:
+    """One descriptor per store file per process, locked shared or exclusive, counted."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.entries: dict[str, list[Any]] = {}  # path -> [fd, users, exclusive]
+
+
+_holds = _Holds()
+
+
+def _inuse_path(db_path: Path) -> str:
+    return os.path.abspath(str(db_path)) + "-inuse"
+
+
+def hold(db_path: Path) -> None:
+    """Mark this process as a user of the store (a shared lock, kept until ``release``)."""
+    key = _inuse_path(db_path)
+    with _holds.lock:
+        entry = _holds.entries.get(key)
+        if entry is None:
+            fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise StoreInUse(
+                    f"{db_path} is held by a command that needs it alone (migrate-store or a restore); "
+                    "start the relay again when that command has finished."
+                ) from None
+            entry = _holds.entries[key] = [fd, 0, False]
+        entry[1] += 1
+
+
+def release(db_path: Path) -> None:
+    key = _inuse_path(db_path)
+    with _holds.lock:
+        entry = _holds.entries.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0 and not entry[2]:
+            os.close(entry[0])
+            del _holds.entries[key]
+
+
+@contextmanager
+def hold_exclusive(db_path: Path) -> Iterator[None]:
+    """Have the store to this process alone, or raise ``StoreInUse`` at once.
+
+    Fails while any other process (web, worker, another command) has it open.
+    While held, relay processes refuse to start on this store.
+    """
+    key = _inuse_path(db_path)
+    with _holds.lock:
+        entry = _holds.entries.get(key)
+        if entry is None:
+            entry = _holds.entries[key] = [os.open(key, os.O_RDWR | os.O_CREAT, 0o600), 0, False]
+        try:
+            fcntl.flock(entry[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if entry[1] == 0:
+                os.close(entry[0])
+                del _holds.entries[key]
+            else:
+                fcntl.flock(entry[0], fcntl.LOCK_SH)
+            raise StoreInUse(f"a relay process (web, worker or another command) is using {db_path}; "
+                             "stop every relay process that uses it first.") from None
+        entry[2] = True
+    try:
+        yield
+    finally:
+        with _holds.lock:
+            entry[2] = False
+            if entry[1] > 0:
+                fcntl.flock(entry[0], fcntl.LOCK_SH)
+            else:
+                os.close(entry[0])
+                del _holds.entries[key]
+
+
+class SqliteDatabase:
+    """relay.db: a connection per caller, and this process's hold on the file."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._held = False
+        self._lock = threading.Lock()
+
+    def describe(self) -> str:
+        return f"the data directory '{self.path.parent}'"
+
+    def connect(self) -> RelayConnection:
+        with self._lock:
+            if not self._held:  # from the first connection on, until close()
+                hold(self.path)
+                self._held = True
+        return connect(self.path)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._held:
+                self._held = False
+                release(self.path)
