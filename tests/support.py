@@ -309,6 +309,7 @@ class Relay:
         self.workers: list[RelayProcess] = []
         self.key = cli(self.env, "api-key", "show", cwd=cwd).stdout.strip()
         self.http = httpx.Client(timeout=30)
+        self._pg: Any = None
 
     @property
     def data_dir(self) -> Path:
@@ -335,6 +336,9 @@ class Relay:
         self.http.close()
         for proc in [*self.workers, *([self.web] if self.web else [])]:
             proc.stop()
+        if self._pg is not None:
+            self._pg.close()
+            self._pg = None
 
     def send(self, payload: Any, **headers: str) -> httpx.Response:
         return self.http.post("/api/send", json=payload,
@@ -349,9 +353,19 @@ class Relay:
         return wait_until(lambda: (s := self.status(message_id))["status"] in statuses and s,
                           timeout=timeout, what=f"{message_id} to become {statuses}")
 
-    def counts(self) -> dict[str, int]:
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Read the relay's store directly (relay.db, or its PostgreSQL database), as an operator would."""
+        url = self.env.get("RELAY_DATABASE_URL")
+        if url:
+            if self._pg is None:
+                import psycopg
+                self._pg = psycopg.connect(url, autocommit=True)
+            return [tuple(r) for r in self._pg.execute(sql.replace("?", "%s"), params).fetchall()]
         conn = sqlite3.connect(str(self.data_dir / "relay.db"), timeout=30)
         try:
-            return dict(conn.execute("SELECT status, COUNT(*) FROM messages GROUP BY status").fetchall())
+            return conn.execute(sql, params).fetchall()
         finally:
             conn.close()
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.query("SELECT status, COUNT(*) FROM messages GROUP BY status"))  # type: ignore[arg-type]

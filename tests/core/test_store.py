@@ -1,28 +1,51 @@
-"""relay_core.store on a real SQLite file: migrations, first boot, settings, claims.
+"""relay_core.store on both backends: migrations, first boot, settings, claims.
 
-The ``store`` fixture (conftest.py) is a migrated and bootstrapped store in
-tmp_path. Messages are inserted the way the web process does it: a
-``NewMessage`` with a body encrypted to its id, inside ``transaction``.
+Every test here runs twice: on a real SQLite file, and on a fresh database
+in a real PostgreSQL cluster (conftest.py). The ``store`` fixture is a
+migrated and bootstrapped store. Messages are inserted the way the web
+process does it: a ``NewMessage`` with a body encrypted to its id, inside
+``transaction``. "Another process" is a second ``Store`` on the same
+database, with connections (and, on PostgreSQL, a pool) of its own.
 """
 
 from __future__ import annotations
 
 import base64
-import sqlite3
+import dataclasses
 import threading
-from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
 from relay_core import crypto
-from relay_core.config import Settings, load_settings
+from relay_core.config import Settings
 from relay_core.errors import BadRequest
 from relay_core.migrations import MIGRATIONS
 from relay_core.options import Options, parse_option
-from relay_core.store import ClaimedMessage, LogEntry, NewMessage, Store, insert_message, transaction
-from support import SECRET
+from relay_core.store import ClaimedMessage, LogEntry, NewMessage, Store, insert_message, open_database, transaction
 
 T0 = 1_700_000_000.0
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def other(store: Store, settings: Settings) -> Iterator[Store]:
+    """Another process's store on the same database."""
+    other = Store(open_database(settings), store.keys)
+    yield other
+    other.shutdown()
+
+
+def table_names(store: Store) -> set[str]:
+    if store.database.dialect == "sqlite":
+        sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
+    else:
+        sql = "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+    return {r[0] for r in store.conn().execute(sql)}
 
 
 def add_message(store: Store, message_id: str, *, created: float = T0, recipients: list[str] | None = None,
@@ -38,7 +61,7 @@ def add_message(store: Store, message_id: str, *, created: float = T0, recipient
         insert_message(conn, record)
 
 
-def status_of(store: Store, message_id: str) -> sqlite3.Row:
+def status_of(store: Store, message_id: str) -> Any:
     return store.conn().execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
 
 
@@ -52,39 +75,83 @@ def test_migrations_are_recorded(store: Store) -> None:
     rows = conn.execute("SELECT version, name, applied_at FROM schema_migrations ORDER BY version").fetchall()
     assert [(r["version"], r["name"]) for r in rows] == [(i, name) for i, (name, _) in enumerate(MIGRATIONS, 1)]
     assert all(r["applied_at"] > 0 for r in rows)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if store.database.dialect == "sqlite":
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert {"messages", "recipients", "log", "settings", "api_keys", "admins", "idempotency", "workers",
-            "meta"} <= tables
+            "meta", "pacing"} <= table_names(store)
 
 
-def test_connections_use_wal_and_foreign_keys(store: Store) -> None:
+def test_connections_are_durable_and_enforce_foreign_keys(store: Store) -> None:
     conn = store.conn()
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+    if store.database.dialect == "sqlite":
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+    else:
+        assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+        assert conn.execute("SHOW fsync").fetchone()[0] == "on"
+    with pytest.raises(Exception) as caught:
+        with transaction(conn):
+            conn.execute("INSERT INTO recipients (message_id, position, address) VALUES ('nope', 0, 'a@b.c')")
+    assert "foreign key" in str(caught.value).lower()
 
 
 def test_migrate_twice_is_a_no_op(store: Store, settings: Settings) -> None:
-    before = [tuple(r) for r in store.conn().execute("SELECT * FROM schema_migrations")]
+    before = [tuple(r) for r in store.conn().execute("SELECT * FROM schema_migrations ORDER BY version")]
     assert store.migrate() == []
     again = Store.open(settings)  # another process starting up
     try:
         assert again.migrate() == []
-        assert [tuple(r) for r in again.conn().execute("SELECT * FROM schema_migrations")] == before
+        assert [tuple(r) for r in again.conn().execute("SELECT * FROM schema_migrations ORDER BY version")] == before
     finally:
-        again.close()
+        again.shutdown()
 
 
-def test_a_fresh_database_applies_every_migration(tmp_path: Path) -> None:
-    settings = load_settings({"RELAY_SECRET_KEY": SECRET, "RELAY_DATA_DIR": str(tmp_path / "fresh" / "nested")})
-    store = Store(settings.db_path, crypto.derive_keys(settings))
-    settings.data_dir.mkdir(parents=True)
+def test_a_fresh_database_applies_every_migration(settings: Settings) -> None:
+    store = Store(open_database(settings), crypto.derive_keys(settings))
     try:
         assert store.migrate() == [name for name, _ in MIGRATIONS]
         assert store.migrate() == []
     finally:
-        store.close()
+        store.shutdown()
+
+
+def test_processes_starting_at_once_migrate_and_seed_once(settings: Settings) -> None:
+    """Four processes open a fresh database at the same moment: one applies each step, one
+    admin and one portal key are seeded, and nobody fails."""
+    barrier = threading.Barrier(4)
+    applied: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        store = Store(open_database(settings), crypto.derive_keys(settings))
+        try:
+            barrier.wait()
+            applied.append(store.migrate())
+            store.verify_secret()
+            store.bootstrap(settings)
+        except BaseException as exc:  # collected and re-raised below
+            errors.append(exc)
+        finally:
+            store.shutdown()
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    # Each step applied by exactly one of them (not necessarily the same one for every step).
+    assert sorted(name for names in applied for name in names) == sorted(name for name, _ in MIGRATIONS)
+    store = Store.open(settings)
+    try:
+        conn = store.conn()
+        assert conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == len(MIGRATIONS)
+        assert conn.execute("SELECT COUNT(*) FROM admins").fetchone()[0] == 1
+        assert conn.execute("SELECT COUNT(*) FROM api_keys WHERE is_primary = 1").fetchone()[0] == 1
+        assert conn.execute("SELECT COUNT(*) FROM meta WHERE name = 'key_check'").fetchone()[0] == 1
+    finally:
+        store.shutdown()
 
 
 # -- first boot ----------------------------------------------------------------------------------
@@ -120,9 +187,8 @@ def test_second_bootstrap_changes_nothing(store: Store, settings: Settings) -> N
     assert after == before
 
 
-def test_bootstrap_without_a_password_generates_one(tmp_path: Path) -> None:
-    settings = load_settings({"RELAY_SECRET_KEY": SECRET, "RELAY_DATA_DIR": str(tmp_path / "d"),
-                              "RELAY_ADMIN_USER": "chief"})
+def test_bootstrap_without_a_password_generates_one(settings: Settings) -> None:
+    settings = dataclasses.replace(settings, admin_user="chief", admin_password=None)
     store = Store.open(settings)
     try:
         report = store.bootstrap(settings)
@@ -130,7 +196,7 @@ def test_bootstrap_without_a_password_generates_one(tmp_path: Path) -> None:
         assert report.admin_password_generated and len(report.admin_password_generated) >= 16
         assert store.check_admin("chief", report.admin_password_generated)
     finally:
-        store.close()
+        store.shutdown()
 
 
 def test_set_admin_password(store: Store) -> None:
@@ -141,27 +207,21 @@ def test_set_admin_password(store: Store) -> None:
 
 
 # -- settings ------------------------------------------------------------------------------------
-def test_options_default_then_persist(store: Store, settings: Settings) -> None:
+def test_options_default_then_persist(store: Store, other: Store) -> None:
     assert store.options() == Options()
     store.set_options({"smtp_host": "mail.example.org", "smtp_port": 465, "smtp_security": "ssl",
                        "max_attach_mb": 10.5, "smtp_tls_verify": False})
-    other = Store(settings.db_path, store.keys)  # another process sees it
-    try:
-        options = other.options()
-        assert (options.smtp_host, options.smtp_port, options.smtp_security) == ("mail.example.org", 465, "ssl")
-        assert options.max_attach_mb == 10.5 and options.smtp_tls_verify is False
-    finally:
-        other.close()
+    options = other.options()  # another process sees it
+    assert (options.smtp_host, options.smtp_port, options.smtp_security) == ("mail.example.org", 465, "ssl")
+    assert options.max_attach_mb == 10.5 and options.smtp_tls_verify is False
 
 
-def test_a_change_by_another_process_is_seen_without_restart(store: Store, settings: Settings) -> None:
+def test_a_change_by_another_process_is_seen_without_restart(store: Store, other: Store) -> None:
     assert store.options().smtp_host == ""
-    other = Store(settings.db_path, store.keys)
-    try:
-        other.set_options({"smtp_host": "changed.example.org"})
-    finally:
-        other.close()
+    other.set_options({"smtp_host": "changed.example.org"})
     assert store.options().smtp_host == "changed.example.org"
+    other.set_options({"smtp_port": 2525})
+    assert store.options().smtp_port == 2525
 
 
 def test_set_options_is_all_or_nothing(store: Store) -> None:
@@ -184,9 +244,9 @@ def test_smtp_password_is_stored_encrypted(store: Store, settings: Settings) -> 
     assert raw != password and password not in raw
     assert store.keys.decrypt_text(raw) == password
     assert store.options().smtp_password == password
-    # Nothing in the database file holds it in clear.
-    store.conn().execute("PRAGMA wal_checkpoint(FULL)")
-    assert password.encode() not in settings.db_path.read_bytes()
+    if store.database.dialect == "sqlite":  # nothing in the database file holds it in clear
+        store.conn().execute("PRAGMA wal_checkpoint(FULL)")
+        assert password.encode() not in settings.db_path.read_bytes()
     store.set_options({"smtp_password": ""})
     assert store.options().smtp_password == ""
 
@@ -242,10 +302,9 @@ def test_only_one_of_two_claims_succeeds(store: Store) -> None:
     assert status_of(store, "m1")["lease_owner"] == "worker-a"
 
 
-def test_concurrent_claims_from_two_connections(store: Store, settings: Settings) -> None:
+def test_concurrent_claims_from_two_connections(store: Store, other: Store) -> None:
     for i in range(20):
         add_message(store, f"c{i}")
-    other = Store(settings.db_path, store.keys)
     wins: dict[str, list[str]] = {"a": [], "b": []}
     barrier = threading.Barrier(2)
 
@@ -254,7 +313,6 @@ def test_concurrent_claims_from_two_connections(store: Store, settings: Settings
         for i in range(20):
             if s.claim(f"c{i}", name, 300, now=T0) is not None:
                 wins[name].append(f"c{i}")
-        s.close()
 
     threads = [threading.Thread(target=run, args=("a", store)), threading.Thread(target=run, args=("b", other))]
     for t in threads:

@@ -2,7 +2,8 @@
 
 Real `tspro-relay web` and `worker` processes and a real aiosmtpd server; the
 only shortcuts are short settings (lease, sweep interval) so the suite stays
-fast.
+fast. Every test runs on both store backends: relay.db with queue.db, and
+PostgreSQL with a Redis queue.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import random
 import re
 import signal
-import sqlite3
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -50,20 +50,21 @@ def delivered_ids(server: SmtpServer) -> Counter[str]:
 
 
 def leased_ids(relay: Relay) -> set[str]:
-    conn = sqlite3.connect(str(relay.data_dir / "relay.db"), timeout=30)
-    try:
-        return {r[0] for r in conn.execute("SELECT id FROM messages WHERE status = 'sending'")}
-    finally:
-        conn.close()
+    return {r[0] for r in relay.query("SELECT id FROM messages WHERE status = 'sending'")}
 
 
 def all_sent(relay: Relay, count: int) -> bool:
     return relay.counts() == {"sent": count}
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def relay(tmp_path: Path):  # type: ignore[no-untyped-def]
-    relay = Relay(tmp_path, RELAY_WORKER_THREADS="4")
+def relay(tmp_path: Path, backend_env: dict[str, str]):  # type: ignore[no-untyped-def]
+    relay = Relay(tmp_path, RELAY_WORKER_THREADS="4", **backend_env)
     yield relay
     relay.close()
 

@@ -1,44 +1,14 @@
 """RELAY_QUEUE_URL=redis://...: the same pipeline with RedisHuey as the wake-up queue.
 
-Needs Debian's redis-server (installed by .ci/run); it is started on a free
-loopback port with persistence off.
+Needs Debian's redis-server (installed by .ci/run); the session's server
+(conftest.py) runs on a free loopback port with persistence off.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
-from typing import Iterator
 
-import pytest
-import redis
-
-from support import Relay, SmtpServer, free_port, wait_until
-
-
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed (apt-get install redis-server; .ci/run does this)"
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    client = redis.Redis(host="127.0.0.1", port=port)
-    try:
-        wait_until(lambda: _pings(client), timeout=10, what="redis-server")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
+from support import Relay, SmtpServer, wait_until
 
 
 def test_delivery_through_a_redis_queue(tmp_path: Path, redis_url: str) -> None:
