@@ -16,6 +16,7 @@ Three checks, one per role:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -40,6 +41,8 @@ def marker_dir() -> Path:
 
 
 def _store_identity(settings: Settings) -> str:
+    if settings.database_url:  # a digest: the URL may hold a password, and the marker is world-readable
+        return "postgresql:" + hashlib.sha256(str(settings.database_url).encode()).hexdigest()[:32]
     return str(settings.db_path.resolve())
 
 
@@ -97,12 +100,12 @@ def check_worker(settings: Settings, now: float | None = None) -> None:
     """The workers running here have a recent heartbeat (or, with none here, some worker has)."""
     # Imported here: the web check must stay cheap and work without a secret.
     from . import crypto
-    from .store import Store
+    from .store import Store, open_database
 
-    if not settings.db_path.exists():
+    if not settings.database_url and not settings.db_path.exists():
         raise Unhealthy(f"there is no store at {settings.db_path} yet.")
     now = time.time() if now is None else now
-    store = Store(settings.db_path, crypto.derive_keys(settings))
+    store = Store(open_database(settings), crypto.derive_keys(settings))
     try:
         local = local_workers(settings)
         if local:
@@ -117,7 +120,7 @@ def check_worker(settings: Settings, now: float | None = None) -> None:
         if beat is None or now - beat > HEARTBEAT_STALE_SECONDS:
             raise Unhealthy(f"no worker has reported in the last {HEARTBEAT_STALE_SECONDS:.0f} seconds.")
     finally:
-        store.close()
+        store.shutdown()
 
 
 def main_process_role(cmdline: list[str]) -> tuple[str, int]:
