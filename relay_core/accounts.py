@@ -120,7 +120,7 @@ class Accounts:
             self._bump_rev(conn)
         return cur.rowcount == 1
 
-    def note_key_use(self, conn: sqlite3.Connection, key_id: int, now: float) -> None:
+    def note_key_use(self, conn: Connection, key_id: int, now: float) -> None:
         """Record that a key was used; a no-op within a minute of the last record."""
         conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?"
                      " AND (last_used_at IS NULL OR last_used_at < ?)",

@@ -10,11 +10,10 @@ page can filter by prefix.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 
-from .db import transaction
+from .db import Connection, transaction
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,7 @@ class AuditEntry:
     detail: str
 
 
-def insert_audit(conn: sqlite3.Connection, actor: str, ip: str, action: str, detail: str = "",
+def insert_audit(conn: Connection, actor: str, ip: str, action: str, detail: str = "",
                  ts: float | None = None) -> None:
     """Write one entry inside the caller's transaction (to commit it with the change it records)."""
     conn.execute("INSERT INTO audit (ts, actor, ip, action, detail) VALUES (?, ?, ?, ?, ?)",
@@ -37,7 +36,7 @@ def insert_audit(conn: sqlite3.Connection, actor: str, ip: str, action: str, det
 class Audit:
     """Mixed into ``Store``, which provides the connection."""
 
-    def conn(self) -> sqlite3.Connection:
+    def conn(self) -> Connection:
         raise NotImplementedError
 
     def record_audit(self, actor: str, ip: str, action: str, detail: str = "", ts: float | None = None) -> None:

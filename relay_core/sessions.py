@@ -12,12 +12,11 @@ Nothing here knows about HTTP; ``relay_web.admin.sessions`` owns cookies.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import time
 from dataclasses import dataclass
 
 from .accounts import Admin
-from .db import transaction
+from .db import Connection, transaction
 
 LOGIN_FAILURE_LIMIT = 5  # failed sign-ins per window, per IP and per username
 LOGIN_WINDOW_SECONDS = 60.0
@@ -42,7 +41,7 @@ class AdminSession:
 class Sessions:
     """Mixed into ``Store``, which provides the connection."""
 
-    def conn(self) -> sqlite3.Connection:
+    def conn(self) -> Connection:
         raise NotImplementedError
 
     # -- sessions ------------------------------------------------------------

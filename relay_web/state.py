@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from typing import Any
 
 from relay_core import __version__
 from relay_core.config import Settings
+from relay_core.db import Connection
 from relay_core.intake import Intake, Job
 from relay_core.ratelimit import RateLimiter
 from relay_core.store import Admin, Store
@@ -38,7 +38,7 @@ class AppState:
         self._key_uses[key_id] = now
         store = self.store
 
-        def record(conn: sqlite3.Connection) -> tuple[None, list[str]]:
+        def record(conn: Connection) -> tuple[None, list[str]]:
             store.note_key_use(conn, key_id, now)
             return None, []
 

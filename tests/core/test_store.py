@@ -415,3 +415,34 @@ def test_sweep_finds_lost_wake_ups(store: Store) -> None:
     assert sorted(store.sweep(now=T0 + 110, stale_after=30)) == ["deferred-due", "queued-stale", "sending-expired"]
     again = store.sweep(now=T0 + 111, stale_after=30)  # the others were just enqueued
     assert "queued-stale" not in again and "deferred-due" not in again and "queued-fresh" not in again
+
+
+# -- the admin UI's tables ------------------------------------------------------------------------
+def test_sessions_sign_in_failures_and_audit_trail(store: Store) -> None:
+    admin = store.verify_admin("admin", "admin-pass-123")
+    assert admin is not None and admin.must_change
+    store.create_session(admin.id, "session-1", "192.0.2.1", "browser", now=T0)
+    found = store.find_session("session-1", idle_seconds=600, now=T0 + 120)
+    assert found is not None and found.admin.username == "admin"
+    again = store.find_session("session-1", idle_seconds=600, now=T0 + 121)
+    assert again is not None and again.last_seen == T0 + 120  # the visit was recorded
+    assert store.find_session("session-1", idle_seconds=600, now=T0 + 10_000) is None  # idle: deleted
+    assert store.session_count(admin.id) == 0
+    for i in range(5):
+        store.record_login_failure("192.0.2.9", "Admin", now=T0 + i)
+    assert store.locked_until("192.0.2.9", "someone", now=T0 + 10) == T0 + 60
+    store.clear_login_failures("admin")
+    assert store.locked_until("198.51.100.1", "admin", now=T0 + 10) is None
+    store.update_admin(admin.id, username="chief", password="a-new-password-1")
+    assert store.verify_admin("chief", "a-new-password-1") == dataclasses.replace(admin, username="chief",
+                                                                                   must_change=False)
+    key = store.api_keys()[0]
+    conn = store.conn()
+    with transaction(conn):
+        store.note_key_use(conn, key.id, T0)
+    assert store.api_key_usage() == {key.id: T0}
+    for i in range(3):
+        store.record_audit("chief", "192.0.2.1", f"settings.{i}", "100% done", ts=T0 + i)
+    entries = store.audit_entries(limit=2, action_prefix="settings.")
+    assert [e.action for e in entries] == ["settings.2", "settings.1"] and entries[0].detail == "100% done"
+    assert [e.action for e in store.audit_entries(before_id=entries[1].id)] == ["settings.0"]
