@@ -89,7 +89,7 @@ async def change_password(request: Request) -> Response:
     await _check_current(request, form.get("current_password", ""), shown)
     new = _check_new(request, form, shown, required=True)
     if shown.failed or new is None:
-        return render(request, "change_password.html", {"form": shown}, status_code=400)
+        return render(request, "change_password.html", {"form": shown})
     await _apply(request, None, new)
     response = RedirectResponse(shown.values["next"], status_code=303)
     await start_session(request, response, request.state.admin.id)
@@ -108,11 +108,11 @@ async def save_account(request: Request) -> Response:
     await _check_current(request, form.get("current_password", ""), shown)
     new = _check_new(request, form, shown, required=False)
     if shown.failed:
-        return render_settings(request, {"account": shown}, status_code=400)
+        return render_settings(request, {"account": shown})
     changed_name = username if username != request.state.admin.username else None
     if not await _apply(request, changed_name, new):
         shown.errors["username"] = f"The username “{username}” is taken."
-        return render_settings(request, {"account": shown}, status_code=400)
+        return render_settings(request, {"account": shown})
     response = RedirectResponse("/settings?saved=account#account", status_code=303)
     if new is not None:
         await start_session(request, response, request.state.admin.id)

@@ -59,12 +59,12 @@ async def test_connection(request: Request) -> Response:
     form = await read_form(request)
     values, shown = parse_smtp(form)
     if shown.failed:
-        return render_settings(request, {"smtp": shown}, status_code=400)
+        return render_settings(request, {"smtp": shown})
     current = relay_state(request).store.options()
     candidate = dataclasses.replace(current, **values)
     if not candidate.smtp_host:
         shown.error = "Enter the SMTP host first."
-        return render_settings(request, {"smtp": shown}, status_code=400)
+        return render_settings(request, {"smtp": shown})
     try:
         text = await asyncio.wait_for(run_in_threadpool(probe, candidate), timeout=PROBE_TIMEOUT * 2 + 5)
         shown.result, shown.result_ok = text, True
@@ -85,14 +85,14 @@ async def send_test_email(request: Request) -> Response:
     shown = FormState(values={"test_to": form.get("test_to", "")})
     if not is_address(to):
         shown.errors["test_to"] = "Enter one email address, such as you@example.org."
-        return render_settings(request, {"test_email": shown}, status_code=400)
+        return render_settings(request, {"test_email": shown})
     state = relay_state(request)
     who, ip = actor(request)
     try:
         message_id = await run_in_threadpool(enqueue_test_message, state.store, state.settings, to, state.queue, ip)
     except BadRequest as exc:
         shown.error = exc.message
-        return render_settings(request, {"test_email": shown}, status_code=400)
+        return render_settings(request, {"test_email": shown})
     await run_in_threadpool(state.store.record_audit, who, ip, "test_email", f"queued a test email to {to}")
     return RedirectResponse(f"/settings?test={message_id}#test-email", status_code=303)
 

@@ -6,6 +6,12 @@ values to show back and one message per field, so a page can re-render a
 card with the admin's input kept and each error next to its field;
 ``_forms.html`` draws it.
 
+A form shown again with its messages is answered 200, like any page: the
+exchange worked, and the page says what to fix. (Browsers log a document
+answered 4xx as a console error; the 4xx statuses are kept for what is
+refused outright: a CSRF or Origin failure, an unknown page, a body too
+large.)
+
 ``parse_fields`` validates through ``relay_core.options.parse_option``, the
 CLI's own parser, named with the field's visible label: the CLI and the UI
 refuse the same values with the same sentence.

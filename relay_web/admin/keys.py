@@ -1,9 +1,12 @@
 """The API key card: Reveal, Generate new key, and named keys (add, revoke).
 
 Revealing is a POST (it shows a secret, so it needs the CSRF token and is
-recorded in the audit trail) and answers with the Settings page showing
-that key next to a Copy button. Replacing the portal's key and revoking a
-key are confirmed first (``confirm.html`` when JavaScript is off).
+recorded in the audit trail). Reveal, Add and Generate answer with a
+redirect to the Settings page carrying a short-lived token that only this
+session can read (``sign_for_session``): the page then shows that key next
+to a Copy button, and reloading it repeats nothing. Replacing the portal's
+key and revoking a key are confirmed first (``confirm.html`` when
+JavaScript is off).
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from starlette.responses import RedirectResponse, Response
 from relay_core.errors import NotFound
 
 from .forms import FormState, confirmed, read_form
-from .settings_page import actor, render_settings
-from .sessions import relay_state, require_admin
+from .settings_page import SHOW_KEY, actor, render_settings
+from .sessions import relay_state, require_admin, sign_for_session
 from .templating import render
 
 MAX_LABEL = 60
@@ -26,6 +29,11 @@ def confirm_page(request: Request, action: str, question: str, button: str) -> R
     """The no-JavaScript second step of a dangerous form."""
     return render(request, "confirm.html", {"action": action, "question": question, "button": button,
                                             "fields": {}, "back": "/settings#keys"})
+
+
+def _show(request: Request, key_id: int, saved: str) -> Response:
+    token = sign_for_session(request, SHOW_KEY, str(key_id))
+    return RedirectResponse(f"/settings?saved={saved}&show={token}#keys", status_code=303)
 
 
 def _key(request: Request) -> int:
@@ -42,10 +50,9 @@ async def reveal(request: Request) -> Response:
     key = next(k for k in store.api_keys() if k.id == key_id)
     if key.revoked_at is not None:
         raise NotFound("That key was revoked; it cannot be revealed.")
-    secret = await run_in_threadpool(store.reveal_api_key, key_id)
     who, ip = actor(request)
     await run_in_threadpool(store.record_audit, who, ip, "api_key.reveal", f"revealed the API key “{key.label}”")
-    return render_settings(request, revealed={key_id: secret})
+    return _show(request, key_id, "revealed")
 
 
 @require_admin
@@ -56,14 +63,12 @@ async def generate(request: Request) -> Response:
                             "Generate a new portal key? The current key stops working at once, so the portal "
                             "cannot send until you update it.", "Generate new key")
     store = relay_state(request).store
-    secret = await run_in_threadpool(store.new_primary_api_key)
+    await run_in_threadpool(store.new_primary_api_key)
     who, ip = actor(request)
     await run_in_threadpool(store.record_audit, who, ip, "api_key.new",
                             "generated a new portal key (the old one stopped working)")
     new = max((k for k in store.api_keys() if k.is_primary and k.revoked_at is None), key=lambda k: k.id)
-    return render_settings(request, revealed={new.id: secret},
-                           notice="A new portal key was generated. Copy it into the portal now: the old key "
-                                  "no longer works.")
+    return _show(request, new.id, "generated")
 
 
 @require_admin
@@ -76,13 +81,12 @@ async def add(request: Request) -> Response:
     elif len(label) > MAX_LABEL or not label.isprintable():
         shown.errors["label"] = f"Use a plain name of at most {MAX_LABEL} characters."
     if shown.failed:
-        return render_settings(request, {"keys": shown}, status_code=400)
+        return render_settings(request, {"keys": shown})
     store = relay_state(request).store
-    key_id, secret = await run_in_threadpool(store.add_api_key, label)
+    key_id, _secret = await run_in_threadpool(store.add_api_key, label)
     who, ip = actor(request)
     await run_in_threadpool(store.record_audit, who, ip, "api_key.add", f"added the API key “{label}”")
-    return render_settings(request, revealed={key_id: secret},
-                           notice=f"Key “{label}” added. Copy it now, or reveal it later from this list.")
+    return _show(request, key_id, "added")
 
 
 @require_admin

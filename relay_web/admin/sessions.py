@@ -22,7 +22,7 @@ import secrets
 from typing import Any, Awaitable, Callable
 from urllib.parse import quote, urlsplit
 
-from itsdangerous import BadSignature, Signer
+from itsdangerous import BadSignature, Signer, URLSafeTimedSerializer
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -116,6 +116,29 @@ async def end_session(request: Request, response: Response) -> None:
     if sid is not None:
         await run_in_threadpool(relay_state(request).store.delete_session, sid)
     clear_cookie(request, response, SESSION_COOKIE)
+
+
+# -- short-lived values for this session, safe to put in a redirect URL ------------------------
+def sign_for_session(request: Request, purpose: str, value: str) -> str:
+    """A token carrying ``value`` that only this session can read back, for a few minutes.
+
+    A POST that must show something once (a new API key) redirects to a GET
+    carrying this token, so reloading the page never repeats the POST.
+    """
+    serializer = URLSafeTimedSerializer(relay_state(request).store.keys.session_key, salt=f"relay-admin-{purpose}")
+    return serializer.dumps([value, request.state.session.id_hash])
+
+
+def unsign_for_session(request: Request, purpose: str, token: str, max_age: int = 300) -> str | None:
+    serializer = URLSafeTimedSerializer(relay_state(request).store.keys.session_key, salt=f"relay-admin-{purpose}")
+    try:
+        value, owner = serializer.loads(token, max_age=max_age)
+    except (BadSignature, ValueError, TypeError):
+        return None
+    session = getattr(request.state, "session", None)
+    if session is None or not isinstance(value, str) or not hmac.compare_digest(str(owner), session.id_hash):
+        return None
+    return value
 
 
 # -- the sign-in form's token -------------------------------------------------------------

@@ -23,7 +23,7 @@ from relay_core.store import ApiKey
 
 from ..auth import client_ip
 from .forms import FormState, parse_fields, read_form
-from .sessions import relay_state, require_admin
+from .sessions import relay_state, require_admin, unsign_for_session
 from .templating import render
 
 SMTP_LABELS = {
@@ -41,19 +41,34 @@ DELIVERY_LABELS = {
     "max_per_day": "Deliveries per day",
 }
 SIGNIN_LABELS = {"turnstile_site_key": "Turnstile site key", "session_idle_minutes": "Sign out after idle (minutes)"}
-ALL_LABELS = {**SMTP_LABELS, **DELIVERY_LABELS, **SIGNIN_LABELS, "smtp_password": "SMTP password",
-              "turnstile_secret": "Turnstile secret key"}
+# How the audit trail names each setting (the SMTP card's "Username" needs its card's name there).
+ALL_LABELS = {**SMTP_LABELS, **DELIVERY_LABELS, **SIGNIN_LABELS, "smtp_username": "SMTP username",
+              "smtp_password": "SMTP password", "turnstile_secret": "Turnstile secret key"}
 NOTICES = {
     "smtp": "SMTP settings saved.", "delivery": "Retries and pacing saved.",
     "signin": "Sign-in protection saved.", "account": "Admin account saved.",
     "revoked": "The key was revoked; requests with it now get 401.",
+    "generated": "A new portal key was generated. Copy it into the portal now: the old key no longer works.",
+    "added": "Key added. Copy it now, or reveal it later from this list.",
 }
+SHOW_KEY = "show-key"  # the purpose of the token that asks this page to show one API key
 FINISHED = ("sent", "partial", "failed", "cancelled")
 
 
 def actor(request: Request) -> tuple[str, str]:
     """Who is acting and from where, for the audit trail."""
     return request.state.admin.username, client_ip(request, relay_state(request).settings)
+
+
+def _shown_key(request: Request) -> dict[int, str]:
+    """The key a Reveal, Add or Generate asked to show (see ``keys.py``), if its token is good."""
+    token = request.query_params.get("show", "")
+    value = unsign_for_session(request, SHOW_KEY, token) if token else None
+    if value is None or not value.isdigit():
+        return {}
+    store = relay_state(request).store
+    key = next((k for k in store.api_keys() if k.id == int(value) and k.revoked_at is None), None)
+    return {key.id: store.reveal_api_key(key.id)} if key else {}
 
 
 def _key_rows(request: Request, revealed: dict[int, str]) -> list[dict[str, Any]]:
@@ -92,7 +107,7 @@ def describe_test(view: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_settings(request: Request, forms: dict[str, FormState] | None = None, status_code: int = 200,
-                    revealed: dict[int, str] | None = None, notice: str = "") -> Response:
+                    notice: str = "") -> Response:
     options = relay_state(request).store.options()
     state = {
         "smtp": FormState.from_options(options, list(SMTP_LABELS)),
@@ -103,7 +118,7 @@ def render_settings(request: Request, forms: dict[str, FormState] | None = None,
         "signin": FormState.from_options(options, list(SIGNIN_LABELS)),
         **(forms or {}),
     }
-    keys = _key_rows(request, revealed or {})
+    keys = _key_rows(request, _shown_key(request))
     primary = next((k for k in keys if k["is_primary"] and k["revoked_at"] is None), None)
     return render(request, "settings.html", {
         "forms_state": state,
@@ -128,14 +143,14 @@ async def _save(request: Request, card: str, values: dict[str, Any], shown: Form
     """Save a validated card, or show why not; audit what changed."""
     store = relay_state(request).store
     if shown.failed:
-        return render_settings(request, {card: shown}, status_code=400)
+        return render_settings(request, {card: shown})
     detail = describe_changes(store.options(), values, ALL_LABELS)
     who, ip = actor(request)
     try:
         await run_in_threadpool(store.set_options, values, (who, ip, action, detail) if detail else None)
     except BadRequest as exc:
         shown.error = exc.message
-        return render_settings(request, {card: shown}, status_code=400)
+        return render_settings(request, {card: shown})
     return RedirectResponse(f"/settings?saved={card}#{card}", status_code=303)
 
 

@@ -77,24 +77,24 @@ async def login(request: Request) -> Response:
     locked = await run_in_threadpool(state.store.locked_until, ip, username)
     if locked is not None:
         shown.error = _lockout_message(locked)
-        return _login_page(request, shown, status_code=429)
+        return _login_page(request, shown)
     if not username or not password:
         shown.error = "Enter your username and password."
-        return _login_page(request, shown, status_code=400)
+        return _login_page(request, shown)
     options = state.store.options()
     if options.turnstile_enabled:
         try:
             await run_in_threadpool(turnstile.verify, options, form.get(turnstile.RESPONSE_FIELD, ""), ip)
         except turnstile.TurnstileFailed as exc:
             shown.error = exc.message
-            return _login_page(request, shown, status_code=403)
+            return _login_page(request, shown)
 
     admin = await run_in_threadpool(state.check_password, username, password)
     if admin is None:
         await run_in_threadpool(state.store.record_login_failure, ip, username)
         locked = await run_in_threadpool(state.store.locked_until, ip, username)
         shown.error = _lockout_message(locked) if locked else "Wrong username or password."
-        return _login_page(request, shown, status_code=429 if locked else 401)
+        return _login_page(request, shown)
 
     await run_in_threadpool(state.store.clear_login_failures, username)
     seeded = state.settings.admin_password is not None and password == str(state.settings.admin_password)
