@@ -227,7 +227,7 @@ def cli(env: dict[str, str], *args: str, cwd: Path | None = None, input: str | N
 
 
 class RelayProcess:
-    """`tspro-relay web` or `worker` as a real subprocess, stopped on exit."""
+    """`tspro-relay web`, `worker` or `run` (both) as a real subprocess, stopped on exit."""
 
     def __init__(self, role: str, env: dict[str, str], cwd: Path, port: int | None = None) -> None:
         self.role, self.env, self.cwd, self.port = role, env, cwd, port
@@ -236,19 +236,20 @@ class RelayProcess:
 
     def start(self) -> "RelayProcess":
         args = [sys.executable, "-m", "relay_core.cli", self.role]
-        if self.role == "web":
+        serves = self.role in ("web", "run")
+        if serves:
             args += ["--host", "127.0.0.1", "--port", str(self.port)]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(args, env=self.env, cwd=self.cwd, stdout=self._log,
                                      stderr=subprocess.STDOUT)
-        if self.role == "web":
-            wait_until(self._ready, timeout=30, what=f"web on port {self.port}")
+        if serves:
+            wait_until(self._ready, timeout=30, what=f"{self.role} on port {self.port}")
         return self
 
     def _ready(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise AssertionError(f"web exited early:\n{self.log_path.read_text()}")
+            raise AssertionError(f"{self.role} exited early:\n{self.log_path.read_text()}")
         try:
             return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:

@@ -1,0 +1,207 @@
+"""The admin pages in a real browser (Debian's chromium) against a real `tspro-relay run` and a real
+aiosmtpd server: as a volunteer admin would use them. Any console error or CSP violation fails a test
+(see conftest.py); every page visited is saved as a screenshot."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import httpx
+import pytest
+from playwright.sync_api import Page, expect
+
+from browser_helpers import ADMIN_PASSWORD, SEED_PASSWORD, BrowserRelay, sign_in
+from support import SMTP_PASSWORD, SMTP_USER, Certificates, SmtpServer, wait_until
+
+pytestmark = pytest.mark.browser
+NAVIGATION = ["Queue", "Transaction Log", "Settings", "Sign out"]
+
+
+def api_send(relay: BrowserRelay, key: str, to: str = "reader@example.com") -> httpx.Response:
+    return httpx.post(f"{relay.url}/api/send", headers={"Authorization": f"Bearer {key}"}, timeout=30,
+                      json={"from_email": "noreply@example.org", "to": [to], "subject": "via the copied key",
+                            "text": "hello"})
+
+
+def api_status(relay: BrowserRelay, key: str, message_id: str) -> str:
+    response = httpx.get(f"{relay.url}/api/messages/{message_id}", headers={"Authorization": f"Bearer {key}"})
+    return str(response.json()["status"])
+
+
+def nav_labels(page: Page) -> list[str]:
+    return [" ".join(text.split()) for text in page.locator("header nav a, header nav button").all_inner_texts()]
+
+
+def test_first_sign_in_forces_a_new_password_then_opens_the_queue(page: Page, fresh_relay: BrowserRelay) -> None:
+    page.goto(fresh_relay.url)
+    expect(page).to_have_url(f"{fresh_relay.url}/login?next=/")
+    expect(page.get_by_role("button", name="Sign in")).to_be_visible()
+    sign_in(page, fresh_relay, password=SEED_PASSWORD)
+    expect(page.get_by_role("heading", name="Choose your own password")).to_be_visible()
+    page.goto(f"{fresh_relay.url}/settings")  # nothing else opens before the change
+    expect(page.get_by_role("heading", name="Choose your own password")).to_be_visible()
+
+    page.get_by_label("Current password").fill(SEED_PASSWORD)
+    page.get_by_label("New password", exact=True).fill(ADMIN_PASSWORD)
+    page.get_by_label("Confirm new password").fill("a-different-one")
+    page.get_by_role("button", name="Change password").click()
+    expect(page.locator("#f-confirm_password-error")).to_have_text("The two new passwords do not match.")
+
+    page.get_by_label("Current password").fill(SEED_PASSWORD)
+    page.get_by_label("New password", exact=True).fill(ADMIN_PASSWORD)
+    page.get_by_label("Confirm new password").fill(ADMIN_PASSWORD)
+    page.get_by_role("button", name="Change password").click()
+    expect(page).to_have_url(f"{fresh_relay.url}/settings")
+    assert nav_labels(page) == NAVIGATION
+    page.get_by_role("link", name="Queue", exact=True).click()
+    expect(page.get_by_role("heading", name="Queue")).to_be_visible()
+    assert nav_labels(page) == NAVIGATION
+
+
+def test_smtp_card_test_connection_and_a_test_email_that_arrives(
+        page: Page, relay: BrowserRelay, certs: Certificates) -> None:
+    with SmtpServer("starttls", certs, auth=True) as server:
+        sign_in(page, relay)
+        page.get_by_role("link", name="Settings", exact=True).click()
+        card = page.locator("#smtp")
+        card.get_by_label("SMTP host").fill("127.0.0.1")
+        card.get_by_label("Port").fill(str(server.port))
+        card.get_by_label("Security").select_option(label="STARTTLS")
+        card.get_by_label("Username").fill(SMTP_USER)
+        card.get_by_label("Password", exact=True).fill(SMTP_PASSWORD)
+        card.get_by_label("Default From email").fill("relay@example.org")
+        card.get_by_label("Default From name").fill("TS Pro Relay")
+        card.get_by_label("Allowed From").fill("example.org")
+        card.get_by_label("Max attachment size (MB)").fill("10")
+
+        card.get_by_role("button", name="Test connection").click()
+        result = page.locator("#smtp .card-result")
+        expect(result).to_contain_text(f"Connected to 127.0.0.1:{server.port} and started TLS (STARTTLS) "
+                                       f"and signed in as {SMTP_USER}.")
+        expect(result).to_contain_text("No mail was sent.")
+        assert server.received == []
+        expect(page.locator("#f-smtp_port")).to_have_value(str(server.port))  # still as typed
+
+        # The password field is write-only: type it again to save it.
+        page.locator("#smtp").get_by_label("Password", exact=True).fill(SMTP_PASSWORD)
+        page.get_by_role("button", name="Save SMTP settings").click()
+        expect(page.get_by_role("status").first).to_contain_text("SMTP settings saved.")
+        expect(page.locator("#f-smtp_host")).to_have_value("127.0.0.1")
+        expect(page.locator("#smtp")).to_contain_text("A password is stored")
+
+        test_card = page.locator("#test-email")
+        test_card.get_by_label("Send to").fill("volunteer@example.com")
+        test_card.get_by_role("button", name="Send test").click()
+        link = page.locator("#test-email a.mono")
+        expect(link).to_be_visible()
+        message_id = link.inner_text()
+        assert link.get_attribute("href") == f"/messages/{message_id}"
+        # app.js follows the message until the worker has delivered it.
+        expect(page.locator("#test-email [data-poll-field=badge]")).to_have_text("Sent", timeout=30_000)
+        expect(page.locator("#test-email [data-poll-field=detail]")).to_contain_text("Delivered")
+        wait_until(lambda: server.received, what="the test email at the SMTP server")
+        [mail] = server.received
+        assert mail.rcpt_tos == ["volunteer@example.com"] and mail.auth == SMTP_USER
+        assert mail.message["Subject"] == "TS Pro Relay test email"
+        assert api_status(relay, relay.key(), message_id) == "sent"
+        page.reload()
+        expect(page.locator("#audit")).to_contain_text("queued a test email to volunteer@example.com")
+
+
+def test_reveal_copy_add_and_revoke_keys(open_page: Callable[..., Page], relay: BrowserRelay) -> None:
+    with SmtpServer("none") as server:
+        relay.configure(*server.settings())
+        page = open_page()
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=relay.url)
+        sign_in(page, relay)
+        page.goto(f"{relay.url}/settings#keys")
+        keys = page.locator("#keys")
+        expect(keys.get_by_label("Portal key")).to_have_value("tsr_••••••••••••••••••••••••")
+        keys.get_by_role("button", name="Reveal").first.click()
+        keys = page.locator("#keys")
+        first_key = keys.get_by_label("Portal key").input_value()
+        assert first_key.startswith("tsr_") and "•" not in first_key
+        keys.get_by_role("button", name="Copy").first.click()
+        expect(keys.get_by_role("button", name="Copied")).to_be_visible()
+        copied = page.evaluate("navigator.clipboard.readText()")
+        assert copied == first_key
+        response = api_send(relay, copied)
+        assert response.status_code == 202
+        wait_until(lambda: api_status(relay, copied, response.json()["id"]) == "sent", what="the first key's send")
+
+        # Rotation without downtime: a second key, used, then the first revoked.
+        page.get_by_label("New key name").fill("portal-2025")
+        page.get_by_role("button", name="Add key").click()
+        expect(page.get_by_role("status").first).to_contain_text("Key added.")
+        row = page.locator("#keys tr", has_text="portal-2025")
+        row.get_by_role("button", name="Copy").click()
+        second_key = page.evaluate("navigator.clipboard.readText()")
+        assert second_key.startswith("tsr_") and second_key != first_key
+        response = api_send(relay, second_key, to="second@example.com")
+        assert response.status_code == 202
+        wait_until(lambda: api_status(relay, second_key, response.json()["id"]) == "sent", what="the second key's send")
+        page.reload()
+        expect(page.locator("#keys tr", has_text="portal-2025")).to_contain_text("just now")  # last used
+
+        page.locator("#keys tr", has_text="portal").filter(has=page.locator(".tag")).get_by_role(
+            "button", name="Revoke").click()  # app.js asks confirm(); the fixture accepts it
+        expect(page.get_by_role("status").first).to_contain_text("The key was revoked")
+        assert api_send(relay, first_key).status_code == 401
+        assert api_send(relay, second_key, to="third@example.com").status_code == 202
+        wait_until(lambda: len(server.received) == 3, what="three deliveries")
+        assert sorted(m.rcpt_tos[0] for m in server.received) == ["reader@example.com", "second@example.com",
+                                                                  "third@example.com"]
+
+
+def test_five_wrong_passwords_lock_signing_in(page: Page, relay: BrowserRelay) -> None:
+    page.goto(f"{relay.url}/login")
+    for attempt in range(4):
+        sign_in(page, relay, password=f"wrong-guess-{attempt}")
+        expect(page.get_by_role("alert")).to_have_text("Wrong username or password.")
+        expect(page.get_by_label("Username")).to_have_value("admin")
+    sign_in(page, relay, password="wrong-guess-5")
+    expect(page.get_by_role("alert")).to_contain_text("Too many failed sign-ins. Signing in is locked for")
+    sign_in(page, relay)  # the right password, too soon
+    expect(page.get_by_role("alert")).to_contain_text("Too many failed sign-ins")
+    assert "/login" in page.url
+
+
+def test_sign_out_then_a_replayed_cookie_is_refused(open_page: Callable[..., Page], relay: BrowserRelay) -> None:
+    page = open_page()
+    sign_in(page, relay)
+    expect(page.get_by_role("heading", name="Queue")).to_be_visible()
+    [cookie] = [c for c in page.context.cookies() if c["name"] == "relay_session"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_role("status")).to_have_text("You are signed out.")
+
+    replay = open_page()
+    replay.context.add_cookies([cookie])
+    replay.goto(f"{relay.url}/settings")
+    expect(replay).to_have_url(f"{relay.url}/login?next=/settings")
+    response = httpx.get(f"{relay.url}/settings", cookies={"relay_session": cookie["value"]})
+    assert response.status_code == 303 and response.headers["location"].startswith("/login")
+
+
+def test_readable_on_a_phone_and_usable_without_javascript(open_page: Callable[..., Page],
+                                                            relay: BrowserRelay) -> None:
+    phone = open_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+                      java_script_enabled=False)
+    sign_in(phone, relay)
+    expect(phone.get_by_role("heading", name="Queue")).to_be_visible()
+    phone.goto(f"{relay.url}/settings")
+    # Without JavaScript a dangerous button asks on a page of its own.
+    old = relay.key()
+    phone.locator("#keys").get_by_role("button", name="Generate new key").click()
+    expect(phone.get_by_role("heading", name="Please confirm")).to_be_visible()
+    phone.get_by_role("button", name="Generate new key").click()
+    expect(phone.get_by_role("status").first).to_contain_text("A new portal key was generated")
+    new = phone.locator("#keys").get_by_label("Portal key").input_value()
+    assert new == relay.key() != old
+
+    # The layout fits a phone's width (measured with scripts on: the context above has none).
+    measured = open_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    sign_in(measured, relay)
+    for path in ("/", "/settings", "/account/password"):
+        measured.goto(f"{relay.url}{path}")
+        assert measured.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), path
