@@ -235,6 +235,27 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_migrate_store(args: argparse.Namespace, settings: Settings) -> int:
+    from .config import parse_database_url
+    from .transfer import TransferRefused, copy_store
+    target = parse_database_url(args.to, "--to")
+    assert target is not None
+    try:
+        report = copy_store(settings, str(target))
+    except TransferRefused as exc:
+        return _fail(f"migrate-store: {exc}")
+    print(f"Copied {settings.db_path} into {report.target}:")
+    width = max(map(len, report.tables), default=0)
+    for table, count in report.tables.items():
+        print(f"  {table:<{width}}  {count} row(s)")
+    waiting = sum(n for status, n in report.messages.items() if status in ("queued", "deferred", "sending"))
+    shown = ", ".join(f"{n} {status}" for status, n in report.messages.items()) or "none"
+    print(f"Messages: {shown} ({waiting} waiting for delivery).")
+    print(f"{settings.db_path} is unchanged apart from a mark that stops relay processes from using it again. "
+          "Next: set RELAY_DATABASE_URL and RELAY_QUEUE_URL=redis://... for every process, then start them.")
+    return 0
+
+
 def cmd_healthcheck(args: argparse.Namespace) -> int:
     """Web: /healthz answers. --worker: the heartbeat in the store, no web needed. --auto: PID 1's role."""
     def settings() -> Settings:
@@ -298,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backup", help="a consistent copy of relay.db, safe while running")
     p.add_argument("file")
 
+    p = sub.add_parser("migrate-store", help="copy the SQLite store into an empty PostgreSQL database")
+    p.add_argument("--to", required=True, metavar="postgresql://user:password@host:5432/dbname")
+
     p = sub.add_parser("healthcheck", help="exit 0 when the web process answers, or a worker is alive")
     p.add_argument("--url", default="http://127.0.0.1:8000/healthz", help="the web process's /healthz")
     role = p.add_mutually_exclusive_group()
@@ -326,7 +350,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     handlers = {
         "run": cmd_run, "web": cmd_web, "worker": cmd_worker, "config": cmd_config,
         "api-key": cmd_api_key, "send-test": cmd_send_test, "admin": cmd_admin,
-        "backup": cmd_backup,
+        "backup": cmd_backup, "migrate-store": cmd_migrate_store,
     }
     return handlers[args.command](args, settings)
 
