@@ -1,7 +1,8 @@
 """Failure classification, retries with backoff, per-recipient outcomes, pacing.
 
-One web and one worker process serve the module; each test gives them a
-fresh aiosmtpd server that answers as the test needs.
+One web and one worker process serve the module (once on SQLite, once on
+PostgreSQL with a Redis queue); each test gives them a fresh aiosmtpd server
+that answers as the test needs.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ import pytest
 from support import Relay, SmtpServer, wait_until
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
-    relay = Relay(tmp_path_factory.mktemp("retries"), RELAY_WORKER_THREADS="4")
+def relay(tmp_path_factory: pytest.TempPathFactory, module_backend_env: dict[str, str]) -> Iterator[Relay]:
+    relay = Relay(tmp_path_factory.mktemp("retries"), RELAY_WORKER_THREADS="4", **module_backend_env)
     relay.start_web()
     relay.start_worker()
     yield relay
