@@ -47,3 +47,16 @@ def sign_in(page: Page, relay: BrowserRelay, password: str = ADMIN_PASSWORD, use
     page.get_by_label("Password").fill(password)
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_load_state()
+
+
+# Every input, select and textarea a person can see must have a label they can see.
+_UNLABELLED = """
+() => Array.from(document.querySelectorAll("input:not([type=hidden]), select, textarea"))
+  .filter(el => !Array.from(el.labels || []).some(l => l.textContent.trim() && l.getClientRects().length))
+  .map(el => el.id || el.name || el.outerHTML.slice(0, 80))
+"""
+
+
+def unlabelled_inputs(page: Page) -> list[str]:
+    """The fields on the page without a visible label (an empty list is what a page should give)."""
+    return list(page.evaluate(_UNLABELLED))

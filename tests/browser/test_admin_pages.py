@@ -10,7 +10,7 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect
 
-from browser_helpers import ADMIN_PASSWORD, SEED_PASSWORD, BrowserRelay, sign_in
+from browser_helpers import ADMIN_PASSWORD, SEED_PASSWORD, BrowserRelay, sign_in, unlabelled_inputs
 from support import SMTP_PASSWORD, SMTP_USER, Certificates, SmtpServer, wait_until
 
 pytestmark = pytest.mark.browser
@@ -199,9 +199,19 @@ def test_readable_on_a_phone_and_usable_without_javascript(open_page: Callable[.
     new = phone.locator("#keys").get_by_label("Portal key").input_value()
     assert new == relay.key() != old
 
-    # The layout fits a phone's width (measured with scripts on: the context above has none).
+    # On a phone's width nothing overflows sideways, and every field has a visible label
+    # (measured with scripts on: the context above has none).
     measured = open_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    measured.goto(f"{relay.url}/login")
+    assert unlabelled_inputs(measured) == []
     sign_in(measured, relay)
     for path in ("/", "/settings", "/account/password"):
         measured.goto(f"{relay.url}{path}")
         assert measured.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), path
+        assert unlabelled_inputs(measured) == [], path
+    measured.goto(f"{relay.url}/settings")
+    measured.get_by_label("New key name").fill("phone")
+    measured.get_by_role("button", name="Add key").click()
+    expect(measured.locator("#keys tr", has_text="phone").get_by_label("Key")).to_be_visible()
+    assert unlabelled_inputs(measured) == []
+    assert measured.evaluate("document.documentElement.scrollWidth <= window.innerWidth")

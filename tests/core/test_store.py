@@ -446,3 +446,19 @@ def test_sessions_sign_in_failures_and_audit_trail(store: Store) -> None:
     entries = store.audit_entries(limit=2, action_prefix="settings.")
     assert [e.action for e in entries] == ["settings.2", "settings.1"] and entries[0].detail == "100% done"
     assert [e.action for e in store.audit_entries(before_id=entries[1].id)] == ["settings.0"]
+
+
+def test_pruning_drops_dead_sessions_and_stale_sign_in_failures(store: Store) -> None:
+    admin = store.verify_admin("admin", "admin-pass-123")
+    assert admin is not None
+    store.create_session(admin.id, "idle", "192.0.2.1", "a", now=T0)
+    store.create_session(admin.id, "active", "192.0.2.1", "b", now=T0 + 3000)
+    store.record_login_failure("192.0.2.9", "admin", now=T0 + 3000)
+    store.record_login_failure("192.0.2.9", "admin", now=T0 + 3599)
+    assert store.prune_sessions(T0 + 3600, idle_seconds=1800) == 1
+    assert store.find_session("idle", 10**6, now=T0 + 3600) is None
+    assert store.find_session("active", 1800, now=T0 + 3600) is not None
+    conn = store.conn()
+    assert conn.execute("SELECT COUNT(*) FROM login_failures").fetchone()[0] == 1  # only the last minute's
+    # Nobody keeps a session past a day, however busy.
+    assert store.prune_sessions(T0 + 3000 + 86401, idle_seconds=10**6) == 1
