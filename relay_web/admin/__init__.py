@@ -5,6 +5,18 @@
 (reading posts, per-field errors), ``templating`` (``render``, filters),
 ``signin``, ``account``, ``settings_page``, ``keys``, ``checks``, ``pages``,
 ``turnstile``.
+
+A new page: an endpoint wrapped in ``sessions.require_admin`` (it checks
+the session, the forced password change, Origin and CSRF on POST, and sets
+``request.state.admin`` / ``csrf_token``), answering
+``templating.render(request, "page.html", {...})`` with a template that
+extends ``base.html``; its route goes in the list below. Forms post with
+``{{ forms.csrf() }}``, read fields with ``forms.read_form``, and show
+errors with ``FormState``; a dangerous button is ``forms.confirm_form`` and
+its endpoint checks ``forms.confirmed``. Anything an admin does that matters
+later goes to ``store.record_audit(actor, ip, action, detail)``
+(``settings_page.actor(request)`` gives actor and ip). A region with
+``data-refresh="N"`` and an id reloads itself every N seconds (app.js).
 """
 
 from __future__ import annotations

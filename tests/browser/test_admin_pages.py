@@ -215,3 +215,17 @@ def test_readable_on_a_phone_and_usable_without_javascript(open_page: Callable[.
     expect(measured.locator("#keys tr", has_text="phone").get_by_label("Key")).to_be_visible()
     assert unlabelled_inputs(measured) == []
     assert measured.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+def test_the_queue_page_refreshes_itself(page: Page, relay: BrowserRelay) -> None:
+    with SmtpServer("none") as server:
+        relay.configure(*server.settings(), "default_from=relay@example.org")
+        sign_in(page, relay)
+        sent = page.locator("#queue-summary li", has=page.locator(".badge-sent")).locator(".count")
+        expect(sent).to_have_text("0")
+        page.evaluate("window.stillTheSamePage = true")
+        response = api_send(relay, relay.key())
+        assert response.status_code == 202
+        wait_until(lambda: server.received, what="the delivery")
+        expect(sent).to_have_text("1", timeout=15_000)  # app.js reloaded the region; nobody clicked
+        assert page.evaluate("window.stillTheSamePage") is True  # the region was replaced, not the page
