@@ -15,8 +15,9 @@ this module, in ``db_sqlite.py`` and ``db_postgres.py``:
   transaction holds ``name`` (an advisory lock on PostgreSQL; nothing to do on
   SQLite, whose writers already take turns) — for check-then-write code that
   relied on that, such as the pacing count or first-boot seeding;
-- ``insert_row(conn, table, row, blob=...)``: SQLite streams a large body
-  through its blob API, PostgreSQL binds the bytes;
+- ``insert_blob(conn, sql, params, table, column)``: an INSERT whose last
+  parameter is a body; SQLite streams a large one through its blob API,
+  PostgreSQL binds the bytes;
 - ``is_database_error(exc)``: either driver's errors.
 """
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Iterator, Protocol, Sequence
 
 from .db_sqlite import RelayConnection, SqliteDatabase, StoreInUse, WriteLock, connect  # noqa: F401
 
@@ -61,7 +62,7 @@ class Connection(Protocol):
 
     def take_turn(self, name: str) -> None: ...
 
-    def insert_row(self, table: str, row: Mapping[str, Any], blob: str | None = None) -> None: ...
+    def insert_blob(self, sql: str, params: Sequence[Any], table: str, column: str) -> None: ...
 
     def close(self) -> None: ...
 
@@ -105,9 +106,9 @@ def serialize(conn: Any, name: str) -> None:
     conn.take_turn(name)
 
 
-def insert_row(conn: Any, table: str, row: Mapping[str, Any], blob: str | None = None) -> None:
-    """INSERT one row given as {column: value}; ``blob`` names a column that may be large."""
-    conn.insert_row(table, row, blob)
+def insert_blob(conn: Any, sql: str, params: Sequence[Any], table: str, column: str) -> None:
+    """Run an INSERT whose last parameter is the (possibly large) blob for ``table.column``."""
+    conn.insert_blob(sql, params, table, column)
 
 
 def is_database_error(exc: BaseException) -> bool:

@@ -24,7 +24,7 @@ import hashlib
 import threading
 import urllib.parse
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import psycopg
 from psycopg import pq
@@ -170,11 +170,6 @@ def _run(raw: psycopg.Connection[Any], query: str, params: Sequence[Any]) -> Res
     return result
 
 
-@functools.lru_cache(maxsize=64)
-def _insert_sql(table: str, columns: tuple[str, ...]) -> str:
-    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})"
-
-
 class PgConnection:
     """One thread's handle on the pool, with the sqlite3-like surface the store modules use."""
 
@@ -275,9 +270,9 @@ class PgConnection:
             raise RuntimeError("take_turn() needs an open transaction")
         self._raw.execute("SELECT pg_advisory_xact_lock(%s)", (_advisory_key(name),))
 
-    def insert_row(self, table: str, row: Mapping[str, Any], blob: str | None = None) -> None:
-        with self._borrow() as raw:
-            raw.execute(_insert_sql(table, tuple(row)), tuple(row.values())).close()
+    def insert_blob(self, sql: str, params: Sequence[Any], table: str, column: str) -> None:
+        """Run an INSERT whose last parameter is a blob: psycopg sends bytes as they are."""
+        self.execute(sql, params)
 
     def raw(self) -> psycopg.Connection[Any]:
         """The pinned connection inside a transaction (for COPY and other psycopg-only work)."""

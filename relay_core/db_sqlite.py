@@ -21,7 +21,7 @@ import sqlite3
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Sequence
 
 # Bodies above this are written through the blob API: binding one as a parameter
 # would make SQLite copy it and keep that copy in the cached statement.
@@ -72,9 +72,10 @@ class WriteLock:
 
 
 @functools.lru_cache(maxsize=64)
-def _insert_sql(table: str, columns: tuple[str, ...], zeroblob: str | None) -> str:
-    values = ", ".join("zeroblob(?)" if name == zeroblob else "?" for name in columns)
-    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({values})"
+def _zeroblob_last(sql: str) -> str:
+    """The INSERT with its last placeholder reserving the blob's length instead of binding it."""
+    at = sql.rindex("?")
+    return sql[:at] + "zeroblob(?)" + sql[at + 1:]
 
 
 class RelayConnection(sqlite3.Connection):
@@ -116,19 +117,15 @@ class RelayConnection(sqlite3.Connection):
     def take_turn(self, name: str) -> None:
         """Nothing to do: write transactions here are already one at a time."""
 
-    def insert_row(self, table: str, row: Mapping[str, Any], blob: str | None = None) -> None:
-        value = row.get(blob) if blob else None
-        stream = isinstance(value, (bytes, bytearray)) and len(value) > BLOB_STREAM_THRESHOLD
-        columns = tuple(row)
-        params = tuple(row.values())
-        if stream:
-            assert value is not None and blob is not None
-            params = tuple(len(value) if name == blob else v for name, v in zip(columns, params))
-        cur = self.execute(_insert_sql(table, columns, blob if stream else None), params)
-        if stream:
-            assert value is not None and blob is not None
-            with self.blobopen(table, blob, int(cur.lastrowid or 0)) as handle:
-                handle.write(value)
+    def insert_blob(self, sql: str, params: Sequence[Any], table: str, column: str) -> None:
+        """Run an INSERT whose last parameter is ``table.column``'s blob; a large one is streamed."""
+        blob = params[-1]
+        if len(blob) <= BLOB_STREAM_THRESHOLD:
+            self.execute(sql, params)
+            return
+        cur = self.execute(_zeroblob_last(sql), (*params[:-1], len(blob)))
+        with self.blobopen(table, column, int(cur.lastrowid or 0)) as handle:
+            handle.write(blob)
 
 
 def connect(path: Path | str) -> RelayConnection:

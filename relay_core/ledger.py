@@ -18,7 +18,7 @@ from typing import Any
 
 from . import crypto
 from .crypto import KeySet
-from .db import Connection, insert_row, serialize, transaction
+from .db import Connection, insert_blob, serialize, transaction
 from .message import OutgoingMessage, message_id_header
 from .options import Options
 
@@ -113,14 +113,19 @@ def insert_log(conn: Connection, entry: LogEntry) -> None:
     )
 
 
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (id, status, source, api_key_id, created_at, updated_at, next_attempt_at, enqueued_at,"
+    " from_addr, from_name, envelope_from, subject, message_id_header, size, body)"
+    " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
 def insert_message(conn: Connection, msg: NewMessage) -> None:
-    insert_row(conn, "messages", {
-        "id": msg.id, "status": "queued", "source": msg.source, "api_key_id": msg.api_key_id,
-        "created_at": msg.created_at, "updated_at": msg.created_at, "next_attempt_at": msg.created_at,
-        "enqueued_at": msg.created_at, "from_addr": msg.from_addr, "from_name": msg.from_name,
-        "envelope_from": msg.envelope_from, "subject": msg.subject,
-        "message_id_header": msg.message_id_header, "size": msg.size, "body": msg.body,
-    }, blob="body")  # a large body is streamed on SQLite rather than bound (see db_sqlite)
+    # The body last: a large one is streamed into SQLite rather than bound (see db_sqlite).
+    insert_blob(conn, _INSERT_MESSAGE, (
+        msg.id, msg.source, msg.api_key_id, msg.created_at, msg.created_at, msg.created_at, msg.created_at,
+        msg.from_addr, msg.from_name, msg.envelope_from, msg.subject, msg.message_id_header, msg.size, msg.body,
+    ), "messages", "body")
     conn.executemany(
         "INSERT INTO recipients (message_id, position, address) VALUES (?, ?, ?)",
         [(msg.id, i, addr) for i, addr in enumerate(msg.recipients)],

@@ -25,7 +25,7 @@ from .accounts import Accounts, Admin, ApiKey  # noqa: F401  (re-exported)
 from .audit import Audit, AuditEntry, insert_audit  # noqa: F401  (re-exported)
 from .config import ConfigError, Settings
 from .crypto import KeySet
-from .db import (Connection, Database, SqliteDatabase, connect, insert_row, open_database,  # noqa: F401
+from .db import (Connection, Database, SqliteDatabase, connect, insert_blob, open_database,  # noqa: F401
                  serialize, transaction, write_lock)
 from .ledger import (FINAL_STATES, MAX_UNRECORDED_CLAIMS, ClaimedMessage, Ledger, LogEntry,  # noqa: F401
                      NewMessage, Paced, Recipient, insert_log, insert_message)
