@@ -25,11 +25,11 @@ from common import (HERE, Relay, free_port, peak_rss_mib, portal_message, post_m
                     stop, wait_http, wrk)
 
 
-def accept_rate(seconds: int, with_worker: bool = True) -> dict[str, float]:
+def accept_rate(seconds: int, with_worker: bool = True, env: dict[str, str] | None = None) -> dict[str, float]:
     """wrk against POST /api/send; with the worker delivering to a sink meanwhile, or alone."""
     sink_port = free_port()
     sink = start_sink(sink_port)
-    relay = Relay()
+    relay = Relay(**(env or {}))
     try:
         relay.cli("config", "set", "smtp_host=127.0.0.1", f"smtp_port={sink_port}", "smtp_security=none")
         relay.start_web()
@@ -54,7 +54,7 @@ def bare_rate(seconds: int) -> dict[str, float]:
 
 
 def delivery_rate(count: int, delay: float, threads: int, workers: int = 1, reuse: bool = True,
-                  starttls: tuple[str, str, str] | None = None) -> float:
+                  starttls: tuple[str, str, str] | None = None, env: dict[str, str] | None = None) -> float:
     """Queue ``count`` messages with the worker stopped, then time the drain.
 
     The clock starts when the first delivery began (its finish time less the
@@ -64,7 +64,7 @@ def delivery_rate(count: int, delay: float, threads: int, workers: int = 1, reus
     sink_port = free_port()
     extra = ("--starttls", starttls[0], starttls[1]) if starttls else ()
     sink = start_sink(sink_port, delay, *extra)
-    relay = Relay(threads=threads, **({"SSL_CERT_FILE": starttls[2]} if starttls else {}))
+    relay = Relay(threads=threads, **({"SSL_CERT_FILE": starttls[2]} if starttls else {}), **(env or {}))
     try:
         relay.cli("config", "set", "smtp_host=127.0.0.1", f"smtp_port={sink_port}",
                   f"smtp_security={'starttls' if starttls else 'none'}",

@@ -59,6 +59,9 @@ class Relay:
         self.env.update({"RELAY_SECRET_KEY": SECRET, "RELAY_DATA_DIR": str(self.dir / "data"),
                          "RELAY_ADMIN_PASSWORD": "bench-admin", "RELAY_LOG_LEVEL": "WARNING",
                          "RELAY_WORKER_THREADS": str(threads), **env})
+        # Measure this checkout, not whatever copy of the relay the venv has installed.
+        self.env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep)
         self.web: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self.port = free_port()
@@ -97,20 +100,26 @@ class Relay:
             stop(self.web)
             self.web = None
 
-    def counts(self) -> dict[str, int]:
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """Read the store directly: relay.db, or the PostgreSQL database of RELAY_DATABASE_URL."""
+        url = self.env.get("RELAY_DATABASE_URL")
+        if url:
+            import psycopg
+            with psycopg.connect(url, autocommit=True) as pg:
+                return [tuple(r) for r in pg.execute(sql).fetchall()]  # type: ignore[arg-type]
         conn = sqlite3.connect(str(self.dir / "data" / "relay.db"), timeout=30)
         try:
-            return dict(conn.execute("SELECT status, COUNT(*) FROM messages GROUP BY status").fetchall())
+            return conn.execute(sql).fetchall()
         finally:
             conn.close()
 
+    def counts(self) -> dict[str, int]:
+        return dict(self.query("SELECT status, COUNT(*) FROM messages GROUP BY status"))  # type: ignore[arg-type]
+
     def finish_span(self) -> tuple[float, float]:
         """When the first and the last message finished."""
-        conn = sqlite3.connect(str(self.dir / "data" / "relay.db"), timeout=30)
-        try:
-            return conn.execute("SELECT MIN(finished_at), MAX(finished_at) FROM messages").fetchone()
-        finally:
-            conn.close()
+        first, last = self.query("SELECT MIN(finished_at), MAX(finished_at) FROM messages")[0]
+        return first, last
 
     def cleanup(self) -> None:
         self.stop()
