@@ -12,13 +12,14 @@ import argparse
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Sequence, cast
 
-from . import crypto, health
+from . import backup, crypto, health
 from .config import ConfigError, Settings, load_settings
 from .db import StoreInUse
 from .errors import RelayError
@@ -225,13 +226,32 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
     target = Path(args.file)
     if target.exists():
         return _fail(f"{target} already exists; not overwriting it.")
-    import sqlite3
-    os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # subjects and addresses are in clear
-    destination = sqlite3.connect(str(target))
-    with destination:
-        cast(sqlite3.Connection, store.conn()).backup(destination)
-    destination.close()
-    print(f"Backed up {settings.db_path} to {target}.")
+    try:
+        backup.backup(cast(sqlite3.Connection, store.conn()), target)
+    except backup.BackupError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"cannot write {target} ({exc.strerror}); nothing was backed up.")
+    print(f"Backed up {settings.db_path} to {target}. Keep RELAY_SECRET_KEY with it: the backup is "
+          "unreadable without it.")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.database_url:
+        return _fail("the store is in PostgreSQL (RELAY_DATABASE_URL): restore it with pg_restore; "
+                     "restore replaces relay.db only.")
+    try:
+        restored = backup.restore(settings, Path(args.file))
+    except backup.RestoreRefused as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"the restore failed ({exc}); the data directory was left as it was.")
+    print(f"Restored {settings.db_path} from {args.file} (schema {restored.schema_version}, "
+          f"{restored.messages} messages, {restored.waiting} waiting to be delivered).")
+    if restored.kept is not None:
+        print(f"The database it replaced is kept as {restored.kept}.")
+    print("Start the relay: its workers deliver the waiting messages.")
     return 0
 
 
@@ -321,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate-store", help="copy the SQLite store into an empty PostgreSQL database")
     p.add_argument("--to", required=True, metavar="postgresql://user:password@host:5432/dbname")
+    p = sub.add_parser("restore", help="replace relay.db with a backup (every relay process stopped)")
+    p.add_argument("file", help="a file made by `tspro-relay backup`")
 
     p = sub.add_parser("healthcheck", help="exit 0 when the web process answers, or a worker is alive")
     p.add_argument("--url", default="http://127.0.0.1:8000/healthz", help="the web process's /healthz")
@@ -350,7 +372,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     handlers = {
         "run": cmd_run, "web": cmd_web, "worker": cmd_worker, "config": cmd_config,
         "api-key": cmd_api_key, "send-test": cmd_send_test, "admin": cmd_admin,
-        "backup": cmd_backup, "migrate-store": cmd_migrate_store,
+        "backup": cmd_backup, "restore": cmd_restore, "migrate-store": cmd_migrate_store,
     }
     return handlers[args.command](args, settings)
 

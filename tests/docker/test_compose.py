@@ -63,14 +63,14 @@ def smtp() -> Iterator[SmtpServer]:
 def relay(engine: Engine, tmp_path_factory: pytest.TempPathFactory, smtp: SmtpServer) -> Iterator[Relay]:
     directory = copy_repository(tmp_path_factory.mktemp("compose"))
     assert not (directory / "data").exists()
+    # As on a new host: no image yet, so `up -d` must build it (never try to pull it).
+    engine.docker("image", "rm", "--force", "tspro-relay:local", check=False)
     port = free_port()
     # The image's own health-check timing (a first check after 30 s), as an operator gets it.
     project = Project(engine, directory, "docker-compose.yml", web_override(port, fast_health=False))
     try:
-        started = time.monotonic()
-        project.compose("up", "-d")
-        project.wait_healthy(2, timeout=90)
-        healthy_after = time.monotonic() - started
+        project.compose("up", "-d")  # builds the image, then starts the containers
+        healthy_after = project.wait_healthy(2, timeout=60)  # the promise: within a minute
         relay = Relay(project, port, healthy_after)
         yield relay
         relay.http.close()
@@ -86,7 +86,7 @@ def data_copy(relay: Relay, tmp_path: Path) -> sqlite3.Connection:
 
 
 def test_a_fresh_directory_comes_up_healthy_within_a_minute_as_the_relay_user(relay: Relay) -> None:
-    assert relay.healthy_after < 60, f"healthy after {relay.healthy_after:.1f} s"
+    print(f"web and worker healthy {relay.healthy_after:.1f} s after `up -d`")
     data = relay.project.directory / "data"
     assert data.stat().st_uid == RELAY_UID  # Docker created it as root; the entrypoint handed it over
     assert {p.stat().st_uid for p in data.iterdir()} == {RELAY_UID}
@@ -146,6 +146,23 @@ def test_three_workers_deliver_300_messages_exactly_once(relay: Relay, smtp: Smt
         conn.close()
 
 
+def test_a_backup_while_running_and_no_restore_while_any_container_runs(relay: Relay) -> None:
+    made = relay.project.exec("web", "tspro-relay", "backup", "/data/backup.db")
+    assert "Backed up" in made.stdout
+    backup = relay.project.directory / "data" / "backup.db"
+    assert backup.stat().st_uid == RELAY_UID and backup.stat().st_mode & 0o777 == 0o600
+    # The web container is stopped; the three worker containers still hold the data directory.
+    relay.project.compose("stop", "web")
+    try:
+        refused = relay.project.compose("run", "--rm", "--no-deps", "web", "tspro-relay", "restore",
+                                        "/data/backup.db", check=False)
+        assert refused.returncode == 2
+        assert "is using /data/relay.db" in refused.stderr and "Traceback" not in refused.stderr
+    finally:
+        relay.project.compose("start", "web")
+        wait_until(relay.answers, timeout=30, what="the web to answer again")
+
+
 def test_stop_during_a_slow_delivery_exits_0_with_the_message_recorded(relay: Relay, smtp: SmtpServer,
                                                                        tmp_path: Path) -> None:
     smtp.behaviour.delay = 8.0
@@ -167,3 +184,12 @@ def test_stop_during_a_slow_delivery_exits_0_with_the_message_recorded(relay: Re
         assert outcome == [("sent",)]
     finally:
         conn.close()
+
+
+def test_restore_with_every_container_stopped(relay: Relay) -> None:
+    restored = relay.project.compose("run", "--rm", "--no-deps", "web", "tspro-relay", "restore",
+                                     "/data/backup.db")
+    assert "Restored /data/relay.db" in restored.stdout
+    data = relay.project.directory / "data"
+    assert {p.stat().st_uid for p in data.iterdir()} == {RELAY_UID}
+    assert list(data.glob("relay.db.pre-restore-*"))
