@@ -173,6 +173,5 @@ def web_override(port: int, fast_health: bool = True) -> str:
         f"{health}"
         "  worker:\n"
         "    network_mode: host\n"
-        "    build: {network: host}\n"
         f"{health}"
     )
