@@ -76,7 +76,7 @@ def _check(conn: sqlite3.Connection, source: Path, keys: KeySet) -> int:
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if not RELAY_TABLES <= tables:
         raise RestoreRefused(f"{source} is a SQLite database but not a TS Pro Relay store; nothing was restored.")
-    version = migrations.current_version(conn)
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])  # what migrations.py counts on SQLite
     known = len(migrations.MIGRATIONS)
     if version > known:
         raise RestoreRefused(

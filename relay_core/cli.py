@@ -341,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate-store", help="copy the SQLite store into an empty PostgreSQL database")
     p.add_argument("--to", required=True, metavar="postgresql://user:password@host:5432/dbname")
+
     p = sub.add_parser("restore", help="replace relay.db with a backup (every relay process stopped)")
     p.add_argument("file", help="a file made by `tspro-relay backup`")
 

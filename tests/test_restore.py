@@ -44,7 +44,7 @@ def source(tmp_path: Path) -> tuple[dict[str, str], Path, list[str]]:
     conn = store.conn()
     conn.execute("UPDATE messages SET status = 'sending', lease_owner = 'gone:1:x', lease_expires_at = ?"
                  " WHERE id = ?", (time.time() + 300, ids[0]))
-    store.close()
+    store.shutdown()  # close() keeps this process's hold on relay.db; restore would see a relay using it
     cli(env, "backup", str(tmp_path / "backup.db"), cwd=tmp_path)
     return env, tmp_path / "backup.db", ids
 
