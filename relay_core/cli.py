@@ -4,14 +4,21 @@ Every command reads RELAY_* from the environment and from `.env` in the
 working directory (the environment wins), and any command that touches the
 store initialises a fresh data directory first (migrations, first-boot
 seeds), so `config set` works before `web` has ever run.
+
+Adding a command: a sub-parser in ``build_parser`` (or a ``register``
+function in another module, as ``cli_inspect`` does) whose
+``set_defaults(handler=...)`` names a function taking ``(args, settings)``;
+``needs_settings=False`` for one that must run without a secret.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,11 +26,11 @@ import time
 from pathlib import Path
 from typing import Sequence, cast
 
-from . import backup, crypto, health
+from . import __version__, backup, cli_inspect, crypto, health
 from .config import ConfigError, Settings, load_settings
 from .db import StoreInUse
 from .errors import RelayError
-from .options import OPTION_NAMES, SECRET_OPTIONS, parse_option, to_text
+from .options import HELP, OPTION_NAMES, SECRET_OPTIONS, Options, parse_option, to_text
 from .store import Store
 
 
@@ -63,7 +70,32 @@ def _open_store(settings: Settings) -> Store:
 
 
 # -- processes -------------------------------------------------------------------
+def port_problem(host: str, port: int) -> str | None:
+    """Why nothing could listen on host:port now, or None when it is free.
+
+    SO_REUSEADDR as uvicorn sets it: a port held only by closing connections
+    is free, one with a listener is not.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot listen on {host!r}: {exc.strerror}."
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} is in use; pass --port to choose another."
+            return f"cannot listen on {host}:{port}: {exc.strerror}."
+    return None
+
+
 def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
+    problem = port_problem(args.host, args.port)
+    if problem:
+        return _fail(problem)
     from relay_web.server import serve
     return serve(settings, args.host, args.port)
 
@@ -75,6 +107,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """Web and worker as two child processes; Ctrl-C or SIGTERM stops both cleanly."""
+    problem = port_problem(args.host, args.port)
+    if problem:  # before anything starts: no worker without its web process
+        return _fail(problem)
     from .tasks import check_queue
     check_queue(settings)
     _open_store(settings).shutdown()  # migrate and seed once, before two processes race to
@@ -193,6 +228,14 @@ def cmd_api_key(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_send_test(args: argparse.Namespace, settings: Settings) -> int:
     from .sending import enqueue_test_message
     store = _open_store(settings)
+    options = store.options()
+    if not options.smtp_configured:
+        return _fail("SMTP delivery is not configured yet (no smtp_host): set it first, for example "
+                     "`tspro-relay config set smtp_host=smtp.example.org smtp_port=587 smtp_security=starttls "
+                     "smtp_username=... smtp_password=...`.")
+    if not options.default_from:
+        return _fail("The test needs a sender: set one with `tspro-relay config set "
+                     "default_from=noreply@example.org`.")
     try:
         message_id = enqueue_test_message(store, settings, args.to)
     except RelayError as exc:
@@ -295,87 +338,153 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every real default shown after its option's help; descriptions and epilogs kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help  # a flag that is off, or no default: nothing worth saying
+        return super()._get_help_string(action)
+
+
+def dotenv_note() -> str:
+    return (f"Settings: RELAY_* variables from the environment and from .env in the working directory "
+            f"(now {Path.cwd() / '.env'}); the environment wins.")
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, summary: str, description: str = "",
+                epilog: str | None = None) -> argparse.ArgumentParser:
+    """A sub-command with its one-line summary, a description and the .env note in --help."""
+    return sub.add_parser(name, help=summary, description=description or summary[0].upper() + summary[1:] + ".",
+                          epilog=epilog or dotenv_note(), formatter_class=HelpFormatter)
+
+
+def _config_keys_help() -> str:
+    width = max(len(name) for name in OPTION_NAMES)
+    lines = [f"  {name:<{width}}  {HELP[name]} (default: {to_text(getattr(Options(), name)) or 'empty'})"
+             for name in OPTION_NAMES]
+    return "settings:\n" + "\n".join(lines) + "\n\n" + dotenv_note()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tspro-relay", description="TS Pro Relay: HTTP-to-SMTP email relay.")
+    parser = argparse.ArgumentParser(
+        prog="tspro-relay", formatter_class=HelpFormatter, epilog=dotenv_note(),
+        description="TS Pro Relay: takes the portal's email as JSON over HTTPS and delivers it over SMTP.")
+    parser.add_argument("--version", action="version", version=f"tspro-relay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for name, help_text in (("run", "web and worker together (the quick start)"),
-                            ("web", "the web process: API and admin UI")):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--host", default="0.0.0.0")
-        p.add_argument("--port", type=int, default=8000)
-    sub.add_parser("worker", help="the delivery worker (Huey consumer)")
+    for name, summary, description in (
+            ("run", "web and worker together (the quick start)",
+             "Run the web process (API and admin UI) and a delivery worker as two child processes. "
+             "Ctrl-C or SIGTERM stops both, letting deliveries in flight finish."),
+            ("web", "the web process: API and admin UI",
+             "Serve the portal's JSON API and the admin UI. Containers pass --host 0.0.0.0.")):
+        p = add_command(sub, name, summary, description)
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+        p.add_argument("--port", type=int, default=8000, help="port to listen on")
+        p.set_defaults(handler=cmd_run if name == "run" else cmd_web)
+    add_command(sub, "worker", "the delivery worker (Huey consumer)",
+                "Deliver queued mail: claim, send over SMTP, record every attempt. Run as many as you "
+                "like; SIGINT and SIGTERM finish deliveries in flight.").set_defaults(handler=cmd_worker)
 
-    p = sub.add_parser("init", help="write a .env with a fresh secret and admin password")
-    p.add_argument("--path", default=".env")
+    p = add_command(sub, "init", "write a .env with a fresh secret and admin password",
+                    "Write a .env (mode 600) with a fresh RELAY_SECRET_KEY and admin password. Never "
+                    "overwrites an existing file.")
+    p.add_argument("--path", default=".env", help="where to write it")
     p.add_argument("--if-missing", action="store_true", help="succeed quietly when the file exists")
+    p.set_defaults(handler=cmd_init, needs_settings=False)
 
-    p = sub.add_parser("config", help="show or change the relay's settings")
-    config_sub = p.add_subparsers(dest="action", required=True)
-    show = config_sub.add_parser("show", help="one `key = value` line per setting, secrets masked")
-    show.add_argument("--json", action="store_true")
-    setter = config_sub.add_parser("set", help="key=value ... (all or nothing)")
-    setter.add_argument("pairs", nargs="*", metavar="key=value")
+    p = add_command(sub, "config", "show or change the relay's settings",
+                    "Show or change the settings kept in the database; running processes pick changes up "
+                    "without a restart.")
+    config_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = add_command(config_sub, "show", "one `key = value` line per setting, secrets masked")
+    show.add_argument("--json", action="store_true", help="print one JSON object instead")
+    setter = add_command(config_sub, "set", "change settings: key=value ... (all or nothing)",
+                         "Change one or more settings. Every value is checked first; if any is refused, "
+                         "nothing is saved.", epilog=_config_keys_help())
+    setter.add_argument("pairs", nargs="*", metavar="key=value", help="settings to change (see below)")
+    p.set_defaults(handler=cmd_config)
 
-    p = sub.add_parser("api-key", help="the portal's API key and extra named keys")
-    key_sub = p.add_subparsers(dest="action", required=True)
-    key_sub.add_parser("show", help="print the portal's key")
-    key_sub.add_parser("new", help="replace the portal's key (the old one stops working at once)")
-    add = key_sub.add_parser("add", help="add an extra named key")
-    add.add_argument("--label", required=True)
-    key_sub.add_parser("list", help="list keys (never their values)")
-    revoke = key_sub.add_parser("revoke", help="revoke a key by id")
-    revoke.add_argument("id", type=int)
+    p = add_command(sub, "api-key", "the portal's API key and extra named keys",
+                    "Show or replace the portal's API key, or manage extra named keys for rotation.")
+    key_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add_command(key_sub, "show", "print the portal's key alone on one line")
+    add_command(key_sub, "new", "replace the portal's key (the old one stops working at once)")
+    add = add_command(key_sub, "add", "add an extra named key")
+    add.add_argument("--label", required=True, help="a name to recognise the key by")
+    add_command(key_sub, "list", "list keys (never their values)")
+    revoke = add_command(key_sub, "revoke", "revoke a key by id")
+    revoke.add_argument("id", type=int, help="the key's id, from `api-key list`")
+    p.set_defaults(handler=cmd_api_key)
 
-    p = sub.add_parser("send-test", help="queue a test email")
-    p.add_argument("--to", required=True)
+    p = add_command(sub, "send-test", "queue a test email",
+                    "Queue a test email from the Default From; a running worker delivers it and the "
+                    "transaction log (`tspro-relay log`) shows the outcome.")
+    p.add_argument("--to", required=True, help="recipient address")
+    p.set_defaults(handler=cmd_send_test)
 
-    p = sub.add_parser("admin", help="administer the admin login")
-    admin_sub = p.add_subparsers(dest="action", required=True)
-    setpw = admin_sub.add_parser("set-password", help="reset the admin password")
-    setpw.add_argument("--username", default="")
+    p = add_command(sub, "admin", "administer the admin login")
+    admin_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    setpw = add_command(admin_sub, "set-password", "reset the admin password")
+    setpw.add_argument("--username", default="", help="the admin's user name (empty: RELAY_ADMIN_USER)")
     setpw.add_argument("--password-stdin", action="store_true", help="read the new password from stdin")
+    p.set_defaults(handler=cmd_admin)
 
-    p = sub.add_parser("backup", help="a consistent copy of relay.db, safe while running")
-    p.add_argument("file")
+    p = add_command(sub, "backup", "a consistent copy of relay.db, safe while running",
+                    "Write a consistent copy of relay.db (mode 600) while the relay runs.")
+    p.add_argument("file", help="the copy to write (must not exist)")
+    p.set_defaults(handler=cmd_backup)
 
-    p = sub.add_parser("migrate-store", help="copy the SQLite store into an empty PostgreSQL database")
-    p.add_argument("--to", required=True, metavar="postgresql://user:password@host:5432/dbname")
+    p = add_command(sub, "migrate-store", "copy the SQLite store into an empty PostgreSQL database",
+                    "Copy relay.db (settings, keys, queued mail, the log) into an empty PostgreSQL database, "
+                    "then mark relay.db so no relay process uses it again.")
+    p.add_argument("--to", required=True, metavar="postgresql://user:password@host:5432/dbname",
+                   help="the empty PostgreSQL database to copy into")
+    p.set_defaults(handler=cmd_migrate_store)
 
-    p = sub.add_parser("restore", help="replace relay.db with a backup (every relay process stopped)")
+    p = add_command(sub, "restore", "replace relay.db with a backup (every relay process stopped)",
+                    "Replace relay.db with a file made by `tspro-relay backup`, after checking it. Refuses "
+                    "while any relay process holds the data directory.")
     p.add_argument("file", help="a file made by `tspro-relay backup`")
+    p.set_defaults(handler=cmd_restore)
 
-    p = sub.add_parser("healthcheck", help="exit 0 when the web process answers, or a worker is alive")
+    p = add_command(sub, "healthcheck", "exit 0 when the web process answers, or a worker is alive",
+                    "For container health checks: exit 0 when the web process answers /healthz, or with "
+                    "--worker when this host's worker reported in the last minute (read from the store, no "
+                    "web process needed), or with --auto whatever the container's main process runs.")
     p.add_argument("--url", default="http://127.0.0.1:8000/healthz", help="the web process's /healthz")
     role = p.add_mutually_exclusive_group()
     role.add_argument("--worker", action="store_true",
                       help="check the worker's heartbeat in the store instead (no web process needed)")
     role.add_argument("--auto", action="store_true",
                       help="check whatever this container's main process runs (web, worker or both)")
+    p.set_defaults(handler=cmd_healthcheck, needs_settings=False)
+
+    cli_inspect.register(sub, add_command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "init":
-        return cmd_init(args)
     try:
-        if args.command == "healthcheck":
-            return cmd_healthcheck(args)
-        settings = load_settings()
-        _act_as_data_owner(settings)
-        return _dispatch(args, settings)
+        args = build_parser().parse_args(argv)  # inside: --help into a closed pipe too
+        if not getattr(args, "needs_settings", True):
+            code = args.handler(args)
+        else:
+            settings = load_settings()
+            _act_as_data_owner(settings)
+            code = args.handler(args, settings)
+        sys.stdout.flush()  # inside the try: a closed pipe must fail here, not at exit
+        return code
     except (ConfigError, StoreInUse) as exc:
         return _fail(str(exc), 2)
-
-
-def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    handlers = {
-        "run": cmd_run, "web": cmd_web, "worker": cmd_worker, "config": cmd_config,
-        "api-key": cmd_api_key, "send-test": cmd_send_test, "admin": cmd_admin,
-        "backup": cmd_backup, "restore": cmd_restore, "migrate-store": cmd_migrate_store,
-    }
-    return handlers[args.command](args, settings)
+    except BrokenPipeError:
+        # `tspro-relay log | head`: the reader left. No traceback; the rest goes nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -148,8 +148,8 @@ def _read_secret(env: Mapping[str, str]) -> str:
             ) from None
     if not secret:
         raise ConfigError(
-            "RELAY_SECRET_KEY is not set: put a long random value in the environment or in .env "
-            "(run `tspro-relay init` to write one)."
+            f"RELAY_SECRET_KEY is not set: put a long random value in the environment or in "
+            f"{Path.cwd() / '.env'} (run `tspro-relay init` in that directory to write one)."
         )
     if len(secret) < MIN_SECRET_LENGTH:
         raise ConfigError(

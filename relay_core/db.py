@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Iterator, Protocol, Sequence
 
+from . import files
 from .db_sqlite import RelayConnection, SqliteDatabase, StoreInUse, WriteLock, connect  # noqa: F401
 
 if TYPE_CHECKING:
@@ -87,7 +88,8 @@ def open_database(settings: "Settings") -> Database:
     if settings.database_url:
         from .db_postgres import PostgresDatabase  # psycopg is imported only by those who use it
         return PostgresDatabase(str(settings.database_url), max_size=settings.worker_threads + 4)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    files.private_dir(settings.data_dir)  # 0700 when created here; an existing one is left as is
+    files.private_database(settings.db_path)  # 0600, and so its -wal and -shm
     return SqliteDatabase(settings.db_path)
 
 

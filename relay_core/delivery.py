@@ -36,7 +36,7 @@ logger = logging.getLogger("relay.delivery")
 @dataclass
 class Outcome:
     message_id: str
-    status: str  # sent, deferred, failed
+    status: str  # sent, partial, deferred, failed
     next_attempt_at: float | None
     detail: str
 
@@ -64,6 +64,9 @@ class Deliverer:
         self._mailers: list[Mailer] = []
         self._mailers_lock = threading.Lock()
         self.leases = LeaseKeeper(store, self.clock)
+        # Set when a wake-up was dropped because delivery was paused: the sweeper
+        # wakes the waiting messages again as soon as the pause is lifted.
+        self.dropped_while_paused = threading.Event()
 
     def mailer(self) -> Mailer:
         mailer = getattr(self._local, "mailer", None)
@@ -83,6 +86,11 @@ class Deliverer:
     def attempt(self, message_id: str) -> Outcome | None:
         """Deliver the message if it can be claimed now; None when there was nothing to do."""
         options = self.store.options()
+        if options.delivery_paused:
+            # Nothing is claimed: the message stays as it is in the store, and the
+            # sweeper (or `tspro-relay resume`) wakes it again once delivery resumes.
+            self.dropped_while_paused.set()
+            return None
         owner = f"{self.identity}:{threading.get_ident()}"
         claimed = self.store.claim(message_id, owner, options.lease_seconds, now=self.clock(),
                                    limits=options.pacing_limits)
@@ -170,7 +178,7 @@ class Deliverer:
                 delay = max(delay, retry_after)
             deadline = claimed.created_at + options.max_age_hours * 3600
             if now + delay > deadline:
-                status = "failed"
+                status = "partial" if any(st == "sent" for st in final_statuses.values()) else "failed"
                 detail = (f"gave up after {claimed.attempts + 1} attempts over "
                           f"{(now - claimed.created_at) / 3600:.1f} h: {detail}")
                 for pos, (st, c, reply) in list(updates.items()):
@@ -180,15 +188,14 @@ class Deliverer:
                 status = "deferred"
                 next_attempt_at = now + delay
         elif any(st == "sent" for st in final_statuses.values()):
-            status = "sent"
+            # Some delivered, the rest refused for good: its own final state.
+            status = "partial" if any(st == "failed" for st in final_statuses.values()) else "sent"
         else:
             status = "failed"
 
-        failed_any = any(st == "failed" for st, _, _ in updates.values())
-        last_error = None if status == "sent" and not failed_any else detail
-        log_status = "partial" if status == "sent" and failed_any else status
+        last_error = None if status == "sent" else detail
         entry = LogEntry(
-            "attempt", log_status, message_id=claimed.id, stage=stage, code=code, detail=detail,
+            "attempt", status, message_id=claimed.id, stage=stage, code=code, detail=detail,
             duration_ms=duration_ms, sender=claimed.from_addr,
             recipients=", ".join(r.address for r in pending), subject=claimed.subject, ts=now,
         )
@@ -197,9 +204,11 @@ class Deliverer:
                                          entry=entry, now=now):
             logger.warning("lease on %s was lost before its outcome was recorded", claimed.id,
                            extra=fields("delivery.lease_lost", message_id=claimed.id))
-        # One line per attempt; the detail is the server's reply or the error, never the message.
-        logger.info("message %s %s (%s %s) in %d ms", claimed.id, log_status, stage, code or "", duration_ms,
-                    extra=fields("delivery.attempt", message_id=claimed.id, status=log_status, stage=stage,
+        # One line per outcome, for whoever watches the console: never a body, key or password
+        # (the detail is the server's reply or the relay's own sentence).
+        logger.info("message %s %s at %s%s: %s", claimed.id, status, stage, f" ({code})" if code else "",
+                    _short(detail),
+                    extra=fields("delivery.attempt", message_id=claimed.id, status=status, stage=stage,
                                  code=code, duration_ms=duration_ms, attempts=claimed.attempts + 1))
         return Outcome(claimed.id, status, next_attempt_at, detail)
 
@@ -253,6 +262,11 @@ class LeaseKeeper:
 def render(claimed: ClaimedMessage) -> bytes | bytearray:
     """The MIME bytes for a claimed message: same Message-ID and Date on every attempt."""
     return build_mime(unpack_stored(claimed.body), claimed.id, claimed.created_at)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _summary(result: DeliveryResult) -> str:

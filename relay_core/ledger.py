@@ -22,7 +22,10 @@ from .db import Connection, insert_blob, serialize, transaction
 from .message import OutgoingMessage, message_id_header
 from .options import Options
 
-FINAL_STATES = ("sent", "failed", "cancelled")
+FINAL_STATES = ("sent", "partial", "failed", "cancelled")
+# Stages at which a failure says the mail server cannot be used at all (as
+# opposed to one message or recipient being refused).
+CONNECTION_STAGES = ("connect", "EHLO", "STARTTLS", "AUTH")
 # Claims with no outcome recorded (the worker died each time, say on a message
 # that crashes it) before the message is failed instead of taken once more.
 MAX_UNRECORDED_CLAIMS = 5
@@ -42,7 +45,7 @@ class NewMessage:
     body: bytes
     size: int
     recipients: list[str]
-
+    kinds: list[str] = field(default_factory=list)  # to/cc/bcc per recipient; empty means all 'to'
 
     @classmethod
     def accepted(cls, message: OutgoingMessage, message_id: str, sealed: bytes, created: float,
@@ -53,7 +56,8 @@ class NewMessage:
             from_addr=message.from_email, from_name=message.from_name,
             envelope_from=options.envelope_from or message.from_email, subject=message.subject,
             message_id_header=message_id_header(message_id, message.from_email), body=sealed,
-            size=len(sealed) - crypto.BODY_OVERHEAD, recipients=message.to,
+            size=len(sealed) - crypto.BODY_OVERHEAD, recipients=[a for a, _ in message.envelope],
+            kinds=[k for _, k in message.envelope],
         )
 
 
@@ -71,6 +75,35 @@ class LogEntry:
     recipients: str = ""
     subject: str = ""
     ts: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class AttemptFact:
+    """One recorded delivery attempt, as the health check reads it."""
+
+    at: float
+    message_id: str | None
+    status: str
+    stage: str | None
+    code: int | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class LoggedRow:
+    """One transaction-log row, as `tspro-relay log` prints it."""
+
+    id: int
+    ts: float
+    event: str
+    message_id: str | None
+    status: str
+    stage: str | None
+    code: int | None
+    detail: str
+    sender: str
+    recipients: str
+    subject: str
 
 
 @dataclass
@@ -126,9 +159,10 @@ def insert_message(conn: Connection, msg: NewMessage) -> None:
         msg.id, msg.source, msg.api_key_id, msg.created_at, msg.created_at, msg.created_at, msg.created_at,
         msg.from_addr, msg.from_name, msg.envelope_from, msg.subject, msg.message_id_header, msg.size, msg.body,
     ), "messages", "body")
+    kinds = msg.kinds or ["to"] * len(msg.recipients)
     conn.executemany(
-        "INSERT INTO recipients (message_id, position, address) VALUES (?, ?, ?)",
-        [(msg.id, i, addr) for i, addr in enumerate(msg.recipients)],
+        "INSERT INTO recipients (message_id, position, address, kind) VALUES (?, ?, ?, ?)",
+        [(msg.id, i, addr, kind) for i, (addr, kind) in enumerate(zip(msg.recipients, kinds))],
     )
 
 
@@ -322,7 +356,8 @@ class Ledger:
                                   (message_id,))
         ]
         recipients = [
-            {"address": r["address"], "status": r["status"], "code": r["code"], "reply": r["reply"]}
+            {"address": r["address"], "kind": r["kind"], "status": r["status"], "code": r["code"],
+             "reply": r["reply"]}
             for r in conn.execute("SELECT * FROM recipients WHERE message_id = ? ORDER BY position",
                                   (message_id,))
         ]
@@ -343,6 +378,38 @@ class Ledger:
             "attempts": attempts,
             "recipients": recipients,
         }
+
+    def recent_attempts(self, limit: int, since: float = 0.0) -> list[AttemptFact]:
+        """The last ``limit`` delivery attempts after ``since``, newest first."""
+        rows = self.conn().execute(
+            "SELECT ts, message_id, status, stage, code, detail FROM log WHERE event = 'attempt' AND ts > ?"
+            " ORDER BY id DESC LIMIT ?", (since, limit)).fetchall()
+        return [AttemptFact(r["ts"], r["message_id"], r["status"], r["stage"], r["code"], r["detail"])
+                for r in rows]
+
+    def settings_changed_at(self, names: tuple[str, ...]) -> float:
+        """When any of these settings was last written (0 when never)."""
+        marks = ",".join("?" * len(names))
+        row = self.conn().execute(f"SELECT MAX(updated_at) FROM settings WHERE name IN ({marks})",
+                                  names).fetchone()
+        return float(row[0] or 0.0)
+
+    def log_entries(self, *, status: str | None = None, limit: int = 50,
+                    after_id: int = 0) -> list[LoggedRow]:
+        """Transaction-log rows, oldest first: the latest ``limit`` ones, or with ``after_id``
+        the next ``limit`` after that row (for following the log)."""
+        where, params = ["id > ?"], [after_id]  # type: list[str], list[object]
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        order = "ASC" if after_id else "DESC"
+        rows = self.conn().execute(
+            f"SELECT * FROM log WHERE {' AND '.join(where)} ORDER BY id {order} LIMIT ?",
+            (*params, limit)).fetchall()
+        if not after_id:
+            rows.reverse()
+        return [LoggedRow(r["id"], r["ts"], r["event"], r["message_id"], r["status"], r["stage"], r["code"],
+                          r["detail"], r["sender"], r["recipients"], r["subject"]) for r in rows]
 
     def counts(self) -> dict[str, int]:
         rows = self.conn().execute("SELECT status, COUNT(*) FROM messages GROUP BY status").fetchall()
@@ -413,7 +480,8 @@ class Ledger:
         conn = self.conn()
         with transaction(conn):
             sent = conn.execute(
-                "UPDATE messages SET body = NULL WHERE body IS NOT NULL AND status = 'sent' AND finished_at < ?",
+                "UPDATE messages SET body = NULL WHERE body IS NOT NULL AND status IN ('sent', 'partial')"
+                " AND finished_at < ?",
                 (now - sent_body_seconds,)).rowcount
             failed = conn.execute(
                 "UPDATE messages SET body = NULL WHERE body IS NOT NULL AND status IN ('failed', 'cancelled')"

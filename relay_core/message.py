@@ -24,6 +24,7 @@ message as wrapped lines. Letting the email package decode and re-encode a
 from __future__ import annotations
 
 import binascii
+import codecs
 import json
 import mimetypes
 import re
@@ -55,6 +56,13 @@ _POLICY = compat32.clone(linesep="\r\n")
 _QP_UTF8 = _charset.Charset("utf-8")
 _QP_UTF8.body_encoding = _charset.QP
 _MIME_TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
+# RFC 2045 parameters: `; name=token` or `; name="quoted string"`, strictly.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_PARAM_RE = re.compile(rf'\s*;\s*({_TOKEN})=({_TOKEN}|"(?:[^"\\\x00-\x1f\x7f]|\\[^\x00-\x1f\x7f])*")\s*')
+# The request's top-level fields; anything else is ignored and named in the answer.
+KNOWN_FIELDS = frozenset({"from_email", "from_name", "to", "cc", "bcc", "subject", "text", "html", "reply_to",
+                          "reply_to_name", "attachments"})
+RECIPIENT_KINDS = ("to", "cc", "bcc")
 _HEADER_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]")
 _B64_CHUNK = 4 * 65536
 _UNLIMITED = Options(max_attach_mb=1024 * 1024)
@@ -64,9 +72,10 @@ _LINE = 76
 @dataclass
 class Attachment:
     filename: str
-    mime_type: str
+    mime_type: str  # type/subtype, lower case
     content_b64: str  # whitespace removed, validated
     size: int  # decoded bytes
+    params: tuple[tuple[str, str], ...] = ()  # Content-Type parameters, as given (charset added for UTF-8 text)
 
 
 @dataclass
@@ -80,10 +89,25 @@ class OutgoingMessage:
     reply_to: str | None = None
     reply_to_name: str | None = None
     attachments: list[Attachment] = field(default_factory=list)
+    cc: list[str] = field(default_factory=list)
+    bcc: list[str] = field(default_factory=list)
 
     @property
     def attachment_bytes(self) -> int:
         return sum(a.size for a in self.attachments)
+
+    @property
+    def envelope(self) -> list[tuple[str, str]]:
+        """Every recipient with its kind (to, cc, bcc): the RCPT TO list."""
+        return ([(a, "to") for a in self.to] + [(a, "cc") for a in self.cc] + [(a, "bcc") for a in self.bcc])
+
+
+def ignored_fields(payload: Any) -> list[str]:
+    """Top-level names the relay does not know, sorted (at most 20, each cut to 64 characters)."""
+    if not isinstance(payload, dict):
+        return []
+    names = sorted(str(name)[:64] for name in payload if name not in KNOWN_FIELDS)
+    return names[:20]
 
 
 def message_id_header(message_id: str, from_email: str) -> str:
@@ -133,30 +157,45 @@ def _address(name: str, value: str) -> str:
     return value
 
 
-def _recipients(raw: Any) -> list[str]:
-    if raw is None:
-        raise BadRequest("'to' is required: give one address or a list of addresses.")
+def _address_list(name: str, raw: Any) -> list[str]:
+    """One recipient field: a list (one address per element) or a string split on , and ;."""
     if isinstance(raw, str):
-        _no_breaks("to", raw)
+        _no_breaks(name, raw)
         items = [part.strip() for part in re.split(r"[,;]", raw)]
         items = [item for item in items if item]
     elif isinstance(raw, list):
         items = []
         for item in raw:
             if not isinstance(item, str):
-                raise BadRequest("Each element of 'to' must be a string holding one address.")
-            items.append(_no_breaks("to", item).strip())
+                raise BadRequest(f"Each element of '{name}' must be a string holding one address.")
+            items.append(_no_breaks(name, item).strip())
     else:
-        raise BadRequest("'to' must be a list of addresses or a comma-separated string.")
-    if not items:
-        raise BadRequest("'to' holds no recipient address.")
+        raise BadRequest(f"'{name}' must be a list of addresses or a comma-separated string.")
     if len(items) > MAX_RECIPIENTS:
-        raise BadRequest(f"'to' holds {len(items)} recipients; at most {MAX_RECIPIENTS} are allowed.")
-    seen: dict[str, str] = {}
-    for item in items:
-        address = _address("to", item)
-        seen.setdefault(address.lower(), address)
-    return list(seen.values())
+        raise BadRequest(f"'{name}' holds {len(items)} recipients; at most {MAX_RECIPIENTS} are allowed.")
+    return [_address(name, item) for item in items]
+
+
+def _recipients(payload: dict[str, Any]) -> dict[str, list[str]]:
+    """to, cc and bcc, validated alike; an address appears once, in its first field."""
+    if payload.get("to") is None:
+        raise BadRequest("'to' is required: give one address or a list of addresses.")
+    lists = {kind: _address_list(kind, payload[kind]) if payload.get(kind) is not None else []
+             for kind in RECIPIENT_KINDS}
+    if not lists["to"]:
+        raise BadRequest("'to' holds no recipient address.")
+    total = sum(len(items) for items in lists.values())
+    if total > MAX_RECIPIENTS:
+        raise BadRequest(f"'to', 'cc' and 'bcc' hold {total} recipients; at most {MAX_RECIPIENTS} are allowed.")
+    seen: set[str] = set()
+    unique: dict[str, list[str]] = {}
+    for kind, items in lists.items():
+        unique[kind] = []
+        for address in items:
+            if address.lower() not in seen:
+                seen.add(address.lower())
+                unique[kind].append(address)
+    return unique
 
 
 def from_permitted(address: str, allowed: tuple[str, ...]) -> bool:
@@ -176,56 +215,101 @@ def _attachment(index: int, raw: Any) -> Attachment:
         raise BadRequest(f"attachments[{index}].filename must be a string.")
     _no_breaks(f"attachments[{index}].filename", filename)
     mime_type = raw.get("mime_type") or mimetypes.guess_type(filename)[0] or "application/octet-stream"
-    if not isinstance(mime_type, str) or not _MIME_TYPE_RE.fullmatch(mime_type):
+    if not isinstance(mime_type, str):
         raise BadRequest(f"attachments[{index}].mime_type is not a MIME type such as application/pdf.")
+    media_type, params = _media_type(index, mime_type)
     content = raw.get("content_b64")
     if not isinstance(content, str):
         raise BadRequest(f"attachments[{index}].content_b64 is required and must be a base64 string.")
     if any(ch in content for ch in " \t\r\n"):
         content = "".join(content.split())
-    return Attachment(filename, mime_type.lower(), content, _decoded_size(index, content))
+    wants_charset = media_type.startswith("text/") and not any(k == "charset" for k, _ in params)
+    size, utf8 = _decoded_size(index, content, check_utf8=wants_charset)
+    if wants_charset and utf8:
+        # Without a charset a reader assumes US-ASCII and garbles anything else.
+        params = (*params, ("charset", "utf-8"))
+    return Attachment(filename, media_type, content, size, params)
 
 
-def _decoded_size(index: int, content: str) -> int:
-    """Validate base64 a chunk at a time and count its decoded bytes."""
+def _media_type(index: int, value: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """``type/subtype`` and its parameters (names lower-cased, values unquoted), strictly parsed."""
+    _no_breaks(f"attachments[{index}].mime_type", value)
+    head, sep, rest = value.partition(";")
+    head = head.strip()
+    if not _MIME_TYPE_RE.fullmatch(head):
+        raise BadRequest(f"attachments[{index}].mime_type is not a MIME type such as application/pdf.")
+    params: list[tuple[str, str]] = []
+    position, rest = 0, sep + rest
+    while position < len(rest):
+        match = _PARAM_RE.match(rest, position)
+        if match is None:
+            raise BadRequest(f"attachments[{index}].mime_type has a malformed parameter: give "
+                             "type/subtype; name=value (for example text/plain; charset=utf-8).")
+        name, raw_value = match.group(1).lower(), match.group(2)
+        if raw_value.startswith('"'):
+            raw_value = re.sub(r"\\(.)", r"\1", raw_value[1:-1])
+        if any(existing == name for existing, _ in params):
+            raise BadRequest(f"attachments[{index}].mime_type gives the parameter {name!r} twice.")
+        params.append((name, raw_value))
+        position = match.end()
+    return head.lower(), tuple(params)
+
+
+def _decoded_size(index: int, content: str, check_utf8: bool = False) -> tuple[int, bool]:
+    """Validate base64 a chunk at a time; its decoded size, and whether those bytes are UTF-8."""
     first_pad = content.find("=")  # no stripped copy: this may be 28 MB of text
     if first_pad != -1 and (first_pad < len(content) - 2 or content[-1] != "="):
         # Checked here because the chunked decode below sees each chunk alone.
         raise BadRequest(f"attachments[{index}].content_b64 is not valid base64 (padding before the end).")
     if len(content) % 4:
         raise BadRequest(f"attachments[{index}].content_b64 is not valid base64 (its length is not a multiple of 4).")
+    decoder = codecs.getincrementaldecoder("utf-8")() if check_utf8 else None
+    utf8 = check_utf8
     try:
         for start in range(0, len(content), _B64_CHUNK):
-            binascii.a2b_base64(content[start:start + _B64_CHUNK], strict_mode=True)
+            chunk = binascii.a2b_base64(content[start:start + _B64_CHUNK], strict_mode=True)
+            if decoder is not None and utf8:
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError:
+                    utf8 = False
     except (binascii.Error, ValueError):
         raise BadRequest(f"attachments[{index}].content_b64 is not valid base64.") from None
+    if decoder is not None and utf8:
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            utf8 = False
     padding = len(content) - first_pad if first_pad != -1 else 0
-    return len(content) // 4 * 3 - padding
+    return len(content) // 4 * 3 - padding, utf8
 
 
 def parse_payload(payload: Any, options: Options) -> OutgoingMessage:
-    """Validate the portal's JSON in the contract's order: from, recipients, attachments."""
+    """Validate the portal's JSON in the contract's order: from, recipients, attachments.
+
+    Unknown top-level fields are not an error (see ``ignored_fields``).
+    """
     if not isinstance(payload, dict):
         raise BadRequest("The request body must be a JSON object.")
 
-    from_email = _string(payload, "from_email") or options.default_from
+    # Missing, empty and blank all mean "use the Default From" (the portal sends "from_name": "").
+    # A line break is refused even where stripping would leave nothing.
+    from_email = _no_breaks("from_email", _string(payload, "from_email") or "").strip() or options.default_from
     if not from_email:
         raise BadRequest("'from_email' is missing and the relay has no Default From address.")
     from_email = _address("from_email", from_email)
-    from_name = _string(payload, "from_name")
-    from_name = _name("from_name", from_name if from_name is not None else options.default_from_name)
+    given_name = _no_breaks("from_name", _string(payload, "from_name") or "")
+    from_name = _name("from_name", given_name if given_name.strip() else options.default_from_name)
     if not from_permitted(from_email, options.allowed_from_items):
         raise Forbidden(f"The From address {from_email} is not permitted by the relay's Allowed From list.")
 
-    to = _recipients(payload.get("to"))
+    recipients = _recipients(payload)
 
     subject = _no_breaks("subject", _string(payload, "subject") or "")
     if len(subject) > MAX_SUBJECT:
         raise BadRequest(f"'subject' is longer than {MAX_SUBJECT} characters.")
     text = _string(payload, "text") or ""
     html = _string(payload, "html") or None
-    if not text and not html:
-        raise BadRequest("Give a 'text' or an 'html' body (or both).")
     reply_to = _string(payload, "reply_to") or None
     if reply_to is not None:
         reply_to = _address("reply_to", reply_to)
@@ -237,8 +321,11 @@ def parse_payload(payload: Any, options: Options) -> OutgoingMessage:
     if not isinstance(raw_attachments, list):
         raise BadRequest("'attachments' must be a list.")
     attachments = [_attachment(i, raw) for i, raw in enumerate(raw_attachments)]
-    message = OutgoingMessage(from_email, from_name, to, subject, text, html, reply_to,
-                              reply_to_name, attachments)
+    if not text and not html and not subject and not attachments:
+        # An empty body is fine (an empty text part) when something else carries the message.
+        raise BadRequest("The message is empty: give a 'text' or 'html' body, a 'subject' or an attachment.")
+    message = OutgoingMessage(from_email, from_name, recipients["to"], subject, text, html, reply_to,
+                              reply_to_name, attachments, recipients["cc"], recipients["bcc"])
     if message.attachment_bytes > options.max_attach_bytes:
         raise PayloadTooLarge(
             f"The attachments total {message.attachment_bytes} bytes, over the relay's limit of "
@@ -258,7 +345,8 @@ def pack_stored(raw_request: bytearray, message: OutgoingMessage) -> bytearray:
     whatever the request's own formatting.
     """
     header = json.dumps({"v": STORED_VERSION, "from_email": message.from_email, "from_name": message.from_name,
-                         "to": message.to}, ensure_ascii=True, separators=(",", ":")).encode()
+                         "to": message.to, "cc": message.cc, "bcc": message.bcc},
+                        ensure_ascii=True, separators=(",", ":")).encode()
     raw_request += b"\n"
     raw_request += header
     return raw_request
@@ -271,7 +359,10 @@ def unpack_stored(document: bytes) -> OutgoingMessage:
     if header.get("v") != STORED_VERSION:
         raise ValueError(f"stored message format {header.get('v')!r} is not known to this version")
     payload = json.loads(document[:newline])
-    payload.update(from_email=header["from_email"], from_name=header["from_name"], to=header["to"])
+    # The resolved line is the truth for recipients: a document stored before cc and bcc
+    # were supported has none there, whatever its request held (those were not accepted).
+    payload.update(from_email=header["from_email"], from_name=header["from_name"], to=header["to"],
+                   cc=header.get("cc") or None, bcc=header.get("bcc") or None)
     return parse_payload(payload, _UNLIMITED)
 
 
@@ -315,10 +406,10 @@ def build_mime(message: OutgoingMessage, message_id: str, created: float | None 
         body: Message = MIMEMultipart("alternative")
         body.attach(_text_part(message.text, "plain"))
         body.attach(_text_part(message.html, "html"))
-    elif message.text:
-        body = _text_part(message.text, "plain")
+    elif message.html:
+        body = _text_part(message.html, "html")
     else:
-        body = _text_part(message.html or "", "html")
+        body = _text_part(message.text, "plain")  # possibly empty: a subject-only message
 
     placeholders: list[tuple[bytes, Attachment]] = []
     if message.attachments:
@@ -327,6 +418,8 @@ def build_mime(message: OutgoingMessage, message_id: str, created: float | None 
         for index, attachment in enumerate(message.attachments):
             token = _placeholder(index)
             part = MIMEBase(*attachment.mime_type.split("/", 1))
+            for param, param_value in attachment.params:
+                part.set_param(param, param_value)
             filename: str | tuple[str, str, str] = attachment.filename
             if not attachment.filename.isascii():
                 filename = ("utf-8", "", attachment.filename)
@@ -342,6 +435,9 @@ def build_mime(message: OutgoingMessage, message_id: str, created: float | None 
         ("From", _mailbox(message.from_name, message.from_email)),
         ("To", ", ".join(message.to)),
     ]
+    if message.cc:
+        headers.append(("Cc", ", ".join(message.cc)))
+    # Bcc recipients are in the envelope only: no header names them.
     if message.reply_to:
         headers.append(("Reply-To", _mailbox(message.reply_to_name, message.reply_to)))
     when = datetime.fromtimestamp(created if created is not None else time.time(), timezone.utc)

@@ -133,7 +133,54 @@ MIGRATIONS: list[tuple[str, str | PerBackend]] = [
             action TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '');
         CREATE INDEX audit_ts ON audit (ts);
     """),
+    # 'partial' joins the message states. SQLite cannot alter a CHECK, so there the
+    # table is rebuilt (create, copy, drop, rename, re-index) with foreign keys off:
+    # with them on, dropping messages would cascade into recipients.
+    ("0005_partial_and_recipient_kind", PerBackend(sqlite="""
+        CREATE TABLE messages_new (
+            id TEXT PRIMARY KEY,
+            status TEXT NOT NULL CHECK (status IN
+                ('queued', 'sending', 'sent', 'partial', 'deferred', 'failed', 'cancelled')),
+            source TEXT NOT NULL DEFAULT 'api',
+            api_key_id INTEGER REFERENCES api_keys(id) ON DELETE SET NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            next_attempt_at REAL NOT NULL,
+            enqueued_at REAL,
+            lease_owner TEXT,
+            lease_expires_at REAL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            finished_at REAL,
+            from_addr TEXT NOT NULL,
+            from_name TEXT NOT NULL DEFAULT '',
+            envelope_from TEXT NOT NULL,
+            subject TEXT NOT NULL DEFAULT '',
+            message_id_header TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            body BLOB,
+            claims INTEGER NOT NULL DEFAULT 0);
+        INSERT INTO messages_new (id, status, source, api_key_id, created_at, updated_at, next_attempt_at,
+            enqueued_at, lease_owner, lease_expires_at, attempts, last_error, finished_at, from_addr,
+            from_name, envelope_from, subject, message_id_header, size, body, claims)
+        SELECT id, status, source, api_key_id, created_at, updated_at, next_attempt_at,
+            enqueued_at, lease_owner, lease_expires_at, attempts, last_error, finished_at, from_addr,
+            from_name, envelope_from, subject, message_id_header, size, body, claims FROM messages;
+        DROP TABLE messages;
+        ALTER TABLE messages_new RENAME TO messages;
+        CREATE INDEX messages_status_due ON messages (status, next_attempt_at);
+        CREATE INDEX messages_created ON messages (created_at);
+        ALTER TABLE recipients ADD COLUMN kind TEXT NOT NULL DEFAULT 'to';
+    """, postgres="""
+        ALTER TABLE messages DROP CONSTRAINT messages_status_check;
+        ALTER TABLE messages ADD CONSTRAINT messages_status_check CHECK (status IN
+            ('queued', 'sending', 'sent', 'partial', 'deferred', 'failed', 'cancelled'));
+        ALTER TABLE recipients ADD COLUMN kind TEXT NOT NULL DEFAULT 'to';
+    """)),
 ]
+# Steps that rebuild a table others reference: run with foreign keys off (a
+# pragma that cannot change inside a transaction), checked before commit.
+REBUILDS = frozenset({"0005_partial_and_recipient_kind"})
 
 
 
@@ -188,15 +235,35 @@ def apply_step(conn: Any, version: int, name: str, sql: str | PerBackend) -> Non
         conn.execute(f"PRAGMA user_version = {version}")
 
 
-def migrate(conn: Any) -> list[str]:
-    """Apply every pending step, each in its own transaction. Returns their names."""
+def migrate(conn: Any, steps: list[tuple[str, str | PerBackend]] | None = None) -> list[str]:
+    """Apply every pending step, each in its own transaction. Returns their names.
+
+    ``steps`` defaults to all of them; tests pass a prefix to build the store
+    an earlier version left behind.
+    """
     applied = []
-    for version, (name, sql) in enumerate(MIGRATIONS, start=1):
-        with conn.transaction():
-            # Re-read under the lock: another process may have migrated meanwhile.
-            conn.take_turn("tspro-relay migrations")
+    for version, (name, sql) in enumerate(MIGRATIONS if steps is None else steps, start=1):
+        # A SQLite table rebuild runs with foreign keys off (a pragma that does nothing
+        # inside a transaction): dropping the old table would otherwise cascade.
+        rebuild = name in REBUILDS and conn.dialect == "sqlite"
+        if rebuild:
             if current_version(conn) >= version:
                 continue
-            apply_step(conn, version, name, sql)
+            conn.execute("PRAGMA foreign_keys = OFF")
+        try:
+            with conn.transaction():
+                # Re-read under the lock: another process may have migrated meanwhile.
+                conn.take_turn("tspro-relay migrations")
+                if current_version(conn) >= version:
+                    continue
+                apply_step(conn, version, name, sql)
+                if rebuild:
+                    broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise RuntimeError(f"migration {name} would break {len(broken)} foreign key(s)")
+        finally:
+            if rebuild:
+                conn.execute("PRAGMA foreign_keys = ON")
         applied.append(name)
     return applied
+

@@ -17,7 +17,8 @@ from .errors import BadRequest
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$|^\[?[0-9A-Fa-f:.]+\]?$")
 _ADDR_RE = re.compile(r"^[^@\s<>(),;:\"\[\]\\]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*$")
 _DOMAIN_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
-SECURITY_MODES = ("none", "starttls", "ssl")
+_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+SECURITY_MODES = ("starttls", "ssl", "none")
 SECRET_OPTIONS = frozenset({"smtp_password", "turnstile_secret"})
 TURNSTILE_VERIFY_URL = "https://challenges.cloudflare.com/turnstile/v0/siteverify"
 
@@ -57,11 +58,24 @@ def _allowlist(name: str, value: str) -> str:
 
 
 def _security(name: str, value: str) -> str:
-    value = value.strip().lower()
-    aliases = {"tls": "ssl", "ssl/tls": "ssl", "plain": "none", "": "none"}
-    value = aliases.get(value, value)
-    if value not in SECURITY_MODES:
-        raise BadRequest(f"{name} must be one of none, starttls, ssl — not {value!r}.")
+    # No aliases: "tls" could mean either mode, and an empty value must not turn TLS off.
+    cleaned = value.strip().lower()
+    if cleaned not in SECURITY_MODES:
+        raise BadRequest(f"{name} must be starttls, ssl or none, not {value!r}: did you mean starttls "
+                         "(port 587) or ssl (port 465)?")
+    return cleaned
+
+
+def _helo_name(name: str, value: str) -> str:
+    """A host name for EHLO (empty: chosen automatically); never an IP address."""
+    value = _text(name, value).rstrip(".")
+    if not value:
+        return ""
+    labels = value.split(".")
+    if (len(value) > 253 or not all(_LABEL_RE.fullmatch(label) for label in labels)
+            or labels[-1].isdigit()):
+        raise BadRequest(f"{name} must be a host name such as mail.example.org (not an IP address), "
+                         f"not {value!r}.")
     return value
 
 
@@ -114,6 +128,7 @@ class Options:
     smtp_password: str = ""
     smtp_tls_verify: bool = True
     smtp_timeout_seconds: int = 30
+    smtp_helo_name: str = ""
     default_from: str = ""
     default_from_name: str = ""
     allowed_from: str = ""
@@ -136,6 +151,7 @@ class Options:
     turnstile_site_key: str = ""
     turnstile_secret: str = ""
     turnstile_verify_url: str = TURNSTILE_VERIFY_URL
+    delivery_paused: bool = False
 
     @property
     def smtp_configured(self) -> bool:
@@ -173,6 +189,7 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "smtp_password": lambda name, value: value,
     "smtp_tls_verify": _bool,
     "smtp_timeout_seconds": _number(1, 600),
+    "smtp_helo_name": _helo_name,
     "default_from": _address,
     "default_from_name": _text,
     "allowed_from": _allowlist,
@@ -195,9 +212,44 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "turnstile_site_key": _token,
     "turnstile_secret": _token,
     "turnstile_verify_url": _url,
+    "delivery_paused": _bool,
+}
+# One line per setting for `config set --help` (and the README's settings table).
+HELP: dict[str, str] = {
+    "smtp_host": "your mail server's host name (empty: delivery not configured)",
+    "smtp_port": "its port: 587 for starttls, 465 for ssl, 25 for none",
+    "smtp_security": "starttls, ssl or none",
+    "smtp_username": "AUTH user name (empty: no AUTH)",
+    "smtp_password": "AUTH password, encrypted at rest",
+    "smtp_tls_verify": "verify the server's certificate (true/false)",
+    "smtp_timeout_seconds": "timeout for each SMTP operation",
+    "smtp_helo_name": "EHLO name (empty: this host's FQDN, or the Default From's domain)",
+    "default_from": "sender address when a message has none",
+    "default_from_name": "sender name when a message has none",
+    "allowed_from": "comma-separated addresses or domains allowed as From (empty: all)",
+    "envelope_from": "MAIL FROM for every message (empty: the From address)",
+    "max_attach_mb": "total decoded size of one message's attachments, in MiB",
+    "retry_base_seconds": "first retry delay; doubles on each retry",
+    "retry_max_seconds": "longest retry delay",
+    "max_age_hours": "give up on a message (failed) after this age",
+    "lease_seconds": "how long a worker may hold a message before another may take it",
+    "max_per_minute": "outbound deliveries per minute across all workers (0: no limit)",
+    "max_per_hour": "outbound deliveries per hour (0: no limit)",
+    "max_per_day": "outbound deliveries per day (0: no limit)",
+    "connection_idle_seconds": "keep an SMTP connection open this long between messages",
+    "sweep_seconds": "how often a worker re-enqueues lost wake-ups and applies retention",
+    "retention_sent_hours": "delete bodies of sent and partial messages after this long",
+    "retention_failed_days": "delete bodies of failed and cancelled messages after this long",
+    "log_retention_days": "delete log rows and finished messages after this long",
+    "log_max_rows": "keep at most this many log rows",
+    "delivery_paused": "true: accept and queue, but deliver nothing until resumed",
+    "session_idle_minutes": "sign the admin out after this long without a request",
+    "turnstile_site_key": "Cloudflare Turnstile site key for the sign-in page (empty: off)",
+    "turnstile_secret": "Cloudflare Turnstile secret key, encrypted at rest",
+    "turnstile_verify_url": "where Turnstile answers are verified",
 }
 OPTION_NAMES = tuple(f.name for f in fields(Options))
-assert set(PARSERS) == set(OPTION_NAMES)
+assert set(PARSERS) == set(OPTION_NAMES) == set(HELP)
 
 
 def parse_option(name: str, value: str, label: str | None = None) -> Any:

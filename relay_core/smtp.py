@@ -14,6 +14,7 @@ pays the TCP, TLS and AUTH handshakes once.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import smtplib
 import socket
@@ -40,11 +41,36 @@ class Target:
     password: str
     verify: bool
     timeout: float
+    helo_name: str | None = None  # None: smtplib's own choice (tests of this module only)
 
     @classmethod
     def from_options(cls, options: Options) -> "Target":
         return cls(options.smtp_host, options.smtp_port, options.smtp_security, options.smtp_username,
-                   options.smtp_password, options.smtp_tls_verify, float(options.smtp_timeout_seconds))
+                   options.smtp_password, options.smtp_tls_verify, float(options.smtp_timeout_seconds),
+                   helo_name(options))
+
+
+def helo_name(options: Options, fqdn: str | None = None) -> str:
+    """The EHLO name: the setting; else this host's FQDN when it has a dot; else the
+    Default From's domain. Never a bare IP: smtplib's default is ``[127.0.0.1]`` when
+    the host has no name, and public servers score a literal against the sender."""
+    if options.smtp_helo_name:
+        return options.smtp_helo_name
+    name = socket.getfqdn() if fqdn is None else fqdn
+    if "." in name and not _is_ip(name) and not name.startswith("localhost"):
+        return name
+    if options.default_from:
+        return options.default_from.rpartition("@")[2]
+    short = socket.gethostname()
+    return short if short and not _is_ip(short) else "localhost"
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
@@ -110,7 +136,7 @@ def _reply_error(stage: str, code: int, reply: str, what: str) -> DeliveryError:
 
 def _tls_error(target: Target, exc: ssl.SSLError, stage: str) -> DeliveryError:
     if isinstance(exc, ssl.SSLCertVerificationError):
-        detail = exc.verify_message or str(exc)
+        detail = (exc.verify_message or str(exc)).rstrip(". ")
         text = (f"{stage}: TLS certificate verification failed for {target.host}: {detail}. "
                 "Fix the server's certificate, or set smtp_tls_verify=false if you trust this network.")
     else:
@@ -124,10 +150,11 @@ def connect(target: Target) -> smtplib.SMTP:
     client: smtplib.SMTP | None = None
     try:
         if target.security == "ssl":
-            client = smtplib.SMTP_SSL(target.host, target.port, timeout=target.timeout,
-                                      context=_tls_context(target.verify))
+            client = smtplib.SMTP_SSL(target.host, target.port, local_hostname=target.helo_name,
+                                      timeout=target.timeout, context=_tls_context(target.verify))
         else:
-            client = smtplib.SMTP(target.host, target.port, timeout=target.timeout)
+            client = smtplib.SMTP(target.host, target.port, local_hostname=target.helo_name,
+                                  timeout=target.timeout)
         stage = "EHLO"
         client.ehlo()
         if target.security == "starttls":
@@ -152,7 +179,7 @@ def connect(target: Target) -> smtplib.SMTP:
     except smtplib.SMTPAuthenticationError as exc:
         _abandon(client)
         # Transient by policy: a password fixed in the settings should let queued mail go.
-        raise DeliveryError(f"AUTH: {target.host} rejected the username or password "
+        raise DeliveryError(f"AUTH: the mail server {target.host} refuses the username or password "
                             f"({exc.smtp_code} {_reply_text(exc.smtp_error)})", stage="AUTH",
                             permanent=False, code=exc.smtp_code) from None
     except ssl.SSLError as exc:
@@ -165,7 +192,8 @@ def connect(target: Target) -> smtplib.SMTP:
                             permanent=False, code=exc.smtp_code, retry_after=retry_hint(text)) from None
     except (smtplib.SMTPException, OSError) as exc:
         _abandon(client)
-        raise DeliveryError(f"{stage}: cannot talk to {target.host}:{target.port}: {_describe(exc)}",
+        verb = "cannot connect to" if stage == "connect" else "lost the connection to"
+        raise DeliveryError(f"{stage}: {verb} {target.host}:{target.port}: {_describe(exc)}",
                             stage=stage, permanent=False) from None
 
 

@@ -27,8 +27,8 @@ from .config import ConfigError, Settings
 from .crypto import KeySet
 from .db import (Connection, Database, SqliteDatabase, connect, insert_blob, open_database,  # noqa: F401
                  serialize, transaction, write_lock)
-from .ledger import (FINAL_STATES, MAX_UNRECORDED_CLAIMS, ClaimedMessage, Ledger, LogEntry,  # noqa: F401
-                     NewMessage, Paced, Recipient, insert_log, insert_message)
+from .ledger import (FINAL_STATES, MAX_UNRECORDED_CLAIMS, AttemptFact, ClaimedMessage, Ledger,  # noqa: F401
+                     LogEntry, LoggedRow, NewMessage, Paced, Recipient, insert_log, insert_message)
 from .options import SECRET_OPTIONS, Options, build_options, check_consistency, to_text
 from .sessions import AdminSession, Sessions  # noqa: F401  (re-exported)
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+from pathlib import Path
 from typing import Callable
 
 from huey import Huey, RedisHuey
 from huey.storage import SqliteStorage
 
+from . import files
 from .config import ConfigError, Settings
 
 DELIVER = "relay.deliver"
@@ -100,7 +102,8 @@ def build_queue(settings: Settings) -> RelayQueue:
         if url and not url.startswith("sqlite:"):
             raise ConfigError(f"RELAY_QUEUE_URL must start with redis:// or sqlite:, not {url!r}.")
         path = url.removeprefix("sqlite:///").removeprefix("sqlite:") if url else str(settings.queue_path)
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        files.private_dir(Path(path).parent)
+        files.private_database(Path(path))
         huey = Huey("tspro-relay", results=False, utc=True, storage_class=RelaySqliteStorage,
                     filename=path, cache_mb=4)
     return RelayQueue(huey)

@@ -16,9 +16,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from relay_core import __version__
 from relay_core.errors import (BadRequest, Conflict, NotConfigured, NotFound, PayloadTooLarge,
                                RateLimited, RelayError, StoreUnavailable, Unauthorized)
-from relay_core.message import new_message_id, pack_stored, parse_payload
+from relay_core.mailflow import assess
+from relay_core.message import ignored_fields, new_message_id, pack_stored, parse_payload
 from relay_core.store import ApiKey, LogEntry, NewMessage, insert_log, insert_message
 
 from .auth import bearer_token, client_ip
@@ -107,6 +109,7 @@ async def send(request: Request) -> JSONResponse:
         if earlier is not None:
             return JSONResponse(earlier[1], status_code=earlier[0])
     message = parse_payload(payload, options)
+    ignored = ignored_fields(payload)
     del payload  # the attachments' base64 strings: the request bytes are what gets stored
     if not options.smtp_configured:
         raise NotConfigured("The relay's SMTP delivery is not configured yet, so this message could never "
@@ -128,11 +131,16 @@ async def send(request: Request) -> JSONResponse:
         sealed = state.store.keys.encrypt_body(document, message_id)
     del document
     record = NewMessage.accepted(message, message_id, sealed, created, options, "api", key.id)
-    answer = {"ok": True, "id": message_id, "status": "queued"}
+    answer: dict[str, Any] = {"ok": True, "id": message_id, "status": "queued"}
+    detail = f"{len(record.recipients)} recipient(s), {attachment_count} attachment(s)"
+    if ignored:
+        # Named in the answer and in this log row, so a typo shows without losing mail
+        # (and without a console line per accept, which would cost the accept path).
+        answer["ignored"] = ignored
+        detail += "; ignored unknown field(s): " + ", ".join(ignored)
     entry = LogEntry("accepted", "queued", message_id=message_id, source_ip=client_ip(request, state.settings),
-                     sender=message.from_email, recipients=", ".join(message.to), subject=message.subject,
-                     detail=f"{len(message.to)} recipient(s), {attachment_count} attachment(s)",
-                     ts=created)
+                     sender=message.from_email, recipients=", ".join(a for a, _ in message.envelope),
+                     subject=message.subject, detail=detail, ts=created)
 
     def accept(conn):  # type: ignore[no-untyped-def]
         # The answer is claimed first, inside the write transaction: of two repeats
@@ -174,14 +182,21 @@ async def message_status(request: Request) -> JSONResponse:
 
 
 async def api_health(request: Request) -> JSONResponse:
+    """Whether mail would flow now; ``ok`` false with an ``error`` sentence when it would not."""
     authenticate(request)
-    return JSONResponse(_state(request).health(detailed=True))
+    state = _state(request)
+    health = await run_in_threadpool(assess, state.store)
+    answer = {**health.as_dict(), "version": __version__}
+    if not state.intake.alive:
+        answer.update(ok=False, error=" ".join(filter(None, [
+            "The web process cannot store messages (its writer stopped); restart it.", answer["error"]])))
+    return JSONResponse(answer)
 
 
 async def healthz(request: Request) -> JSONResponse:
     state = _state(request)
     try:
-        answer = state.health(detailed=False)
+        answer = state.health()
     except Exception:
         return JSONResponse({"ok": False, "configured": False}, status_code=503)
     return JSONResponse(answer)

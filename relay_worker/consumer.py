@@ -52,7 +52,7 @@ def main(settings: Settings) -> int:
 
     relay_queue.bind(handle)
     name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    sweeper = Sweeper(store, relay_queue, name)
+    sweeper = Sweeper(store, relay_queue, name, dropped=deliverer.dropped_while_paused)
     sweeper.start()
     marker = mark_worker(settings, name)  # `tspro-relay healthcheck --worker` looks up this worker's heartbeat
     consumer = relay_queue.huey.create_consumer(

@@ -18,6 +18,7 @@ import time
 from typing import Callable
 
 from relay_core.logs import fields
+from relay_core.pausing import wake_waiting
 from relay_core.store import Store
 from relay_core.tasks import RelayQueue
 
@@ -26,13 +27,14 @@ logger = logging.getLogger("relay.sweeper")
 
 class Sweeper:
     def __init__(self, store: Store, relay_queue: RelayQueue, name: str,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, dropped: threading.Event | None = None) -> None:
         self.store = store
         self.queue = relay_queue
         self.name = name
         self.clock = clock
         self.started_at = clock()
         self._stop = threading.Event()
+        self.dropped = dropped or threading.Event()  # wake-ups this worker dropped while paused
         self._thread = threading.Thread(target=self._run, name="relay-sweeper", daemon=True)
 
     def start(self) -> None:
@@ -48,11 +50,13 @@ class Sweeper:
         now = self.clock()
         options = self.store.options()
         self.store.heartbeat(self.name, os.getpid(), socket.gethostname(), self.started_at, now=now)
-        # While the queue holds at least as many tasks as there are messages
-        # waiting, each may still be in it: re-enqueueing them would only pile
-        # duplicates onto a backlog. Expired leases are always swept.
-        include_waiting = self.queue.pending() < self.store.waiting_count(now)
-        ids = self.store.sweep(now, stale_after=max(options.sweep_seconds, 5), include_waiting=include_waiting)
+        ids: list[str] = []
+        if not options.delivery_paused:  # paused: workers would only drop the wake-ups
+            # While the queue holds at least as many tasks as there are messages
+            # waiting, each may still be in it: re-enqueueing them would only pile
+            # duplicates onto a backlog. Expired leases are always swept.
+            include_waiting = self.queue.pending() < self.store.waiting_count(now)
+            ids = self.store.sweep(now, stale_after=max(options.sweep_seconds, 5), include_waiting=include_waiting)
         if ids:
             self.queue.enqueue_many(ids)
             logger.info("re-enqueued %d message(s)", len(ids), extra=fields("sweep.requeued", count=len(ids)))
@@ -70,15 +74,22 @@ class Sweeper:
         return len(ids)
 
     def _run(self) -> None:
-        heartbeat_every = 10.0
-        last_sweep = time.monotonic()
-        while not self._stop.wait(heartbeat_every / 2):
+        heartbeat_every = 5.0
+        last_sweep = last_beat = time.monotonic()
+        # Checked every 2 s: how soon a resume from the UI or `config set` is noticed.
+        while not self._stop.wait(2.0):
             try:
-                interval = self.store.options().sweep_seconds
-                if time.monotonic() - last_sweep >= interval:
-                    last_sweep = time.monotonic()
+                options = self.store.options()
+                if self.dropped.is_set() and not options.delivery_paused:
+                    # Resumed after this worker dropped wake-ups: wake everything waiting now.
+                    self.dropped.clear()
+                    woken = wake_waiting(self.store, self.queue, self.clock())
+                    logger.info("delivery resumed; woke %d waiting message(s)", woken)
+                if time.monotonic() - last_sweep >= options.sweep_seconds:
+                    last_sweep = last_beat = time.monotonic()
                     self.sweep_once()
-                else:
+                elif time.monotonic() - last_beat >= heartbeat_every:
+                    last_beat = time.monotonic()
                     self.store.heartbeat(self.name, os.getpid(), socket.gethostname(), self.started_at,
                                          now=self.clock())
             except Exception:

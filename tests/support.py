@@ -57,6 +57,7 @@ class Received:
     rcpt_tos: list[str]
     content: bytes
     auth: str | None
+    helo: str | None = None  # the EHLO/HELO argument of the session
 
     @property
     def message(self) -> EmailMessage:
@@ -104,7 +105,8 @@ class Handler:
                 return self.behaviour.data_replies.pop(0)
             login = session.auth_data.login.decode() if session.authenticated and session.auth_data else None
             self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
-                                          envelope.original_content or envelope.content, login))
+                                          envelope.original_content or envelope.content, login,
+                                          session.host_name))
         return "250 2.0.0 Message accepted"
 
 
@@ -123,9 +125,10 @@ class Certificates:
         self.ca_file = directory / "test-ca.pem"
         self.ca.cert_pem.write_to_path(str(self.ca_file))
 
-    def server_context(self, trusted: bool = True) -> ssl.SSLContext:
+    def server_context(self, trusted: bool = True, names: tuple[str, ...] = ("127.0.0.1", "localhost")
+                       ) -> ssl.SSLContext:
         ca = self.ca if trusted else self.other_ca
-        cert = ca.issue_cert("127.0.0.1", "localhost")
+        cert = ca.issue_cert(*names)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         cert.configure_cert(context)
         return context
@@ -160,7 +163,7 @@ class SmtpServer:
     """aiosmtpd on 127.0.0.1 in one of the three security modes, optionally with AUTH."""
 
     def __init__(self, mode: str = "none", certs: Certificates | None = None, auth: bool = False,
-                 trusted: bool = True) -> None:
+                 trusted: bool = True, cert_names: tuple[str, ...] = ("127.0.0.1", "localhost")) -> None:
         self.mode = mode
         self.handler = Handler()
         self.port = free_port()
@@ -170,10 +173,10 @@ class SmtpServer:
                           auth_require_tls=(mode == "starttls"))
         if mode == "starttls":
             assert certs is not None
-            kwargs.update(tls_context=certs.server_context(trusted), require_starttls=True)
+            kwargs.update(tls_context=certs.server_context(trusted, cert_names), require_starttls=True)
         elif mode == "ssl":
             assert certs is not None
-            kwargs.update(ssl_context=certs.server_context(trusted))
+            kwargs.update(ssl_context=certs.server_context(trusted, cert_names))
         self.controller = TrackingController(self.handler, **kwargs)
 
     def __enter__(self) -> "SmtpServer":

@@ -164,7 +164,7 @@ def test_wrong_password_is_a_transient_auth_error_without_the_password(mailer: M
             mailer.deliver(target(server, auth=True, password=wrong), "bounce@example.org", ["a@example.com"], BODY)
     error = caught.value
     assert error.stage == "AUTH" and error.permanent is False and error.code == 535
-    assert "rejected the username or password" in error.message
+    assert "refuses the username or password" in error.message
     for text in (error.message, str(error), repr(error), repr(error.args)):
         assert wrong not in text and SMTP_PASSWORD not in text
     assert server.received == []

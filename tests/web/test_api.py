@@ -72,7 +72,8 @@ def test_accepts_and_queues(client: TestClient) -> None:
     assert queued(client) == (1, 1)
     status = client.get(f"/api/messages/{body['id']}").json()
     assert status["status"] == "queued"
-    assert status["recipients"] == [{"address": "a@example.com", "status": "pending", "code": None, "reply": None}]
+    assert status["recipients"] == [{"address": "a@example.com", "kind": "to", "status": "pending", "code": None,
+                                     "reply": None}]
     assert status["attempts"] == [] and status["last_error"] is None
     assert {"ok", "id", "status", "created_at", "next_attempt_at", "last_error", "attempts",
             "recipients"} <= set(status)
@@ -120,7 +121,7 @@ def test_not_a_json_object(client: TestClient, body: bytes, fragment: str) -> No
     ({"to": ["a@example.com, b@example.com"]}, "not a valid email"),
     ({"to": [3]}, "must be a string"),
     ({"to": 5}, "list of addresses"),
-    ({"text": "", "html": None}, "body"),
+    ({"text": "", "html": None, "subject": ""}, "message is empty"),
     ({"reply_to": "nope"}, "reply_to"),
     ({"attachments": {"a": 1}}, "must be a list"),
     ({"attachments": [{"filename": "a.txt", "content_b64": "%%%"}]}, "base64"),
@@ -301,7 +302,7 @@ def test_health_endpoints(client: TestClient) -> None:
     assert client.get("/healthz", headers={"Authorization": ""}).json() == {"ok": True, "configured": True}
     error_of(client.get("/api/health", headers={"Authorization": "Bearer wrong"}), 401)
     health = client.get("/api/health").json()
-    assert health["ok"] is True and health["configured"] is True
+    assert health["ok"] is False and health["configured"] is True  # no worker in this test
     assert health["smtp_configured"] is True and health["worker_alive"] is False
     assert "127.0.0.1" not in client.get("/healthz").text
 
