@@ -61,7 +61,7 @@ def _security(name: str, value: str) -> str:
     # No aliases: "tls" could mean either mode, and an empty value must not turn TLS off.
     cleaned = value.strip().lower()
     if cleaned not in SECURITY_MODES:
-        raise BadRequest(f"{name} must be starttls, ssl or none, not {value!r}: did you mean starttls "
+        raise BadRequest(f"{name} must be one of starttls, ssl, none, not {value!r}: did you mean starttls "
                          "(port 587) or ssl (port 465)?")
     return cleaned
 
