@@ -25,7 +25,7 @@ from typing import Callable
 from .crypto import DecryptionError
 from .errors import RelayError
 from .logs import fields
-from .message import build_mime, unpack_stored
+from .message import build_mime, is_rendered_mime, unpack_stored
 from .options import Options
 from .smtp import DeliveryError, DeliveryResult, Mailer, RecipientResult, Target, retry_hint
 from .store import ClaimedMessage, LogEntry, Paced, Recipient, Store
@@ -261,7 +261,10 @@ class LeaseKeeper:
 
 def render(claimed: ClaimedMessage) -> bytes | bytearray:
     """The MIME bytes for a claimed message: same Message-ID and Date on every attempt."""
-    return build_mime(unpack_stored(claimed.body), claimed.id, claimed.created_at)
+    document = claimed.body
+    if is_rendered_mime(document):
+        return document  # accepted by a relay that stored the finished message; send it as it is
+    return build_mime(unpack_stored(document), claimed.id, claimed.created_at)
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -352,6 +352,17 @@ def pack_stored(raw_request: bytearray, message: OutgoingMessage) -> bytearray:
     return raw_request
 
 
+def is_rendered_mime(document: bytes) -> bool:
+    """Whether a stored document is a finished MIME message rather than ``pack_stored``'s.
+
+    The first releases (schema version 1) rendered the message in the web
+    process and stored that; an upgrade must still deliver what they queued.
+    ``pack_stored`` documents begin with the portal's JSON object, a MIME
+    message with a header line.
+    """
+    return document.lstrip()[:1] != b"{"
+
+
 def unpack_stored(document: bytes) -> OutgoingMessage:
     """Rebuild the validated message from ``pack_stored``'s document."""
     newline = document.rindex(b"\n")
