@@ -160,37 +160,39 @@ def check_login_token(request: Request, form: dict[str, str]) -> None:
 
 
 # -- origin and CSRF ------------------------------------------------------------------------
-def _netloc(url: str) -> str:
+def _host_and_port(url: str) -> tuple[str, int | None] | None:
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     if not host:
-        return ""
-    default = {"http": 80, "https": 443}.get(parts.scheme)
+        return None
     try:
         port = parts.port
     except ValueError:
-        return ""
-    if ":" in host:
-        host = f"[{host}]"
-    return host if port in (None, default) else f"{host}:{port}"
+        return None
+    return host, port or {"http": 80, "https": 443}.get(parts.scheme)
 
 
 def same_origin(request: Request) -> bool:
-    """The Origin header (or the Referer, when Origin is absent) names the Host this was sent to."""
-    host = request.headers.get("host", "").strip().lower()
-    if not host:
-        return False
+    """The Origin header (or the Referer, when Origin is absent) names the Host this was sent to.
+
+    A Host without a port matches the origin's host name on any port: nginx's
+    usual ``proxy_set_header Host $host`` drops the port the browser used.
+    (Cookies do not tell ports apart either, so this opens nothing new.)
+    """
+    host_header = request.headers.get("host", "").strip()
     source = request.headers.get("origin") or request.headers.get("referer") or ""
-    if not source or source == "null":
+    if not host_header or not source or source == "null":
         return False
-    netloc = _netloc(source)
-    if not netloc:
+    origin = _host_and_port(source)
+    # The scheme the Host header was reached by does not matter here, only its name and port.
+    host = _host_and_port(f"//{host_header}")
+    if origin is None or host is None:
         return False
-    # Host has no scheme: drop a default port on either side before comparing.
-    for default in (":80", ":443"):
-        if host.endswith(default):
-            host = host[: -len(default)]
-    return hmac.compare_digest(netloc, host)
+    if host[1] is None:
+        return hmac.compare_digest(origin[0], host[0])
+    if origin[1] in (80, 443) and host[1] in (80, 443):
+        return hmac.compare_digest(origin[0], host[0])  # a proxy terminating TLS on 443 forwards to :80
+    return hmac.compare_digest(f"{origin[0]}:{origin[1]}", f"{host[0]}:{host[1]}")
 
 
 def check_origin(request: Request) -> None:

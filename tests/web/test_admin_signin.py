@@ -375,3 +375,29 @@ def test_login_page_token_is_tied_to_its_cookie(tmp_path: Path) -> None:
         client.client.cookies.delete("relay_login")
         response = client.post("/login", {"username": "admin", "password": PASSWORD, "next": "/"}, token=token)
         assert response.status_code == 403
+
+
+ORIGIN_CASES = [
+    ("relay.example.com", "https://relay.example.com", True),
+    ("relay.example.com:8443", "https://relay.example.com:8443", True),
+    ("relay.example.com", "https://relay.example.com:8443", True),  # nginx's Host $host drops the port
+    ("relay.example.com:80", "https://relay.example.com", True),  # TLS ended at the proxy, forwarded to :80
+    ("127.0.0.1:8000", "http://127.0.0.1:8000", True),
+    ("[::1]:8000", "http://[::1]:8000", True),
+    ("relay.example.com:8026", "http://relay.example.com:9999", False),
+    ("relay.example.com", "https://evil.example", False),
+    ("relay.example.com", "https://relay.example.com.evil.example", False),
+    ("relay.example.com", "null", False),
+    ("relay.example.com", "not a url", False),
+]
+
+
+def test_the_origin_check_compares_host_names_and_ports() -> None:
+    from starlette.requests import Request
+
+    from relay_web.admin.sessions import same_origin
+
+    for host, origin, expected in ORIGIN_CASES:
+        request = Request({"type": "http", "method": "POST", "path": "/", "query_string": b"",
+                           "headers": [(b"host", host.encode()), (b"origin", origin.encode())]})
+        assert same_origin(request) is expected, (host, origin)
