@@ -462,3 +462,60 @@ def test_pruning_drops_dead_sessions_and_stale_sign_in_failures(store: Store) ->
     assert conn.execute("SELECT COUNT(*) FROM login_failures").fetchone()[0] == 1  # only the last minute's
     # Nobody keeps a session past a day, however busy.
     assert store.prune_sessions(T0 + 3000 + 86401, idle_seconds=10**6) == 1
+
+
+# -- what one writer at a time used to guarantee, across processes ---------------------------------------
+def test_pacing_is_counted_once_across_concurrent_claims(store: Store, other: Store) -> None:
+    """Two 'processes' claim 16 due messages at once under a limit of 5 a minute: exactly
+    5 are claimed (the count and the insert happen under one lock), the rest are paced."""
+    for i in range(16):
+        add_message(store, f"p{i}")
+    limits = ((5, 60.0),)
+    results: dict[str, list[object]] = {"a": [], "b": []}
+    barrier = threading.Barrier(2)
+
+    def run(name: str, s: Store, ids: list[str]) -> None:
+        barrier.wait()
+        for message_id in ids:
+            results[name].append(s.claim(message_id, name, 300, now=T0 + 1, limits=limits))
+
+    threads = [threading.Thread(target=run, args=("a", store, [f"p{i}" for i in range(0, 16, 2)])),
+               threading.Thread(target=run, args=("b", other, [f"p{i}" for i in range(1, 16, 2)]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    outcomes = results["a"] + results["b"]
+    assert len(outcomes) == 16
+    assert sum(isinstance(o, ClaimedMessage) for o in outcomes) == 5
+    assert store.conn().execute("SELECT COUNT(*) FROM pacing").fetchone()[0] == 5
+    assert store.counts() == {"sending": 5, "deferred": 11}
+
+
+def test_an_idempotency_key_is_claimed_by_one_of_two_racing_writers(store: Store, other: Store) -> None:
+    """A second writer's claim of the same key waits for the first one's commit, then fails:
+    two web processes answering one repeated request store one message."""
+    key_id = store.api_keys()[0].id
+    first_in = threading.Event()
+    outcome: dict[str, bool] = {}
+
+    def first() -> None:
+        conn = store.conn()
+        with transaction(conn):
+            outcome["first"] = store.remember_answer(conn, key_id, "k-1", "hash", 202, {"id": "m1"}, T0 - 10)
+            first_in.set()
+            threading.Event().wait(0.5)  # still uncommitted while the second one tries
+
+    def second() -> None:
+        first_in.wait(10)
+        conn = other.conn()
+        with transaction(conn):
+            outcome["second"] = other.remember_answer(conn, key_id, "k-1", "hash", 202, {"id": "m2"}, T0 - 10)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert outcome == {"first": True, "second": False}
+    assert store.idempotent_answer(store.conn(), key_id, "k-1", 0) == ("hash", 202, {"id": "m1"})
