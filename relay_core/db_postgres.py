@@ -34,7 +34,7 @@ from psycopg_pool import ConnectionPool
 from .config import ConfigError
 
 CONNECT_TIMEOUT = 10
-POOL_TIMEOUT = 15.0
+POOL_TIMEOUT = 5.0  # how long a caller waits for a connection (the server down: then an error)
 _TRANSLATIONS: dict[str, str] = {}
 _TRANSLATIONS_LOCK = threading.Lock()
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import AsyncIterator
+import sqlite3
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -74,15 +75,25 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error_page(request, exc.status_code, messages.get(exc.status_code, str(exc.detail)), exc.headers)
 
 
+async def store_error(request: Request, exc: Exception) -> Response:
+    """The store failed (the database is down, a secret cannot be read): 503, no traceback.
+
+    Registered per exception class, so Starlette answers without re-raising:
+    a re-raised error makes uvicorn drop the connection, and a client that
+    was still sending its body could get a reset instead of this answer.
+    """
+    logger.error("the store is unavailable on %s %s: %s", request.method, request.url.path, exc,
+                 extra=fields("web.store_unavailable", method=request.method, path=request.url.path))
+    unavailable = StoreUnavailable("The relay's message store is unavailable; try again.")
+    if _is_api(request):
+        return api.error_response(request, unavailable)
+    return error_page(request, unavailable.status, unavailable.message)
+
+
 async def internal_error(request: Request, exc: Exception) -> Response:
     """An unexpected error: logged once with its traceback, answered in the contract's shape."""
     if is_database_error(exc) or isinstance(exc, DecryptionError):
-        logger.error("the store is unavailable on %s %s: %s", request.method, request.url.path, exc,
-                     extra=fields("web.store_unavailable", method=request.method, path=request.url.path))
-        unavailable = StoreUnavailable("The relay's message store is unavailable; try again.")
-        if _is_api(request):
-            return api.error_response(request, unavailable)
-        return error_page(request, unavailable.status, unavailable.message)
+        return await store_error(request, exc)
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc,
                  extra=fields("web.error", method=request.method, path=request.url.path))
     if not _is_api(request):
@@ -117,8 +128,11 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             if owned:
                 relay_store.shutdown()
 
-    return RelayApp(
-        routes=routes(),
-        lifespan=lifespan,
-        exception_handlers={RelayError: relay_error, HTTPException: http_error, Exception: internal_error},
-    )
+    handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+        RelayError: relay_error, HTTPException: http_error, sqlite3.Error: store_error,
+        DecryptionError: store_error, Exception: internal_error,
+    }
+    if settings.database_url:
+        import psycopg  # imported only where PostgreSQL is the store
+        handlers[psycopg.Error] = store_error
+    return RelayApp(routes=routes(), lifespan=lifespan, exception_handlers=handlers)

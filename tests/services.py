@@ -74,11 +74,14 @@ class PostgresCluster:
                     "LANG": "C"}
 
     def start(self) -> "PostgresCluster":
+        """initdb (the first time), then run the server until ``halt`` or ``stop``."""
         data = self.dir / "data"
-        subprocess.run([str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                        "-E", "UTF8", "--locale=C", "--no-instructions"],
-                       env=self.env, cwd=self.dir, check=True, capture_output=True, timeout=120, **self._run_as)
-        with open(self.log, "wb") as log:
+        if not (data / "PG_VERSION").exists():
+            subprocess.run([str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                            "-E", "UTF8", "--locale=C", "--no-instructions"],
+                           env=self.env, cwd=self.dir, check=True, capture_output=True, timeout=120,
+                           **self._run_as)
+        with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(self.bindir / "postgres"), "-D", str(data), "-p", str(self.port), "-k", str(self.dir),
                  "-c", "listen_addresses=127.0.0.1", "-c", "fsync=on", "-c", "synchronous_commit=on",
@@ -110,7 +113,8 @@ class PostgresCluster:
     def drop_database(self, name: str) -> None:
         self.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Shut the server down (its data stays; ``start`` brings it back on the same port)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)  # postgres' "fast" shutdown
             try:
@@ -118,6 +122,9 @@ class PostgresCluster:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

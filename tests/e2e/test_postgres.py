@@ -206,3 +206,38 @@ def test_migrate_store_moves_a_sqlite_relay_and_its_waiting_mail_is_delivered(
         old.close()
         if new is not None:
             new.close()
+
+
+def test_the_relay_answers_503_while_postgresql_is_down_and_recovers_by_itself(
+        tmp_path: Path, redis_url: str) -> None:
+    """The database restarts under a running web and worker: sends get 503 (nothing
+    accepted that is not stored), and afterwards both carry on without a restart."""
+    cluster = PostgresCluster().start()  # a cluster of its own: this test stops it
+    relay: Relay | None = None
+    try:
+        _, url = cluster.create_database()
+        relay = Relay(tmp_path, RELAY_DATABASE_URL=url, RELAY_QUEUE_URL=redis_url, RELAY_WORKER_THREADS="2")
+        with SmtpServer("none") as server:
+            relay.configure(*server.settings(), "sweep_seconds=1", "lease_seconds=5")
+            relay.start_web()
+            relay.start_worker()
+            first = [relay.send(payload(i)).json()["id"] for i in range(5)]
+            for message_id in first:
+                relay.wait_status(message_id, "sent")
+            cluster.halt()
+            down = relay.send(payload(5))
+            assert down.status_code == 503, down.text
+            assert down.json()["ok"] is False and "unavailable" in down.json()["error"]
+            assert relay.http.get("/healthz").status_code == 503
+            cluster.start()
+            answers = wait_until(lambda: (r := relay.send(payload(6))).status_code == 202 and r, timeout=60,
+                                 what="a send accepted after the restart")  # type: ignore[union-attr]
+            later = [answers.json()["id"]] + [relay.send(payload(i)).json()["id"] for i in range(7, 10)]
+            for message_id in later:
+                relay.wait_status(message_id, "sent", timeout=60)
+            delivered = delivered_ids(server)
+            assert set(delivered) == set(first + later) and max(delivered.values()) == 1
+    finally:
+        if relay is not None:
+            relay.close()
+        cluster.stop()
