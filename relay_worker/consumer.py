@@ -20,7 +20,7 @@ from relay_core.delivery import Deliverer
 from relay_core.health import mark_worker, unmark_worker
 from relay_core.logs import fields, setup_logging
 from relay_core.store import Store
-from relay_core.tasks import build_queue
+from relay_core.tasks import build_queue, check_queue
 
 from .sweeper import Sweeper
 
@@ -30,6 +30,7 @@ GRACE_SECONDS = 25.0
 
 def main(settings: Settings) -> int:
     setup_logging(settings)
+    check_queue(settings)  # before the store: a queue other hosts cannot see is refused first
     store = Store.open(settings, crypto.derive_keys(settings))
     store.bootstrap(settings)
     relay_queue = build_queue(settings)

@@ -106,6 +106,20 @@ def test_web_and_two_workers_on_separate_hosts_share_only_postgresql_and_redis(
         assert not (home / "data").exists(), f"{name} wrote into its data directory"
 
 
+def test_a_store_other_hosts_share_with_a_queue_they_cannot_is_refused_in_one_sentence(tmp_path: Path) -> None:
+    env = relay_env(tmp_path / "data", RELAY_DATABASE_URL="postgresql://relay:pw-Secret9@127.0.0.1:9/relay")
+    for role in (["web", "--port", str(free_port())], ["worker"], ["run", "--port", str(free_port())]):
+        result = cli(env, *role, cwd=tmp_path, check=False)
+        assert result.returncode == 2, result.stderr
+        assert "set RELAY_QUEUE_URL=redis://" in result.stderr and "Traceback" not in result.stderr
+    # With a queue, an unreachable database is named (password masked) instead of a traceback.
+    result = cli({**env, "RELAY_QUEUE_URL": "redis://127.0.0.1:9/0"}, "config", "show", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "Cannot connect to the PostgreSQL database postgresql://relay:***@127.0.0.1:9/relay" in result.stderr
+    assert "pw-Secret9" not in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
 def _refused(env: dict[str, str], cwd: Path, target: str) -> str:
     result = cli(env, "migrate-store", "--to", target, cwd=cwd, check=False)
     assert result.returncode != 0, result.stdout
