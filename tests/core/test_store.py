@@ -13,16 +13,19 @@ from __future__ import annotations
 import base64
 import dataclasses
 import threading
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from relay_core import crypto
-from relay_core.config import Settings
+from relay_core import crypto, migrations
+from relay_core.config import Settings, load_settings
 from relay_core.errors import BadRequest
 from relay_core.migrations import MIGRATIONS
 from relay_core.options import Options, parse_option
-from relay_core.store import ClaimedMessage, LogEntry, NewMessage, Store, insert_message, open_database, transaction
+from relay_core.store import (ClaimedMessage, LogEntry, NewMessage, SqliteDatabase, Store, insert_message,
+                              open_database, transaction)
+from support import SECRET
 
 T0 = 1_700_000_000.0
 
@@ -519,3 +522,39 @@ def test_an_idempotency_key_is_claimed_by_one_of_two_racing_writers(store: Store
         t.join(30)
     assert outcome == {"first": True, "second": False}
     assert store.idempotent_answer(store.conn(), key_id, "k-1", 0) == ("hash", 202, {"id": "m1"})
+
+
+def test_both_backends_end_with_the_same_schema(tmp_path: Path, pg_url: str) -> None:
+    """Every migration step's PostgreSQL form (mapped, or written out as a twin) gives the
+    same tables, columns, types, NOT NULLs and indexes as its SQLite form."""
+    types = {"INTEGER": "bigint", "REAL": "double precision", "TEXT": "text", "BLOB": "bytea"}
+    sqlite_db = SqliteDatabase(tmp_path / "relay.db")
+    lite = sqlite_db.connect()
+    pg_db = open_database(load_settings({"RELAY_SECRET_KEY": SECRET, "RELAY_DATABASE_URL": pg_url}))
+    pg = pg_db.connect()
+    try:
+        migrations.migrate(lite)
+        migrations.migrate(pg)
+        tables = {r[0] for r in lite.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        lite_schema = {
+            # A primary key column is NOT NULL on PostgreSQL (and may as well be on SQLite).
+            table: {(c["name"], types[c["type"].upper()], bool(c["notnull"] or c["pk"]))
+                    for c in lite.execute(f"PRAGMA table_info({table})")}
+            for table in tables
+        }
+        pg_schema: dict[str, set[tuple[str, str, bool]]] = {}
+        for table, column, kind, nullable in pg.execute(
+                "SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns"
+                " WHERE table_schema = current_schema()"):
+            pg_schema.setdefault(table, set()).add((column, kind, nullable == "NO"))
+        assert pg_schema == lite_schema
+        lite_indexes = {r[0] for r in lite.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_autoindex%'")}
+        pg_indexes = {r[0] for r in pg.execute(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND indexname NOT LIKE '%_pkey'"
+            " AND indexname NOT LIKE '%_key'")}
+        assert pg_indexes == lite_indexes
+    finally:
+        lite.close()
+        sqlite_db.close()
+        pg_db.close()
