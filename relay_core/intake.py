@@ -37,10 +37,13 @@ class _Pending:
 
 
 class Intake:
-    def __init__(self, store: Store, relay_queue: RelayQueue | None, max_batch: int = 512) -> None:
+    def __init__(self, store: Store, relay_queue: RelayQueue | None, max_batch: int = 512,
+                 before_commit: Callable[[Connection, int], None] | None = None) -> None:
         self.store = store
         self.queue = relay_queue
         self.max_batch = max_batch
+        # Runs last in every batch's transaction with the number of messages it accepted.
+        self.before_commit = before_commit
         self._jobs: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="relay-intake", daemon=True)
         self.batches = 0
@@ -129,7 +132,21 @@ class Intake:
                 else:
                     conn.execute("RELEASE job")
                     outcomes.append((pending, value, ids, None))
+            if self.before_commit is not None:
+                self._before_commit(conn, sum(len(ids) for _, _, ids, exc in outcomes if exc is None))
         return outcomes
+
+    def _before_commit(self, conn: Connection, accepted: int) -> None:
+        """The batch hook (the metrics of the batch): its failure never costs a message."""
+        assert self.before_commit is not None
+        conn.execute("SAVEPOINT hook")
+        try:
+            self.before_commit(conn, accepted)
+        except Exception:
+            conn.execute("ROLLBACK TO hook")
+            logger.exception("the writer's end-of-batch step failed; the batch is committed without it",
+                             extra=fields("intake.hook_error"))
+        conn.execute("RELEASE hook")
 
     def _answer(self, outcomes: list) -> None:
         self.batches += 1

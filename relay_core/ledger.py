@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import crypto
+from . import crypto, metrics
 from .crypto import KeySet
 from .db import Connection, insert_blob, serialize, transaction
 from .message import OutgoingMessage, message_id_header
@@ -202,6 +202,7 @@ def _fail_interrupted(conn: Connection, message_id: str, interrupted: int, now: 
     conn.execute("UPDATE recipients SET status = 'failed', reply = ?, updated_at = ? WHERE message_id = ?"
                  " AND status IN ('pending', 'deferred')", (reason, now, message_id))
     row = conn.execute("SELECT from_addr, subject FROM messages WHERE id = ?", (message_id,)).fetchone()
+    metrics.count_attempt(conn, "failed", None, now)
     insert_log(conn, LogEntry("attempt", "failed", message_id=message_id, stage="queue", detail=reason,
                               sender=row["from_addr"], subject=row["subject"], ts=now))
 
@@ -327,6 +328,7 @@ class Ledger:
                 [(st, code, reply, now, claimed.id, pos) for pos, (st, code, reply) in recipient_updates.items()],
             )
             insert_log(conn, entry)
+            metrics.count_attempt(conn, entry.status, entry.duration_ms, now)
         return True
 
     def waiting_until(self, message_id: str, now: float) -> float | None:

@@ -177,6 +177,18 @@ MIGRATIONS: list[tuple[str, str | PerBackend]] = [
             ('queued', 'sending', 'sent', 'partial', 'deferred', 'failed', 'cancelled'));
         ALTER TABLE recipients ADD COLUMN kind TEXT NOT NULL DEFAULT 'to';
     """)),
+    # Counters and histogram buckets for /metrics, one row per process and metric
+    # (see metrics.py): summed at scrape time, so every process reports one truth.
+    ("0006_metric_counts", """
+        CREATE TABLE metric_counts (
+            process TEXT NOT NULL,
+            name TEXT NOT NULL,
+            label TEXT NOT NULL DEFAULT '',
+            value REAL NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (process, name, label));
+        CREATE INDEX metric_counts_updated ON metric_counts (updated_at);
+    """),
 ]
 # Steps that rebuild a table others reference: run with foreign keys off (a
 # pragma that cannot change inside a transaction), checked before commit.

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from relay_core import __version__
+from relay_core import __version__, metrics
 from relay_core.errors import (BadRequest, Conflict, NotConfigured, NotFound, PayloadTooLarge,
                                RateLimited, RelayError, StoreUnavailable, Unauthorized)
 from relay_core.mailflow import assess
@@ -91,6 +91,7 @@ def _decode_json(body: bytes | bytearray) -> Any:
 
 
 async def send(request: Request) -> JSONResponse:
+    started = time.perf_counter()
     state = _state(request)
     options, keys = state.store.snapshot()
     key = authenticate(request, keys)
@@ -156,6 +157,8 @@ async def send(request: Request) -> JSONResponse:
         return (202, answer), [message_id]
 
     status, response = await state.submit(accept)
+    if response is answer:  # stored now, not an idempotent replay: its latency counts
+        state.accept_latency.add(time.perf_counter() - started)
     return JSONResponse(response, status_code=status)
 
 
@@ -209,6 +212,12 @@ def error_response(request: Request, exc: RelayError) -> JSONResponse:
     return JSONResponse({"ok": False, "error": exc.message}, status_code=exc.status, headers=headers)
 
 
+def rejection_reason(exc: RelayError) -> str:
+    """The metrics label of a refusal: its error class in snake case (bad_request, rate_limited...)."""
+    name = type(exc).__name__
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
+
+
 async def log_rejection(request: Request, exc: RelayError) -> None:
     """Every refused send is in the transaction log, with the source IP."""
     state = _state(request)
@@ -216,8 +225,11 @@ async def log_rejection(request: Request, exc: RelayError) -> None:
     entry = LogEntry(event, "rejected", code=exc.status, detail=exc.message,
                      source_ip=client_ip(request, state.settings))
 
+    reason = rejection_reason(exc)
+
     def write(conn):  # type: ignore[no-untyped-def]
         insert_log(conn, entry)
+        metrics.count_rejection(conn, reason)
         return None, []
 
     try:

@@ -8,6 +8,7 @@ headers middleware wraps everything, Starlette's own error answers included.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sqlite3
@@ -23,15 +24,16 @@ from starlette.types import ASGIApp
 from relay_core import crypto
 from relay_core.config import Settings
 from relay_core.crypto import DecryptionError
-from relay_core.db import is_database_error
+from relay_core.db import Connection, is_database_error
 from relay_core.errors import RelayError, StoreUnavailable
+from relay_core import metrics as relay_metrics
 from relay_core.intake import Intake
 from relay_core.logs import fields
 from relay_core.ratelimit import RateLimiter
 from relay_core.store import Store
 from relay_core.tasks import build_queue
 
-from . import admin, api
+from . import admin, api, metrics_endpoint
 from .admin.pages import error_page
 from .headers import SecurityHeaders
 from .state import AppState
@@ -45,6 +47,7 @@ def routes() -> list[BaseRoute]:
         Route("/api/messages/{message_id}", api.message_status, methods=["GET"], name="api_message"),
         Route("/api/health", api.api_health, methods=["GET"], name="api_health"),
         Route("/healthz", api.healthz, methods=["GET"], name="healthz"),
+        Route("/metrics", metrics_endpoint.scrape, methods=["GET"], name="metrics"),
         *admin.routes(),
     ]
 
@@ -117,13 +120,27 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
         owned = store is None
         relay_store.bootstrap(settings)
         relay_queue = build_queue(settings)
-        intake = Intake(relay_store, relay_queue)
+        latency = relay_metrics.LatencyBuffer()
+
+        def count_batch(conn: Connection, accepted: int) -> None:
+            if accepted:
+                relay_metrics.add(conn, {(relay_metrics.ACCEPTED, ""): accepted})
+            latency.drain(conn)
+
+        intake = Intake(relay_store, relay_queue, before_commit=count_batch)
         intake.start()
         app.state.relay = AppState(settings, relay_store, relay_queue, intake,
-                                   RateLimiter(settings.send_per_hour))
+                                   RateLimiter(settings.send_per_hour), accept_latency=latency)
+        flusher = asyncio.create_task(metrics_endpoint.flush_periodically(app.state.relay))
         try:
             yield
         finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            if len(latency):
+                with contextlib.suppress(Exception):
+                    await app.state.relay.submit(metrics_endpoint.nothing)  # the batch hook writes them
             intake.stop()
             if owned:
                 relay_store.shutdown()

@@ -11,6 +11,7 @@ from typing import Any
 from relay_core.config import Settings
 from relay_core.db import Connection
 from relay_core.intake import Intake, Job
+from relay_core.metrics import LatencyBuffer
 from relay_core.ratelimit import RateLimiter
 from relay_core.store import Admin, Store
 from relay_core.tasks import RelayQueue
@@ -23,6 +24,7 @@ class AppState:
     queue: RelayQueue
     intake: Intake
     limiter: RateLimiter
+    accept_latency: LatencyBuffer = field(default_factory=LatencyBuffer)
     # scrypt takes ~128 MiB and a few hundred ms: at most two at once, whatever arrives.
     password_checks: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
     _key_uses: dict[int, float] = field(default_factory=dict)

@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Callable
 
+from relay_core import metrics
 from relay_core.logs import fields
 from relay_core.pausing import wake_waiting
 from relay_core.store import Store
@@ -69,6 +70,7 @@ class Sweeper:
             idempotency_seconds=24 * 3600,
         )
         pruned["admin_sessions"] = self.store.prune_sessions(now, options.session_idle_minutes * 60)
+        metrics.fold(self.store.conn(), now)
         if any(pruned.values()):
             logger.info("retention: %s", pruned, extra=fields("sweep.retention", count=sum(pruned.values())))
         return len(ids)

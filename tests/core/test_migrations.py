@@ -82,7 +82,7 @@ def test_previous_store_migrates_with_every_row_and_foreign_key_intact(conn: Any
     assert len(messages_before) == 6 and len(recipients_before) == 12
     assert "check" in refused(conn, "UPDATE messages SET status = 'partial' WHERE id = 'm2'")  # the old CHECK
 
-    assert migrations.migrate(conn) == ["0005_partial_and_recipient_kind"]
+    assert migrations.migrate(conn)[:1] == ["0005_partial_and_recipient_kind"]  # later steps may follow
 
     assert dump(conn, "messages", MESSAGE_COLUMNS) == messages_before
     assert dump(conn, "recipients", RECIPIENT_COLUMNS) == recipients_before
