@@ -2,7 +2,8 @@
 
 nginx runs from a config in a temp directory (its pid, logs and temp files
 there; free ports on 127.0.0.1) with a throwaway certificate from a test CA,
-and forwards as the guide's snippet does (`X-Forwarded-For $remote_addr`).
+and forwards exactly as the guide's snippet does (`Host $host`,
+`X-Forwarded-For $remote_addr`).
 Two relays sit behind it: one told to believe the proxy
 (RELAY_TRUSTED_PROXIES=127.0.0.1), one not. The client connects from
 127.0.0.2, so its address and the proxy's (127.0.0.1) can be told apart in
@@ -65,8 +66,7 @@ def nginx_config(directory: Path, cert: Path, key: Path, routes: dict[int, int])
         ssl_certificate_key {key};
         location / {{
             proxy_pass http://127.0.0.1:{upstream};
-            # The guide's $host drops the port; on 443 that is the same, here it is not.
-            proxy_set_header Host $http_host;
+            proxy_set_header Host $host;
             proxy_set_header X-Forwarded-For $remote_addr;
         }}
     }}""" for listen, upstream in routes.items())
