@@ -52,7 +52,11 @@ class Sweeper:
         options = self.store.options()
         self.store.heartbeat(self.name, os.getpid(), socket.gethostname(), self.started_at, now=now)
         ids: list[str] = []
-        if not options.delivery_paused:  # paused: workers would only drop the wake-ups
+        if options.delivery_paused:
+            # No re-enqueueing while paused (workers would only drop the wake-ups); instead,
+            # wake everything waiting as soon as the pause is lifted.
+            self.dropped.set()
+        else:
             # While the queue holds at least as many tasks as there are messages
             # waiting, each may still be in it: re-enqueueing them would only pile
             # duplicates onto a backlog. Expired leases are always swept.
@@ -83,7 +87,7 @@ class Sweeper:
             try:
                 options = self.store.options()
                 if self.dropped.is_set() and not options.delivery_paused:
-                    # Resumed after this worker dropped wake-ups: wake everything waiting now.
+                    # Resumed after this worker dropped wake-ups or skipped a sweep: wake everything now.
                     self.dropped.clear()
                     woken = wake_waiting(self.store, self.queue, self.clock())
                     logger.info("delivery resumed; woke %d waiting message(s)", woken)

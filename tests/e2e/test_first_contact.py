@@ -109,6 +109,23 @@ def test_health_follows_the_worker_and_pause_and_nothing_is_lost(tmp_path: Path)
         relay.close()
 
 
+def test_a_worker_restarted_while_paused_still_wakes_everything_on_resume(relay: Relay) -> None:
+    with SmtpServer("none") as server:
+        relay.configure(*server.settings(), "sweep_seconds=3600", "delivery_paused=true")
+        try:
+            ids = [send(relay, to=[f"restart{i}@example.com"]) for i in range(2)]
+            wait_until(lambda: queue_tasks(relay) == 0, what="the paused worker to drain the queue")
+            relay.workers.pop().kill()  # whatever it remembered about dropped wake-ups is gone
+            relay.start_worker()
+            time.sleep(1.0)
+            assert [relay.status(i)["status"] for i in ids] == ["queued"] * 2 and server.received == []
+            relay.configure("delivery_paused=false")  # no resume command: only the new worker can notice
+            for message_id in ids:
+                relay.wait_status(message_id, "sent", timeout=30)
+        finally:
+            relay.configure("delivery_paused=false", "sweep_seconds=30")
+
+
 def test_a_wrong_password_makes_health_say_so(relay: Relay, certs: Certificates) -> None:
     with SmtpServer("starttls", certs, auth=True) as server:
         relay.configure(*server.settings(auth=True), "smtp_password=not-the-password")
