@@ -274,12 +274,6 @@ class PgConnection:
         """Run an INSERT whose last parameter is a blob: psycopg sends bytes as they are."""
         self.execute(sql, params)
 
-    def raw(self) -> psycopg.Connection[Any]:
-        """The pinned connection inside a transaction (for COPY and other psycopg-only work)."""
-        if self._raw is None:
-            raise RuntimeError("raw() needs an open transaction")
-        return self._raw
-
     def close(self) -> None:
         """Nothing is held between statements; the pool closes with the database."""
 

@@ -157,6 +157,13 @@ def test_processes_starting_at_once_migrate_and_seed_once(settings: Settings) ->
         store.shutdown()
 
 
+def test_sql_text_keeps_its_percent_signs_and_quoted_question_marks(store: Store) -> None:
+    conn = store.conn()
+    row = conn.execute("SELECT 'a%b?' AS x, 7 % 3 AS y, ? AS z", ("q",)).fetchone()
+    assert (row["x"], row["y"], row["z"]) == ("a%b?", 1, "q") and tuple(row) == ("a%b?", 1, "q")
+    assert bool(conn.execute("SELECT 'a%b' LIKE 'a%'").fetchone()[0]) is True
+
+
 # -- first boot ----------------------------------------------------------------------------------
 def test_bootstrap_seeds_one_admin_and_one_primary_key(store: Store) -> None:
     conn = store.conn()
