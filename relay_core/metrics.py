@@ -30,7 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .db import Connection, transaction
+from .db import Connection, serialize, transaction
 
 PREFIX = "tspro_relay_"
 ACCEPTED = "messages_accepted"
@@ -111,6 +111,9 @@ def fold(conn: Connection, now: float) -> int:
     """
     before = now - FOLD_AFTER_SECONDS
     with transaction(conn):
+        # Two sweepers folding at once would both add the same rows to '*' (PostgreSQL
+        # lets both read them); one at a time, the second finds nothing left to fold.
+        serialize(conn, "tspro-relay metrics fold")
         quiet = conn.execute("SELECT name, label, SUM(value) FROM metric_counts WHERE process <> '*'"
                              " AND updated_at < ? GROUP BY name, label", (before,)).fetchall()
         if not quiet:

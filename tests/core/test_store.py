@@ -565,3 +565,34 @@ def test_both_backends_end_with_the_same_schema(tmp_path: Path, pg_url: str) -> 
         lite.close()
         sqlite_db.close()
         pg_db.close()
+
+
+def test_metric_rows_folded_by_two_sweepers_at_once_are_counted_once(store: Store, other: Store) -> None:
+    """Each round leaves three quiet processes' rows; two sweepers fold at the same moment.
+    Every row is folded by exactly one of them, and the total never counts a row twice."""
+    from relay_core import metrics
+    rounds = 12
+    start, done = threading.Barrier(3), threading.Barrier(3)
+    folded: list[int] = []
+
+    def sweeper(s: Store) -> None:
+        for _ in range(rounds):
+            start.wait()
+            folded.append(metrics.fold(s.conn(), T0 + 2 * metrics.FOLD_AFTER_SECONDS))
+            done.wait()
+
+    threads = [threading.Thread(target=sweeper, args=(s,)) for s in (store, other)]
+    for t in threads:
+        t.start()
+    conn = store.conn()
+    for round_ in range(rounds):
+        with transaction(conn):
+            conn.executemany("INSERT INTO metric_counts (process, name, label, value, updated_at)"
+                             " VALUES (?, ?, '', 1, ?)",
+                             [(f"gone-{round_}-{p}", metrics.ACCEPTED, T0) for p in range(3)])
+        start.wait(30)
+        done.wait(30)
+    for t in threads:
+        t.join(30)
+    assert sum(folded) == 3 * rounds
+    assert metrics.totals(conn) == {(metrics.ACCEPTED, ""): 3.0 * rounds}
