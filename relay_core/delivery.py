@@ -198,6 +198,7 @@ class Deliverer:
             "attempt", status, message_id=claimed.id, stage=stage, code=code, detail=detail,
             duration_ms=duration_ms, sender=claimed.from_addr,
             recipients=", ".join(r.address for r in pending), subject=claimed.subject, ts=now,
+            attachments=claimed.attachments,
         )
         if not self.store.record_attempt(claimed, status, next_attempt_at=next_attempt_at,
                                          last_error=last_error, recipient_updates=updates,

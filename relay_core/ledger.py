@@ -19,6 +19,7 @@ from typing import Any
 from . import crypto, metrics
 from .crypto import KeySet
 from .db import Connection, insert_blob, serialize, transaction
+from .logbook import HOUR, count_log_row, forget_log_rows, log_kind, search_terms
 from .message import OutgoingMessage, message_id_header
 from .options import Options
 
@@ -46,11 +47,16 @@ class NewMessage:
     size: int
     recipients: list[str]
     kinds: list[str] = field(default_factory=list)  # to/cc/bcc per recipient; empty means all 'to'
+    attachments: int = 0
 
     @classmethod
     def accepted(cls, message: OutgoingMessage, message_id: str, sealed: bytes, created: float,
-                 options: Options, source: str, api_key_id: int | None) -> "NewMessage":
-        """The row for a validated message whose stored document is ``sealed``."""
+                 options: Options, source: str, api_key_id: int | None,
+                 attachments: int | None = None) -> "NewMessage":
+        """The row for a validated message whose stored document is ``sealed``.
+
+        ``attachments``: their count, when the caller has already let go of them.
+        """
         return cls(
             id=message_id, source=source, api_key_id=api_key_id, created_at=created,
             from_addr=message.from_email, from_name=message.from_name,
@@ -58,6 +64,7 @@ class NewMessage:
             message_id_header=message_id_header(message_id, message.from_email), body=sealed,
             size=len(sealed) - crypto.BODY_OVERHEAD, recipients=[a for a, _ in message.envelope],
             kinds=[k for _, k in message.envelope],
+            attachments=len(message.attachments) if attachments is None else attachments,
         )
 
 
@@ -75,6 +82,7 @@ class LogEntry:
     recipients: str = ""
     subject: str = ""
     ts: float = field(default_factory=time.time)
+    attachments: int | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,7 @@ class ClaimedMessage:
     recipients: list[Recipient]
     lease_owner: str
     keys: KeySet | None = None
+    attachments: int = 0
 
     @property
     def body(self) -> bytes:
@@ -136,20 +145,26 @@ class ClaimedMessage:
         return self.keys.decrypt_body(self.sealed, self.id)
 
 
-def insert_log(conn: Connection, entry: LogEntry) -> None:
-    conn.execute(
+def insert_log(conn: Connection, entry: LogEntry) -> int:
+    """Write one log row, counted and searchable in the same transaction (see logbook.py); its id."""
+    kind = log_kind(entry.event, entry.status, entry.code)
+    terms = search_terms(entry.sender, entry.recipients, entry.subject)
+    log_id = int(conn.execute(
         "INSERT INTO log (ts, event, message_id, status, stage, code, detail, duration_ms,"
-        " source_ip, sender, recipients, subject) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        " source_ip, sender, recipients, subject, attachments, kind, terms)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
         (entry.ts, entry.event, entry.message_id, entry.status, entry.stage, entry.code,
          entry.detail, entry.duration_ms, entry.source_ip, entry.sender, entry.recipients,
-         entry.subject),
-    )
+         entry.subject, entry.attachments, kind, terms),
+    ).fetchone()[0])
+    count_log_row(conn, log_id, kind, entry.ts, terms)
+    return log_id
 
 
 _INSERT_MESSAGE = (
     "INSERT INTO messages (id, status, source, api_key_id, created_at, updated_at, next_attempt_at, enqueued_at,"
-    " from_addr, from_name, envelope_from, subject, message_id_header, size, body)"
-    " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " from_addr, from_name, envelope_from, subject, message_id_header, size, attachments, body)"
+    " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -157,7 +172,8 @@ def insert_message(conn: Connection, msg: NewMessage) -> None:
     # The body last: a large one is streamed into SQLite rather than bound (see db_sqlite).
     insert_blob(conn, _INSERT_MESSAGE, (
         msg.id, msg.source, msg.api_key_id, msg.created_at, msg.created_at, msg.created_at, msg.created_at,
-        msg.from_addr, msg.from_name, msg.envelope_from, msg.subject, msg.message_id_header, msg.size, msg.body,
+        msg.from_addr, msg.from_name, msg.envelope_from, msg.subject, msg.message_id_header, msg.size,
+        msg.attachments, msg.body,
     ), "messages", "body")
     kinds = msg.kinds or ["to"] * len(msg.recipients)
     conn.executemany(
@@ -201,10 +217,11 @@ def _fail_interrupted(conn: Connection, message_id: str, interrupted: int, now: 
                  " last_error = ?, finished_at = ?, updated_at = ? WHERE id = ?", (reason, now, now, message_id))
     conn.execute("UPDATE recipients SET status = 'failed', reply = ?, updated_at = ? WHERE message_id = ?"
                  " AND status IN ('pending', 'deferred')", (reason, now, message_id))
-    row = conn.execute("SELECT from_addr, subject FROM messages WHERE id = ?", (message_id,)).fetchone()
+    row = conn.execute("SELECT from_addr, subject, attachments FROM messages WHERE id = ?", (message_id,)).fetchone()
     metrics.count_attempt(conn, "failed", None, now)
     insert_log(conn, LogEntry("attempt", "failed", message_id=message_id, stage="queue", detail=reason,
-                              sender=row["from_addr"], subject=row["subject"], ts=now))
+                              sender=row["from_addr"], subject=row["subject"], ts=now,
+                              attachments=row["attachments"]))
 
 
 class Ledger:
@@ -294,7 +311,8 @@ class Ledger:
                                       (message_id,))
             ]
         return ClaimedMessage(row["id"], row["envelope_from"], row["from_addr"], row["subject"], row["body"],
-                              row["created_at"], row["attempts"], recipients, owner, self.keys)
+                              row["created_at"], row["attempts"], recipients, owner, self.keys,
+                              row["attachments"])
 
     def renew_leases(self, held: list[tuple[str, str]], until: float) -> None:
         """Extend the leases of deliveries still in progress (id, owner)."""
@@ -382,12 +400,9 @@ class Ledger:
         }
 
     def recent_attempts(self, limit: int, since: float = 0.0) -> list[AttemptFact]:
-        """The last ``limit`` delivery attempts after ``since``, newest first."""
-        rows = self.conn().execute(
-            "SELECT ts, message_id, status, stage, code, detail FROM log WHERE event = 'attempt' AND ts > ?"
-            " ORDER BY id DESC LIMIT ?", (since, limit)).fetchall()
-        return [AttemptFact(r["ts"], r["message_id"], r["status"], r["stage"], r["code"], r["detail"])
-                for r in rows]
+        """The last ``limit`` delivery attempts after ``since``, newest first (see ``Logbook.last_attempts``)."""
+        rows = self.last_attempts(limit, since)  # type: ignore[attr-defined]
+        return [AttemptFact(r.ts, r.message_id, r.status, r.stage, r.code, r.detail) for r in rows]
 
     def settings_changed_at(self, names: tuple[str, ...]) -> float:
         """When any of these settings was last written (0 when never)."""
@@ -488,11 +503,16 @@ class Ledger:
             failed = conn.execute(
                 "UPDATE messages SET body = NULL WHERE body IS NOT NULL AND status IN ('failed', 'cancelled')"
                 " AND finished_at < ?", (now - failed_body_seconds,)).rowcount
-            old_log = conn.execute("DELETE FROM log WHERE ts < ?", (now - log_seconds,)).rowcount
+            # Whole hours go, so the hourly counts (logbook.py) drop whole buckets.
+            cutoff = (now - log_seconds) // HOUR * HOUR
+            forget_log_rows(conn, "ts < ?", (cutoff,))
+            old_log = conn.execute("DELETE FROM log WHERE ts < ?", (cutoff,)).rowcount
             conn.execute("DELETE FROM messages WHERE finished_at < ?", (now - log_seconds,))
-            excess = conn.execute(
-                "DELETE FROM log WHERE id <= (SELECT id FROM log ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                (log_max_rows,)).rowcount
+            excess = 0
+            last = conn.execute("SELECT id FROM log ORDER BY id DESC LIMIT 1 OFFSET ?", (log_max_rows,)).fetchone()
+            if last is not None:
+                forget_log_rows(conn, "id <= ?", (last[0],))
+                excess = conn.execute("DELETE FROM log WHERE id <= ?", (last[0],)).rowcount
             conn.execute("DELETE FROM pacing WHERE ts < ?", (now - 86400,))
             idem = conn.execute("DELETE FROM idempotency WHERE created_at < ?",
                                 (now - idempotency_seconds,)).rowcount

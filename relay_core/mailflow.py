@@ -100,8 +100,12 @@ def assess_upstream(attempts: list[AttemptFact], window: int = UPSTREAM_WINDOW) 
     return Upstream(True, sentence, newest.stage, newest.code, _server_words(newest.detail, newest.code), facts)
 
 
-def assess(store: Store, now: float | None = None, window: int = UPSTREAM_WINDOW) -> Health:
-    """Read the store and judge whether mail would flow now."""
+def assess(store: Store, now: float | None = None, window: int = UPSTREAM_WINDOW, counts: bool = True) -> Health:
+    """Read the store and judge whether mail would flow now.
+
+    ``counts=False`` leaves out the messages per state (a scan of the whole
+    messages table) for callers that count what they need themselves.
+    """
     now = time.time() if now is None else now
     options = store.options()
     has_key = any(key.revoked_at is None for key in store.api_keys())
@@ -131,5 +135,5 @@ def assess(store: Store, now: float | None = None, window: int = UPSTREAM_WINDOW
         ok=not problems, error=" ".join(problems) or None, configured=configured,
         smtp_configured=options.smtp_configured, api_key_configured=has_key, worker_alive=alive,
         worker_heartbeat_at=heartbeat, paused=options.delivery_paused, upstream=upstream,
-        counts=store.counts(), problems=problems,
+        counts=store.counts() if counts else {}, problems=problems,
     )

@@ -189,6 +189,37 @@ MIGRATIONS: list[tuple[str, str | PerBackend]] = [
             PRIMARY KEY (process, name, label));
         CREATE INDEX metric_counts_updated ON metric_counts (updated_at);
     """),
+    # The admin's Transaction Log and Queue at a million rows (see logbook.py):
+    # each log row's kind, attachment count and search words; counts per hour
+    # and kind; a waiting message found by state and age; the search index
+    # over the words (FTS5 on SQLite, GIN on PostgreSQL). Rows written before
+    # get kind, words and counts from ``logbook.backfill`` (Python: the same
+    # words for both backends).
+    ("0007_admin_log", PerBackend(sqlite="""
+        ALTER TABLE log ADD COLUMN kind TEXT NOT NULL DEFAULT '';
+        ALTER TABLE log ADD COLUMN attachments INTEGER;
+        ALTER TABLE log ADD COLUMN terms TEXT NOT NULL DEFAULT '';
+        CREATE INDEX log_kind ON log (kind, id);
+        DROP INDEX log_ts;
+        CREATE INDEX log_ts_kind ON log (ts, kind);
+        CREATE TABLE log_counts (
+            hour INTEGER NOT NULL, kind TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (hour, kind));
+        ALTER TABLE messages ADD COLUMN attachments INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX messages_status_created ON messages (status, created_at);
+        CREATE VIRTUAL TABLE log_fts USING fts5(terms, content='log', content_rowid='id', detail='none');
+    """, postgres="""
+        ALTER TABLE log ADD COLUMN kind TEXT NOT NULL DEFAULT '';
+        ALTER TABLE log ADD COLUMN attachments BIGINT;
+        ALTER TABLE log ADD COLUMN terms TEXT NOT NULL DEFAULT '';
+        CREATE INDEX log_kind ON log (kind, id);
+        DROP INDEX log_ts;
+        CREATE INDEX log_ts_kind ON log (ts, kind);
+        CREATE TABLE log_counts (
+            hour BIGINT NOT NULL, kind TEXT NOT NULL, n BIGINT NOT NULL, PRIMARY KEY (hour, kind));
+        ALTER TABLE messages ADD COLUMN attachments BIGINT NOT NULL DEFAULT 0;
+        CREATE INDEX messages_status_created ON messages (status, created_at);
+        CREATE INDEX log_terms ON log USING GIN (to_tsvector('simple', terms));
+    """)),
 ]
 # Steps that rebuild a table others reference: run with foreign keys off (a
 # pragma that cannot change inside a transaction), checked before commit.

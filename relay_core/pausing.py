@@ -16,13 +16,16 @@ from .store import Store
 from .tasks import RelayQueue
 
 
-def pause(store: Store) -> None:
-    store.set_options({"delivery_paused": True})
+def pause(store: Store, audit: tuple[str, str] | None = None) -> None:
+    """Pause delivery; ``audit`` (who, from which IP) records it in the audit trail with the change."""
+    store.set_options({"delivery_paused": True},
+                      (*audit, "delivery.pause", "paused delivery") if audit else None)
 
 
-def resume(store: Store, relay_queue: RelayQueue | None) -> int:
+def resume(store: Store, relay_queue: RelayQueue | None, audit: tuple[str, str] | None = None) -> int:
     """Clear the pause and re-enqueue every message waiting now. Returns how many."""
-    store.set_options({"delivery_paused": False})
+    store.set_options({"delivery_paused": False},
+                      (*audit, "delivery.resume", "resumed delivery") if audit else None)
     return wake_waiting(store, relay_queue)
 
 

@@ -37,6 +37,6 @@ def enqueue_test_message(store: Store, settings: Settings, to: str, relay_queue:
         insert_message(conn, record)
         insert_log(conn, LogEntry("accepted", "queued", message_id=message_id, sender=message.from_email,
                                   recipients=to, subject=message.subject, detail="test email", ts=created,
-                                  source_ip=source_ip))
+                                  source_ip=source_ip, attachments=0))
     (relay_queue or build_queue(settings)).enqueue(message_id)
     return message_id

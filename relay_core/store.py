@@ -6,7 +6,8 @@ Settings and API keys are cached per process and re-read only when the
 revision counter moves, so a change made by the CLI or another process takes
 effect everywhere without a restart. ``accounts.py`` holds the API keys and
 the admin; ``sessions.py`` the admin's sign-in state; ``audit.py`` the audit
-trail; ``ledger.py`` the messages, claims and the log.
+trail; ``ledger.py`` the messages, claims and the log; ``logbook.py``,
+``queueview.py`` and ``interventions.py`` what the admin pages read and do.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ from .config import ConfigError, Settings
 from .crypto import KeySet
 from .db import (Connection, Database, SqliteDatabase, connect, insert_blob, open_database,  # noqa: F401
                  serialize, transaction, write_lock)
+from .interventions import ActionReport, Interventions  # noqa: F401  (re-exported)
 from .ledger import (FINAL_STATES, MAX_UNRECORDED_CLAIMS, AttemptFact, ClaimedMessage, Ledger,  # noqa: F401
                      LogEntry, LoggedRow, NewMessage, Paced, Recipient, insert_log, insert_message)
+from .logbook import Logbook, backfill
 from .options import SECRET_OPTIONS, Options, build_options, check_consistency, to_text
+from .queueview import QueueView
 from .sessions import AdminSession, Sessions  # noqa: F401  (re-exported)
 
 KEY_CHECK = "tspro-relay key check"
@@ -52,7 +56,7 @@ def _writable(directory: Path) -> bool:
     return writable and (not db.exists() or os.access(db, os.R_OK | os.W_OK))
 
 
-class Store(Accounts, Sessions, Audit, Ledger):
+class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions):
     """Thread-safe access to the store: each thread gets its own connection."""
 
     def __init__(self, database: Database | Path, keys: KeySet) -> None:
@@ -145,7 +149,10 @@ class Store(Accounts, Sessions, Audit, Ledger):
         self.database.close()
 
     def migrate(self) -> list[str]:
-        return migrations.migrate(self.conn())
+        conn = self.conn()
+        applied = migrations.migrate(conn)
+        backfill(conn)  # log rows older than the columns the admin pages read; a no-op once done
+        return applied
 
     def _bump_rev(self, conn: Connection) -> None:
         conn.execute(

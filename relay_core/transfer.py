@@ -38,8 +38,10 @@ class TransferReport:
 
 def _tables_in_dependency_order(conn: Any) -> list[str]:
     """relay.db's tables, each after the tables its foreign keys point to."""
-    names = [r[0] for r in conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    # Plain tables only: the log's FTS5 search index (a virtual table and its shadow tables) is
+    # SQLite's own; PostgreSQL's migration builds its GIN index over the copied words.
+    names = sorted(r["name"] for r in conn.execute("PRAGMA table_list")
+                   if r["type"] == "table" and r["schema"] == "main" and not r["name"].startswith("sqlite_"))
     depends = {name: {r["table"] for r in conn.execute(f"PRAGMA foreign_key_list({name})")} - {name}
                for name in names}
     ordered: list[str] = []

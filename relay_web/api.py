@@ -131,7 +131,7 @@ async def send(request: Request) -> JSONResponse:
     else:
         sealed = state.store.keys.encrypt_body(document, message_id)
     del document
-    record = NewMessage.accepted(message, message_id, sealed, created, options, "api", key.id)
+    record = NewMessage.accepted(message, message_id, sealed, created, options, "api", key.id, attachment_count)
     answer: dict[str, Any] = {"ok": True, "id": message_id, "status": "queued"}
     detail = f"{len(record.recipients)} recipient(s), {attachment_count} attachment(s)"
     if ignored:
@@ -141,7 +141,8 @@ async def send(request: Request) -> JSONResponse:
         detail += "; ignored unknown field(s): " + ", ".join(ignored)
     entry = LogEntry("accepted", "queued", message_id=message_id, source_ip=client_ip(request, state.settings),
                      sender=message.from_email, recipients=", ".join(a for a, _ in message.envelope),
-                     subject=message.subject, detail=detail, ts=created)
+                     subject=message.subject, detail=detail, ts=created,
+                     attachments=attachment_count)
 
     def accept(conn):  # type: ignore[no-untyped-def]
         # The answer is claimed first, inside the write transaction: of two repeats
