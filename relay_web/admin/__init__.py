@@ -4,7 +4,8 @@
 ``sessions`` (cookie, CSRF, Origin, the ``require_admin`` guard), ``forms``
 (reading posts, per-field errors), ``templating`` (``render``, filters),
 ``signin``, ``account``, ``settings_page``, ``keys``, ``checks``, ``pages``,
-``turnstile``.
+``turnstile``; the Queue (``queue_page``, ``chart``), a message's page
+(``message_page``) and the Transaction Log (``log_page``).
 
 A new page: an endpoint wrapped in ``sessions.require_admin`` (it checks
 the session, the forced password change, Origin and CSRF on POST, and sets
@@ -24,13 +25,22 @@ from __future__ import annotations
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from . import account, checks, keys, pages, settings_page, signin
+from . import account, checks, keys, log_page, message_page, queue_page, settings_page, signin
 from .templating import STATIC_DIR
 
 
 def routes() -> list[BaseRoute]:
     return [
-        Route("/", pages.dashboard, methods=["GET"], name="dashboard"),
+        Route("/", queue_page.dashboard, methods=["GET"], name="dashboard"),
+        Route("/queue/retry", queue_page.retry, methods=["POST"], name="queue_retry"),
+        Route("/queue/cancel", queue_page.cancel, methods=["POST"], name="queue_cancel"),
+        Route("/queue/pause", queue_page.pause_delivery, methods=["POST"], name="queue_pause"),
+        Route("/queue/resume", queue_page.resume_delivery, methods=["POST"], name="queue_resume"),
+        Route("/messages/{message_id}", message_page.message_page, methods=["GET"], name="message"),
+        Route("/messages/{message_id}/body", message_page.reveal_body, methods=["POST"], name="message_body"),
+        Route("/logs", log_page.log_page, methods=["GET"], name="logs"),
+        Route("/logs.csv", log_page.export_csv, methods=["GET"], name="logs_csv"),
+        Route("/logs/clear", log_page.clear_log, methods=["POST"], name="logs_clear"),
         Route("/login", signin.login_page, methods=["GET"], name="login_page"),
         Route("/login", signin.login, methods=["POST"], name="login"),
         Route("/logout", signin.logout, methods=["POST"], name="logout"),

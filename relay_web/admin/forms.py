@@ -77,7 +77,14 @@ async def read_form(request: Request) -> dict[str, str]:
         raise BadRequest(f"The form has more than {MAX_FIELDS} fields.") from None
     form = {name: value for name, value in pairs}
     request.state.form = form
+    request.state.form_pairs = pairs
     return form
+
+
+async def read_form_values(request: Request, name: str) -> list[str]:
+    """Every value posted under ``name``, in order (a list of ticked checkboxes)."""
+    await read_form(request)
+    return [value for key, value in request.state.form_pairs if key == name]
 
 
 def parse_fields(form: dict[str, str], labels: dict[str, str]) -> tuple[dict[str, Any], FormState]:

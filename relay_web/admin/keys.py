@@ -25,10 +25,11 @@ from .templating import render
 MAX_LABEL = 60
 
 
-def confirm_page(request: Request, action: str, question: str, button: str) -> Response:
-    """The no-JavaScript second step of a dangerous form."""
+def confirm_page(request: Request, action: str, question: str, button: str, back: str = "/settings#keys",
+                 fields: dict[str, str] | None = None) -> Response:
+    """The no-JavaScript second step of a dangerous form (``fields``: what to post again)."""
     return render(request, "confirm.html", {"action": action, "question": question, "button": button,
-                                            "fields": {}, "back": "/settings#keys"})
+                                            "fields": fields or {}, "back": back})
 
 
 def _show(request: Request, key_id: int, saved: str) -> Response:

@@ -34,6 +34,7 @@ STATUS_LABELS = {
     "queued": "Queued", "sending": "Sending", "sent": "Sent", "partial": "Partly sent",
     "deferred": "Waiting to retry", "failed": "Failed", "cancelled": "Cancelled",
     "rejected": "Rejected", "unauthorized": "Unauthorized", "accepted": "Accepted",
+    "rate_limited": "Rate limited", "retried": "Retried", "cleared": "Log cleared", "pending": "Pending",
 }
 
 
@@ -78,6 +79,21 @@ def timeago(ts: float | None, now: float | None = None) -> str:
     return "now"
 
 
+def filesize(size: int | None) -> str:
+    """'812 bytes', '14.2 KB', '3.1 MB' (binary multiples, as the attachment limit counts them)."""
+    if size is None:
+        return "—"
+    if size < 1024:
+        return f"{size} bytes"
+    value = float(size)
+    for unit in ("KB", "MB"):
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{value:.1f} {unit}"
+
+
+@functools.lru_cache(maxsize=64)  # a few states, drawn once per row of every list
 def status_badge(status: str | None) -> Markup:
     """A coloured label for a message or log state (colours in app.css, .badge-<state>)."""
     key = (status or "").lower()
@@ -93,7 +109,7 @@ def build_environment() -> jinja2.Environment:
         trim_blocks=True, lstrip_blocks=True,
     )
     env.globals.update(url_for=url_for, static_url=static_url)
-    env.filters.update(datetime=format_datetime, timeago=timeago, status_badge=status_badge)
+    env.filters.update(datetime=format_datetime, timeago=timeago, status_badge=status_badge, filesize=filesize)
     return env
 
 

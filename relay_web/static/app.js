@@ -2,6 +2,8 @@
  * Pages work without it, except Copy and the automatic refreshes.
  *   [data-copy="ID"]    copy the value of element ID to the clipboard
  *   form[data-confirm]  ask before submitting; sets its "confirmed" field to "yes"
+ *                       (a submit button's own data-confirm asks instead, for that button only)
+ *   [data-select-all="FORM"]  a checkbox that ticks or clears every "ids" checkbox of form FORM
  *   [data-poll="URL"]   fetch URL (JSON) every 2 s and fill [data-poll-field] children until "final"
  *   [data-refresh="N"]  every N seconds, reload this element (by id) from the current page
  */
@@ -33,7 +35,8 @@
 
   document.addEventListener("submit", function (event) {
     var form = event.target;
-    var question = form.getAttribute("data-confirm");
+    var submitter = event.submitter;
+    var question = (submitter && submitter.getAttribute("data-confirm")) || form.getAttribute("data-confirm");
     if (!question) { return; }
     if (!window.confirm(question)) {
       event.preventDefault();
@@ -41,6 +44,17 @@
     }
     var field = form.querySelector("input[name=confirmed]");
     if (field) { field.value = "yes"; }
+  });
+
+  document.addEventListener("change", function (event) {
+    var box = event.target;
+    var formId = box.getAttribute && box.getAttribute("data-select-all");
+    if (!formId) { return; }
+    var form = document.getElementById(formId);
+    if (!form) { return; }
+    Array.prototype.forEach.call(form.querySelectorAll("input[type=checkbox][name=ids]"), function (item) {
+      item.checked = box.checked;
+    });
   });
 
   function poll(element) {

@@ -106,6 +106,14 @@ def test_smtp_card_test_connection_and_a_test_email_that_arrives(
         assert api_status(relay, relay.key(), message_id) == "sent"
         page.reload()
         expect(page.locator("#audit")).to_contain_text("queued a test email to volunteer@example.com")
+        # ...and the Transaction Log shows it sent, as the guide promises (Part 3.4).
+        page.get_by_role("link", name="Transaction Log").click()
+        sent = page.locator("#log-rows tbody tr", has_text="TS Pro Relay test email").filter(
+            has=page.locator(".badge-sent"))
+        expect(sent).to_have_count(1)
+        expect(sent).to_contain_text("volunteer@example.com")
+        expect(sent).to_contain_text("250")
+        expect(sent.get_by_role("link", name=message_id)).to_be_visible()
 
 
 def test_reveal_copy_add_and_revoke_keys(open_page: Callable[..., Page], relay: BrowserRelay) -> None:

@@ -1,0 +1,114 @@
+"""One message's page: envelope, headers, attachments, recipients, the timeline of attempts, the body.
+
+The body is not on the page until an admin asks for it: it may carry a
+password (the portal's welcome mails do). Showing it is a POST with the CSRF
+token, recorded in the audit trail (who, when, from which IP); it redirects
+to the page with a token only this session can use for a few minutes, so a
+reload shows the body again without a second POST. The text part is shown
+escaped, and the HTML part as its escaped source: never rendered as HTML.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from email.utils import format_datetime, formataddr
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from relay_core.crypto import DecryptionError
+from relay_core.errors import NotFound
+from relay_core.message import OutgoingMessage
+from relay_core.queueview import MessageRecord
+
+from .queue_page import read_note
+from .sessions import relay_state, require_admin, sign_for_session, unsign_for_session
+from .settings_page import actor
+from .templating import render
+
+SHOW_BODY = "show-body"  # the purpose of the token that asks the page to show one message's body
+
+
+def _record(request: Request) -> MessageRecord:
+    message_id = request.path_params["message_id"]
+    record = relay_state(request).store.message_record(message_id)
+    if record is None:
+        raise NotFound(f"No message with id {message_id!r} is known to this relay (it may have been removed "
+                       "with the log's retention).")
+    return record
+
+
+def _document(request: Request, record: MessageRecord) -> tuple[OutgoingMessage | None, str]:
+    """The stored message, or why it cannot be read."""
+    if not record.has_body:
+        return None, ("Its content was deleted after the retention period; the log and the facts above "
+                      "are kept.")
+    try:
+        document = relay_state(request).store.message_document(record.id)
+    except DecryptionError:
+        return None, "Its content cannot be read with this relay's secret key."
+    except ValueError as exc:
+        return None, f"Its stored content cannot be read: {exc}"
+    return document, "" if document is not None else "Its content was deleted after the retention period."
+
+
+def headers(record: MessageRecord, document: OutgoingMessage | None) -> list[tuple[str, str]]:
+    """The header lines the message carries (Bcc never does: those recipients are in the envelope only)."""
+    by_kind: dict[str, list[str]] = {"to": [], "cc": [], "bcc": []}
+    for r in record.recipients:
+        by_kind.setdefault(r.kind, []).append(r.address)
+    reply_to = "—"
+    if document is not None and document.reply_to:
+        reply_to = formataddr((document.reply_to_name or "", document.reply_to))
+    elif document is None and record.has_body is False:
+        reply_to = "not known (content deleted)"
+    when = datetime.fromtimestamp(record.created_at, timezone.utc)
+    return [
+        ("From", formataddr((record.from_name, record.from_addr))),
+        ("To", ", ".join(by_kind["to"]) or "—"),
+        ("Cc", ", ".join(by_kind["cc"]) or "—"),
+        ("Bcc", "—"),
+        ("Reply-To", reply_to),
+        ("Subject", record.subject or "—"),
+        ("Message-ID", record.message_id_header),
+        ("Date", format_datetime(when)),
+    ]
+
+
+def _context(request: Request, record: MessageRecord, show_body: bool) -> dict[str, Any]:
+    store = relay_state(request).store
+    document, unreadable = _document(request, record)
+    attachments = [{"filename": a.filename, "mime_type": a.mime_type, "size": a.size}
+                   for a in (document.attachments if document is not None else [])]
+    return {
+        "message": record,
+        "headers": headers(record, document),
+        "bcc_count": sum(1 for r in record.recipients if r.kind == "bcc"),
+        "attachments": attachments,
+        "unreadable": unreadable,
+        "timeline": store.message_log(record.id),
+        "body": ({"text": document.text, "html": document.html or ""}
+                 if show_body and document is not None else None),
+        "note": read_note(request),
+    }
+
+
+@require_admin
+async def message_page(request: Request) -> Response:
+    record = await run_in_threadpool(_record, request)
+    token = request.query_params.get("body", "")
+    show = bool(token) and unsign_for_session(request, SHOW_BODY, token) == record.id
+    context = await run_in_threadpool(_context, request, record, show)
+    return render(request, "message.html", context)
+
+
+@require_admin
+async def reveal_body(request: Request) -> Response:
+    record = await run_in_threadpool(_record, request)
+    who, ip = actor(request)
+    await run_in_threadpool(relay_state(request).store.record_audit, who, ip, "message.body_viewed",
+                            f"body viewed: message {record.id}")
+    token = sign_for_session(request, SHOW_BODY, record.id)
+    return RedirectResponse(f"/messages/{record.id}?body={token}#body", status_code=303)
