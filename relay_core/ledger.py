@@ -509,7 +509,12 @@ class Ledger:
             old_log = conn.execute("DELETE FROM log WHERE ts < ?", (cutoff,)).rowcount
             conn.execute("DELETE FROM messages WHERE finished_at < ?", (now - log_seconds,))
             excess = 0
-            last = conn.execute("SELECT id FROM log ORDER BY id DESC LIMIT 1 OFFSET ?", (log_max_rows,)).fetchone()
+            # The ids span at least as many rows as the log holds: while the span fits, nothing is over
+            # the cap, and the OFFSET walk (a million index entries, every sweep) is skipped.
+            low, high = conn.execute("SELECT MIN(id), MAX(id) FROM log").fetchone()
+            over = low is not None and high - low + 1 > log_max_rows
+            last = conn.execute("SELECT id FROM log ORDER BY id DESC LIMIT 1 OFFSET ?",
+                                (log_max_rows,)).fetchone() if over else None
             if last is not None:
                 forget_log_rows(conn, "id <= ?", (last[0],))
                 excess = conn.execute("DELETE FROM log WHERE id <= ?", (last[0],)).rowcount
