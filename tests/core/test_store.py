@@ -542,7 +542,10 @@ def test_both_backends_end_with_the_same_schema(tmp_path: Path, pg_url: str) -> 
     try:
         migrations.migrate(lite)
         migrations.migrate(pg)
-        tables = {r[0] for r in lite.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        # Plain tables: the log's search index is each backend's own (FTS5's virtual and shadow
+        # tables on SQLite, a GIN index, log_terms, on PostgreSQL; see relay_core/logbook.py).
+        tables = {r["name"] for r in lite.execute("PRAGMA table_list")
+                  if r["type"] == "table" and r["schema"] == "main" and not r["name"].startswith("sqlite_")}
         lite_schema = {
             # A primary key column is NOT NULL on PostgreSQL (and may as well be on SQLite).
             table: {(c["name"], types[c["type"].upper()], bool(c["notnull"] or c["pk"]))
@@ -560,7 +563,7 @@ def test_both_backends_end_with_the_same_schema(tmp_path: Path, pg_url: str) -> 
         pg_indexes = {r[0] for r in pg.execute(
             "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND indexname NOT LIKE '%_pkey'"
             " AND indexname NOT LIKE '%_key'")}
-        assert pg_indexes == lite_indexes
+        assert pg_indexes - {"log_terms"} == lite_indexes
     finally:
         lite.close()
         sqlite_db.close()
