@@ -62,6 +62,8 @@ def test_the_guides_single_container_comes_up_and_delivers(guide_project: tuple[
     project.compose("up", "-d", "--build")
     project.wait_healthy(1, timeout=60)
     assert (project.directory / "data" / "relay.db").stat().st_uid == RELAY_UID
+    # The image's own check, for this container's `run` (web and worker): both must answer.
+    assert project.exec("relay", "tspro-relay", "healthcheck", "--auto").returncode == 0
     assert "Traceback" not in project.logs()
 
     with SmtpServer("none") as smtp:
