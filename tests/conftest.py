@@ -6,14 +6,22 @@ fixture of the same name (see tests/core/test_store.py): then ``settings``
 and ``store`` point at a fresh PostgreSQL database in the session's
 throwaway cluster, and ``backend_env`` gives relay processes the
 RELAY_DATABASE_URL and RELAY_QUEUE_URL (Redis) they need.
+
+At the end of every run, every log the session captured (relay processes,
+CLI stderr, records logged in this process: see ``captured_logs.py``) is
+searched for the API keys and SMTP passwords the suite used; one found fails
+the run.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+import captured_logs
 
 from relay_core import crypto
 from relay_core.config import Settings, load_settings
@@ -22,6 +30,38 @@ from services import PostgresCluster, RedisServer
 from support import SECRET, Certificates
 
 BACKENDS = ["sqlite", "postgresql"]
+
+
+# -- no secret in any log -----------------------------------------------------------------------
+_HANDLER = pytest.StashKey[logging.Handler]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Records logged inside the test process go to a file the final scan reads too."""
+    handler = logging.FileHandler(captured_logs.directory() / "in-process.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    config.stash[_HANDLER] = handler
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when any captured log holds an API key or SMTP password the suite used."""
+    handler = session.config.stash.get(_HANDLER, None)
+    if handler is not None:
+        handler.flush()
+    read, leaks = captured_logs.scan()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.ensure_newline()
+    if leaks:
+        if reporter is not None:
+            reporter.write_line(f"SECRETS IN LOGS: {len(leaks)} leak(s) in the {read} captured logs:", red=True)
+            for line in leaks:
+                reporter.write_line("  " + line, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    elif reporter is not None:
+        reporter.write_line(f"captured logs: {read} read, no API key or SMTP password in any "
+                            f"({len(captured_logs.secrets())} secrets looked for)")
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+import captured_logs
 from relay_core.message import new_message_id, pack_stored, parse_payload
 from relay_core.options import Options
 from relay_core.store import NewMessage, Store, insert_message, transaction
@@ -32,6 +33,7 @@ from relay_core.store import NewMessage, Store, insert_message, transaction
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz"
 SMTP_USER, SMTP_PASSWORD = "relayuser", "smtp-pass-Zq8!unique"
+captured_logs.remember(SMTP_PASSWORD)
 
 
 def free_port() -> int:
@@ -224,6 +226,9 @@ def cli(env: dict[str, str], *args: str, cwd: Path | None = None, input: str | N
         check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([sys.executable, "-m", "relay_core.cli", *args], env=env, cwd=cwd,
                             capture_output=True, text=True, timeout=60, input=input)
+    captured_logs.remember_keys_in(result.stdout)  # a key printed on purpose must never reach a log
+    captured_logs.remember(*(a.partition("=")[2] for a in args if a.startswith("smtp_password=")))
+    captured_logs.keep("cli " + " ".join(args[:2]), result.stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"tspro-relay {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
     return result
@@ -236,6 +241,7 @@ class RelayProcess:
         self.role, self.env, self.cwd, self.port = role, env, cwd, port
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = cwd / f"{role}-{port or os.getpid()}-{time.monotonic_ns()}.log"
+        captured_logs.register(self.log_path)
 
     def start(self) -> "RelayProcess":
         args = [sys.executable, "-m", "relay_core.cli", self.role]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import captured_logs
 from relay_core import __version__
 from relay_core.options import OPTION_NAMES
 from support import REPO, Relay, cli, free_port, relay_env, wait_until
@@ -170,6 +171,7 @@ def test_log_follow_prints_new_rows_until_ctrl_c(env: dict[str, str], tmp_path: 
         assert later in line and "later@example.com" in line
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
+        captured_logs.keep("tspro-relay log --follow", err)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+import captured_logs
 from support import SmtpServer, cli, free_port, relay_env, wait_until
 
 
@@ -42,6 +43,7 @@ def test_run_serves_delivers_and_stops_both_on_ctrl_c(tmp_path: Path) -> None:
             wait_until(lambda: server.handler.attempt_times, what="the delivery to start")
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
             output, _ = proc.communicate(timeout=40)
+            captured_logs.keep("tspro-relay run", output.decode(errors="replace"))
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)

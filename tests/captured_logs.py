@@ -1,0 +1,102 @@
+"""Every log the test session captured, and the secrets that must never appear in one.
+
+Relay processes started by the tests (``support.RelayProcess``, so the e2e,
+browser and restore tests too) register their log files here; the CLI's
+stderr (``support.cli``) and the output of processes a test reads itself
+are kept as files in one session-wide directory; records logged inside the
+test process go to a file there too (``conftest.py`` adds the handler).
+
+The secrets are every API key and SMTP password the suite created or used:
+``remember`` is called with each (the support helpers do it for keys a CLI
+printed, a relay's portal key and the test SMTP password). At the end of
+the session ``conftest.py`` runs ``scan()`` and fails the run when any log
+holds one of them, or anything shaped like an API key at all.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import threading
+from pathlib import Path
+
+# The shape of every key the relay makes (crypto.new_api_key): "tsr_" and 43 URL-safe characters.
+KEY_SHAPE = re.compile(r"tsr_[A-Za-z0-9_-]{40,}")
+
+_lock = threading.Lock()
+_files: list[Path] = []
+_secrets: set[str] = set()
+_directory: Path | None = None
+_kept = 0
+
+
+def directory() -> Path:
+    """The session's directory of captured output (created on first use)."""
+    global _directory
+    with _lock:
+        if _directory is None:
+            _directory = Path(tempfile.mkdtemp(prefix="relay-test-logs-"))
+        return _directory
+
+
+def register(path: Path) -> None:
+    """A log file some process writes; read at the end of the session."""
+    with _lock:
+        _files.append(Path(path))
+
+
+def keep(name: str, text: str) -> None:
+    """Output the test read itself (a CLI's stderr, a process's pipe), kept for the final scan."""
+    global _kept
+    if not text:
+        return
+    with _lock:
+        _kept += 1
+        number = _kept
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name)[:60].strip("-") or "output"
+    (directory() / f"{number:05d}-{slug}.txt").write_text(text, errors="replace")
+
+
+def remember(*secrets: str) -> None:
+    """API keys and SMTP passwords that no log may ever show."""
+    with _lock:
+        _secrets.update(s for s in secrets if s and len(s) >= 8)
+
+
+def remember_keys_in(text: str) -> None:
+    """Every API key a command printed (`api-key show`, `new`, `add`)."""
+    remember(*KEY_SHAPE.findall(text))
+
+
+def secrets() -> set[str]:
+    with _lock:
+        return set(_secrets)
+
+
+def files() -> list[Path]:
+    with _lock:
+        registered = list(_files)
+    kept = sorted(_directory.iterdir()) if _directory is not None and _directory.exists() else []
+    return registered + kept
+
+
+def find_leaks(paths: list[Path], wanted: set[str]) -> list[str]:
+    """One line per (file, secret) found: the secret itself is never printed, only its start."""
+    leaks = []
+    for path in paths:
+        try:
+            text = path.read_text(errors="replace")
+        except FileNotFoundError:
+            continue  # a test removed its own temporary directory
+        for secret in wanted:
+            if secret in text:
+                leaks.append(f"{path}: holds a secret the suite used ({secret[:6]}…)")
+        for match in set(KEY_SHAPE.findall(text)) - wanted:
+            leaks.append(f"{path}: holds an API key ({match[:6]}…)")
+    return leaks
+
+
+def scan() -> tuple[int, list[str]]:
+    """How many logs were read, and what leaked."""
+    paths = [p for p in files() if p.exists()]
+    return len(paths), find_leaks(paths, secrets())
