@@ -24,6 +24,8 @@ from .message import OutgoingMessage, message_id_header
 from .options import Options
 
 FINAL_STATES = ("sent", "partial", "failed", "cancelled")
+MESSAGE_STATES = ("queued", "sending", "deferred", *FINAL_STATES)
+RECIPIENT_STATES = ("pending", "sent", "deferred", "failed", "cancelled")
 # Stages at which a failure says the mail server cannot be used at all (as
 # opposed to one message or recipient being refused).
 CONNECTION_STAGES = ("connect", "EHLO", "STARTTLS", "AUTH")

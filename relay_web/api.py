@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from relay_core import __version__, metrics
 from relay_core.errors import (BadRequest, Conflict, NotConfigured, NotFound, PayloadTooLarge,
@@ -23,6 +23,7 @@ from relay_core.mailflow import assess
 from relay_core.message import ignored_fields, new_message_id, pack_stored, parse_payload
 from relay_core.store import ApiKey, LogEntry, NewMessage, insert_log, insert_message
 
+from . import openapi
 from .auth import bearer_token, client_ip
 from .state import AppState
 
@@ -195,6 +196,11 @@ async def api_health(request: Request) -> JSONResponse:
         answer.update(ok=False, error=" ".join(filter(None, [
             "The web process cannot store messages (its writer stopped); restart it.", answer["error"]])))
     return JSONResponse(answer)
+
+
+async def openapi_document(request: Request) -> Response:
+    """The API's OpenAPI 3.1 document (no key needed: it holds nothing secret)."""
+    return Response(openapi.document_bytes(), media_type="application/json")
 
 
 async def healthz(request: Request) -> JSONResponse:

@@ -46,6 +46,7 @@ def routes() -> list[BaseRoute]:
         Route("/api/send", api.send, methods=["POST"], name="api_send"),
         Route("/api/messages/{message_id}", api.message_status, methods=["GET"], name="api_message"),
         Route("/api/health", api.api_health, methods=["GET"], name="api_health"),
+        Route("/api/openapi.json", api.openapi_document, methods=["GET"], name="api_openapi"),
         Route("/healthz", api.healthz, methods=["GET"], name="healthz"),
         Route("/metrics", metrics_endpoint.scrape, methods=["GET"], name="metrics"),
         *admin.routes(),

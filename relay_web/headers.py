@@ -5,6 +5,11 @@ its 404, 405, 413 and 500 answers get the same headers as the API and the
 pages. The Content-Security-Policy forbids inline script and style (all
 behaviour is in /static/app.js); a page that needs more, as the sign-in
 page with Turnstile does, asks for it through ``allow_turnstile``.
+
+Every answer but a static file's is ``Cache-Control: no-store`` (API answers
+carry message ids and states; admin pages settings and addresses), and
+every textual type (text/*, JSON, JavaScript, SVG, XML) names its charset,
+so no browser guesses one. tests/web/test_headers.py walks every route.
 """
 
 from __future__ import annotations
@@ -19,8 +24,13 @@ TURNSTILE_ORIGIN = "https://challenges.cloudflare.com"
 TURNSTILE_POLICY = f"; script-src 'self' {TURNSTILE_ORIGIN}; frame-src 'self' {TURNSTILE_ORIGIN}"
 STATIC_PREFIX = "/static/"
 STATIC_CACHE = "public, max-age=86400"  # static URLs carry a content hash (?v=), so a day is safe
-_TEXT_TYPES = ("text/", "application/javascript", "image/svg+xml")
+_TEXTUAL = frozenset({"application/javascript", "application/json", "application/xml", "image/svg+xml"})
 _STATE_KEY = "relay_csp_turnstile"
+
+
+def is_textual(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media.startswith("text/") or media in _TEXTUAL or media.endswith(("+json", "+xml"))
 
 
 def allow_turnstile(request: Request) -> None:
@@ -56,8 +66,7 @@ class SecurityHeaders:
                 else:
                     headers["Cache-Control"] = "no-store"
                 content_type = headers.get("content-type")
-                if content_type and content_type.lower().startswith(_TEXT_TYPES) \
-                        and "charset=" not in content_type.lower():
+                if content_type and is_textual(content_type) and "charset=" not in content_type.lower():
                     headers["Content-Type"] = content_type + "; charset=utf-8"
             await send(message)
 

@@ -52,7 +52,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     read, leaks = captured_logs.scan()
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
-        reporter.ensure_newline()
+        reporter.write("\n")  # after the progress dots
     if leaks:
         if reporter is not None:
             reporter.write_line(f"SECRETS IN LOGS: {len(leaks)} leak(s) in the {read} captured logs:", red=True)
