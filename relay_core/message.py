@@ -43,6 +43,7 @@ from email.policy import compat32
 from email.utils import format_datetime, formataddr
 from io import BytesIO
 from typing import Any
+from urllib.parse import quote
 
 from .errors import BadRequest, Forbidden, PayloadTooLarge
 from .options import Options, is_address
@@ -50,11 +51,18 @@ from .options import Options, is_address
 MAX_RECIPIENTS = 100
 MAX_SUBJECT = 998
 MAX_NAME = 256
+MAX_MIME_TYPE = 255
 # Headers folded at 78 with CRLF; bodies that are not plain short ASCII get a
 # transfer encoding, so the bytes are valid without 8BITMIME.
 _POLICY = compat32.clone(linesep="\r\n")
 _QP_UTF8 = _charset.Charset("utf-8")
 _QP_UTF8.body_encoding = _charset.QP
+_LOOKS_ENCODED = "=?"
+_LINE_END = re.compile(r"\r\n|\r")
+_FILENAME_PLAIN = 60
+_SEGMENT = 60
+_RFC2231_SAFE = "!#$&+-.^_`|~"  # RFC 2231 attribute-char besides letters and digits
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _MIME_TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
 # RFC 2045 parameters: `; name=token` or `; name="quoted string"`, strictly.
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -210,10 +218,11 @@ def from_permitted(address: str, allowed: tuple[str, ...]) -> bool:
 def _attachment(index: int, raw: Any) -> Attachment:
     if not isinstance(raw, dict):
         raise BadRequest(f"attachments[{index}] must be an object with filename, mime_type and content_b64.")
-    filename = raw.get("filename") or f"attachment-{index + 1}"
+    filename = raw.get("filename") or ""
     if not isinstance(filename, str):
         raise BadRequest(f"attachments[{index}].filename must be a string.")
-    _no_breaks(f"attachments[{index}].filename", filename)
+    # Whitespace around a name is lost in the header anyway; a blank one gets the default.
+    filename = _no_breaks(f"attachments[{index}].filename", filename).strip() or f"attachment-{index + 1}"
     mime_type = raw.get("mime_type") or mimetypes.guess_type(filename)[0] or "application/octet-stream"
     if not isinstance(mime_type, str):
         raise BadRequest(f"attachments[{index}].mime_type is not a MIME type such as application/pdf.")
@@ -234,6 +243,8 @@ def _attachment(index: int, raw: Any) -> Attachment:
 def _media_type(index: int, value: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     """``type/subtype`` and its parameters (names lower-cased, values unquoted), strictly parsed."""
     _no_breaks(f"attachments[{index}].mime_type", value)
+    if len(value) > MAX_MIME_TYPE:  # it becomes one header line, which SMTP caps
+        raise BadRequest(f"attachments[{index}].mime_type is longer than {MAX_MIME_TYPE} characters.")
     head, sep, rest = value.partition(";")
     head = head.strip()
     if not _MIME_TYPE_RE.fullmatch(head):
@@ -377,28 +388,72 @@ def unpack_stored(document: bytes) -> OutgoingMessage:
     return parse_payload(payload, _UNLIMITED)
 
 
-def _mailbox(name: str | None, address: str) -> str:
-    """``Name <addr>``, the name RFC 2047-encoded when it is not ASCII."""
-    return formataddr((name or "", address), charset="utf-8")
+def _mailbox(name: str | None, address: str, header_name: str) -> Header | str:
+    """``Name <addr>``, the name RFC 2047-encoded when it is not ASCII.
+
+    An encoded name is split into as many encoded-words as it needs (one word
+    for a long name would make a line the server refuses). A name holding
+    ``=?`` is encoded too, even in ASCII: sent as it is, a reader would decode
+    what looks like an encoded-word in it (one holding "CRLF Bcc: ..." shows
+    as another header, or another address).
+    """
+    if name and (not name.isascii() or _LOOKS_ENCODED in name):
+        header = Header(charset="utf-8", header_name=header_name)
+        header.append(name, "utf-8")
+        header.append(f" <{address}>", "us-ascii")
+        return header
+    return formataddr((name or "", address))
 
 
 def _header_text(value: str, name: str) -> Header | str:
-    # Plain ASCII folds at spaces; non-ASCII, or a word too long to fold, becomes
-    # RFC 2047 encoded-words, which can be split anywhere.
-    if value.isascii() and all(len(word) <= 900 for word in value.split()):
+    # Plain ASCII folds at spaces; non-ASCII, a word too long to fold, or text a reader
+    # would take for an encoded-word (=?...?=) becomes RFC 2047 encoded-words, which
+    # decode back to exactly this text and can be split anywhere.
+    if value.isascii() and _LOOKS_ENCODED not in value and all(len(word) <= 900 for word in value.split()):
         return value
     return Header(value, "utf-8", header_name=name)
 
 
 def _text_part(body: str, subtype: str) -> MIMEText:
-    """7bit when the text is short-lined ASCII; quoted-printable UTF-8 otherwise."""
+    """7bit when the text is short-lined printable ASCII; quoted-printable UTF-8 otherwise.
+
+    Line ends are made uniform first (a bare CR is a line end too, as the
+    generator would treat it), so every line arrives as written; a NUL or
+    other control character forces quoted-printable, which encodes it.
+    """
+    body = _LINE_END.sub("\n", body)
     if not body.endswith("\n"):
         body += "\n"
-    if body.isascii() and all(len(line) <= 998 for line in body.splitlines()):
-        part = MIMEText(body.replace("\r\n", "\n"), subtype, "us-ascii")
+    if body.isascii() and not _CONTROL.search(body) and all(len(line) <= 998 for line in body.split("\n")):
+        part = MIMEText(body, subtype, "us-ascii")
     else:
-        part = MIMEText(body.replace("\r\n", "\n"), subtype, _QP_UTF8)  # type: ignore[arg-type]
+        part = MIMEText(body, subtype, _QP_UTF8)  # type: ignore[arg-type]
     return part
+
+
+def _disposition(filename: str) -> str:
+    """``attachment; filename=...`` with every line short enough for SMTP.
+
+    A short plain ASCII name is quoted as usual. Anything else — non-ASCII,
+    text a reader would decode as an RFC 2047 word (=?...?=), or a long name —
+    is percent-encoded UTF-8 in RFC 2231 continuations (filename*0*=, *1*=...),
+    one per folded line: a single 2 KB parameter would make the server refuse
+    the whole message (lines are capped at 998 bytes).
+    """
+    if filename.isascii() and _LOOKS_ENCODED not in filename and len(filename) <= _FILENAME_PLAIN:
+        quoted = filename.replace("\\", "\\\\").replace('"', '\\"')
+        return f'attachment; filename="{quoted}"'
+    encoded = quote(filename, safe=_RFC2231_SAFE)
+    segments, start = [], 0
+    while start < len(encoded):
+        end = min(start + _SEGMENT, len(encoded))
+        while end < len(encoded) and "%" in encoded[end - 2:end]:
+            end -= 1  # never split a %XX escape
+        segments.append(encoded[start:end])
+        start = end
+    charset = "utf-8''"  # on the first segment only
+    lines = [f"filename*{i}*={charset if i == 0 else ''}{segment}" for i, segment in enumerate(segments)]
+    return "attachment;\n " + ";\n ".join(lines)
 
 
 def _placeholder(index: int) -> str:
@@ -431,10 +486,7 @@ def build_mime(message: OutgoingMessage, message_id: str, created: float | None 
             part = MIMEBase(*attachment.mime_type.split("/", 1))
             for param, param_value in attachment.params:
                 part.set_param(param, param_value)
-            filename: str | tuple[str, str, str] = attachment.filename
-            if not attachment.filename.isascii():
-                filename = ("utf-8", "", attachment.filename)
-            part.add_header("Content-Disposition", "attachment", filename=filename)
+            part["Content-Disposition"] = _disposition(attachment.filename)
             part["Content-Transfer-Encoding"] = "base64"
             part.set_payload(token)
             msg.attach(part)
@@ -443,14 +495,14 @@ def build_mime(message: OutgoingMessage, message_id: str, created: float | None 
         msg = body
 
     headers: list[tuple[str, Header | str]] = [
-        ("From", _mailbox(message.from_name, message.from_email)),
+        ("From", _mailbox(message.from_name, message.from_email, "From")),
         ("To", ", ".join(message.to)),
     ]
     if message.cc:
         headers.append(("Cc", ", ".join(message.cc)))
     # Bcc recipients are in the envelope only: no header names them.
     if message.reply_to:
-        headers.append(("Reply-To", _mailbox(message.reply_to_name, message.reply_to)))
+        headers.append(("Reply-To", _mailbox(message.reply_to_name, message.reply_to, "Reply-To")))
     when = datetime.fromtimestamp(created if created is not None else time.time(), timezone.utc)
     headers += [
         ("Subject", _header_text(message.subject, "Subject")),

@@ -21,7 +21,7 @@ from typing import Any
 
 from relay_core import __version__
 from relay_core.ledger import MESSAGE_STATES, RECIPIENT_STATES
-from relay_core.message import MAX_NAME, MAX_RECIPIENTS, MAX_SUBJECT, RECIPIENT_KINDS
+from relay_core.message import MAX_MIME_TYPE, MAX_NAME, MAX_RECIPIENTS, MAX_SUBJECT, RECIPIENT_KINDS
 
 IDEMPOTENCY_HOURS = 24
 # A header value: no line break, no control character but tab, no Unicode line separator
@@ -126,7 +126,7 @@ def _schemas() -> dict[str, Any]:
         "required": ["content_b64"],
         "properties": {
             "filename": {"type": ["string", "null"], "pattern": HEADER_TEXT, "description": "Default: attachment-N."},
-            "mime_type": {"type": ["string", "null"], "pattern": HEADER_TEXT,
+            "mime_type": {"type": ["string", "null"], "pattern": HEADER_TEXT, "maxLength": MAX_MIME_TYPE,
                           "description": "type/subtype, optionally with parameters (text/plain; charset=utf-8); "
                                          "default: guessed from the filename."},
             "content_b64": {"type": "string", "contentEncoding": "base64", "pattern": BASE64,

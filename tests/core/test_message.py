@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import email
+import email.header
+import email.utils
 import hashlib
 import re
 from email import policy
@@ -496,3 +498,47 @@ def test_filename_that_looks_like_a_header_does_not_break_the_attachment() -> No
 def test_no_placeholder_survives_in_the_output() -> None:
     data = build(attachments=[attachment(b"a", "a.bin"), attachment(b"b", "b.bin")])
     assert b"tspro-relay-attachment" not in data
+
+
+@pytest.mark.parametrize("filename", ["日本語の議事録" * 40, "y" * 2000, "=?utf-8?q?a=0D=0ABcc:_x@evil.test?=",
+                                      'quote " and \\ backslash.txt', "report.pdf"])
+def test_any_filename_arrives_whole_on_short_lines(filename: str) -> None:
+    """Long names go in RFC 2231 continuations: one 2 KB line would make the server refuse the message."""
+    message = parse_payload(payload(attachments=[attachment(b"x", filename=filename)]), OPTIONS)
+    raw = bytes(build_mime(message, new_message_id()))
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 100
+    parsed = email.message_from_bytes(raw, policy=policy.default)
+    (part,) = [p for p in parsed.walk() if p.get_content_disposition() == "attachment"]
+    assert part.get_filename() == filename
+
+
+def test_a_blank_filename_gets_the_default_and_a_long_mime_type_is_refused() -> None:
+    item = attachment(b"x", filename=" \t ")
+    assert parse_payload(payload(attachments=[item]), OPTIONS).attachments[0].filename == "attachment-1"
+    item = attachment(b"x", mime_type="text/plain; x=" + "a" * 300)
+    with pytest.raises(BadRequest, match="mime_type is longer than 255"):
+        parse_payload(payload(attachments=[item]), OPTIONS)
+
+
+def test_text_a_reader_would_decode_is_encoded_so_it_reads_back_as_sent() -> None:
+    """'=?utf-8?q?...?=' typed by someone is text, not an encoded-word for the reader to decode."""
+    trick = "=?utf-8?q?a=0D=0ABcc:_x@evil.test?="
+    message = parse_payload(payload(subject=trick, from_name=trick, reply_to="r@example.org", reply_to_name=trick,
+                                    text="a\rb\x00c"), OPTIONS)
+    parsed = email.message_from_bytes(bytes(build_mime(message, new_message_id())), policy=policy.default)
+    assert str(parsed["Subject"]) == trick and "Bcc" not in parsed
+    assert parsed["From"].addresses[0].display_name == trick
+    assert parsed["Reply-To"].addresses[0].display_name == trick
+    assert parsed.get_content().splitlines() == ["a", "b\x00c"]  # a bare CR is a line end; NUL kept, encoded
+    assert parsed["Content-Transfer-Encoding"] == "quoted-printable"
+
+
+def test_a_long_non_ascii_name_is_split_into_short_encoded_words() -> None:
+    name = "日本語の名前" * 42 + "𐀀" * 4  # 256 characters, 4 bytes each at the end
+    message = parse_payload(payload(from_name=name, reply_to="r@example.org", reply_to_name=name), OPTIONS)
+    raw = bytes(build_mime(message, new_message_id()))
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 78
+    parsed = email.message_from_bytes(raw)  # compat32: its address parser keeps RFC 2047's rule that
+    for header in ("From", "Reply-To"):     # whitespace between encoded-words is not part of the text
+        shown, _address = email.utils.parseaddr(parsed[header])
+        assert str(email.header.make_header(email.header.decode_header(shown))) == name
