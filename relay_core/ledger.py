@@ -498,6 +498,9 @@ class Ledger:
         """Retention: drop finished bodies, old log rows and old idempotency answers."""
         conn = self.conn()
         with transaction(conn):
+            # Sweepers prune one at a time: on PostgreSQL two could both take the same rows
+            # out of the hourly counts before either deleted them.
+            serialize(conn, "tspro-relay prune")
             sent = conn.execute(
                 "UPDATE messages SET body = NULL WHERE body IS NOT NULL AND status IN ('sent', 'partial')"
                 " AND finished_at < ?",

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .audit import insert_audit
-from .db import Connection, transaction
+from .db import Connection, serialize, transaction
 
 # What the status filter offers, in this order, with the words the pages use.
 KINDS = {
@@ -136,6 +136,9 @@ def backfill(conn: Any, batch: int = 5000) -> int:
     done = 0
     while True:
         with transaction(conn):
+            # Every process runs this at start-up: on PostgreSQL two could read the same rows
+            # and count them twice. One at a time, the second finds them filled.
+            serialize(conn, "tspro-relay log backfill")
             rows = conn.execute("SELECT id, ts, event, status, code, sender, recipients, subject FROM log"
                                 " WHERE kind = '' ORDER BY id LIMIT ?", (batch,)).fetchall()
             for row in rows:

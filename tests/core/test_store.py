@@ -599,3 +599,37 @@ def test_metric_rows_folded_by_two_sweepers_at_once_are_counted_once(store: Stor
         t.join(30)
     assert sum(folded) == 3 * rounds
     assert metrics.totals(conn) == {(metrics.ACCEPTED, ""): 3.0 * rounds}
+
+
+def test_log_counts_stay_exact_when_two_processes_backfill_or_prune_at_once(store: Store, other: Store) -> None:
+    """Rows an older relay wrote (no kind yet) are filled and counted by whichever process
+    starts first; two sweepers pruning at once take each row out of the counts once."""
+    conn = store.conn()
+    hour = T0 // 3600 * 3600  # rows over five whole hours
+    now = hour + 400 * 86400
+    with transaction(conn):
+        conn.executemany("INSERT INTO log (ts, event, status, sender, recipients, subject) VALUES (?, ?, ?, ?, ?, ?)",
+                         [(hour + i * 60, "attempt", "sent", "a@example.org", "b@example.org", f"s{i}")
+                          for i in range(300)])
+    barrier = threading.Barrier(2)
+
+    def both(work: Any) -> None:
+        def run(s: Store) -> None:
+            barrier.wait()
+            work(s)
+        threads = [threading.Thread(target=run, args=(s,)) for s in (store, other)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+
+    def counted() -> tuple[int, int]:
+        rows = conn.execute("SELECT COUNT(*) FROM log WHERE kind <> ''").fetchone()[0]
+        return int(conn.execute("SELECT COALESCE(SUM(n), 0) FROM log_counts").fetchone()[0]), int(rows)
+
+    both(lambda s: s.migrate())  # each start-up backfills what it finds
+    assert counted() == (300, 300)
+    # Two whole hours go by age, then the oldest rows over the cap of 100, part of an hour.
+    both(lambda s: s.prune(now, sent_body_seconds=1, failed_body_seconds=1, log_seconds=now - (hour + 2 * 3600),
+                           log_max_rows=100, idempotency_seconds=1))
+    assert counted() == (100, 100)
