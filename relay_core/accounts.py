@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from . import crypto
 from .crypto import KeySet
+from .audit import insert_audit
 from .db import Connection, transaction
 from .options import Options
 
@@ -28,6 +29,12 @@ class ApiKey:
     created_at: float
     revoked_at: float | None
     lookup: str
+    per_hour: int | None = None  # its own send limit (0: unlimited); None: the global one
+    allowed_from: str = ""  # its own Allowed From list, on top of the relay's; empty: none
+
+    @property
+    def allowed_from_items(self) -> tuple[str, ...]:
+        return tuple(item.strip() for item in self.allowed_from.split(",") if item.strip())
 
 
 @dataclass(frozen=True)
@@ -62,11 +69,13 @@ class Accounts:
         raise NotImplementedError
 
     # -- API keys ----------------------------------------------------------
-    def _insert_api_key(self, conn: Connection, label: str, key: str, primary: bool) -> int:
+    def _insert_api_key(self, conn: Connection, label: str, key: str, primary: bool,
+                        per_hour: int | None = None, allowed_from: str = "") -> int:
         row = conn.execute(
-            "INSERT INTO api_keys (label, lookup, secret, is_primary, created_at) VALUES (?, ?, ?, ?, ?)"
-            " RETURNING id",
-            (label, self.keys.lookup_hash(key), self.keys.encrypt_text(key), int(primary), time.time()),
+            "INSERT INTO api_keys (label, lookup, secret, is_primary, created_at, per_hour, allowed_from)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (label, self.keys.lookup_hash(key), self.keys.encrypt_text(key), int(primary), time.time(), per_hour,
+             allowed_from),
         ).fetchone()
         self._bump_rev(conn)
         return int(row[0])
@@ -96,21 +105,46 @@ class Accounts:
         return self.keys.decrypt_text(row["secret"])
 
     def new_primary_api_key(self) -> str:
-        """Replace the portal's key; the old one stops working at once."""
+        """Replace the portal's key; the old one stops working at once (its limits carry over)."""
         key = crypto.new_api_key()
         conn = self.conn()
         with transaction(conn):
+            old = conn.execute("SELECT per_hour, allowed_from FROM api_keys WHERE is_primary = 1 AND revoked_at IS NULL"
+                               " ORDER BY id DESC LIMIT 1").fetchone()
             conn.execute("UPDATE api_keys SET revoked_at = ? WHERE is_primary = 1 AND revoked_at IS NULL",
                          (time.time(),))
-            self._insert_api_key(conn, "portal", key, primary=True)
+            self._insert_api_key(conn, "portal", key, primary=True, per_hour=old["per_hour"] if old else None,
+                                 allowed_from=old["allowed_from"] if old else "")
         return key
 
-    def add_api_key(self, label: str) -> tuple[int, str]:
+    def add_api_key(self, label: str, per_hour: int | None = None, allowed_from: str = "") -> tuple[int, str]:
         key = crypto.new_api_key()
         conn = self.conn()
         with transaction(conn):
-            key_id = self._insert_api_key(conn, label, key, primary=False)
+            key_id = self._insert_api_key(conn, label, key, primary=False, per_hour=per_hour,
+                                          allowed_from=allowed_from)
         return key_id, key
+
+    def set_api_key_limits(self, key_id: int, *, per_hour: int | None | str = "keep",
+                           allowed_from: str | None = None, audit: tuple[str, str, str, str] | None = None) -> bool:
+        """Change a live key's own send limit (None: the global one) and/or Allowed From list.
+
+        ``per_hour="keep"`` and ``allowed_from=None`` leave that one as it is.
+        False when there is no live key with this id. ``audit`` (actor, ip,
+        action, detail) is recorded in the same transaction.
+        """
+        conn = self.conn()
+        with transaction(conn):
+            if conn.execute("SELECT 1 FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,)).fetchone() is None:
+                return False
+            if per_hour != "keep":
+                conn.execute("UPDATE api_keys SET per_hour = ? WHERE id = ?", (per_hour, key_id))
+            if allowed_from is not None:
+                conn.execute("UPDATE api_keys SET allowed_from = ? WHERE id = ?", (allowed_from, key_id))
+            if audit is not None:
+                insert_audit(conn, *audit)
+            self._bump_rev(conn)
+        return True
 
     def revoke_api_key(self, key_id: int) -> bool:
         conn = self.conn()

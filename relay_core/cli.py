@@ -30,8 +30,10 @@ from . import __version__, backup, cli_inspect, crypto, health
 from .config import ConfigError, Settings, load_settings
 from .db import StoreInUse
 from .errors import RelayError
-from .options import HELP, OPTION_NAMES, SECRET_OPTIONS, Options, parse_option, to_text
-from .store import Store
+from .limits import effective_limit
+from .options import (HELP, OPTION_NAMES, SECRET_OPTIONS, Options, parse_allowlist, parse_option, parse_per_hour,
+                      to_text)
+from .store import ApiKey, Store
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -209,20 +211,53 @@ def cmd_api_key(args: argparse.Namespace, settings: Settings) -> int:
     elif args.action == "new":
         print(store.new_primary_api_key())
     elif args.action == "add":
-        key_id, secret = store.add_api_key(args.label)
+        try:
+            per_hour, allowed = _key_limits(args)
+        except RelayError as exc:
+            return _fail(exc.message)
+        key_id, secret = store.add_api_key(args.label, per_hour if per_hour != "keep" else None, allowed or "")
         print(secret)
         print(f"Added key {key_id} ({args.label}).", file=sys.stderr)
+    elif args.action == "set":
+        try:
+            per_hour, allowed = _key_limits(args)
+        except RelayError as exc:
+            return _fail(exc.message)
+        if per_hour == "keep" and allowed is None:
+            return _fail("api-key set needs --per-hour and/or --allowed-from; nothing changed.")
+        if not store.set_api_key_limits(args.id, per_hour=per_hour, allowed_from=allowed):
+            return _fail(f"No active API key with id {args.id}; nothing changed.")
+        key = next(k for k in store.api_keys() if k.id == args.id)
+        print(f"Key {key.id} ({key.label}): {_describe_limits(key, store.options(), settings)}.")
     elif args.action == "list":
+        options = store.options()
         for key in store.api_keys():
             state = "revoked" if key.revoked_at else "active"
             kind = "portal" if key.is_primary else "extra"
             created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(key.created_at))
-            print(f"{key.id}\t{key.label}\t{kind}\t{state}\t{created}")
+            print(f"{key.id}\t{key.label}\t{kind}\t{state}\t{created}\t{_describe_limits(key, options, settings)}")
     elif args.action == "revoke":
         if not store.revoke_api_key(args.id):
             return _fail(f"No active API key with id {args.id}.")
         print(f"Revoked key {args.id}.")
     return 0
+
+
+def _key_limits(args: argparse.Namespace) -> tuple[int | None | str, str | None]:
+    """--per-hour and --allowed-from, validated ("keep" / None where not given)."""
+    per_hour: int | None | str = "keep"
+    if args.per_hour is not None:
+        per_hour = parse_per_hour("--per-hour", args.per_hour)
+    allowed = parse_allowlist("--allowed-from", args.allowed_from) if args.allowed_from is not None else None
+    return per_hour, allowed
+
+
+def _describe_limits(key: ApiKey, options: Options, settings: Settings) -> str:
+    limit = effective_limit(key, options, settings.send_per_hour)
+    text = f"{limit} sends per hour" if limit else "no send limit"
+    if key.per_hour is None:
+        text += " (the relay's default)"
+    return text + (f"; From limited to {key.allowed_from}" if key.allowed_from else "")
 
 
 def cmd_send_test(args: argparse.Namespace, settings: Settings) -> int:
@@ -413,7 +448,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(key_sub, "new", "replace the portal's key (the old one stops working at once)")
     add = add_command(key_sub, "add", "add an extra named key")
     add.add_argument("--label", required=True, help="a name to recognise the key by")
-    add_command(key_sub, "list", "list keys (never their values)")
+    key_set = add_command(key_sub, "set", "change a key's own send limit or Allowed From list",
+                         "Give a key its own send limit (it replaces the relay's default for this key) and/or "
+                         "its own Allowed From list (the relay's list still applies too).")
+    key_set.add_argument("id", type=int, help="the key's id, from `api-key list`")
+    for parser_ in (add, key_set):
+        parser_.add_argument("--per-hour", metavar="N",
+                             help="sends per hour for this key (0: unlimited; 'default': the relay's send_per_hour)")
+        parser_.add_argument("--allowed-from", metavar="LIST",
+                             help="comma-separated addresses or domains this key may send From (empty: no own list)")
+    add_command(key_sub, "list", "list keys (never their values) with their limits")
     revoke = add_command(key_sub, "revoke", "revoke a key by id")
     revoke.add_argument("id", type=int, help="the key's id, from `api-key list`")
     p.set_defaults(handler=cmd_api_key)

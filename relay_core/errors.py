@@ -9,6 +9,7 @@ from __future__ import annotations
 
 class RelayError(Exception):
     status = 500
+    logged = False  # True once the refusal is accounted for in the log (the web layer's concern)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -42,9 +43,10 @@ class PayloadTooLarge(RelayError):
 class RateLimited(RelayError):
     status = 429
 
-    def __init__(self, message: str, retry_after: int) -> None:
+    def __init__(self, message: str, retry_after: int, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.headers = dict(headers or {})  # RateLimit-* for a key's send limit
 
 
 class NotConfigured(RelayError):

@@ -295,10 +295,13 @@ def _decoded_size(index: int, content: str, check_utf8: bool = False) -> tuple[i
     return len(content) // 4 * 3 - padding, utf8
 
 
-def parse_payload(payload: Any, options: Options) -> OutgoingMessage:
+def parse_payload(payload: Any, options: Options, key_allowed: tuple[str, ...] = (),
+                  key_label: str = "") -> OutgoingMessage:
     """Validate the portal's JSON in the contract's order: from, recipients, attachments.
 
     Unknown top-level fields are not an error (see ``ignored_fields``).
+    ``key_allowed``: the sending API key's own Allowed From list, which must
+    admit the From as well as the relay's list does.
     """
     if not isinstance(payload, dict):
         raise BadRequest("The request body must be a JSON object.")
@@ -313,6 +316,9 @@ def parse_payload(payload: Any, options: Options) -> OutgoingMessage:
     from_name = _name("from_name", given_name if given_name.strip() else options.default_from_name)
     if not from_permitted(from_email, options.allowed_from_items):
         raise Forbidden(f"The From address {from_email} is not permitted by the relay's Allowed From list.")
+    if not from_permitted(from_email, key_allowed):
+        raise Forbidden(f"The From address {from_email} is not permitted by the Allowed From list of the API key "
+                        f"“{key_label}”.")
 
     recipients = _recipients(payload)
 

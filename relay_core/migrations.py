@@ -220,6 +220,21 @@ MIGRATIONS: list[tuple[str, str | PerBackend]] = [
         CREATE INDEX messages_status_created ON messages (status, created_at);
         CREATE INDEX log_terms ON log USING GIN (to_tsvector('simple', terms));
     """)),
+    # Issue 8: each API key's own send limit and Allowed From list; the per-minute send
+    # counts the limits read (shared by every web process); refused requests counted per
+    # source IP and minute, with the one log row that stands for them.
+    ("0008_key_limits_and_refusals", """
+        ALTER TABLE api_keys ADD COLUMN per_hour INTEGER;
+        ALTER TABLE api_keys ADD COLUMN allowed_from TEXT NOT NULL DEFAULT '';
+        CREATE TABLE send_counts (
+            api_key_id INTEGER NOT NULL, minute INTEGER NOT NULL, n INTEGER NOT NULL,
+            PRIMARY KEY (api_key_id, minute));
+        CREATE TABLE refusals (
+            ip TEXT NOT NULL, minute INTEGER NOT NULL, reason TEXT NOT NULL, n INTEGER NOT NULL,
+            limited INTEGER NOT NULL DEFAULT 0, log_id INTEGER,
+            PRIMARY KEY (ip, minute, reason));
+        CREATE INDEX refusals_minute ON refusals (minute);
+    """),
 ]
 # Steps that rebuild a table others reference: run with foreign keys off (a
 # pragma that cannot change inside a transaction), checked before commit.

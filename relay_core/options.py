@@ -95,6 +95,20 @@ def _token(name: str, value: str) -> str:
     return value
 
 
+def parse_allowlist(name: str, value: str) -> str:
+    """An Allowed From list (the setting's, or an API key's own), normalised."""
+    return _allowlist(name, value)
+
+
+def parse_per_hour(name: str, value: str) -> int | None:
+    """A send limit: a whole number of messages per hour (0 = unlimited), or empty for the default."""
+    value = value.strip()
+    if value.lower() in ("", "default"):
+        return None
+    number = _number(0, 10**9)(name, value)
+    return int(number)
+
+
 def _bool(name: str, value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -152,6 +166,8 @@ class Options:
     turnstile_secret: str = ""
     turnstile_verify_url: str = TURNSTILE_VERIFY_URL
     delivery_paused: bool = False
+    send_per_hour: int | None = None  # None: RELAY_SEND_PER_HOUR
+    bad_key_per_minute: int = 100
 
     @property
     def smtp_configured(self) -> bool:
@@ -213,6 +229,8 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "turnstile_secret": _token,
     "turnstile_verify_url": _url,
     "delivery_paused": _bool,
+    "send_per_hour": parse_per_hour,
+    "bad_key_per_minute": _number(0, 10**9),
 }
 # One line per setting for `config set --help` (and the README's settings table).
 HELP: dict[str, str] = {
@@ -247,6 +265,10 @@ HELP: dict[str, str] = {
     "turnstile_site_key": "Cloudflare Turnstile site key for the sign-in page (empty: off)",
     "turnstile_secret": "Cloudflare Turnstile secret key, encrypted at rest",
     "turnstile_verify_url": "where Turnstile answers are verified",
+    "send_per_hour": "accepted sends per hour for each API key without its own limit (0: unlimited; empty: "
+                     "RELAY_SEND_PER_HOUR)",
+    "bad_key_per_minute": "requests with a missing or wrong API key one address may make per minute before it gets "
+                          "429 (0: no limit)",
 }
 OPTION_NAMES = tuple(f.name for f in fields(Options))
 assert set(PARSERS) == set(OPTION_NAMES) == set(HELP)
@@ -265,6 +287,8 @@ def parse_option(name: str, value: str, label: str | None = None) -> Any:
 
 def to_text(value: Any) -> str:
     """How a typed value is kept in the settings table."""
+    if value is None:
+        return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():

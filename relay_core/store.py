@@ -31,9 +31,11 @@ from .db import (Connection, Database, SqliteDatabase, connect, insert_blob, ope
 from .interventions import ActionReport, Interventions  # noqa: F401  (re-exported)
 from .ledger import (FINAL_STATES, MAX_UNRECORDED_CLAIMS, AttemptFact, ClaimedMessage, Ledger,  # noqa: F401
                      LogEntry, LoggedRow, NewMessage, Paced, Recipient, insert_log, insert_message)
+from .limits import SendLimits
 from .logbook import Logbook, backfill
 from .options import SECRET_OPTIONS, Options, build_options, check_consistency, to_text
 from .queueview import QueueView
+from .refusals import Refusals
 from .sessions import AdminSession, Sessions  # noqa: F401  (re-exported)
 
 KEY_CHECK = "tspro-relay key check"
@@ -56,7 +58,7 @@ def _writable(directory: Path) -> bool:
     return writable and (not db.exists() or os.access(db, os.R_OK | os.W_OK))
 
 
-class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions):
+class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions, SendLimits, Refusals):
     """Thread-safe access to the store: each thread gets its own connection."""
 
     def __init__(self, database: Database | Path, keys: KeySet) -> None:
@@ -203,7 +205,8 @@ class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions
                 stored[name] = self.keys.decrypt_text(stored[name])
         options = build_options(stored)
         keys = [
-            ApiKey(r["id"], r["label"], bool(r["is_primary"]), r["created_at"], r["revoked_at"], r["lookup"])
+            ApiKey(r["id"], r["label"], bool(r["is_primary"]), r["created_at"], r["revoked_at"], r["lookup"],
+                   None if r["per_hour"] is None else int(r["per_hour"]), r["allowed_from"])
             for r in conn.execute("SELECT * FROM api_keys ORDER BY id")
         ]
         with self._cache_lock:

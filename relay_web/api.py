@@ -1,8 +1,11 @@
 """The portal's JSON API: POST /api/send, GET /api/messages/{id}, health.
 
-An accept reads: key -> capped body -> parse_payload -> MIME -> encrypt ->
-group commit -> 202. The key is checked before a byte of the body is read,
-so an empty POST tells a valid key (400) from a bad one (401).
+An accept reads: key -> capped body -> parse_payload -> encrypt -> group
+commit (with the key's send count) -> 202. The key is checked before a byte
+of the body is read, so an empty POST tells a valid key (400) from a bad one
+(401). A missing or wrong key counts against its address's budget
+(``relay_core.refusals``): past it, 429 instead of 401, and no log row of
+its own either way.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from starlette.responses import JSONResponse, Response
 from relay_core import __version__, metrics
 from relay_core.errors import (BadRequest, Conflict, NotConfigured, NotFound, PayloadTooLarge,
                                RateLimited, RelayError, StoreUnavailable, Unauthorized)
+from relay_core.limits import effective_limit
 from relay_core.mailflow import assess
+from relay_core.options import Options
+from relay_core.refusals import MISSING, WRONG
 from relay_core.message import ignored_fields, new_message_id, pack_stored, parse_payload
 from relay_core.store import ApiKey, LogEntry, NewMessage, insert_log, insert_message
 
@@ -35,12 +41,25 @@ def _state(request: Request) -> AppState:
     return request.app.state.relay
 
 
-def authenticate(request: Request, keys: list[ApiKey] | None = None) -> ApiKey:
+def authenticate(request: Request, keys: list[ApiKey] | None = None, options: Options | None = None) -> ApiKey:
+    """The live key of this request; else 401, or 429 once its address is over its budget."""
+    state = _state(request)
     token = bearer_token(request)
-    key = _state(request).store.authenticate(token, keys) if token else None
+    key = state.store.authenticate(token, keys) if token else None
     if key is None:
-        raise Unauthorized("Missing or invalid API key: send the relay's key as 'Authorization: Bearer <key>'.")
-    _state(request).note_key_use(key.id)
+        ip = client_ip(request, state.settings)
+        budget = (options or state.store.options()).bad_key_per_minute
+        wait = state.refusals.unauthenticated(ip, WRONG if token else MISSING, budget)
+        refusal: RelayError
+        if wait:
+            refusal = RateLimited(f"Too many requests with a missing or wrong API key from {ip} this minute "
+                                  f"(the limit is {budget}); retry in {wait} seconds.", retry_after=wait)
+        else:
+            refusal = Unauthorized("Missing or invalid API key: send the relay's key as "
+                                   "'Authorization: Bearer <key>'.")
+        refusal.logged = True  # counted into its address's log row for this minute
+        raise refusal
+    state.note_key_use(key.id)
     return key
 
 
@@ -95,7 +114,7 @@ async def send(request: Request) -> JSONResponse:
     started = time.perf_counter()
     state = _state(request)
     options, keys = state.store.snapshot()
-    key = authenticate(request, keys)
+    key = authenticate(request, keys, options)
     body = await read_capped_body(request, options.max_body_bytes)
     if not body or body.isspace():
         raise BadRequest("The request body is empty; send the message as a JSON object.")
@@ -110,16 +129,13 @@ async def send(request: Request) -> JSONResponse:
         earlier = replay(state, key.id, idempotency_key, request_hash, time.time())
         if earlier is not None:
             return JSONResponse(earlier[1], status_code=earlier[0])
-    message = parse_payload(payload, options)
+    message = parse_payload(payload, options, key.allowed_from_items, key.label)
     ignored = ignored_fields(payload)
     del payload  # the attachments' base64 strings: the request bytes are what gets stored
     if not options.smtp_configured:
         raise NotConfigured("The relay's SMTP delivery is not configured yet, so this message could never "
                             "be sent. Set the SMTP host in the relay's settings.")
-    wait = state.limiter.take(key.id)
-    if wait:
-        raise RateLimited(f"This API key has reached the relay's limit of {state.settings.send_per_hour} "
-                          f"messages per hour; retry in {wait} seconds.", retry_after=wait)
+    limit = effective_limit(key, options, state.settings.send_per_hour)
 
     message_id = new_message_id()
     created = time.time()
@@ -152,16 +168,22 @@ async def send(request: Request) -> JSONResponse:
                                                                 202, answer, created - IDEMPOTENCY_WINDOW):
             earlier = replay(state, key.id, idempotency_key, request_hash, created, conn)
             if earlier is not None:
-                return earlier, []
+                return (*earlier, None), []
             raise StoreUnavailable("The relay could not settle this Idempotency-Key; nothing was queued. Try again.")
+        # Counted in this transaction (no fsync of its own); a refusal rolls back this job only.
+        quota = state.store.take_send(conn, key.id, limit, created) if limit else None
+        if quota is not None and quota.retry_after:
+            raise RateLimited(f"This API key has reached its limit of {limit} messages per hour; the next one "
+                              f"can be sent in {quota.retry_after} seconds.", retry_after=quota.retry_after,
+                              headers=quota.headers())
         insert_message(conn, record)
         insert_log(conn, entry)
-        return (202, answer), [message_id]
+        return (202, answer, quota), [message_id]
 
-    status, response = await state.submit(accept)
+    status, response, quota = await state.submit(accept)
     if response is answer:  # stored now, not an idempotent replay: its latency counts
         state.accept_latency.add(time.perf_counter() - started)
-    return JSONResponse(response, status_code=status)
+    return JSONResponse(response, status_code=status, headers=quota.headers() if quota else None)
 
 
 def replay(state: AppState, key_id: int, idempotency_key: str, request_hash: str, now: float,
@@ -215,6 +237,7 @@ async def healthz(request: Request) -> JSONResponse:
 def error_response(request: Request, exc: RelayError) -> JSONResponse:
     headers = {}
     if isinstance(exc, RateLimited):
+        headers.update(exc.headers)
         headers["Retry-After"] = str(exc.retry_after)
     return JSONResponse({"ok": False, "error": exc.message}, status_code=exc.status, headers=headers)
 
@@ -226,13 +249,16 @@ def rejection_reason(exc: RelayError) -> str:
 
 
 async def log_rejection(request: Request, exc: RelayError) -> None:
-    """Every refused send is in the transaction log, with the source IP."""
+    """A refused send with a good key is in the transaction log with the source IP: a row of its own
+    for the first few of a minute from one address, then counted into one row (``relay_core.refusals``)."""
     state = _state(request)
-    event = "unauthorized" if isinstance(exc, Unauthorized) else "rejected"
-    entry = LogEntry(event, "rejected", code=exc.status, detail=exc.message,
-                     source_ip=client_ip(request, state.settings))
-
+    ip = client_ip(request, state.settings)
     reason = rejection_reason(exc)
+    if not state.refusals.detailed(ip):
+        state.refusals.counted(ip, exc.status, reason)
+        return
+    event = "unauthorized" if isinstance(exc, Unauthorized) else "rejected"
+    entry = LogEntry(event, "rejected", code=exc.status, detail=exc.message, source_ip=ip)
 
     def write(conn):  # type: ignore[no-untyped-def]
         insert_log(conn, entry)

@@ -29,7 +29,6 @@ from relay_core.errors import RelayError, StoreUnavailable
 from relay_core import metrics as relay_metrics
 from relay_core.intake import Intake
 from relay_core.logs import fields
-from relay_core.ratelimit import RateLimiter
 from relay_core.store import Store
 from relay_core.tasks import build_queue
 
@@ -39,6 +38,7 @@ from .headers import SecurityHeaders
 from .state import AppState
 
 logger = logging.getLogger("relay.web")
+REFUSAL_FLUSH_SECONDS = 1.0
 
 
 def routes() -> list[BaseRoute]:
@@ -59,7 +59,7 @@ def _is_api(request: Request) -> bool:
 
 async def relay_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RelayError)
-    if request.url.path == "/api/send":
+    if request.url.path == "/api/send" and not exc.logged:
         await api.log_rejection(request, exc)
     if _is_api(request):
         return api.error_response(request, exc)
@@ -107,6 +107,23 @@ async def internal_error(request: Request, exc: Exception) -> Response:
                         status_code=500)
 
 
+async def flush_refusals_periodically(state: AppState) -> None:
+    """Refused requests reach the store about once a second, as one group-commit job."""
+    while True:
+        await asyncio.sleep(REFUSAL_FLUSH_SECONDS)
+        state.flush_refusals()
+
+
+async def flush_refusals_now(state: AppState) -> None:
+    """At shutdown: what was counted is written before the writer stops (waiting for one in flight)."""
+    for _ in range(3):
+        future = state.flush_refusals()
+        if future is None and not state.refusals.busy:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.wrap_future(future) if future else asyncio.sleep(0.2), 5)
+
+
 class RelayApp(Starlette):
     """Starlette with the security headers outside everything, its own error middleware included."""
 
@@ -130,15 +147,17 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
 
         intake = Intake(relay_store, relay_queue, before_commit=count_batch)
         intake.start()
-        app.state.relay = AppState(settings, relay_store, relay_queue, intake,
-                                   RateLimiter(settings.send_per_hour), accept_latency=latency)
+        app.state.relay = AppState(settings, relay_store, relay_queue, intake, accept_latency=latency)
         flusher = asyncio.create_task(metrics_endpoint.flush_periodically(app.state.relay))
+        refusals = asyncio.create_task(flush_refusals_periodically(app.state.relay))
         try:
             yield
         finally:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+            for task in (flusher, refusals):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await flush_refusals_now(app.state.relay)
             if len(latency):
                 with contextlib.suppress(Exception):
                     await app.state.relay.submit(metrics_endpoint.nothing)  # the batch hook writes them

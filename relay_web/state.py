@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,7 @@ from relay_core.config import Settings
 from relay_core.db import Connection
 from relay_core.intake import Intake, Job
 from relay_core.metrics import LatencyBuffer
-from relay_core.ratelimit import RateLimiter
+from relay_core.refusals import RefusalGate
 from relay_core.store import Admin, Store
 from relay_core.tasks import RelayQueue
 
@@ -23,7 +24,7 @@ class AppState:
     store: Store
     queue: RelayQueue
     intake: Intake
-    limiter: RateLimiter
+    refusals: RefusalGate = field(default_factory=RefusalGate)
     accept_latency: LatencyBuffer = field(default_factory=LatencyBuffer)
     # scrypt takes ~128 MiB and a few hundred ms: at most two at once, whatever arrives.
     password_checks: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
@@ -47,6 +48,20 @@ class AppState:
         """``Store.verify_admin`` under the semaphore; call it from a worker thread."""
         with self.password_checks:
             return self.store.verify_admin(username, password)
+
+    def flush_refusals(self) -> Future[Any] | None:
+        """Hand the refusals counted since the last flush to the group-commit writer, as one job."""
+        made = self.refusals.job(self.store)
+        if made is None:
+            return None
+        batch, job = made
+        future = self.intake.submit(job)
+
+        def done(finished: Future[Any]) -> None:
+            self.refusals.written(batch, None if finished.exception() else finished.result())
+
+        future.add_done_callback(done)
+        return future
 
     async def submit(self, job: Job) -> Any:
         return await asyncio.wrap_future(self.intake.submit(job))

@@ -74,6 +74,8 @@ class Sweeper:
             idempotency_seconds=24 * 3600,
         )
         pruned["admin_sessions"] = self.store.prune_sessions(now, options.session_idle_minutes * 60)
+        pruned["send_counts"] = self.store.prune_send_counts(now)
+        pruned["refusals"] = self.store.prune_refusals(now)
         metrics.fold(self.store.conn(), now)
         if any(pruned.values()):
             logger.info("retention: %s", pruned, extra=fields("sweep.retention", count=sum(pruned.values())))

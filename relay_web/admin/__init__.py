@@ -59,5 +59,6 @@ def routes() -> list[BaseRoute]:
         Route("/settings/api-keys/new", keys.generate, methods=["POST"], name="api_key_new"),
         Route("/settings/api-keys/{key_id:int}/reveal", keys.reveal, methods=["POST"], name="api_key_reveal"),
         Route("/settings/api-keys/{key_id:int}/revoke", keys.revoke, methods=["POST"], name="api_key_revoke"),
+        Route("/settings/api-keys/{key_id:int}/limits", keys.limits, methods=["POST"], name="api_key_limits"),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]

@@ -1,4 +1,8 @@
-"""The API key card: Reveal, Generate new key, and named keys (add, revoke).
+"""The API key card: Reveal, Generate new key, named keys (add, revoke) and each key's limits.
+
+A key's own limits (its send limit per hour and its own Allowed From list,
+on top of the relay's) are set in its row, or when it is added; the same
+rules as `tspro-relay api-key add/set`, and recorded in the audit trail.
 
 Revealing is a POST (it shows a secret, so it needs the CSRF token and is
 recorded in the audit trail). Reveal, Add and Generate answer with a
@@ -15,7 +19,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from relay_core.errors import NotFound
+from relay_core.errors import BadRequest, NotFound
+from relay_core.options import parse_allowlist, parse_per_hour
 
 from .forms import FormState, confirmed, read_form
 from .settings_page import SHOW_KEY, actor, render_settings
@@ -23,6 +28,8 @@ from .sessions import relay_state, require_admin, sign_for_session
 from .templating import render
 
 MAX_LABEL = 60
+LIMIT_LABEL = "Sends per hour"
+ALLOWED_LABEL = "Allowed From"
 
 
 def confirm_page(request: Request, action: str, question: str, button: str, back: str = "/settings#keys",
@@ -72,22 +79,65 @@ async def generate(request: Request) -> Response:
     return _show(request, new.id, "generated")
 
 
+def _limits(form: dict[str, str], shown: FormState, prefix: str = "") -> tuple[int | None, str]:
+    """The posted send limit and Allowed From list; errors go into ``shown`` under the field names."""
+    per_hour: int | None = None
+    allowed = ""
+    try:
+        per_hour = parse_per_hour(LIMIT_LABEL, form.get(prefix + "per_hour", ""))
+    except BadRequest as exc:
+        shown.errors[prefix + "per_hour"] = exc.message
+    try:
+        allowed = parse_allowlist(ALLOWED_LABEL, form.get(prefix + "allowed_from", ""))
+    except BadRequest as exc:
+        shown.errors[prefix + "allowed_from"] = exc.message
+    return per_hour, allowed
+
+
+def describe_limits(per_hour: int | None, allowed: str) -> str:
+    limit = "the relay's default send limit" if per_hour is None else (
+        "no send limit" if per_hour == 0 else f"{per_hour} sends per hour")
+    return limit + (f", From limited to {allowed}" if allowed else ", no Allowed From list of its own")
+
+
 @require_admin
 async def add(request: Request) -> Response:
     form = await read_form(request)
     label = " ".join(form.get("label", "").split())
-    shown = FormState(values={"label": form.get("label", "")})
+    shown = FormState(values={name: form.get(name, "") for name in ("label", "new_per_hour", "new_allowed_from")})
     if not label:
         shown.errors["label"] = "Give the new key a name, such as where it will be used."
     elif len(label) > MAX_LABEL or not label.isprintable():
         shown.errors["label"] = f"Use a plain name of at most {MAX_LABEL} characters."
+    per_hour, allowed = _limits(form, shown, "new_")
     if shown.failed:
         return render_settings(request, {"keys": shown})
     store = relay_state(request).store
-    key_id, _secret = await run_in_threadpool(store.add_api_key, label)
+    key_id, _secret = await run_in_threadpool(store.add_api_key, label, per_hour, allowed)
     who, ip = actor(request)
-    await run_in_threadpool(store.record_audit, who, ip, "api_key.add", f"added the API key “{label}”")
+    await run_in_threadpool(store.record_audit, who, ip, "api_key.add",
+                            f"added the API key “{label}” ({describe_limits(per_hour, allowed)})")
     return _show(request, key_id, "added")
+
+
+@require_admin
+async def limits(request: Request) -> Response:
+    key_id = _key(request)
+    store = relay_state(request).store
+    key = next(k for k in store.api_keys() if k.id == key_id)
+    if key.revoked_at is not None:
+        raise NotFound("That key was revoked; its limits cannot change.")
+    form = await read_form(request)
+    shown = FormState(values={"per_hour": form.get("per_hour", ""), "allowed_from": form.get("allowed_from", "")})
+    per_hour, allowed = _limits(form, shown)
+    if shown.failed:
+        shown.error = f"The limits of “{key.label}” were not changed."
+        return render_settings(request, {"keys": shown}, key_edit=key_id)
+    who, ip = actor(request)
+    detail = f"set the limits of the API key “{key.label}”: {describe_limits(per_hour, allowed)}"
+    await run_in_threadpool(lambda: store.set_api_key_limits(key_id, per_hour=per_hour, allowed_from=allowed,
+                                                             audit=(who, ip, "api_key.limits", detail)))
+    return RedirectResponse("/settings?saved=limits#keys", status_code=303)
 
 
 @require_admin

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from relay_core.errors import BadRequest
+from relay_core.limits import effective_limit
 from relay_core.options import describe_changes, parse_option
 from relay_core.store import ApiKey
 
@@ -39,7 +40,17 @@ DELIVERY_LABELS = {
     "max_per_minute": "Deliveries per minute",
     "max_per_hour": "Deliveries per hour",
     "max_per_day": "Deliveries per day",
+    "send_per_hour": "Sends per hour per API key",
+    "bad_key_per_minute": "Wrong API keys per minute from one address",
 }
+DELIVERY_HINTS = {
+    "send_per_hour": "For keys without a limit of their own. 0 = no limit; empty = RELAY_SEND_PER_HOUR. The portal "
+                     "does not retry a refused message, so a limit here drops mail over it.",
+    "bad_key_per_minute": "After this many requests with a missing or wrong key in a minute, an address gets 429 "
+                          "(0 = no limit).",
+}
+# Fields a delivery post may leave out (forms of an earlier page): left as they are.
+OPTIONAL_DELIVERY = ("send_per_hour", "bad_key_per_minute")
 SIGNIN_LABELS = {"turnstile_site_key": "Turnstile site key", "session_idle_minutes": "Sign out after idle (minutes)"}
 # How the audit trail names each setting (the SMTP card's "Username" needs its card's name there).
 ALL_LABELS = {**SMTP_LABELS, **DELIVERY_LABELS, **SIGNIN_LABELS, "smtp_username": "SMTP username",
@@ -50,6 +61,7 @@ NOTICES = {
     "revoked": "The key was revoked; requests with it now get 401.",
     "generated": "A new portal key was generated. Copy it into the portal now: the old key no longer works.",
     "added": "Key added. Copy it now, or reveal it later from this list.",
+    "limits": "The key's limits were saved.",
 }
 SHOW_KEY = "show-key"  # the purpose of the token that asks this page to show one API key
 FINISHED = ("sent", "partial", "failed", "cancelled")
@@ -107,8 +119,9 @@ def describe_test(view: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_settings(request: Request, forms: dict[str, FormState] | None = None, status_code: int = 200,
-                    notice: str = "") -> Response:
-    options = relay_state(request).store.options()
+                    notice: str = "", key_edit: int | None = None) -> Response:
+    relay = relay_state(request)
+    options = relay.store.options()
     state = {
         "smtp": FormState.from_options(options, list(SMTP_LABELS)),
         "keys": FormState(),
@@ -129,6 +142,9 @@ def render_settings(request: Request, forms: dict[str, FormState] | None = None,
         "turnstile_secret_set": bool(options.turnstile_secret),
         "keys": keys,
         "primary": primary,
+        "key_edit": key_edit,
+        "default_limit": effective_limit(ApiKey(0, "", False, 0.0, None, ""), options, relay.settings.send_per_hour),
+        "delivery_hints": DELIVERY_HINTS,
         "test": _test_outcome(request),
         "audit": relay_state(request).store.audit_entries(limit=20),
     }, status_code=status_code)
@@ -172,7 +188,9 @@ async def save_smtp(request: Request) -> Response:
 
 @require_admin
 async def save_delivery(request: Request) -> Response:
-    values, shown = parse_fields(await read_form(request), DELIVERY_LABELS)
+    form = await read_form(request)
+    labels = {name: label for name, label in DELIVERY_LABELS.items() if name in form or name not in OPTIONAL_DELIVERY}
+    values, shown = parse_fields(form, labels)
     if not shown.failed and values["retry_max_seconds"] < values["retry_base_seconds"]:
         shown.errors["retry_max_seconds"] = (f"{DELIVERY_LABELS['retry_max_seconds']} must not be shorter than "
                                              f"the first retry ({values['retry_base_seconds']} seconds).")

@@ -19,7 +19,7 @@ from playwright.sync_api import Page, expect
 
 from browser_helpers import BrowserRelay, sign_in, unlabelled_inputs
 from conftest import ARTIFACTS
-from support import SmtpServer, free_port, wait_until
+from support import SmtpServer, cli, free_port, wait_until
 
 
 def api_send(relay: BrowserRelay, key: str | None = None, **fields: Any) -> httpx.Response:
@@ -110,6 +110,9 @@ def test_log_search_filter_and_csv_export(page: Page, relay: BrowserRelay) -> No
             assert api_send(relay, to=[to], subject=subject, **extra).status_code == 202
         assert api_send(relay, key="tsr_not-the-key").status_code == 401
         wait_until(lambda: len(server.received) == 3, what="three deliveries")
+        # Refused keys are written as one row per address and minute, within a second or so.
+        wait_until(lambda: "wrong API key" in cli(relay.env, "log", "--status", "rejected", cwd=relay.cwd).stdout,
+                   what="the refusal in the log")
 
         sign_in(page, relay)
         page.get_by_role("link", name="Transaction Log").click()
@@ -147,7 +150,7 @@ def test_log_search_filter_and_csv_export(page: Page, relay: BrowserRelay) -> No
         page.get_by_role("button", name="Apply").click()
         expect(rows).to_have_count(1)
         expect(rows.first).to_contain_text("127.0.0.1")
-        expect(rows.first).to_contain_text("Missing or invalid API key")
+        expect(rows.first).to_contain_text("1 request with a wrong API key from 127.0.0.1")
 
         page.get_by_role("button", name="Clear log").click()  # confirm() accepted by the fixture
         expect(page.get_by_role("status").first).to_have_text("The log was cleared (7 rows removed).")

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import Relay, RelayProcess, SmtpServer, free_port
+from support import Relay, RelayProcess, SmtpServer, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 TOKEN = "metrics-token-for-the-test-0123456789"
@@ -99,6 +99,12 @@ def test_a_scrape_shows_exactly_the_workload_across_processes(relay: Relay) -> N
             # The token is required: none, or a wrong one, is refused.
             assert webs[0].get("/metrics").status_code == 401
             assert webs[0].get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+            # Refusals for a wrong key reach the store with their web process's next flush (within a second).
+            def unauthorized() -> float:
+                scraped = samples(webs[0].get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text)
+                return scraped.get(("tspro_relay_messages_rejected_total", (("reason", "unauthorized"),)), 0.0)
+
+            wait_until(lambda: unauthorized() == 2, timeout=10, what="the refusals to be flushed")
             scrapes = []
             for web in webs:
                 answer = web.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})

@@ -97,12 +97,23 @@ def test_bad_key_is_refused_before_the_body_is_read(client: TestClient) -> None:
     error_of(client.post("/api/send", content=huge, headers={"Authorization": "Bearer wrong"}), 401)
 
 
+def flush_refusals(client: TestClient) -> None:
+    """What the web process writes about once a second: the refusals counted since."""
+    future = client.app.state.relay.flush_refusals()  # type: ignore[attr-defined]
+    if future is not None:
+        future.result(10)
+
+
 def test_unauthorized_attempts_are_logged_with_source_ip(client: TestClient) -> None:
     client.post("/api/send", json=payload(), headers={"Authorization": "Bearer stolen"})
+    client.post("/api/send", json=payload(), headers={"Authorization": "Bearer stolen"})
     client.post("/api/send", json=payload(to=[]))
-    rows = client.app.state.relay.store.conn().execute("SELECT event, status, code, source_ip FROM log ORDER BY id").fetchall()
-    assert [tuple(r) for r in rows] == [("unauthorized", "rejected", 401, "203.0.113.7"),
-                                        ("rejected", "rejected", 400, "203.0.113.7")]
+    flush_refusals(client)
+    rows = client.app.state.relay.store.conn().execute(
+        "SELECT event, status, code, source_ip, detail FROM log ORDER BY id").fetchall()
+    assert [tuple(r)[:4] for r in rows] == [("rejected", "rejected", 400, "203.0.113.7"),
+                                           ("unauthorized", "rejected", 401, "203.0.113.7")]
+    assert rows[1]["detail"].startswith("2 requests with a wrong API key from 203.0.113.7 in the minute from ")
 
 
 @pytest.mark.parametrize("body,fragment", [
@@ -265,7 +276,10 @@ def test_rate_limit_answers_429_with_retry_after(tmp_path: Any) -> None:
         assert client.post("/api/send", json=payload()).status_code == 202
         response = client.post("/api/send", json=payload())
         assert "limit of 2 messages per hour" in error_of(response, 429)
-        assert 1 <= int(response.headers["Retry-After"]) <= 1800
+        # The two sends leave the window an hour after the minute they were counted in.
+        assert 3540 <= int(response.headers["Retry-After"]) <= 3600
+        assert response.headers["RateLimit-Limit"] == "2" and response.headers["RateLimit-Remaining"] == "0"
+        assert response.headers["RateLimit-Reset"] == response.headers["Retry-After"]
         assert queued(client) == (2, 2)
 
 

@@ -187,6 +187,12 @@ def test_every_api_error_and_starlette_error_carries_them(walk: Walk) -> None:
     assert first.status_code == 202
     cases["409 idempotency"] = raw.post("/api/send", json={**GOOD_MESSAGE, "text": "other"},
                                         headers={**key, "Idempotency-Key": "k1"})
+    _, limited = store.add_api_key("limited", 1)
+    raw.post("/api/send", json=GOOD_MESSAGE, headers=walk.bearer(limited))
+    cases["429 key limit"] = raw.post("/api/send", json=GOOD_MESSAGE, headers=walk.bearer(limited))
+    assert cases["429 key limit"].headers["RateLimit-Limit"] == "1"
+    store.set_options({"bad_key_per_minute": parse_option("bad_key_per_minute", "1")})
+    cases["429 wrong keys"] = raw.get("/api/health", headers=walk.bearer("tsr_wrong"))
     store.set_options({"allowed_from": parse_option("allowed_from", "example.com")})
     cases["403 from"] = raw.post("/api/send", json=GOOD_MESSAGE, headers=key)
     store.set_options({"allowed_from": "", "smtp_host": ""})
