@@ -1,6 +1,7 @@
 """Benchmark the admin pages at scale: a million log rows and 100,000 waiting messages.
 
-    python bench/bench_admin.py [--log-rows 1000000] [--waiting 100000] [--runs 5] [--database-url URL]
+    python bench/bench_admin.py [--log-rows 1000000] [--waiting 100000] [--runs 5]
+                                [--database-url postgresql://... --queue-url redis://...]
 
 Fills a fresh store (SQLite in a temp directory, or the empty PostgreSQL
 database given) with synthetic but realistic rows — a month of portal mail:
@@ -203,6 +204,7 @@ def main() -> None:
     parser.add_argument("--finished", type=int, default=200_000, help="sent and failed messages kept")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--database-url", default="", help="an empty PostgreSQL database (default: SQLite)")
+    parser.add_argument("--queue-url", default="", help="redis://... (a PostgreSQL store needs a shared queue)")
     parser.add_argument("--full-export", action="store_true", help="also export the whole log as CSV")
     parser.add_argument("--keep", action="store_true", help="keep the filled data directory")
     args = parser.parse_args()
@@ -214,6 +216,8 @@ def main() -> None:
                 "PYTHONPATH": str(HERE.parent)})
     if args.database_url:
         env["RELAY_DATABASE_URL"] = args.database_url
+    if args.queue_url:
+        env["RELAY_QUEUE_URL"] = args.queue_url
     settings = load_settings(env)
     store = Store.open(settings, crypto.derive_keys(settings))
     store.bootstrap(settings)

@@ -35,6 +35,7 @@ the whole table to answer a page:
 from __future__ import annotations
 
 import re
+import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ HOUR = 3600
 # much when it is turned into ids, so no row inside the range is missed.
 CLOCK_SKEW = 3600.0
 MAX_QUERY_WORDS = 8
+WALK_SECONDS = 0.12  # how long a prefix search walks the log before asking the index (Logbook._select)
 MAX_TERMS = 4000
 _WORD = re.compile(r"[^\W_]+")
 
@@ -149,6 +151,39 @@ def backfill(conn: Any, batch: int = 5000) -> int:
         done += len(rows)
         if len(rows) < batch:
             return done
+
+
+_WORD_LIKE = "(' ' || log.terms || ' ') LIKE ?"
+
+
+def _word_pattern(word: str, prefix: bool) -> str:
+    """A LIKE pattern for a word of ``terms`` (lower-case letters and digits, space-separated)."""
+    return f"% {word}%" if prefix else f"% {word} %"
+
+
+def _query(source: str, key: str, match: list[str], match_params: list[Any], flt: "LogFilter",
+           lower: int | None, upper: int | None, newest_first: bool, limit: int) -> tuple[str, list[Any]]:
+    """The SELECT of one page: ``match`` (the search's clauses) and the filter's, ordered by ``key``."""
+    where, params = list(match), list(match_params)
+    if flt.kind:
+        where.append("log.kind = ?")
+        params.append(flt.kind)
+    if lower is not None:
+        where.append(f"{key} > ?")
+        params.append(lower)
+    if upper is not None:
+        where.append(f"{key} < ?")
+        params.append(upper)
+    # The unary + keeps SQLite from walking the ts index and sorting the range by id.
+    if flt.since is not None:
+        where.append("+log.ts >= ?")
+        params.append(flt.since)
+    if flt.until is not None:
+        where.append("+log.ts < ?")
+        params.append(flt.until)
+    sql = (f"SELECT {_COLUMNS} FROM {source}" + (f" WHERE {' AND '.join(where)}" if where else "")
+           + f" ORDER BY {key} {'DESC' if newest_first else 'ASC'} LIMIT ?")
+    return sql, [*params, limit]
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -245,59 +280,110 @@ class Logbook:
         """
         conn = self.conn()
         sqlite = _dialect(conn) == "sqlite"
+        common = frozenset() if sqlite else self._pg_common_words()
         found = []
         for word in words:
-            if len(word) < 3:
+            if len(word) < 3 or word in common:
                 found.append((word, False))
                 continue
             if sqlite:
                 whole = conn.execute("SELECT rowid FROM log_fts WHERE log_fts MATCH ? LIMIT 1",
                                      (f'"{word}"',)).fetchone()
             else:
-                whole = conn.execute("SELECT 1 FROM log WHERE to_tsvector('simple', terms) @@"
-                                     " to_tsquery('simple', ?) LIMIT 1", (word,)).fetchone()
+                with transaction(conn, durable=False):
+                    # Not among the common words, so its list of rows is short: read it from the
+                    # GIN index. Left alone, the planner guesses a match within the first rows it
+                    # reads and scans the whole table for a word that is not there.
+                    conn.execute("SET LOCAL enable_seqscan = off")
+                    whole = conn.execute("SELECT 1 FROM log WHERE to_tsvector('simple', terms) @@"
+                                         " to_tsquery('simple', ?) LIMIT 1", (word,)).fetchone()
             found.append((word, whole is None))
         return found
+
+    def _pg_common_words(self) -> frozenset[str]:
+        """The words PostgreSQL's statistics list as the log's most common (re-read each minute).
+
+        A common word's rows are dense, so a page is found by walking the log newest
+        first; any other word's rows are few, so they are read from the GIN index and
+        sorted. The planner cannot tell the two apart for a prefix ("member4703:*"),
+        and guessed wrong both ways, seconds either time; these statistics can.
+        """
+        cached: tuple[float, frozenset[str]] | None = getattr(self, "_common_words", None)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < 60:
+            return cached[1]
+        row = self.conn().execute(
+            "SELECT most_common_elems::text FROM pg_stats WHERE schemaname = current_schema()"
+            " AND tablename = 'log_terms'").fetchone()
+        text = (row[0] or "") if row else ""
+        words = frozenset(w.strip('"') for w in text.strip("{}").split(",") if w)
+        self._common_words = (now, words)
+        return words
 
     def _select(self, flt: LogFilter, lower: int | None, upper: int | None, newest_first: bool,
                 limit: int) -> list[LogRow]:
         """Rows with lower < id < upper matching ``flt``, in id order, at most ``limit``."""
         conn = self.conn()
         low, high = self._id_bounds(flt)
-        lower, upper = _tighter(max, lower, low), _tighter(min, upper, high)
-        where: list[str] = []
-        params: list[Any] = []
-        source, key = "log", "log.id"
-        if flt.words:
-            words = self._word_matches(flt.words)
-            if _dialect(conn) == "sqlite":
-                # The search index drives, newest first, and stops after the page.
-                source, key = "log_fts JOIN log ON log.id = log_fts.rowid", "log_fts.rowid"
-                where.append("log_fts MATCH ?")
-                params.append(" AND ".join(f'"{word}"' + ("*" if prefix else "") for word, prefix in words))
-            else:
-                where.append("to_tsvector('simple', log.terms) @@ to_tsquery('simple', ?)")
-                params.append(" & ".join(word + (":*" if prefix else "") for word, prefix in words))
-        if flt.kind:
-            where.append("log.kind = ?")
-            params.append(flt.kind)
-        if lower is not None:
-            where.append(f"{key} > ?")
-            params.append(lower)
-        if upper is not None:
-            where.append(f"{key} < ?")
-            params.append(upper)
-        # The unary + keeps SQLite from walking the ts index and sorting the range by id.
-        if flt.since is not None:
-            where.append("+log.ts >= ?")
-            params.append(flt.since)
-        if flt.until is not None:
-            where.append("+log.ts < ?")
-            params.append(flt.until)
-        sql = (f"SELECT {_COLUMNS} FROM {source}" + (f" WHERE {' AND '.join(where)}" if where else "")
-               + f" ORDER BY {key} {'DESC' if newest_first else 'ASC'} LIMIT ?")
-        params.append(limit)
-        return [_row(r) for r in conn.execute(sql, params)]
+        span = (flt, _tighter(max, lower, low), _tighter(min, upper, high), newest_first, limit)
+        if not flt.words:
+            return self._run(*_query("log", "log.id", [], [], *span))
+        words = self._word_matches(flt.words)
+        if any(prefix for _, prefix in words):
+            # A prefix may start one rare word or thousands ("mem" starts every member123@), and
+            # both indexes gather the rows of all of them before returning the first. Walk the log
+            # newest first for a moment instead (a LIKE on the words column, the same on both
+            # backends); if that does not fill the page, the matches are few and the index gathers
+            # them quickly.
+            rows = self._walk(*_query("log", "log.id", [_WORD_LIKE] * len(words),
+                                      [_word_pattern(w, p) for w, p in words], *span))
+            if rows is not None:
+                return rows
+        if _dialect(conn) == "sqlite":
+            # The search index drives, newest first, and stops after the page.
+            match = " AND ".join(f'"{word}"' + ("*" if prefix else "") for word, prefix in words)
+            return self._run(*_query("log_fts JOIN log ON log.id = log_fts.rowid", "log_fts.rowid",
+                                     ["log_fts MATCH ?"], [match], *span))
+        sql, params = _query("log", "log.id", ["to_tsvector('simple', log.terms) @@ to_tsquery('simple', ?)"],
+                             [" & ".join(word + (":*" if prefix else "") for word, prefix in words)], *span)
+        common = self._pg_common_words()
+        if all(word in common for word, _ in words):
+            return self._run(sql, params)  # dense rows: the planner walks the log newest first
+        with transaction(conn, durable=False):
+            # Read the few matching rows from the GIN index and sort them, rather than walk the
+            # whole log newest first looking for them (see _pg_common_words).
+            conn.execute("SET LOCAL enable_seqscan = off")
+            conn.execute("SET LOCAL enable_indexscan = off")
+            return self._run(sql, params)
+
+    def _run(self, sql: str, params: list[Any]) -> list[LogRow]:
+        return [_row(r) for r in self.conn().execute(sql, params)]
+
+    def _walk(self, sql: str, params: list[Any]) -> list[LogRow] | None:
+        """The rows of ``sql``, or None when it takes longer than ``WALK_SECONDS``."""
+        conn = self.conn()
+        if _dialect(conn) != "sqlite":
+            try:
+                with transaction(conn, durable=False):
+                    conn.execute(f"SET LOCAL statement_timeout = {max(1, round(WALK_SECONDS * 1000))}")
+                    # A walk: along an index in id order, never a scan of everything then a sort.
+                    for plan in ("seqscan", "bitmapscan", "sort"):
+                        conn.execute(f"SET LOCAL enable_{plan} = off")
+                    return self._run(sql, params)
+            except Exception as exc:
+                if getattr(exc, "sqlstate", None) == "57014":  # query_canceled: out of time
+                    return None
+                raise
+        deadline = time.monotonic() + WALK_SECONDS
+        conn.set_progress_handler(lambda: time.monotonic() > deadline, 20_000)  # type: ignore[attr-defined]
+        try:
+            return self._run(sql, params)
+        except sqlite3.OperationalError as exc:
+            if "interrupted" in str(exc):
+                return None
+            raise
+        finally:
+            conn.set_progress_handler(None, 0)  # type: ignore[attr-defined]
 
     def log_page(self, flt: LogFilter, before: int | None = None, after: int | None = None,
                  limit: int = 50) -> LogPage:

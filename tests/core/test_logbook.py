@@ -13,6 +13,7 @@ from collections import Counter
 
 import pytest
 
+from relay_core import logbook
 from relay_core.logbook import HOUR, LogFilter, log_kind, query_words, search_terms
 from relay_core.store import LogEntry, Store, insert_log, transaction
 
@@ -145,6 +146,21 @@ def test_search_finds_words_by_prefix_in_sender_recipients_and_subject(store: St
     write(store, accepted(T0 + 4, subject="Your bus pass"))
     assert subjects("pass") == ["Your bus pass"]  # a word the log holds whole is matched whole
     assert subjects("passw") == ["Reset your password"]
+
+
+@pytest.mark.parametrize("walk", [0.0, 30.0], ids=["index", "walk"])
+def test_a_prefix_search_gives_the_same_rows_by_walking_the_log_or_from_the_index(
+        store: Store, monkeypatch: pytest.MonkeyPatch, walk: float) -> None:
+    monkeypatch.setattr(logbook, "WALK_SECONDS", walk)
+    write(store, *[accepted(T0 + i, to=f"member{i}@example.com", subject=["Reset your password", "Welcome"][i % 2])
+                   for i in range(30)], LogEntry("unauthorized", "rejected", code=401, ts=T0 + 40))
+    found = store.log_page(LogFilter(words=tuple(query_words("memb passw"))), limit=5)
+    assert [r.recipients for r in found.rows] == [f"member{i}@example.com" for i in (28, 26, 24, 22, 20)]
+    older = store.log_page(LogFilter(words=("memb", "passw")), before=found.older, limit=50)
+    assert [r.recipients for r in older.rows] == [f"member{i}@example.com" for i in range(18, -1, -2)]
+    assert [r.recipients for r in store.log_page(LogFilter(words=("member2",))).rows] == ["member2@example.com"]
+    assert store.log_page(LogFilter(words=("membe",), kind="accepted")).rows[0].recipients == "member29@example.com"
+    assert store.log_page(LogFilter(words=("zzz",))).rows == []
 
 
 # -- counters ----------------------------------------------------------------------------------------
