@@ -252,6 +252,8 @@ def main() -> None:
                 ("search: a common word (password)", "/logs?q=password"),
                 ("search: the start of a word (passw)", "/logs?q=passw"),
                 ("search: a domain (example.org)", "/logs?q=example.org"),
+                ("search: a prefix of 60,000 addresses (memb)", "/logs?q=memb&status=failed"),
+                ("search: a prefix nothing starts with (zzzz)", "/logs?q=zzzz"),
                 ("time range: last 24 hours", "/logs?range=day"),
                 ("status filter: failed", "/logs?status=failed"),
                 ("status + last 7 days: deferred", "/logs?status=deferred&range=week"),

@@ -23,7 +23,8 @@ the whole table to answer a page:
   of a query must be in the row: a word the log holds whole is matched
   whole, another as the start of words, so "alice", "example.com" and
   "passw" all find "Reset your password" sent to alice@example.com (see
-  ``_word_matches`` for why not always a prefix). Substring search on plain
+  ``_word_matches`` for why not always a prefix). A prefix search walks the
+  log newest first for a moment before asking the index (see ``_select``). Substring search on plain
   columns (LIKE '%x%') would read every row; a prefix index on lower-cased
   columns would find a row by its first recipient only and by the first
   word of its subject.
