@@ -58,6 +58,13 @@ def attempt(store: Store, message_id: str, status: str, code: int = 451,
     assert ok
 
 
+def pending(client: AdminClient) -> int:
+    """Wake-ups in the queue, once every earlier 202's is there (the writer answers a batch, then
+    enqueues it: an empty job run after them means theirs are in)."""
+    client.state.intake.submit(lambda conn: (None, [])).result(10)
+    return int(client.state.queue.pending())
+
+
 def status(client: AdminClient, message_id: str) -> str:
     record = client.state.store.message_record(message_id)
     assert record is not None
@@ -112,7 +119,7 @@ def test_retry_now_one_and_in_bulk(client: AdminClient) -> None:
     attempt(store, deferred, "deferred")
     failed = send(client, to=["ann@example.com", "bob@example.com"])
     attempt(store, failed, "failed", code=550, reply="5.7.1 refused")
-    queued_before = client.state.queue.pending()
+    queued_before = pending(client)
 
     response = client.post("/queue/retry", {"only": deferred, "ids": failed}, token_from="/")
     assert note(response, client) == "Queued for delivery now: 1 message."
@@ -124,7 +131,7 @@ def test_retry_now_one_and_in_bulk(client: AdminClient) -> None:
     record = store.message_record(failed)
     assert record is not None and record.status == "queued"
     assert [r.status for r in record.recipients] == ["pending", "pending"]
-    assert client.state.queue.pending() == queued_before + 2  # each retried message was enqueued
+    assert pending(client) == queued_before + 2  # each retried message was enqueued
     [audit, first_audit] = store.audit_entries(action_prefix="message.retry")
     assert audit.detail == f"retried 1 message(s): {failed}" and audit.ip == "198.51.100.20"
     assert first_audit.actor == "admin"
@@ -185,14 +192,11 @@ def test_pause_and_resume_are_audited_and_the_page_says_so(client: AdminClient) 
     health = client.client.get("/api/health", headers={"Authorization": f"Bearer {key}"}).json()
     assert health["ok"] is False and health["delivery_paused"] is True and "paused" in health["error"]
     waiting = send(client)  # still accepted while paused
-    # The writer answers a batch before it enqueues the batch's wake-ups: once an empty job has
-    # run, that wake-up is in the queue (read it any earlier and it may arrive afterwards).
-    client.state.intake.submit(lambda conn: (None, [])).result(10)
-    queued_before = client.state.queue.pending()
+    queued_before = pending(client)
     response = client.post("/queue/resume", {}, token_from="/")
     assert note(response, client) == "Delivery resumed; 1 waiting message woken."
     assert store.options().delivery_paused is False and status(client, waiting) == "queued"
-    assert client.state.queue.pending() == queued_before + 1
+    assert pending(client) == queued_before + 1
     assert "paused-banner" not in client.get("/").text
     actions = [(a.action, a.detail) for a in store.audit_entries(action_prefix="delivery.")]
     assert actions == [("delivery.resume", "resumed delivery"), ("delivery.pause", "paused delivery")]
