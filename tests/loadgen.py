@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -70,9 +71,35 @@ async def _connection(port: int, request: bytes, quota: list[int], result: Flood
         writer.close()
 
 
-async def flood(port: int, request: bytes, count: int, connections: int = 32, depth: int = 4,
-                timeout: float = 120.0) -> FloodResult:
-    """Send ``request`` ``count`` times over ``connections`` keep-alive connections."""
+def flood(port: int, request: bytes, count: int, connections: int = 32, depth: int = 4,
+          timeout: float = 120.0) -> FloodResult:
+    """Send ``request`` ``count`` times over ``connections`` keep-alive connections.
+
+    The flood runs its own event loop in a thread of its own: the caller's
+    thread may already have a loop running (Playwright's sync API, kept alive
+    by the browser tests' session fixture, leaves one in the main thread,
+    where ``asyncio.run`` refuses to start).
+    """
+    outcome: list[FloodResult | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(asyncio.run(_flood(port, request, count, connections, depth, timeout)))
+        except BaseException as error:  # handed to the caller's thread below
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, name="flood")
+    thread.start()
+    thread.join(timeout + 10)
+    if not outcome:
+        raise TimeoutError(f"the flood did not end within {timeout + 10:.0f} s")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+async def _flood(port: int, request: bytes, count: int, connections: int, depth: int,
+                 timeout: float) -> FloodResult:
     result = FloodResult()
     quota = [count]
     started = time.monotonic()
