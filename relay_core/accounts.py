@@ -96,13 +96,19 @@ class Accounts:
     def reveal_api_key(self, key_id: int | None = None) -> str:
         conn = self.conn()
         if key_id is None:
-            row = conn.execute("SELECT secret FROM api_keys WHERE is_primary = 1 AND revoked_at IS NULL"
+            row = conn.execute("SELECT label, secret FROM api_keys WHERE is_primary = 1 AND revoked_at IS NULL"
                                " ORDER BY id DESC LIMIT 1").fetchone()
         else:
-            row = conn.execute("SELECT secret FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+            row = conn.execute("SELECT label, secret FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         if row is None:
             raise LookupError("no such API key")
-        return self.keys.decrypt_text(row["secret"])
+        try:
+            return self.keys.decrypt_text(row["secret"])
+        except crypto.DecryptionError:
+            raise crypto.DecryptionError(
+                f"the stored copy of the API key “{row['label']}” cannot be decrypted with RELAY_SECRET_KEY (it was "
+                "made with another secret: run `tspro-relay rotate-secret` with the previous one as "
+                "RELAY_SECRET_KEY_OLD, or generate a new key)") from None
 
     def new_primary_api_key(self) -> str:
         """Replace the portal's key; the old one stops working at once (its limits carry over)."""

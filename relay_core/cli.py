@@ -333,6 +333,21 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_rotate_secret(args: argparse.Namespace, settings: Settings) -> int:
+    from .rotation import RotationError, rotate_secret
+    store = _open_store(settings)
+    try:
+        report = rotate_secret(settings, store)
+    except RotationError as exc:
+        return _fail(str(exc))
+    finally:
+        store.shutdown()
+    print(report.sentence())
+    print("RELAY_SECRET_KEY_OLD can now be removed: restart every relay process with RELAY_SECRET_KEY alone. "
+          "Admins sign in again (sessions were signed with the old secret).")
+    return 0
+
+
 def cmd_migrate_store(args: argparse.Namespace, settings: Settings) -> int:
     from .config import parse_database_url
     from .transfer import TransferRefused, copy_store
@@ -486,6 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, metavar="postgresql://user:password@host:5432/dbname",
                    help="the empty PostgreSQL database to copy into")
     p.set_defaults(handler=cmd_migrate_store)
+
+    add_command(sub, "rotate-secret", "re-encrypt every stored secret and message with the new RELAY_SECRET_KEY",
+                "Re-encrypt the SMTP password, the Turnstile secret, every API key (Reveal copy and lookup hash), "
+                "the key check and every stored message body from RELAY_SECRET_KEY_OLD to RELAY_SECRET_KEY, in one "
+                "transaction, while the relay runs (its processes restarted with both variables first). Prints "
+                "how many items it rotated; afterwards RELAY_SECRET_KEY_OLD can be dropped.",
+                ).set_defaults(handler=cmd_rotate_secret)
 
     p = add_command(sub, "restore", "replace relay.db with a backup (every relay process stopped)",
                     "Replace relay.db with a file made by `tspro-relay backup`, after checking it. Refuses "

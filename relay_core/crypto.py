@@ -53,6 +53,7 @@ class KeySet:
     fernet: MultiFernet
     body_keys: tuple[AESGCM, ...]
     lookup_keys: tuple[bytes, ...]
+    fernets: tuple[Fernet, ...] = ()  # one per secret, the current one first (rotate-secret tells them apart)
 
     def encrypt_text(self, value: str) -> str:
         return self.fernet.encrypt(value.encode()).decode()
@@ -96,6 +97,7 @@ def derive_keys(settings: Settings) -> KeySet:
         fernet=MultiFernet(fernets),
         body_keys=tuple(AESGCM(_derive(s, "body")) for s in secrets_in_order),
         lookup_keys=tuple(_derive(s, "api-key-lookup") for s in secrets_in_order),
+        fernets=tuple(fernets),
     )
 
 

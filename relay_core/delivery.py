@@ -121,6 +121,11 @@ class Deliverer:
         if not options.smtp_configured:
             return None, DeliveryError("SMTP delivery is not configured (set smtp_host)", stage="connect",
                                        permanent=False)
+        if "smtp_password" in self.store.unreadable_secrets:
+            # Fail closed: AUTH without the password (or with a wrong one) would not do; wait for it.
+            return None, DeliveryError("AUTH: the stored SMTP password cannot be decrypted with this RELAY_SECRET_KEY; "
+                                       "re-enter it (`tspro-relay config set smtp_password=...` or Settings → SMTP "
+                                       "delivery)", stage="AUTH", permanent=False)
         try:
             mime = render(claimed)
         except DecryptionError as exc:

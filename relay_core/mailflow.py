@@ -119,6 +119,9 @@ def assess(store: Store, now: float | None = None, window: int = UPSTREAM_WINDOW
         problems.append("SMTP delivery is not configured: set the SMTP host in the relay's settings.")
     if not has_key:
         problems.append("The relay has no API key.")
+    if "smtp_password" in store.unreadable_secrets:
+        problems.append("The stored SMTP password cannot be decrypted with this RELAY_SECRET_KEY, so nothing is "
+                        "delivered: re-enter it in the relay's settings.")
     if options.delivery_paused:
         problems.append("Delivery is paused: mail is accepted and queued but not sent until an admin "
                         "resumes it (`tspro-relay resume`).")

@@ -13,6 +13,7 @@ trail; ``ledger.py`` the messages, claims and the log; ``logbook.py``,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -32,13 +33,25 @@ from .interventions import ActionReport, Interventions  # noqa: F401  (re-export
 from .ledger import (FINAL_STATES, MAX_UNRECORDED_CLAIMS, AttemptFact, ClaimedMessage, Ledger,  # noqa: F401
                      LogEntry, LoggedRow, NewMessage, Paced, Recipient, insert_log, insert_message)
 from .limits import SendLimits
+from .logs import fields
 from .logbook import Logbook, backfill
 from .options import SECRET_OPTIONS, Options, build_options, check_consistency, to_text
 from .queueview import QueueView
 from .refusals import Refusals
 from .sessions import AdminSession, Sessions  # noqa: F401  (re-exported)
 
+logger = logging.getLogger("relay.store")
 KEY_CHECK = "tspro-relay key check"
+# Where each secret setting is entered again.
+REENTER = {"smtp_password": "Settings → SMTP delivery", "turnstile_secret": "Settings → Sign-in protection"}
+
+
+def unreadable_sentence(name: str) -> str:
+    """What the log says about a stored secret this RELAY_SECRET_KEY cannot decrypt (never its value)."""
+    return (f"the stored {name} cannot be decrypted with RELAY_SECRET_KEY (it was encrypted with another "
+            "secret: after changing the secret, run `tspro-relay rotate-secret` with the previous one as "
+            f"RELAY_SECRET_KEY_OLD); until then it is not used. Re-enter it: `tspro-relay config set {name}=...`"
+            f" or {REENTER.get(name, 'the admin pages')}.")
 MOVED_MARK = "moved_to"  # set in relay.db by migrate-store (see transfer.py)
 
 
@@ -68,6 +81,7 @@ class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions
         self._local = threading.local()
         self._cache_lock = threading.Lock()
         self._cache: tuple[int, Options, list[ApiKey]] | None = None
+        self.unreadable_secrets: frozenset[str] = frozenset()  # secret settings this secret cannot decrypt
 
     @classmethod
     def open(cls, settings: Settings, keys: KeySet | None = None) -> "Store":
@@ -125,9 +139,9 @@ class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions
             self.keys.decrypt_text(row["value"])
         except crypto.DecryptionError:
             raise ConfigError(
-                f"RELAY_SECRET_KEY is not the key {self.database.describe()} was created with, so its "
-                "stored secrets and queued mail cannot be read; use the original key (during a rotation, set "
-                "the original as RELAY_SECRET_KEY_OLD)."
+                f"RELAY_SECRET_KEY is not the key {self.database.describe()} is encrypted with, so its "
+                "stored secrets and queued mail cannot be read; use that key (during a rotation, set the "
+                "previous one as RELAY_SECRET_KEY_OLD; after `tspro-relay rotate-secret`, the new one)."
             ) from None
 
     # -- connections ---------------------------------------------------
@@ -200,9 +214,18 @@ class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions
         if cached is not None and cached[0] == rev:
             return cached[1], cached[2]
         stored = {r["name"]: r["value"] for r in conn.execute("SELECT name, value FROM settings")}
-        for name in SECRET_OPTIONS:
+        unreadable = set()
+        for name in sorted(SECRET_OPTIONS):
             if stored.get(name):
-                stored[name] = self.keys.decrypt_text(stored[name])
+                try:
+                    stored[name] = self.keys.decrypt_text(stored[name])
+                except crypto.DecryptionError:
+                    # Fail closed: the setting counts as unusable (delivery waits, sign-in with
+                    # Turnstile is refused) rather than empty, and the log says what to re-enter.
+                    stored[name] = ""
+                    unreadable.add(name)
+                    logger.error(unreadable_sentence(name), extra=fields("store.unreadable_secret"))
+        self.unreadable_secrets = frozenset(unreadable)
         options = build_options(stored)
         keys = [
             ApiKey(r["id"], r["label"], bool(r["is_primary"]), r["created_at"], r["revoked_at"], r["lookup"],

@@ -24,8 +24,8 @@ from support import REPO, Relay, cli, free_port, relay_env, wait_until
 # Every command and sub-command an operator can ask for help on.
 COMMANDS = [("run",), ("web",), ("worker",), ("init",), ("config",), ("config", "show"), ("config", "set"),
             ("api-key",), ("api-key", "show"), ("api-key", "new"), ("api-key", "add"), ("api-key", "list"),
-            ("api-key", "revoke"), ("send-test",), ("admin",), ("admin", "set-password"), ("backup",),
-            ("healthcheck",), ("migrate-store",), ("restore",), ("log",), ("status",), ("pause",), ("resume",)]
+            ("api-key", "set"), ("api-key", "revoke"), ("send-test",), ("admin",), ("admin", "set-password"), ("backup",),
+            ("healthcheck",), ("migrate-store",), ("restore",), ("rotate-secret",), ("log",), ("status",), ("pause",), ("resume",)]
 
 
 @pytest.fixture
@@ -279,7 +279,7 @@ def test_the_wrong_secret_error_quotes_the_data_directory(tmp_path: Path) -> Non
     wrong = {**env, "RELAY_SECRET_KEY": "another-secret-key-0123456789-abcdefghijklmnop"}
     result = cli(wrong, "config", "show", cwd=tmp_path, check=False)
     assert result.returncode == 2
-    assert f"the data directory '{tmp_path / 'data'}' was created with" in result.stderr
+    assert f"the data directory '{tmp_path / 'data'}' is encrypted with" in result.stderr
 
 
 def test_the_missing_secret_error_names_where_dotenv_was_looked_for(tmp_path: Path) -> None:

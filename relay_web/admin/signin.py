@@ -82,6 +82,12 @@ async def login(request: Request) -> Response:
         shown.error = "Enter your username and password."
         return _login_page(request, shown)
     options = state.store.options()
+    if options.turnstile_site_key and "turnstile_secret" in state.store.unreadable_secrets:
+        # Fail closed: without its secret Turnstile would be skipped, so no sign-in at all.
+        shown.error = ("Signing in is closed: the stored Turnstile secret cannot be decrypted with this "
+                       "RELAY_SECRET_KEY. On the relay's host, re-enter it (`tspro-relay config set "
+                       "turnstile_secret=...`) or turn Turnstile off (`tspro-relay config set turnstile_site_key=`).")
+        return _login_page(request, shown)
     if options.turnstile_enabled:
         try:
             await run_in_threadpool(turnstile.verify, options, form.get(turnstile.RESPONSE_FIELD, ""), ip)

@@ -401,3 +401,22 @@ def test_the_origin_check_compares_host_names_and_ports() -> None:
         request = Request({"type": "http", "method": "POST", "path": "/", "query_string": b"",
                            "headers": [(b"host", host.encode()), (b"origin", origin.encode())]})
         assert same_origin(request) is expected, (host, origin)
+
+
+def test_sign_in_is_closed_while_the_turnstile_secret_cannot_be_read(tmp_path: Path) -> None:
+    """Fail closed: without its secret Turnstile would be skipped, so nobody signs in (the CLI still works)."""
+    from relay_core.config import load_settings
+    from relay_core.store import transaction
+    with admin_client(admin_settings(tmp_path), sign_in=False) as client:
+        set_password(client)
+        turnstile_on(client, "http://127.0.0.1:9/never-asked")
+        store = client.state.store
+        other = crypto.derive_keys(load_settings({"RELAY_SECRET_KEY": "another-secret-0123456789-abcdefghijklmn"}))
+        conn = store.conn()
+        with transaction(conn):  # the secret as a process given another RELAY_SECRET_KEY wrote it
+            conn.execute("UPDATE settings SET value = ? WHERE name = 'turnstile_secret'",
+                         (other.encrypt_text("0x4AAAAAAA-secret-value"),))
+            store._bump_rev(conn)
+        answer = client.sign_in()
+        assert answer.status_code == 200 and "Signing in is closed" in answer.text
+        assert client.session_cookie() is None
