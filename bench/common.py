@@ -64,6 +64,7 @@ class Relay:
             os.pathsep)
         self.web: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
+        self.log_paths: list[Path] = []
         self.port = free_port()
 
     def cli(self, *args: str) -> str:
@@ -79,15 +80,30 @@ class Relay:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def _log(self, role: str) -> Any:
+        """Each process writes its log to a file here, so ``leaks`` can read it afterwards."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"{role}-{len(self.log_paths)}.log"
+        self.log_paths.append(path)
+        return open(path, "wb")
+
     def start_web(self) -> int:
-        self.web = subprocess.Popen([sys.executable, "-m", "relay_core.cli", "web", "--host", "127.0.0.1",
-                                     "--port", str(self.port)], env=self.env, cwd=self.dir)
+        with self._log("web") as log:
+            self.web = subprocess.Popen([sys.executable, "-m", "relay_core.cli", "web", "--host", "127.0.0.1",
+                                         "--port", str(self.port)], env=self.env, cwd=self.dir, stdout=log,
+                                        stderr=subprocess.STDOUT)
         wait_http(self.url + "/healthz")
         return self.web.pid
 
     def start_worker(self) -> None:
-        self.workers.append(subprocess.Popen([sys.executable, "-m", "relay_core.cli", "worker"],
-                                             env=self.env, cwd=self.dir))
+        with self._log("worker") as log:
+            self.workers.append(subprocess.Popen([sys.executable, "-m", "relay_core.cli", "worker"],
+                                                 env=self.env, cwd=self.dir, stdout=log, stderr=subprocess.STDOUT))
+
+    def leaks(self, *secrets: str) -> list[str]:
+        """Log files of this relay's processes holding any of ``secrets`` (an API key, a password)."""
+        return [str(path) for path in self.log_paths
+                if path.exists() and any(secret and secret in path.read_text(errors="replace") for secret in secrets)]
 
     def stop_workers(self) -> None:
         for proc in self.workers:
