@@ -2,8 +2,8 @@
 
 1. With the old secret: SMTP settings with an AUTH password, Turnstile's
    secret, a second API key, and four messages accepted while no worker runs.
-2. Web and worker restarted with the new secret and the old one as
-   RELAY_SECRET_KEY_OLD; the SMTP server takes 3 s per message, so the first
+2. Web and worker started with the new secret and the old one as
+   RELAY_SECRET_KEY_OLD; the SMTP server takes 2 s per message, so the first
    message is being delivered when `rotate-secret` runs. It reports what it
    rotated, the message in flight arrives once and intact, and delivery is
    paused to keep the rest waiting.
@@ -19,7 +19,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,8 +31,10 @@ from cryptography.fernet import InvalidToken
 
 from relay_core import crypto
 from relay_core.config import load_settings
-from relay_core.store import Store
-from support import SMTP_PASSWORD, Relay, RelayProcess, SmtpServer, cli, free_port, wait_until
+from relay_core.message import new_message_id, pack_stored, parse_payload
+from relay_core.options import parse_option
+from relay_core.store import NewMessage, Store, insert_message, transaction
+from support import SMTP_PASSWORD, Relay, SmtpServer, cli, wait_until
 
 pytestmark = pytest.mark.slow
 OLD = "the-old-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -107,23 +111,42 @@ def readable_with(secret: str, relay: Relay, api_keys: list[str]) -> list[str]:
     return found
 
 
+def accept(store: Store, payload: dict[str, Any]) -> str:
+    """Store a message as the web process does (its request encrypted to its id), enqueueing nothing:
+    the sweeper wakes a worker for it."""
+    options = store.options()
+    parsed = parse_payload(payload, options)
+    message_id = new_message_id()
+    sealed = store.keys.encrypt_body(pack_stored(bytearray(json.dumps(payload).encode()), parsed), message_id)
+    conn = store.conn()
+    with transaction(conn):
+        insert_message(conn, NewMessage.accepted(parsed, message_id, sealed, time.time(), options, "api", None))
+    return message_id
+
+
 def test_rotate_while_running_then_drop_the_old_secret(relay: Relay) -> None:
-    second = cli(relay.env, "api-key", "add", "--label", "second", cwd=relay.cwd).stdout.strip()
     portal = relay.key
     with SmtpServer("none", auth=True) as server:
-        relay.configure(*server.settings(auth=True), "turnstile_site_key=0x4AAAAAAA-site",
-                        f"turnstile_secret={TURNSTILE}", "retry_base_seconds=1", "retry_max_seconds=2")
-        relay.start_web()
-        ids = [relay.send(message(i)).json()["id"] for i in range(4)]
-        relay.web.stop()  # type: ignore[union-attr]
+        # 1. The old secret: settings, a second key and four waiting messages, written as the relay would.
+        store = Store.open(load_settings({k: v for k, v in relay.env.items() if k.startswith("RELAY_")}))
+        try:
+            pairs = [p.split("=", 1) for p in server.settings(auth=True)] + [
+                ["turnstile_site_key", "0x4AAAAAAA-site"], ["turnstile_secret", TURNSTILE],
+                ["retry_base_seconds", "1"], ["retry_max_seconds", "2"]]
+            store.set_options({name: parse_option(name, value) for name, value in pairs})
+            _, second = store.add_api_key("second")
+            ids = [accept(store, message(i)) for i in range(4)]
+        finally:
+            store.shutdown()
         before = readable_with(OLD, relay, [portal, second])
         assert len(before) == 2 + 2 * 2 + 1 + 4  # 2 settings, 2 keys (copy + hash), the key check, 4 bodies
 
         # 2. The new secret, the old one beside it; rotate while the first message is being delivered.
         relay.env.update(RELAY_SECRET_KEY=NEW, RELAY_SECRET_KEY_OLD=OLD)
-        server.behaviour.delay = 3.0
+        server.behaviour.delay = 2.0
         relay.start_web()
         relay.start_worker()
+        cli(relay.env, "resume", cwd=relay.cwd)  # wakes every waiting message (none was enqueued)
         wait_until(lambda: server.handler.attempt_times, what="a delivery in flight")
         report = cli(relay.env, "rotate-secret", cwd=relay.cwd).stdout
         cli(relay.env, "pause", cwd=relay.cwd)
