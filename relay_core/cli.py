@@ -215,7 +215,7 @@ def cmd_api_key(args: argparse.Namespace, settings: Settings) -> int:
             per_hour, allowed = _key_limits(args)
         except RelayError as exc:
             return _fail(exc.message)
-        key_id, secret = store.add_api_key(args.label, per_hour if per_hour != "keep" else None, allowed or "")
+        key_id, secret = store.add_api_key(args.label, per_hour if isinstance(per_hour, int) else None, allowed or "")
         print(secret)
         print(f"Added key {key_id} ({args.label}).", file=sys.stderr)
     elif args.action == "set":

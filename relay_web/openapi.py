@@ -70,7 +70,7 @@ def _ok(description: str, schema: str, headers: dict[str, Any] | None = None) ->
 _LIMIT_HEADERS = {name: {"$ref": f"#/components/headers/{name}"}
                   for name in ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")}
 _RETRY = {"Retry-After": {"$ref": "#/components/headers/Retry-After"}, **_LIMIT_HEADERS}
-_BEARER = [{"bearer": []}]
+_BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
 def _recipients(what: str, required: bool = False) -> dict[str, Any]:
