@@ -118,6 +118,11 @@ def _bool(name: str, value: str) -> bool:
     raise BadRequest(f"{name} must be true or false, not {value!r}.")
 
 
+def _bound(value: float) -> str:
+    """A limit as a person reads it: 65535, 0.001, 1,000,000,000 (never 1e+09)."""
+    return f"{value:,.0f}" if value >= 1e6 else f"{value:g}"
+
+
 def _number(minimum: float, maximum: float, integer: bool = True) -> Callable[[str, str], Any]:
     def parse(name: str, value: str) -> float | int:
         try:
@@ -126,7 +131,7 @@ def _number(minimum: float, maximum: float, integer: bool = True) -> Callable[[s
             kind = "a whole number" if integer else "a number"
             raise BadRequest(f"{name} must be {kind}, not {value!r}.") from None
         if not minimum <= number <= maximum:
-            raise BadRequest(f"{name} must be between {minimum:g} and {maximum:g}, not {value}.")
+            raise BadRequest(f"{name} must be between {_bound(minimum)} and {_bound(maximum)}, not {value}.")
         return number
     return parse
 

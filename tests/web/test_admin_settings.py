@@ -4,6 +4,7 @@ aiosmtpd server, and the test email through the queue."""
 
 from __future__ import annotations
 
+import html
 import re
 import sqlite3
 from pathlib import Path
@@ -51,10 +52,14 @@ BAD_INPUT = [
     ("/settings/delivery", DELIVERY, "retry_max_seconds", "30", "must not be shorter than the first retry"),
     ("/settings/delivery", DELIVERY, "max_per_hour", "-5", "Deliveries per hour must be between 0"),
     ("/settings/delivery", DELIVERY, "max_age_hours", "forever", "Give up after (hours) must be a number"),
+    ("/settings/delivery", DELIVERY, "send_per_hour", "lots", "Sends per hour per API key must be a whole number"),
+    ("/settings/delivery", DELIVERY, "bad_key_per_minute", "-1", "between 0 and 1,000,000,000, not -1"),
     ("/settings/signin", SIGNIN, "session_idle_minutes", "0", "must be between 1 and"),
     ("/settings/signin", SIGNIN, "turnstile_site_key", "has spaces in it", "without spaces"),
     ("/settings/api-keys", {"label": ""}, "label", "   ", "Give the new key a name"),
     ("/settings/api-keys", {"label": ""}, "label", "x" * 80, "at most 60 characters"),
+    ("/settings/api-keys", {"label": "partner"}, "new_per_hour", "-1", "Sends per hour must be between 0"),
+    ("/settings/api-keys", {"label": "partner"}, "new_allowed_from", "not a domain", "Allowed From holds 'not a"),
     ("/settings/test-email", {"test_to": ""}, "test_to", "not an address", "Enter one email address"),
 ]
 
@@ -132,6 +137,12 @@ def test_saving_the_smtp_card_stores_encrypts_and_audits(client: AdminClient) ->
     assert "Port: 587 → 2525" in entry.detail and "SMTP password changed" in entry.detail
     page = client.get("/settings?saved=smtp").text
     assert "SMTP settings saved." in page and secret not in page and "A password is stored" in page
+    # Recent changes on the page: when, who, from which IP, what (the secret only as "changed").
+    audit = page.split('id="audit"', 1)[1]
+    row = html.unescape(re.sub(r"<[^>]+>", " ", audit.split("<tr>", 2)[2].split("</tr>", 1)[0]))
+    assert "just now" in row and "admin" in row and "198.51.100.20" in row, row
+    assert "Port: 587 → 2525" in row and "SMTP password changed" in row, row
+    assert re.search(r'<span title="\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC">just now</span>', audit), audit[:400]
     assert secret not in " ".join(e.detail for e in client.state.store.audit_entries(limit=1000))
 
     # An empty password field keeps the stored one; the checkbox clears it.
