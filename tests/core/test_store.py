@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -214,6 +215,26 @@ def test_set_admin_password(store: Store) -> None:
     assert store.check_admin("admin", "new-password-99")
     assert not store.check_admin("admin", "admin-pass-123")
     assert store.conn().execute("SELECT COUNT(*) FROM admins").fetchone()[0] == 1
+
+
+def test_a_weaker_password_hash_is_replaced_at_the_next_successful_sign_in(store: Store, other: Store) -> None:
+    salt = base64.b64encode(b"0123456789abcdef").decode()
+    digest = base64.b64encode(hashlib.scrypt(b"admin-pass-123", salt=b"0123456789abcdef", n=2**14, r=8, p=1,
+                                             dklen=32)).decode()
+    weak = f"scrypt${2**14}$8$1${salt}${digest}"  # below today's N=2**17
+    conn = store.conn()
+    with transaction(conn):
+        conn.execute("UPDATE admins SET password_hash = ?", (weak,))
+
+    def stored() -> str:
+        return str(other.conn().execute("SELECT password_hash FROM admins").fetchone()[0])
+
+    assert store.verify_admin("admin", "admin-pass-124") is None and stored() == weak  # a failure changes nothing
+    assert store.verify_admin("admin", "admin-pass-123") is not None
+    upgraded = stored()  # as another process reads it: committed
+    assert upgraded != weak and not crypto.needs_rehash(upgraded)
+    assert upgraded.startswith(f"scrypt${crypto.SCRYPT_N}${crypto.SCRYPT_R}${crypto.SCRYPT_P}$")
+    assert other.check_admin("admin", "admin-pass-123") and stored() == upgraded  # once only
 
 
 # -- settings ------------------------------------------------------------------------------------
