@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import captured_logs
@@ -31,3 +34,33 @@ def test_the_suite_registers_relay_logs_cli_output_and_the_keys_it_printed(tmp_p
     refused = cli(env, "api-key", "revoke", "999", cwd=tmp_path, check=False)  # says why on stderr
     kept = [p for p in captured_logs.files() if p.parent == captured_logs.directory()]
     assert any("No active API key with id 999" in p.read_text() for p in kept), refused.stderr
+
+
+INNER = '''
+import logging
+
+def test_{name}() -> None:
+    logging.getLogger("relay.test").warning({line!r})
+'''
+
+
+def inner_session(tmp_path: Path, name: str, line: str) -> subprocess.CompletedProcess[str]:
+    """A pytest session of its own with this suite's conftest.py as a plugin, running one test that logs
+    ``line``: what the end-of-session scan makes of it, without touching this session's logs."""
+    test_file = tmp_path / f"test_{name}.py"
+    test_file.write_text(INNER.format(name=name, line=line))
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)]), "TMPDIR": str(tmp_path)}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
+                           "--rootdir", str(tmp_path), "-c", os.devnull, str(test_file)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_end_of_session_scan_fails_a_run_whose_logs_hold_a_key(tmp_path: Path) -> None:
+    leaked = inner_session(tmp_path, "leaks", "sent with Bearer tsr_" + "q" * 43)
+    assert leaked.returncode == 1, leaked.stdout + leaked.stderr
+    assert "1 passed" in leaked.stdout and "SECRETS IN LOGS: 1 leak(s)" in leaked.stdout, leaked.stdout
+    assert "holds an API key (tsr_qq…)" in leaked.stdout and "q" * 43 not in leaked.stdout
+    clean = inner_session(tmp_path, "clean", "sent 01a2 to a@example.com")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "no API key or SMTP password in any" in clean.stdout
