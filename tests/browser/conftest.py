@@ -5,9 +5,11 @@
   page it opens is watched. A console error, an uncaught page error or a CSP
   violation anywhere FAILS the test at teardown (the violations are reported
   by a ``securitypolicyviolation`` listener injected before any page script).
-  A screenshot of every page loaded is saved under
+  A screenshot of every page visited is saved under
   ``tests/browser/artifacts/<test name>/`` (git-ignored; the path is printed
-  at the end of the run). ``page`` is ``open_page()``.
+  at the end of the run): each page is shot as it was when the browser left
+  it (a route holds the next document request until the shot is taken), and
+  the pages still open at the end are shot then. ``page`` is ``open_page()``.
 - ``relay``: a running `tspro-relay run` (web + worker) on a free port, with a
   temp data directory and RELAY_INSECURE_COOKIES=1 (plain http), trusting
   the test CA (SSL_CERT_FILE); its admin password is already the admin's
@@ -18,15 +20,15 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Page, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, CDPSession, ConsoleMessage, Page, Route, sync_playwright
 
 from browser_helpers import ADMIN_PASSWORD, BrowserRelay
 from support import Certificates
@@ -53,7 +55,6 @@ class Watch:
     directory: Path
     problems: list[str] = field(default_factory=list)
     shots: list[Path] = field(default_factory=list)
-    pending: int = 0
     taken: int = 0
 
     def console(self, message: ConsoleMessage) -> None:
@@ -63,18 +64,38 @@ class Watch:
     def page_error(self, error: Exception) -> None:
         self.problems.append(f"page error: {error}")
 
-    def screenshot(self, page: Page) -> None:
-        self.pending += 1
+    def screenshot(self, page: Page, cdp: CDPSession) -> None:
+        """The whole page as it is now, in one DevTools call: Playwright's own ``page.screenshot``
+        (several calls, and a wait for navigations) would hang while a navigation is held."""
+        if page.is_closed() or not page.url.startswith("http"):
+            return  # about:blank before the first visit, or nothing left to shoot
         self.taken += 1
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", page.url.split("://", 1)[-1].split("/", 1)[-1]).strip("-")[:50]
+        path = self.directory / f"{self.taken:02d}-{slug or 'root'}.png"
+        shot = cdp.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+        path.write_bytes(base64.b64decode(shot["data"]))
+        self.shots.append(path)
+
+    def leaving(self, page: Page, cdp: CDPSession, route: Route) -> None:
+        """A request of ``page``: when it is the next document of the page, shoot the page it leaves.
+
+        The browser keeps showing the old page until the route continues, so the shot is that page's
+        last state, whatever the test does next (a listener on "load" shot too late, racing the
+        test's next step, and several pages came out as the same later one).
+        """
+        request = route.request
         try:
-            slug = re.sub(r"[^A-Za-z0-9]+", "-", page.url.split("://", 1)[-1].split("/", 1)[-1]).strip("-")[:50]
-            path = self.directory / f"{self.taken:02d}-{slug or 'root'}.png"
-            page.screenshot(path=str(path), full_page=True)
-            self.shots.append(path)
-        except Exception:  # the page moved on or closed before the shot: the next load is shot instead
-            pass
+            if request.is_navigation_request() and request.frame == page.main_frame:
+                self.shoot(page, cdp)
         finally:
-            self.pending -= 1
+            route.continue_()
+
+    def shoot(self, page: Page, cdp: CDPSession) -> None:
+        try:
+            self.screenshot(page, cdp)
+        except Exception as exc:  # a page that cannot be shot is reported, not skipped in silence
+            if not page.is_closed():
+                self.problems.append(f"no screenshot of {page.url}: {exc}")
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +113,7 @@ class Pages:
     def __init__(self, watch: Watch) -> None:
         self.watch = watch
         self.contexts: list[BrowserContext] = []
+        self.cdp: dict[Page, CDPSession] = {}
         self.closed = False
 
     def close(self) -> None:
@@ -100,11 +122,9 @@ class Pages:
         self.closed = True
         for context in self.contexts:
             for page in context.pages:
-                deadline = time.monotonic() + 5
-                while self.watch.pending and time.monotonic() < deadline:
-                    page.wait_for_timeout(50)  # lets a screenshot started by a load event finish
-                if not page.is_closed():
-                    self.watch.screenshot(page)  # the last state, whatever happened
+                if page in self.cdp:  # a page the test opened (not a popup)
+                    page.unroute("**/*")  # nothing more is shot on the way out
+                    self.watch.shoot(page, self.cdp[page])  # the last state, whatever happened
             context.close()
 
 
@@ -133,7 +153,8 @@ def open_page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Call
         page = context.new_page()
         page.on("console", watch.console)
         page.on("pageerror", watch.page_error)
-        page.on("load", watch.screenshot)
+        cdp = pages.cdp[page] = context.new_cdp_session(page)
+        page.route("**/*", lambda route: watch.leaving(page, cdp, route))
         page.on("dialog", lambda dialog: dialog.accept())  # confirm(): tests that open one mean it
         page.set_default_timeout(15_000)
         return page

@@ -11,7 +11,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from browser_helpers import ADMIN_PASSWORD, SEED_PASSWORD, BrowserRelay, sign_in, unlabelled_inputs
-from support import SMTP_PASSWORD, SMTP_USER, Certificates, SmtpServer, wait_until
+from support import SMTP_PASSWORD, SMTP_USER, Certificates, SmtpServer, free_port, wait_until
 
 pytestmark = pytest.mark.browser
 NAVIGATION = ["Queue", "Transaction Log", "Settings", "Sign out"]
@@ -137,19 +137,32 @@ def test_reveal_copy_add_and_revoke_keys(open_page: Callable[..., Page], relay: 
         assert response.status_code == 202
         wait_until(lambda: api_status(relay, copied, response.json()["id"]) == "sent", what="the first key's send")
 
-        # Rotation without downtime: a second key, used, then the first revoked.
+        # Rotation without downtime: a second key, with limits of its own, used, then the first revoked.
         page.get_by_label("New key name").fill("portal-2025")
+        page.locator("#f-new_per_hour").fill("50")
+        page.locator("#f-new_allowed_from").fill("example.org")
         page.get_by_role("button", name="Add key").click()
         expect(page.get_by_role("status").first).to_contain_text("Key added.")
         row = page.locator("#keys tr", has_text="portal-2025")
+        expect(row.get_by_label("Sends per hour")).to_have_value("50")
+        expect(row.get_by_label("Allowed From")).to_have_value("example.org")
         row.get_by_role("button", name="Copy").click()
         second_key = page.evaluate("navigator.clipboard.readText()")
         assert second_key.startswith("tsr_") and second_key != first_key
         response = api_send(relay, second_key, to="second@example.com")
         assert response.status_code == 202
         wait_until(lambda: api_status(relay, second_key, response.json()["id"]) == "sent", what="the second key's send")
+        spoofed = httpx.post(f"{relay.url}/api/send", headers={"Authorization": f"Bearer {second_key}"}, timeout=30,
+                             json={"from_email": "ceo@elsewhere.example", "to": ["x@example.com"], "subject": "s",
+                                   "text": "t"})
+        assert spoofed.status_code == 403 and "Allowed From list of the API key" in spoofed.json()["error"]
         page.reload()
-        expect(page.locator("#keys tr", has_text="portal-2025")).to_contain_text("just now")  # last used
+        row = page.locator("#keys tr", has_text="portal-2025")
+        expect(row).to_contain_text("just now")  # last used
+        row.get_by_label("Sends per hour").fill("60")
+        row.get_by_role("button", name="Save limits").click()
+        expect(page.get_by_role("status").first).to_have_text("The key's limits were saved.")
+        expect(page.locator("#keys tr", has_text="portal-2025").get_by_label("Sends per hour")).to_have_value("60")
 
         page.locator("#keys tr", has_text="portal").filter(has=page.locator(".tag")).get_by_role(
             "button", name="Revoke").click()  # app.js asks confirm(); the fixture accepts it
@@ -193,10 +206,40 @@ def test_sign_out_then_a_replayed_cookie_is_refused(open_page: Callable[..., Pag
 
 def test_readable_on_a_phone_and_usable_without_javascript(open_page: Callable[..., Page],
                                                             relay: BrowserRelay) -> None:
+    # A mail server that is down (nothing listens on the port), so a message waits on the dashboard.
+    relay.configure("smtp_host=127.0.0.1", f"smtp_port={free_port()}", "smtp_security=none",
+                    "retry_base_seconds=3600", "retry_max_seconds=3600", "default_from=relay@example.org")
+    response = api_send(relay, relay.key(), to="waiting@example.com")
+    assert response.status_code == 202
+    message_id = response.json()["id"]
+    wait_until(lambda: api_status(relay, relay.key(), message_id) == "deferred", what="the message to wait")
+
     phone = open_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
                       java_script_enabled=False)
     sign_in(phone, relay)
     expect(phone.get_by_role("heading", name="Queue")).to_be_visible()
+    # Without JavaScript: a message's body, a bulk Cancel (asked on a page of its own), Pause and
+    # Resume, and the log's search all work by plain forms and links.
+    phone.locator(f"#row-{message_id}").get_by_role("link").click()
+    phone.get_by_role("button", name="Show the body").click()
+    expect(phone.locator("#body pre").first).to_have_text("hello")
+    phone.get_by_role("link", name="Queue", exact=True).click()
+    phone.locator(f"#row-{message_id}").get_by_role("checkbox").check()
+    phone.locator("#waiting .bulk-actions").get_by_role("button", name="Cancel").click()
+    expect(phone.get_by_role("heading", name="Please confirm")).to_be_visible()
+    phone.get_by_role("button", name="Cancel delivery").click()
+    expect(phone.get_by_role("status").first).to_have_text("Cancelled 1 message.")
+    assert api_status(relay, relay.key(), message_id) == "cancelled"
+    phone.get_by_role("button", name="Pause delivery").click()
+    expect(phone.locator("#paused-banner")).to_contain_text("Delivery is paused.")
+    phone.get_by_role("button", name="Resume delivery").click()
+    expect(phone.locator("#paused-banner")).to_have_count(0)
+    phone.get_by_role("link", name="Transaction Log").click()
+    phone.get_by_label("Search recipient, sender or subject").fill("waiting@example.com")
+    phone.get_by_role("button", name="Apply").click()
+    expect(phone.locator("#log-rows tbody tr").first).to_contain_text("waiting@example.com")
+    assert "q=waiting" in phone.url
+
     phone.goto(f"{relay.url}/settings")
     # Without JavaScript a dangerous button asks on a page of its own.
     old = relay.key()
@@ -212,6 +255,7 @@ def test_readable_on_a_phone_and_usable_without_javascript(open_page: Callable[.
     measured = open_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
     measured.goto(f"{relay.url}/login")
     assert unlabelled_inputs(measured) == []
+    assert measured.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "/login"
     sign_in(measured, relay)
     for path in ("/", "/settings", "/account/password"):
         measured.goto(f"{relay.url}{path}")

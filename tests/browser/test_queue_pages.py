@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import httpx
+import pytest
 from playwright.sync_api import Page, expect
 
 from browser_helpers import BrowserRelay, sign_in, unlabelled_inputs
 from conftest import ARTIFACTS
 from support import SmtpServer, cli, free_port, wait_until
+
+pytestmark = pytest.mark.browser
 
 
 def api_send(relay: BrowserRelay, key: str | None = None, **fields: Any) -> httpx.Response:
