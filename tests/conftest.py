@@ -7,6 +7,13 @@ and ``store`` point at a fresh PostgreSQL database in the session's
 throwaway cluster, and ``backend_env`` gives relay processes the
 RELAY_DATABASE_URL and RELAY_QUEUE_URL (Redis) they need.
 
+Inside the test process, each admin password is hashed with scrypt once per
+session and each (password, hash) pair verified once (``scrypt_once``): at
+today's N=2^17 one scrypt costs about half a second here, and hundreds of
+stores and sign-ins would pay it for the same password over and over. The
+hashes are real ones at full strength; only their salt repeats between tests.
+Relay processes the tests start are untouched.
+
 At the end of every run, every log the session captured (relay processes,
 CLI stderr, records logged in this process: see ``captured_logs.py``) is
 searched for the API keys and SMTP passwords the suite used; one found fails
@@ -16,6 +23,7 @@ the run.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -62,6 +70,44 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     elif reporter is not None:
         reporter.write_line(f"captured logs: {read} read, no API key or SMTP password in any "
                             f"({len(captured_logs.secrets())} secrets looked for)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scrypt_once() -> Iterator[None]:
+    """``crypto.hash_password`` and ``verify_password``, as the relay's modules call them,
+    computed once per password (and pair) for the session.
+
+    A module that imported the functions by name before the session began (test_config's
+    own hashing test) keeps the real ones, so a fresh salt per hash is still shown there.
+    """
+    real_hash, real_verify = crypto.hash_password, crypto.verify_password
+    hashes: dict[str, str] = {}
+    verdicts: dict[tuple[str, str], bool] = {}
+    lock = threading.Lock()
+
+    def hash_password(password: str) -> str:
+        with lock:
+            known = hashes.get(password)
+        if known is None:
+            known = real_hash(password)
+            with lock:
+                known = hashes.setdefault(password, known)
+        return known
+
+    def verify_password(password: str, encoded: str) -> bool:
+        with lock:
+            known = verdicts.get((password, encoded))
+        if known is None:
+            known = real_verify(password, encoded)
+            with lock:
+                verdicts[(password, encoded)] = known
+        return known
+
+    crypto.hash_password, crypto.verify_password = hash_password, verify_password  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        crypto.hash_password, crypto.verify_password = real_hash, real_verify  # type: ignore[assignment]
 
 
 @pytest.fixture(scope="session")
