@@ -26,6 +26,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 import captured_logs
+from relay_core.config import load_settings
+from relay_core.crypto import derive_keys
 from relay_core.message import new_message_id, pack_stored, parse_payload
 from relay_core.options import Options
 from relay_core.store import NewMessage, Store, insert_message, transaction
@@ -317,6 +319,8 @@ class Relay:
         self.env = relay_env(cwd / "data", **env)
         self.web: RelayProcess | None = None
         self.workers: list[RelayProcess] = []
+        if not self.data_dir.exists():  # an existing one (an upgrade fixture) is opened by the CLI
+            self._initialise()
         self.key = cli(self.env, "api-key", "show", cwd=cwd).stdout.strip()
         self.http = httpx.Client(timeout=30)
         self._pg: Any = None
@@ -324,6 +328,17 @@ class Relay:
     @property
     def data_dir(self) -> Path:
         return Path(self.env["RELAY_DATA_DIR"])
+
+    def _initialise(self) -> None:
+        """What any command does first on a fresh data directory (migrate, seed the admin
+        and the portal key), done here: the admin password's scrypt is then paid once per
+        session (conftest.py's ``scrypt_once``), not once per relay in a subprocess."""
+        settings = load_settings({k: v for k, v in self.env.items() if k.startswith("RELAY_")})
+        store = Store.open(settings, derive_keys(settings))
+        try:
+            store.bootstrap(settings)
+        finally:
+            store.shutdown()
 
     def configure(self, *pairs: str) -> None:
         cli(self.env, "config", "set", *pairs, cwd=self.cwd)
