@@ -10,12 +10,14 @@ saves an fsync.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import os
 import sqlite3
 from pathlib import Path
 from typing import Callable
 
 from huey import Huey, RedisHuey
-from huey.storage import SqliteStorage
+from huey.storage import RedisStorage, SqliteStorage
 
 from . import files
 from .config import ConfigError, Settings
@@ -50,6 +52,11 @@ class RelayQueue:
             self._handler(message_id)
 
         self._deliver = deliver
+        # What huey would build for a wake-up, made once: each message only changes the
+        # id and the argument (huey's own path costs a Task object and a uuid4 per message).
+        self._template = huey._registry.create_message(deliver.s(""))
+        self._ids = itertools.count(1)
+        self._id_prefix = f"{os.getpid():x}-{os.urandom(4).hex()}-"
 
     def bind(self, handler: Callable[[str], object]) -> None:
         self._handler = handler
@@ -62,11 +69,20 @@ class RelayQueue:
             # the fraction of a second and can wake the task up to a second early.
             self._deliver.schedule((message_id,), eta=dt.datetime.fromtimestamp(eta, dt.timezone.utc))
 
+    def wake_up(self, message_id: str) -> bytes:
+        """The serialized task for one message, as ``huey.serialize_task`` would make it
+        (a task id unique to this process and call, the message id as the argument)."""
+        message = self._template._replace(id=f"{self._id_prefix}{next(self._ids)}", args=(message_id,))
+        return bytes(self.huey.serializer.serialize(message))
+
     def enqueue_many(self, message_ids: list[str]) -> None:
-        items = [self.huey.serialize_task(self._deliver.s(message_id)) for message_id in message_ids]
+        """One wake-up per message, stored at once: one queue.db transaction, or one LPUSH."""
+        items = [self.wake_up(message_id) for message_id in message_ids]
         storage = self.huey.storage
         if isinstance(storage, RelaySqliteStorage):
             storage.enqueue_many(items)
+        elif type(storage) is RedisStorage and items:
+            storage.conn.lpush(storage.queue_key, *items)  # what huey's enqueue does, for all of them
         else:
             for data in items:
                 storage.enqueue(data)
