@@ -8,10 +8,15 @@ runs each job in its own SAVEPOINT inside one transaction, commits once and
 then answers them all. Under load, one fsync covers many messages; alone, a
 job waits for nobody. Only after the commit does the caller answer 202, and
 only then are the ids enqueued (a lost enqueue is repaired by the sweeper).
+
+A caller on an event loop (``submit_async``) gets an asyncio future that
+the writer settles, with every other one of the batch, in a single call into
+that loop: one wake-up of the loop per batch instead of one per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -34,6 +39,20 @@ Job = Callable[[Connection], tuple[Any, list[str]]]
 class _Pending:
     job: Job
     future: Future = field(default_factory=Future)
+    # Set by submit_async: the future is settled in this loop instead.
+    loop: asyncio.AbstractEventLoop | None = None
+    waiter: asyncio.Future[Any] | None = None
+
+
+def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    """In the event loop: answer a batch's awaiting requests (a cancelled one is skipped)."""
+    for waiter, value, exc in results:
+        if waiter.done():
+            continue
+        if exc is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(value)
 
 
 class Intake:
@@ -68,6 +87,13 @@ class Intake:
         self._jobs.put(pending)
         return pending.future
 
+    def submit_async(self, job: Job) -> asyncio.Future[Any]:
+        """``submit`` for a caller on a running event loop: await the result."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._jobs.put(_Pending(job, loop=loop, waiter=waiter))
+        return waiter
+
     def _take_batch(self, first: _Pending) -> tuple[list[_Pending], bool]:
         batch, stopping = [first], False
         while len(batch) < self.max_batch:
@@ -95,9 +121,7 @@ class Intake:
                 logger.exception("the writer failed on a batch of %d writes", len(batch),
                                  extra=fields("intake.error", count=len(batch)))
                 error = StoreUnavailable("The relay could not store this message; nothing was queued. Try again.")
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(error)
+                self._settle([(pending, None, error) for pending in batch])
             if stopping:
                 break
         self.store.close()
@@ -111,9 +135,7 @@ class Intake:
             logger.error("the store refused a batch of %d writes: %s", len(batch), exc,
                          extra=fields("intake.store_refused", count=len(batch)))
             error = StoreUnavailable("The relay's message store is unavailable; nothing was queued. Try again.")
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(error)
+            self._settle([(pending, None, error) for pending in batch])
             return
         self._answer(outcomes)
 
@@ -148,6 +170,25 @@ class Intake:
                              extra=fields("intake.hook_error"))
         conn.execute("RELEASE hook")
 
+    @staticmethod
+    def _settle(results: list[tuple[_Pending, Any, BaseException | None]]) -> None:
+        """Answer each caller; a cancelled request is skipped (its row, if committed, stands)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+        for pending, value, exc in results:
+            if pending.waiter is not None and pending.loop is not None:
+                by_loop.setdefault(pending.loop, []).append((pending.waiter, value, exc))
+            elif pending.future.done():
+                continue
+            elif exc is not None:
+                pending.future.set_exception(exc)
+            else:
+                pending.future.set_result(value)
+        for loop, waiting in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, waiting)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is waiting any more
+
     def _answer(self, outcomes: list) -> None:
         self.batches += 1
         self.jobs_done += len(outcomes)
@@ -155,12 +196,7 @@ class Intake:
         for pending, value, ids, exc in outcomes:
             if exc is None:
                 to_enqueue.extend(ids)  # committed: wake a worker even if nobody awaits the answer
-            if pending.future.done():
-                continue  # its request was cancelled (a client gone, a shutdown); the row stands
-            if exc is not None:
-                pending.future.set_exception(exc)
-            else:
-                pending.future.set_result(value)
+        self._settle([(pending, value, exc) for pending, value, ids, exc in outcomes])
         if self.queue is not None and to_enqueue:
             try:
                 self.queue.enqueue_many(to_enqueue)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from concurrent.futures import Future
@@ -64,7 +63,7 @@ class AppState:
         return future
 
     async def submit(self, job: Job) -> Any:
-        return await asyncio.wrap_future(self.intake.submit(job))
+        return await self.intake.submit_async(job)
 
     def health(self) -> dict[str, Any]:
         """/healthz: a liveness probe; no secrets, no hostnames (/api/health judges delivery)."""
