@@ -6,6 +6,12 @@ of the body is read, so an empty POST tells a valid key (400) from a bad one
 (401). A missing or wrong key counts against its address's budget
 (``relay_core.refusals``): past it, 429 instead of 401, and no log row of
 its own either way.
+
+POST /api/send is the one hot route: ``send_asgi`` serves it as a plain ASGI
+endpoint (``app.RelayRouter`` hands it over before route matching), writing
+the answer's bytes itself instead of building a Response object. It sits
+inside the same middleware as every route (security headers, error
+handlers), and every refusal is raised to them exactly as from ``send``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from relay_core import __version__, metrics
 from relay_core.errors import (BadRequest, Conflict, NotConfigured, NotFound, PayloadTooLarge,
@@ -111,6 +118,31 @@ def _decode_json(body: bytes | bytearray) -> Any:
 
 
 async def send(request: Request) -> JSONResponse:
+    status, response, headers = await accept(request)
+    return JSONResponse(response, status_code=status, headers=headers)
+
+
+_JSON = (b"content-type", b"application/json")
+
+
+async def send_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+    """POST /api/send as a bare ASGI endpoint: ``send`` without the Response object.
+
+    The bytes are what JSONResponse would send (same body rendering, same
+    headers); the security headers middleware outside adds its own as for
+    any route.
+    """
+    status, response, headers = await accept(Request(scope, receive))
+    body = json.dumps(response, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()] if headers else []
+    raw.append((b"content-length", str(len(body)).encode()))
+    raw.append(_JSON)
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def accept(request: Request) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+    """Validate, store and answer one send: (status, JSON answer, extra headers); refusals raise."""
     started = time.perf_counter()
     state = _state(request)
     options, keys = state.store.snapshot()
@@ -128,7 +160,7 @@ async def send(request: Request) -> JSONResponse:
         # A repeat gets the first answer whatever has changed since (limits, settings).
         earlier = replay(state, key.id, idempotency_key, request_hash, time.time())
         if earlier is not None:
-            return JSONResponse(earlier[1], status_code=earlier[0])
+            return earlier[0], earlier[1], None
     message = parse_payload(payload, options, key.allowed_from_items, key.label)
     ignored = ignored_fields(payload)
     del payload  # the attachments' base64 strings: the request bytes are what gets stored
@@ -183,7 +215,7 @@ async def send(request: Request) -> JSONResponse:
     status, response, quota = await state.submit(accept)
     if response is answer:  # stored now, not an idempotent replay: its latency counts
         state.accept_latency.add(time.perf_counter() - started)
-    return JSONResponse(response, status_code=status, headers=quota.headers() if quota else None)
+    return status, response, quota.headers() if quota else None
 
 
 def replay(state: AppState, key_id: int, idempotency_key: str, request_hash: str, now: float,

@@ -18,8 +18,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp
+from starlette.routing import BaseRoute, Route, Router
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay_core import crypto
 from relay_core.config import Settings
@@ -124,8 +124,37 @@ async def flush_refusals_now(state: AppState) -> None:
             await asyncio.wait_for(asyncio.wrap_future(future) if future else asyncio.sleep(0.2), 5)
 
 
+class RelayRouter(Router):
+    """The route table, with POST /api/send handed straight to its ASGI endpoint.
+
+    The portal's sends are nearly all the traffic: they skip route matching
+    and the per-route request/response wrapping, and nothing else. The
+    middleware around the router (security headers, error handlers) is the
+    same for them as for every route, and the route table still lists
+    /api/send (its 405 for other methods, the OpenAPI document).
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and _route_path(scope) == "/api/send":
+            scope.setdefault("router", self)
+            await api.send_asgi(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path as the routes see it (without a root path the server was given)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 class RelayApp(Starlette):
     """Starlette with the security headers outside everything, its own error middleware included."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.router = RelayRouter(self.router.routes, lifespan=self.router.lifespan_context)
 
     def build_middleware_stack(self) -> ASGIApp:
         return SecurityHeaders(super().build_middleware_stack())
