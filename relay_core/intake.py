@@ -9,6 +9,19 @@ then answers them all. Under load, one fsync covers many messages; alone, a
 job waits for nobody. Only after the commit does the caller answer 202, and
 only then are the ids enqueued (a lost enqueue is repaired by the sweeper).
 
+A job submitted with ``isolated=False`` runs without its savepoint (two
+statements, and on PostgreSQL two round trips, fewer per message): it
+promises to raise only ``NothingWritten`` errors before its first write. Any
+other error from it rolls the batch back and the batch runs again with a
+savepoint around every job, so one job's failure still costs only that job.
+Such a job hands its rows to ``write(conn, kind, row)``: in that first pass
+they are kept and written with all the batch's others at its end (one
+``executemany`` per table; on PostgreSQL one round trip for the batch
+instead of several per message); anywhere else, at once.
+``at_begin`` runs first in each batch's transaction; its value is
+``batch_value`` for that batch's jobs (the web reads the settings' revision
+there once per batch).
+
 A caller on an event loop (``submit_async``) gets an asyncio future that
 the writer settles, with every other one of the batch, in a single call into
 that loop: one wake-up of the loop per batch instead of one per request.
@@ -35,10 +48,19 @@ logger = logging.getLogger("relay.intake")
 Job = Callable[[Connection], tuple[Any, list[str]]]
 
 
+class NothingWritten(Exception):
+    """A job's refusal raised before it wrote anything: no rollback is needed for it."""
+
+
+class _Rerun(Exception):
+    """A job without a savepoint failed: roll the batch back and run it again, each job isolated."""
+
+
 @dataclass
 class _Pending:
     job: Job
     future: Future = field(default_factory=Future)
+    isolated: bool = True
     # Set by submit_async: the future is settled in this loop instead.
     loop: asyncio.AbstractEventLoop | None = None
     waiter: asyncio.Future[Any] | None = None
@@ -57,10 +79,17 @@ def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
 
 class Intake:
     def __init__(self, store: Store, relay_queue: RelayQueue | None, max_batch: int = 512,
-                 before_commit: Callable[[Connection, int], None] | None = None) -> None:
+                 before_commit: Callable[[Connection, int], None] | None = None,
+                 at_begin: Callable[[Connection], Any] | None = None,
+                 writers: dict[str, Callable[[Connection, list[Any]], None]] | None = None) -> None:
         self.store = store
         self.queue = relay_queue
         self.max_batch = max_batch
+        self.at_begin = at_begin
+        self.batch_value: Any = None  # what at_begin returned for the batch being written
+        self.writers = writers or {}  # kind -> writes a list of rows of that kind (see write)
+        self._deferring = False
+        self._deferred: dict[str, list[Any]] = {}
         # Runs last in every batch's transaction with the number of messages it accepted.
         self.before_commit = before_commit
         self._jobs: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
@@ -81,17 +110,21 @@ class Intake:
             self._jobs.put(None)
             self._thread.join(timeout)
 
-    def submit(self, job: Job) -> Future:
+    def submit(self, job: Job, isolated: bool = True) -> Future:
         """Run ``job(conn)`` in the next batch; the future holds its first return value."""
-        pending = _Pending(job)
+        pending = _Pending(job, isolated=isolated)
         self._jobs.put(pending)
         return pending.future
 
-    def submit_async(self, job: Job) -> asyncio.Future[Any]:
-        """``submit`` for a caller on a running event loop: await the result."""
+    def submit_async(self, job: Job, isolated: bool = True) -> asyncio.Future[Any]:
+        """``submit`` for a caller on a running event loop: await the result.
+
+        ``isolated=False``: the job raises nothing but ``NothingWritten`` before
+        its first write, so it needs no savepoint (see the module docstring).
+        """
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
-        self._jobs.put(_Pending(job, loop=loop, waiter=waiter))
+        self._jobs.put(_Pending(job, isolated=isolated, loop=loop, waiter=waiter))
         return waiter
 
     def _take_batch(self, first: _Pending) -> tuple[list[_Pending], bool]:
@@ -139,11 +172,39 @@ class Intake:
             return
         self._answer(outcomes)
 
+    def write(self, conn: Connection, kind: str, row: Any) -> None:
+        """From a job: write ``row`` with ``writers[kind]``, now or with the batch's others at its end."""
+        if self._deferring:
+            self._deferred.setdefault(kind, []).append(row)
+        else:
+            self.writers[kind](conn, [row])
+
     def _run_batch(self, conn: Connection, batch: list[_Pending]) -> list:
-        """One transaction; each job in a savepoint, so one job's error undoes only that job."""
+        """One transaction; a job's error undoes only that job (see the module docstring)."""
+        try:
+            return self._run_jobs(conn, batch, isolate_all=False)
+        except _Rerun:
+            return self._run_jobs(conn, batch, isolate_all=True)
+
+    def _run_jobs(self, conn: Connection, batch: list[_Pending], isolate_all: bool) -> list:
         outcomes: list[tuple[_Pending, Any, list[str], BaseException | None]] = []
+        self._deferred = {}
         with transaction(conn):
+            self.batch_value = self.at_begin(conn) if self.at_begin is not None else None
             for pending in batch:
+                if not (pending.isolated or isolate_all):
+                    self._deferring = True
+                    try:
+                        value, ids = pending.job(conn)
+                    except NothingWritten as exc:
+                        outcomes.append((pending, None, [], exc))
+                    except Exception as exc:
+                        raise _Rerun() from exc  # it may have written part of itself: undo the batch
+                    else:
+                        outcomes.append((pending, value, ids, None))
+                    finally:
+                        self._deferring = False
+                    continue
                 conn.execute("SAVEPOINT job")
                 try:
                     value, ids = pending.job(conn)
@@ -154,6 +215,12 @@ class Intake:
                 else:
                     conn.execute("RELEASE job")
                     outcomes.append((pending, value, ids, None))
+            deferred, self._deferred = self._deferred, {}
+            try:
+                for kind, rows in deferred.items():
+                    self.writers[kind](conn, rows)
+            except Exception as exc:
+                raise _Rerun() from exc  # which job's row failed is not known: each on its own, then
             if self.before_commit is not None:
                 self._before_commit(conn, sum(len(ids) for _, _, ids, exc in outcomes if exc is None))
         return outcomes

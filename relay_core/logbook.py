@@ -109,6 +109,20 @@ def count_log_row(conn: Any, log_id: int, kind: str, ts: float, terms: str) -> N
         conn.execute("INSERT INTO log_fts (rowid, terms) VALUES (?, ?)", (log_id, terms))
 
 
+def count_log_rows(conn: Any, rows: list[tuple[int | None, str, float, str]]) -> None:
+    """``count_log_row`` for many rows (log id, kind, ts, terms): one upsert per hour and kind.
+
+    On PostgreSQL the ids may be None (its search index is kept by PostgreSQL itself).
+    """
+    counts = Counter((hour_of(ts), kind) for _, kind, ts, _ in rows)
+    conn.executemany("INSERT INTO log_counts (hour, kind, n) VALUES (?, ?, ?) ON CONFLICT (hour, kind)"
+                     " DO UPDATE SET n = log_counts.n + excluded.n",
+                     [(hour, kind, n) for (hour, kind), n in sorted(counts.items())])
+    if _dialect(conn) == "sqlite":
+        conn.executemany("INSERT INTO log_fts (rowid, terms) VALUES (?, ?)",
+                         [(log_id, terms) for log_id, _, _, terms in rows])
+
+
 def forget_log_rows(conn: Any, where: str, params: tuple[Any, ...]) -> None:
     """Rows matching ``where`` are about to be deleted: take them out of the counts and the search index.
 

@@ -31,7 +31,8 @@ from .db import (Connection, Database, SqliteDatabase, connect, insert_blob, ope
                  serialize, transaction, write_lock)
 from .interventions import ActionReport, Interventions  # noqa: F401  (re-exported)
 from .ledger import (FINAL_STATES, MAX_UNRECORDED_CLAIMS, AttemptFact, ClaimedMessage, Ledger,  # noqa: F401
-                     LogEntry, LoggedRow, NewMessage, Paced, Recipient, insert_log, insert_message)
+                     LogEntry, LoggedRow, NewMessage, Paced, Recipient, insert_accepted, insert_log,
+                     insert_message)
 from .limits import SendLimits
 from .logs import fields
 from .logbook import Logbook, backfill
@@ -207,12 +208,30 @@ class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions
 
     # -- settings ----------------------------------------------------------
     def _load_cache(self) -> tuple[Options, list[ApiKey]]:
+        _, options, keys = self.fresh_snapshot()
+        return options, keys
+
+    def revision(self, conn: Connection | None = None) -> int:
+        """The settings' revision counter: it moves with every change to settings or keys."""
+        row = (conn or self.conn()).execute("SELECT value FROM meta WHERE name = 'rev'").fetchone()
+        return int(row[0]) if row else 0
+
+    def cached_snapshot(self) -> tuple[int, Options, list[ApiKey]]:
+        """(revision, settings, keys) as last read, without asking the database.
+
+        For the send path only: it checks its accept against the revision in
+        the transaction that stores it, and re-reads before refusing (api.py).
+        """
+        cached = self._cache
+        return cached if cached is not None else self.fresh_snapshot()
+
+    def fresh_snapshot(self) -> tuple[int, Options, list[ApiKey]]:
+        """(revision, settings, keys), re-read only when the revision moved."""
         conn = self.conn()
-        row = conn.execute("SELECT value FROM meta WHERE name = 'rev'").fetchone()
-        rev = int(row[0]) if row else 0
+        rev = self.revision(conn)
         cached = self._cache
         if cached is not None and cached[0] == rev:
-            return cached[1], cached[2]
+            return cached
         stored = {r["name"]: r["value"] for r in conn.execute("SELECT name, value FROM settings")}
         unreadable = set()
         for name in sorted(SECRET_OPTIONS):
@@ -232,9 +251,10 @@ class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions
                    None if r["per_hour"] is None else int(r["per_hour"]), r["allowed_from"])
             for r in conn.execute("SELECT * FROM api_keys ORDER BY id")
         ]
+        snapshot = (rev, options, keys)
         with self._cache_lock:
-            self._cache = (rev, options, keys)
-        return options, keys
+            self._cache = snapshot
+        return snapshot
 
     def options(self) -> Options:
         """The current settings; re-read only when another process changed them."""

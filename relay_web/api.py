@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any
+from typing import Any, Callable
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -29,18 +29,20 @@ from starlette.types import Receive, Scope, Send
 from relay_core import __version__, metrics
 from relay_core.errors import (BadRequest, Conflict, NotConfigured, NotFound, PayloadTooLarge,
                                RateLimited, RelayError, StoreUnavailable, Unauthorized)
+from relay_core.intake import NothingWritten
 from relay_core.limits import effective_limit
 from relay_core.mailflow import assess
 from relay_core.options import Options
 from relay_core.refusals import MISSING, WRONG
 from relay_core.message import ignored_fields, new_message_id, pack_stored, parse_payload
-from relay_core.store import ApiKey, LogEntry, NewMessage, insert_log, insert_message
+from relay_core.store import ApiKey, LogEntry, NewMessage, insert_log
 
 from . import openapi
 from .auth import bearer_token, client_ip
 from .state import AppState
 
 IDEMPOTENCY_WINDOW = 24 * 3600
+ACCEPTED = "accepted"  # the writer's kind for an accepted message and its log row (ledger.insert_accepted)
 _THREAD_THRESHOLD = 256 * 1024  # parse and build larger bodies off the event loop
 
 
@@ -48,12 +50,20 @@ def _state(request: Request) -> AppState:
     return request.app.state.relay
 
 
-def authenticate(request: Request, keys: list[ApiKey] | None = None, options: Options | None = None) -> ApiKey:
-    """The live key of this request; else 401, or 429 once its address is over its budget."""
+def authenticate(request: Request, keys: list[ApiKey] | None = None, options: Options | None = None,
+                 rev: int | None = None) -> ApiKey:
+    """The live key of this request; else 401, or 429 once its address is over its budget.
+
+    ``rev``: the revision ``keys`` were read at, when they may be out of date
+    (the send path's cached snapshot): no refusal is given on them before
+    checking that they are still current (``_Stale`` otherwise).
+    """
     state = _state(request)
     token = bearer_token(request)
     key = state.store.authenticate(token, keys) if token else None
     if key is None:
+        if rev is not None and state.store.revision() != rev:
+            raise _Stale()
         ip = client_ip(request, state.settings)
         budget = (options or state.store.options()).bad_key_per_minute
         wait = state.refusals.unauthenticated(ip, WRONG if token else MISSING, budget)
@@ -70,24 +80,29 @@ def authenticate(request: Request, keys: list[ApiKey] | None = None, options: Op
     return key
 
 
-async def read_capped_body(request: Request, cap: int) -> bytearray:
+def _too_big(cap: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than the relay accepts ({cap} bytes, from its "
+                           "attachment limit).")
+
+
+async def read_capped_body(request: Request, cap: int, fresh_cap: Callable[[], int] | None = None) -> bytearray:
     """Read at most ``cap`` bytes; stop and refuse as soon as the body is bigger.
 
     With a Content-Length the buffer is allocated once at its final size, so a
-    large body is never copied while it grows.
+    large body is never copied while it grows. ``fresh_cap``: the cap as the
+    settings say now, asked once before refusing (``cap`` may be out of date).
     """
     length = request.headers.get("content-length")
-    too_big = PayloadTooLarge(
-        f"The request body is larger than the relay accepts ({cap} bytes, from its attachment limit)."
-    )
     declared = None
     if length is not None:
         try:
             declared = int(length)
         except ValueError:
             raise BadRequest("The Content-Length header is not a number.") from None
+        if declared > cap and fresh_cap is not None:
+            cap, fresh_cap = fresh_cap(), None
         if declared > cap:
-            raise too_big
+            raise _too_big(cap)
     if declared:
         body = bytearray(declared)
         view, filled = memoryview(body), 0
@@ -101,8 +116,10 @@ async def read_capped_body(request: Request, cap: int) -> bytearray:
         return body
     body = bytearray()
     async for chunk in request.stream():
+        if len(body) + len(chunk) > cap and fresh_cap is not None:
+            cap, fresh_cap = fresh_cap(), None
         if len(body) + len(chunk) > cap:
-            raise too_big
+            raise _too_big(cap)
         body += chunk
     return body
 
@@ -141,81 +158,144 @@ async def send_asgi(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class _Stale(NothingWritten):
+    """The settings or keys changed after this request was checked against them."""
+
+
+STALE_RETRIES = 3
+
+
 async def accept(request: Request) -> tuple[int, dict[str, Any], dict[str, str] | None]:
-    """Validate, store and answer one send: (status, JSON answer, extra headers); refusals raise."""
+    """Validate, store and answer one send: (status, JSON answer, extra headers); refusals raise.
+
+    The request is checked against the settings and keys this process last
+    read, without a database read of its own: the transaction that stores the
+    message first checks that their revision is still current, and a refusal
+    is given only after the same check. When they changed (a key revoked, the
+    SMTP host set, by this or another process) the request is checked again
+    against the new ones, so nothing is accepted or refused on stale settings.
+    """
     started = time.perf_counter()
     state = _state(request)
-    options, keys = state.store.snapshot()
-    key = authenticate(request, keys, options)
-    body = await read_capped_body(request, options.max_body_bytes)
-    if not body or body.isspace():
-        raise BadRequest("The request body is empty; send the message as a JSON object.")
-    large = len(body) > _THREAD_THRESHOLD
-    payload = await run_in_threadpool(_decode_json, body) if large else _decode_json(body)
-    idempotency_key = request.headers.get("idempotency-key", "").strip()
-    if len(idempotency_key) > 255:
-        raise BadRequest("The Idempotency-Key header is longer than 255 characters.")
-    request_hash = hashlib.sha256(body).hexdigest() if idempotency_key else ""
-    if idempotency_key:
-        # A repeat gets the first answer whatever has changed since (limits, settings).
-        earlier = replay(state, key.id, idempotency_key, request_hash, time.time())
-        if earlier is not None:
-            return earlier[0], earlier[1], None
-    message = parse_payload(payload, options, key.allowed_from_items, key.label)
-    ignored = ignored_fields(payload)
-    del payload  # the attachments' base64 strings: the request bytes are what gets stored
-    if not options.smtp_configured:
-        raise NotConfigured("The relay's SMTP delivery is not configured yet, so this message could never "
-                            "be sent. Set the SMTP host in the relay's settings.")
-    limit = effective_limit(key, options, state.settings.send_per_hour)
+    attempt = _Accept(request, state)
+    snapshot = state.store.cached_snapshot()
+    for _ in range(STALE_RETRIES):
+        try:
+            return await attempt.run(snapshot, started)
+        except _Stale:
+            pass
+        except RelayError:
+            if state.store.revision() == snapshot[0]:
+                raise  # refused on the current settings
+        snapshot = state.store.fresh_snapshot()
+    raise StoreUnavailable("The relay's settings kept changing while this message was checked; nothing was "
+                           "queued. Try again.")
 
-    message_id = new_message_id()
-    created = time.time()
-    document = pack_stored(body, message)
-    del body
-    attachment_count = len(message.attachments)
-    message.attachments.clear()  # their base64 text is in the document; drop the second copy
-    if large:
-        sealed = await run_in_threadpool(state.store.keys.encrypt_body, document, message_id)
-    else:
-        sealed = state.store.keys.encrypt_body(document, message_id)
-    del document
-    record = NewMessage.accepted(message, message_id, sealed, created, options, "api", key.id, attachment_count)
-    answer: dict[str, Any] = {"ok": True, "id": message_id, "status": "queued"}
-    detail = f"{len(record.recipients)} recipient(s), {attachment_count} attachment(s)"
-    if ignored:
-        # Named in the answer and in this log row, so a typo shows without losing mail
-        # (and without a console line per accept, which would cost the accept path).
-        answer["ignored"] = ignored
-        detail += "; ignored unknown field(s): " + ", ".join(ignored)
-    entry = LogEntry("accepted", "queued", message_id=message_id, source_ip=client_ip(request, state.settings),
-                     sender=message.from_email, recipients=", ".join(a for a, _ in message.envelope),
-                     subject=message.subject, detail=detail, ts=created,
-                     attachments=attachment_count)
 
-    def accept(conn):  # type: ignore[no-untyped-def]
-        # The answer is claimed first, inside the write transaction: of two repeats
-        # racing each other (two web processes, on PostgreSQL), one stores the message.
-        if idempotency_key and not state.store.remember_answer(conn, key.id, idempotency_key, request_hash,
-                                                                202, answer, created - IDEMPOTENCY_WINDOW):
-            earlier = replay(state, key.id, idempotency_key, request_hash, created, conn)
+class _Accept:
+    """One send, checked and stored against one snapshot of the settings; the body is read once."""
+
+    def __init__(self, request: Request, state: AppState) -> None:
+        self.request = request
+        self.state = state
+        self.body: bytearray | None = None
+        self.length = 0  # of the request itself (pack_stored appends to the buffer)
+
+    async def read(self, cap: int, rev: int) -> bytearray:
+        if self.body is None:
+            def fresh_cap() -> int:  # over the cap: is it still the cap?
+                if self.state.store.revision() == rev:
+                    return cap
+                return self.state.store.fresh_snapshot()[1].max_body_bytes
+
+            self.body = await read_capped_body(self.request, cap, fresh_cap)
+            self.length = len(self.body)
+        else:
+            del self.body[self.length:]
+            if self.length > cap:
+                raise PayloadTooLarge(f"The request body is larger than the relay accepts ({cap} bytes, from its "
+                                      "attachment limit).")
+        return self.body
+
+    async def run(self, snapshot: tuple[int, Options, list[ApiKey]],
+                  started: float) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+        request, state = self.request, self.state
+        rev, options, keys = snapshot
+        key = authenticate(request, keys, options, rev)
+        body = await self.read(options.max_body_bytes, rev)
+        if not body or body.isspace():
+            raise BadRequest("The request body is empty; send the message as a JSON object.")
+        large = len(body) > _THREAD_THRESHOLD
+        payload = await run_in_threadpool(_decode_json, body) if large else _decode_json(body)
+        idempotency_key = request.headers.get("idempotency-key", "").strip()
+        if len(idempotency_key) > 255:
+            raise BadRequest("The Idempotency-Key header is longer than 255 characters.")
+        request_hash = hashlib.sha256(body).hexdigest() if idempotency_key else ""
+        if idempotency_key:
+            # A repeat gets the first answer whatever has changed since (limits, settings).
+            earlier = replay(state, key.id, idempotency_key, request_hash, time.time())
             if earlier is not None:
-                return (*earlier, None), []
-            raise StoreUnavailable("The relay could not settle this Idempotency-Key; nothing was queued. Try again.")
-        # Counted in this transaction (no fsync of its own); a refusal rolls back this job only.
-        quota = state.store.take_send(conn, key.id, limit, created) if limit else None
-        if quota is not None and quota.retry_after:
-            raise RateLimited(f"This API key has reached its limit of {limit} messages per hour; the next one "
-                              f"can be sent in {quota.retry_after} seconds.", retry_after=quota.retry_after,
-                              headers=quota.headers())
-        insert_message(conn, record)
-        insert_log(conn, entry)
-        return (202, answer, quota), [message_id]
+                return earlier[0], earlier[1], None
+        message = parse_payload(payload, options, key.allowed_from_items, key.label)
+        ignored = ignored_fields(payload)
+        del payload  # the attachments' base64 strings: the request bytes are what gets stored
+        if not options.smtp_configured:
+            raise NotConfigured("The relay's SMTP delivery is not configured yet, so this message could never "
+                                "be sent. Set the SMTP host in the relay's settings.")
+        limit = effective_limit(key, options, state.settings.send_per_hour)
 
-    status, response, quota = await state.submit(accept)
-    if response is answer:  # stored now, not an idempotent replay: its latency counts
-        state.accept_latency.add(time.perf_counter() - started)
-    return status, response, quota.headers() if quota else None
+        message_id = new_message_id()
+        created = time.time()
+        document = pack_stored(body, message)
+        attachment_count = len(message.attachments)
+        message.attachments.clear()  # their base64 text is in the document; drop the second copy
+        if large:
+            sealed = await run_in_threadpool(state.store.keys.encrypt_body, document, message_id)
+        else:
+            sealed = state.store.keys.encrypt_body(document, message_id)
+        del document, body  # the buffer itself is kept (self.body) in case the settings changed meanwhile
+        record = NewMessage.accepted(message, message_id, sealed, created, options, "api", key.id,
+                                     attachment_count)
+        answer: dict[str, Any] = {"ok": True, "id": message_id, "status": "queued"}
+        detail = f"{len(record.recipients)} recipient(s), {attachment_count} attachment(s)"
+        if ignored:
+            # Named in the answer and in this log row, so a typo shows without losing mail
+            # (and without a console line per accept, which would cost the accept path).
+            answer["ignored"] = ignored
+            detail += "; ignored unknown field(s): " + ", ".join(ignored)
+        entry = LogEntry("accepted", "queued", message_id=message_id,
+                         source_ip=client_ip(request, state.settings), sender=message.from_email,
+                         recipients=", ".join(a for a, _ in message.envelope), subject=message.subject,
+                         detail=detail, ts=created, attachments=attachment_count)
+        store = state.store
+
+        def accept(conn):  # type: ignore[no-untyped-def]
+            if state.intake.batch_value != rev:  # the revision, read in this transaction
+                raise _Stale()  # checked against settings that have changed since: check again
+            # The answer is claimed first, inside the write transaction: of two repeats
+            # racing each other (two web processes, on PostgreSQL), one stores the message.
+            if idempotency_key and not store.remember_answer(conn, key.id, idempotency_key, request_hash,
+                                                             202, answer, created - IDEMPOTENCY_WINDOW):
+                earlier = replay(state, key.id, idempotency_key, request_hash, created, conn)
+                if earlier is not None:
+                    return (*earlier, None), []
+                raise StoreUnavailable("The relay could not settle this Idempotency-Key; nothing was queued. "
+                                       "Try again.")
+            # Counted in this transaction (no fsync of its own); a refusal rolls back this job only.
+            quota = store.take_send(conn, key.id, limit, created) if limit else None
+            if quota is not None and quota.retry_after:
+                raise RateLimited(f"This API key has reached its limit of {limit} messages per hour; the next "
+                                  f"one can be sent in {quota.retry_after} seconds.", retry_after=quota.retry_after,
+                                  headers=quota.headers())
+            state.intake.write(conn, ACCEPTED, (record, entry))  # with the batch's others, when it can
+            return (202, answer, quota), [message_id]
+
+        # Without an Idempotency-Key or a send limit, the job refuses only before writing
+        # (_Stale), so it needs no savepoint of its own.
+        status, response, quota = await state.submit(accept, isolated=bool(idempotency_key or limit))
+        if response is answer:  # stored now, not an idempotent replay: its latency counts
+            state.accept_latency.add(time.perf_counter() - started)
+        return status, response, quota.headers() if quota else None
 
 
 def replay(state: AppState, key_id: int, idempotency_key: str, request_hash: str, now: float,

@@ -29,10 +29,11 @@ from relay_core.errors import RelayError, StoreUnavailable
 from relay_core import metrics as relay_metrics
 from relay_core.intake import Intake
 from relay_core.logs import fields
-from relay_core.store import Store
+from relay_core.store import Store, insert_accepted
 from relay_core.tasks import build_queue
 
 from . import admin, api, metrics_endpoint
+from .api import ACCEPTED
 from .admin.pages import error_page
 from .headers import SecurityHeaders
 from .state import AppState
@@ -174,7 +175,9 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
                 relay_metrics.add(conn, {(relay_metrics.ACCEPTED, ""): accepted})
             latency.drain(conn)
 
-        intake = Intake(relay_store, relay_queue, before_commit=count_batch)
+        # The revision of the settings, read once per batch: every accept checks it (api.accept).
+        intake = Intake(relay_store, relay_queue, before_commit=count_batch, at_begin=relay_store.revision,
+                        writers={ACCEPTED: insert_accepted})
         intake.start()
         app.state.relay = AppState(settings, relay_store, relay_queue, intake, accept_latency=latency)
         flusher = asyncio.create_task(metrics_endpoint.flush_periodically(app.state.relay))

@@ -62,8 +62,8 @@ class AppState:
         future.add_done_callback(done)
         return future
 
-    async def submit(self, job: Job) -> Any:
-        return await self.intake.submit_async(job)
+    async def submit(self, job: Job, isolated: bool = True) -> Any:
+        return await self.intake.submit_async(job, isolated)
 
     def health(self) -> dict[str, Any]:
         """/healthz: a liveness probe; no secrets, no hostnames (/api/health judges delivery)."""

@@ -1,0 +1,190 @@
+"""The group-commit writer's batches: jobs without a savepoint, the rerun when one of them fails,
+the value read at the start of each batch, and the batch answered in one call into an event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+import pytest
+
+from relay_core.intake import Intake, NothingWritten
+from relay_core.store import Store
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def note(name: str, calls: list[str], fail: BaseException | None = None) -> Callable[[Any], Any]:
+    """A job writing one audit-free row (a meta entry) and then, maybe, failing."""
+    def job(conn):  # type: ignore[no-untyped-def]
+        calls.append(name)
+        if isinstance(fail, NothingWritten):
+            raise fail
+        conn.execute("INSERT INTO meta (name, value) VALUES (?, 'x')", (f"test-{name}",))
+        if fail is not None:
+            raise fail
+        return name, []
+    return job
+
+
+def rows(store: Store) -> set[str]:
+    return {r[0] for r in store.conn().execute("SELECT name FROM meta WHERE name LIKE 'test-%'")}
+
+
+def run_batch(store: Store, jobs: list[tuple[Callable[[Any], Any], bool]], **kwargs: Any) -> tuple[Intake, list[Any]]:
+    """Submit every job before the writer starts, so they form one batch."""
+    intake = Intake(store, None, **kwargs)
+    futures = [intake.submit(job, isolated=isolated) for job, isolated in jobs]
+    intake.start()
+    try:
+        outcomes = []
+        for future in futures:
+            try:
+                outcomes.append(future.result(10))
+            except Exception as exc:  # noqa: BLE001  (the job's own error, as its caller sees it)
+                outcomes.append(exc)
+    finally:
+        intake.stop()
+    return intake, outcomes
+
+
+def test_jobs_without_savepoints_commit_together(store: Store) -> None:
+    calls: list[str] = []
+    intake, outcomes = run_batch(store, [(note("a", calls), False), (note("b", calls), False)])
+    assert outcomes == ["a", "b"] and calls == ["a", "b"] and intake.batches == 1
+    assert rows(store) == {"test-a", "test-b"}
+
+
+def test_a_refusal_before_writing_costs_only_its_job(store: Store) -> None:
+    calls: list[str] = []
+    refusal = NothingWritten("not now")
+    _, outcomes = run_batch(store, [(note("a", calls), False), (note("b", calls, refusal), False),
+                                    (note("c", calls), False)])
+    assert outcomes == ["a", refusal, "c"]
+    assert calls == ["a", "b", "c"]  # no rerun
+    assert rows(store) == {"test-a", "test-c"}
+
+
+def test_a_failure_after_writing_reruns_the_batch_with_each_job_isolated(store: Store) -> None:
+    calls: list[str] = []
+    error = ValueError("half written")
+    _, outcomes = run_batch(store, [(note("a", calls), False), (note("b", calls, error), False),
+                                    (note("c", calls), True)])
+    assert outcomes == ["a", error, "c"]
+    assert calls == ["a", "b", "a", "b", "c"]  # the first pass stopped at b and was rolled back
+    assert rows(store) == {"test-a", "test-c"}  # b's half-written row is gone, a's is there once
+
+
+def test_at_begin_is_read_once_per_batch_in_its_transaction(store: Store) -> None:
+    seen: list[Any] = []
+    begun: list[int] = []
+
+    def at_begin(conn):  # type: ignore[no-untyped-def]
+        begun.append(1)
+        return store.revision(conn)
+
+    intake_holder: list[Intake] = []
+
+    def job(conn):  # type: ignore[no-untyped-def]
+        seen.append(intake_holder[0].batch_value)
+        return None, []
+
+    intake = Intake(store, None, at_begin=at_begin)
+    intake_holder.append(intake)
+    futures = [intake.submit(job) for _ in range(3)]
+    intake.start()
+    try:
+        for future in futures:
+            future.result(10)
+    finally:
+        intake.stop()
+    assert begun == [1] and seen == [store.revision()] * 3
+
+
+def test_an_event_loop_caller_gets_its_answer_and_a_cancelled_one_is_skipped(store: Store) -> None:
+    calls: list[str] = []
+    intake = Intake(store, None)
+
+    async def main() -> list[Any]:
+        first = intake.submit_async(note("a", calls))
+        second = intake.submit_async(note("b", calls), isolated=False)
+        first.cancel()  # the client went away: its row still stands
+        intake.start()
+        return [await second, first.cancelled()]
+
+    try:
+        assert asyncio.run(main()) == ["b", True]
+    finally:
+        intake.stop()
+    assert rows(store) == {"test-a", "test-b"}
+
+
+@pytest.mark.parametrize("isolated", [True, False])
+def test_a_database_error_in_a_job_reaches_only_its_caller(store: Store, isolated: bool) -> None:
+    calls: list[str] = []
+
+    def broken(conn):  # type: ignore[no-untyped-def]
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
+        return None, []
+
+    _, outcomes = run_batch(store, [(note("a", calls), False), (broken, isolated), (note("c", calls), False)])
+    assert outcomes[0] == "a" and outcomes[2] == "c" and isinstance(outcomes[1], Exception)
+    assert rows(store) == {"test-a", "test-c"}
+
+
+def test_rows_handed_to_write_are_written_together_at_the_end_of_the_batch(store: Store) -> None:
+    written: list[list[str]] = []
+
+    def writer(conn, rows):  # type: ignore[no-untyped-def]
+        written.append(list(rows))
+        conn.executemany("INSERT INTO meta (name, value) VALUES (?, 'x')", [(f"test-{r}",) for r in rows])
+
+    def job(name: str) -> Callable[[Any], Any]:
+        def run(conn):  # type: ignore[no-untyped-def]
+            holder[0].write(conn, "row", name)
+            return name, []
+        return run
+
+    holder: list[Intake] = []
+    intake = Intake(store, None, writers={"row": writer})
+    holder.append(intake)
+    futures = [intake.submit(job("a"), isolated=False), intake.submit(job("b"), isolated=True),
+               intake.submit(job("c"), isolated=False)]
+    intake.start()
+    try:
+        assert [f.result(10) for f in futures] == ["a", "b", "c"]
+    finally:
+        intake.stop()
+    assert written == [["b"], ["a", "c"]]  # an isolated job writes at once, the others at the end together
+    assert rows(store) == {"test-a", "test-b", "test-c"}
+
+
+def test_a_batch_write_that_fails_is_retried_row_by_row_and_fails_only_its_job(store: Store) -> None:
+    def writer(conn, rows):  # type: ignore[no-untyped-def]
+        for r in rows:
+            if r == "bad":
+                raise ValueError("this row cannot be written")
+            conn.execute("INSERT INTO meta (name, value) VALUES (?, 'x')", (f"test-{r}",))
+
+    holder: list[Intake] = []
+
+    def job(name: str) -> Callable[[Any], Any]:
+        def run(conn):  # type: ignore[no-untyped-def]
+            holder[0].write(conn, "row", name)
+            return name, []
+        return run
+
+    intake = Intake(store, None, writers={"row": writer})
+    holder.append(intake)
+    futures = [intake.submit(job(n), isolated=False) for n in ("a", "bad", "c")]
+    intake.start()
+    try:
+        assert futures[0].result(10) == "a" and futures[2].result(10) == "c"
+        with pytest.raises(ValueError):
+            futures[1].result(10)
+    finally:
+        intake.stop()
+    assert rows(store) == {"test-a", "test-c"}
