@@ -46,6 +46,7 @@ class Admin:
 
 # Seen in the guide and the compose file: signing in with one of these always forces a change.
 WELL_KNOWN_PASSWORDS = frozenset({"admin", "change-me-on-first-login", "password", "changeme"})
+TOKEN_HASHES_KEPT = 32  # tokens whose lookup hashes are remembered (only ones that matched a key)
 KEY_USE_RESOLUTION = 60.0  # last-used times are kept to the minute: one write per key per minute at most
 
 
@@ -84,12 +85,24 @@ class Accounts:
         return self._load_cache()[1]
 
     def authenticate(self, token: str, keys: list[ApiKey] | None = None) -> ApiKey | None:
-        """The live key matching a Bearer token, or None. Compares HMACs, never keys."""
+        """The live key matching a Bearer token, or None. Compares HMACs, never keys.
+
+        The HMACs of the few tokens that matched a key are remembered (they depend
+        only on the token and RELAY_SECRET_KEY), so the portal's key is hashed once;
+        whether its key is still live is checked against ``keys`` every time.
+        """
         if not token:
             return None
-        wanted = set(self.keys.lookup_hashes(token))
+        known: dict[str, frozenset[str]] = self.__dict__.setdefault("_token_hashes", {})
+        wanted = known.get(token)
+        if wanted is None:
+            wanted = frozenset(self.keys.lookup_hashes(token))
         for key in self.api_keys() if keys is None else keys:
             if key.revoked_at is None and key.lookup in wanted:
+                if token not in known:
+                    if len(known) >= TOKEN_HASHES_KEPT:
+                        known.clear()  # a handful of live keys at most: this only bounds memory
+                    known[token] = wanted
                 return key
         return None
 
