@@ -14,7 +14,8 @@ so no browser guesses one. tests/web/test_headers.py walks every route.
 
 from __future__ import annotations
 
-from starlette.datastructures import MutableHeaders
+from typing import Any
+
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,6 +39,47 @@ def allow_turnstile(request: Request) -> None:
     setattr(request.state, _STATE_KEY, True)
 
 
+_SET = (
+    (b"content-security-policy", BASE_POLICY.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    # same-origin, not no-referrer: with no-referrer browsers send "Origin: null"
+    # on form posts, and the admin pages check Origin on every one.
+    (b"referrer-policy", b"same-origin"),
+    (b"x-frame-options", b"DENY"),
+)
+_SET_NAMES = frozenset(name for name, _ in _SET) | {b"cache-control"}
+_TURNSTILE_CSP = (b"content-security-policy", (BASE_POLICY + TURNSTILE_POLICY).encode())
+
+
+def _secured(raw: Any, status: int, static: bool, turnstile: bool) -> list[tuple[bytes, bytes]]:
+    """The response's headers with ours set, each once, in one pass over them.
+
+    Ours replace any the app set (a static file's own Cache-Control excepted),
+    and a textual Content-Type without a charset gets ``charset=utf-8``.
+    """
+    headers: list[tuple[bytes, bytes]] = []
+    own_cache: bytes | None = None
+    for name, value in raw:
+        lower = name.lower()
+        if lower in _SET_NAMES:
+            if lower == b"cache-control" and own_cache is None:
+                own_cache = value
+            continue
+        if lower == b"content-type":
+            text = value.decode("latin-1")
+            if is_textual(text) and "charset=" not in text.lower():
+                value = (text + "; charset=utf-8").encode("latin-1")
+        headers.append((name, value))
+    headers.extend(_SET)
+    if turnstile:
+        headers[-len(_SET)] = _TURNSTILE_CSP
+    if static and status < 400:
+        headers.append((b"cache-control", STATIC_CACHE.encode() if own_cache is None else own_cache))
+    else:
+        headers.append((b"cache-control", b"no-store"))
+    return headers
+
+
 class SecurityHeaders:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -50,24 +92,8 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                policy = BASE_POLICY
-                if scope.get("state", {}).get(_STATE_KEY):
-                    policy += TURNSTILE_POLICY
-                headers["Content-Security-Policy"] = policy
-                headers["X-Content-Type-Options"] = "nosniff"
-                # same-origin, not no-referrer: with no-referrer browsers send "Origin: null"
-                # on form posts, and the admin pages check Origin on every one.
-                headers["Referrer-Policy"] = "same-origin"
-                headers["X-Frame-Options"] = "DENY"
-                if static and message["status"] < 400:
-                    if "cache-control" not in headers:
-                        headers["Cache-Control"] = STATIC_CACHE
-                else:
-                    headers["Cache-Control"] = "no-store"
-                content_type = headers.get("content-type")
-                if content_type and is_textual(content_type) and "charset=" not in content_type.lower():
-                    headers["Content-Type"] = content_type + "; charset=utf-8"
+                message["headers"] = _secured(message.get("headers", ()), message["status"], static,
+                                              bool(scope.get("state", {}).get(_STATE_KEY)))
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
