@@ -45,6 +45,7 @@ from io import BytesIO
 from typing import Any
 from urllib.parse import quote
 
+from .crypto import random_bytes
 from .errors import BadRequest, Forbidden, PayloadTooLarge
 from .options import Options, is_address
 
@@ -125,7 +126,7 @@ def message_id_header(message_id: str, from_email: str) -> str:
 
 def new_message_id() -> str:
     """Time-ordered and unguessable: 12 hex digits of milliseconds, 10 random."""
-    return f"{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
+    return f"{int(time.time() * 1000):012x}{random_bytes(5).hex()}"
 
 
 def _string(payload: dict[str, Any], name: str, *, required: bool = False) -> str | None:
