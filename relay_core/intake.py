@@ -34,7 +34,7 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .db import Connection, is_database_error, transaction
@@ -59,7 +59,7 @@ class _Rerun(Exception):
 @dataclass
 class _Pending:
     job: Job
-    future: Future = field(default_factory=Future)
+    future: Future | None = None  # submit's; submit_async's callers wait on ``waiter`` instead
     isolated: bool = True
     # Set by submit_async: the future is settled in this loop instead.
     loop: asyncio.AbstractEventLoop | None = None
@@ -112,9 +112,9 @@ class Intake:
 
     def submit(self, job: Job, isolated: bool = True) -> Future:
         """Run ``job(conn)`` in the next batch; the future holds its first return value."""
-        pending = _Pending(job, isolated=isolated)
-        self._jobs.put(pending)
-        return pending.future
+        future: Future = Future()
+        self._jobs.put(_Pending(job, future, isolated=isolated))
+        return future
 
     def submit_async(self, job: Job, isolated: bool = True) -> asyncio.Future[Any]:
         """``submit`` for a caller on a running event loop: await the result.
@@ -244,7 +244,7 @@ class Intake:
         for pending, value, exc in results:
             if pending.waiter is not None and pending.loop is not None:
                 by_loop.setdefault(pending.loop, []).append((pending.waiter, value, exc))
-            elif pending.future.done():
+            elif pending.future is None or pending.future.done():
                 continue
             elif exc is not None:
                 pending.future.set_exception(exc)
