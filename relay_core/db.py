@@ -18,6 +18,9 @@ this module, in ``db_sqlite.py`` and ``db_postgres.py``:
 - ``insert_blob(conn, sql, params, table, column)``: an INSERT whose last
   parameter is a body; SQLite streams a large one through its blob API,
   PostgreSQL binds the bytes;
+- ``pipelined(conn)``: inside a transaction, let the ``executemany`` calls
+  of a block share one round trip (PostgreSQL's pipeline mode; nothing on
+  SQLite);
 - ``is_database_error(exc)``: either driver's errors.
 """
 
@@ -65,6 +68,8 @@ class Connection(Protocol):
 
     def insert_blob(self, sql: str, params: Sequence[Any], table: str, column: str) -> None: ...
 
+    def pipeline(self) -> ContextManager[Any]: ...
+
     def close(self) -> None: ...
 
 
@@ -111,6 +116,11 @@ def serialize(conn: Any, name: str) -> None:
 def insert_blob(conn: Any, sql: str, params: Sequence[Any], table: str, column: str) -> None:
     """Run an INSERT whose last parameter is the (possibly large) blob for ``table.column``."""
     conn.insert_blob(sql, params, table, column)
+
+
+def pipelined(conn: Any) -> ContextManager[Any]:
+    """Inside a transaction: the block's ``executemany`` calls in one round trip where that helps."""
+    return conn.pipeline()  # type: ignore[no-any-return]
 
 
 def is_database_error(exc: BaseException) -> bool:

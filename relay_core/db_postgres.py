@@ -24,7 +24,7 @@ import hashlib
 import threading
 import urllib.parse
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, ContextManager, Iterable, Iterator, Sequence
 
 import psycopg
 from psycopg import pq
@@ -207,6 +207,13 @@ class PgConnection:
             finally:
                 pool.putconn(raw)
         raise AssertionError("unreachable")
+
+    def pipeline(self) -> ContextManager[Any]:
+        """Inside a transaction: the ``executemany`` calls within go to the server in one
+        round trip (psycopg's pipeline mode; an error surfaces when the block ends)."""
+        if self._raw is None:
+            return contextlib.nullcontext()
+        return self._raw.pipeline()
 
     def executemany(self, sql: str, seq_of_params: Iterable[Sequence[Any]]) -> Result:
         query, rows = translate(sql), list(seq_of_params)

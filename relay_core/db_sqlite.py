@@ -117,6 +117,10 @@ class RelayConnection(sqlite3.Connection):
     def take_turn(self, name: str) -> None:
         """Nothing to do: write transactions here are already one at a time."""
 
+    def pipeline(self) -> contextlib.nullcontext[None]:
+        """Nothing to do: a statement here costs no round trip."""
+        return contextlib.nullcontext()
+
     def insert_blob(self, sql: str, params: Sequence[Any], table: str, column: str) -> None:
         """Run an INSERT whose last parameter is ``table.column``'s blob; a large one is streamed."""
         blob = params[-1]

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import crypto, metrics
 from .crypto import KeySet
-from .db import Connection, insert_blob, serialize, transaction
+from .db import Connection, insert_blob, pipelined, serialize, transaction
 from .db_sqlite import BLOB_STREAM_THRESHOLD
 from .logbook import HOUR, count_log_row, count_log_rows, forget_log_rows, log_kind, search_terms
 from .message import OutgoingMessage, message_id_header
@@ -217,8 +217,9 @@ def insert_messages(conn: Connection, messages: list[NewMessage]) -> None:
 
 def insert_accepted(conn: Connection, accepted: list[tuple[NewMessage, LogEntry]]) -> None:
     """Accepted messages with their log rows, many at once (the web's group commit writes these)."""
-    insert_messages(conn, [msg for msg, _ in accepted])
-    insert_logs(conn, [entry for _, entry in accepted])
+    with pipelined(conn):  # on PostgreSQL: the four tables' rows in one round trip
+        insert_messages(conn, [msg for msg, _ in accepted])
+        insert_logs(conn, [entry for _, entry in accepted])
 
 
 def insert_message(conn: Connection, msg: NewMessage) -> None:

@@ -188,3 +188,42 @@ def test_a_batch_write_that_fails_is_retried_row_by_row_and_fails_only_its_job(s
     finally:
         intake.stop()
     assert rows(store) == {"test-a", "test-c"}
+
+
+def test_accepted_messages_written_together_and_a_duplicate_fails_only_its_own(store: Store) -> None:
+    """ledger.insert_accepted as the web's writer (one pipeline on PostgreSQL): a row the database
+    refuses (here a message id taken twice) costs only its job once the batch runs again isolated."""
+    import time
+
+    from relay_core.store import LogEntry, NewMessage, insert_accepted
+
+    def accepted(message_id: str) -> tuple[NewMessage, LogEntry]:
+        now = time.time()
+        return (NewMessage(message_id, "api", None, now, "a@example.org", "", "a@example.org", "s", "<x@y>",
+                           b"sealed", 6, ["b@example.com", "c@example.com"]),
+                LogEntry("accepted", "queued", message_id=message_id, sender="a@example.org",
+                         recipients="b@example.com, c@example.com", subject="s", ts=now))
+
+    holder: list[Intake] = []
+
+    def job(message_id: str) -> Callable[[Any], Any]:
+        def run(conn):  # type: ignore[no-untyped-def]
+            holder[0].write(conn, "accepted", accepted(message_id))
+            return message_id, [message_id]
+        return run
+
+    intake = Intake(store, None, writers={"accepted": insert_accepted})
+    holder.append(intake)
+    futures = [intake.submit(job(i), isolated=False) for i in ("m1", "m2", "m1", "m3")]
+    intake.start()
+    try:
+        assert [futures[i].result(10) for i in (0, 1, 3)] == ["m1", "m2", "m3"]
+        with pytest.raises(Exception):
+            futures[2].result(10)
+    finally:
+        intake.stop()
+    conn = store.conn()
+    assert sorted(r[0] for r in conn.execute("SELECT id FROM messages")) == ["m1", "m2", "m3"]
+    assert conn.execute("SELECT COUNT(*) FROM recipients").fetchone()[0] == 6
+    assert conn.execute("SELECT COUNT(*) FROM log WHERE event = 'accepted'").fetchone()[0] == 3
+    assert conn.execute("SELECT SUM(n) FROM log_counts WHERE kind = 'accepted'").fetchone()[0] == 3
