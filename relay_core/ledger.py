@@ -18,9 +18,8 @@ from typing import Any
 
 from . import crypto, metrics
 from .crypto import KeySet
-from .db import Connection, insert_blob, pipelined, serialize, transaction
-from .db_sqlite import BLOB_STREAM_THRESHOLD
-from .logbook import HOUR, count_log_row, count_log_rows, forget_log_rows, log_kind, search_terms
+from .db import Connection, insert_blob, serialize, transaction
+from .logbook import HOUR, count_log_row, forget_log_rows, log_kind, search_terms
 from .message import OutgoingMessage, message_id_header
 from .options import Options
 
@@ -164,67 +163,16 @@ def insert_log(conn: Connection, entry: LogEntry) -> int:
     return log_id
 
 
-_INSERT_LOG = ("INSERT INTO log (ts, event, message_id, status, stage, code, detail, duration_ms,"
-               " source_ip, sender, recipients, subject, attachments, kind, terms)"
-               " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
-
-
-def insert_logs(conn: Connection, entries: list[LogEntry]) -> None:
-    """``insert_log`` for many rows at once (on PostgreSQL, one round trip for all of them).
-
-    SQLite needs each row's id for its search index, and a statement there costs
-    no round trip, so it inserts them one by one.
-    """
-    rows = []
-    for entry in entries:
-        kind = log_kind(entry.event, entry.status, entry.code)
-        terms = search_terms(entry.sender, entry.recipients, entry.subject)
-        rows.append(((entry.ts, entry.event, entry.message_id, entry.status, entry.stage, entry.code,
-                      entry.detail, entry.duration_ms, entry.source_ip, entry.sender, entry.recipients,
-                      entry.subject, entry.attachments, kind, terms), kind, entry.ts, terms))
-    if conn.dialect == "sqlite":
-        ids: list[int | None] = [int(conn.execute(_INSERT_LOG + " RETURNING id", values).fetchone()[0])
-                                 for values, _, _, _ in rows]
-    else:
-        conn.executemany(_INSERT_LOG, [values for values, _, _, _ in rows])
-        ids = [None] * len(rows)
-    count_log_rows(conn, [(log_id, kind, ts, terms) for log_id, (_, kind, ts, terms) in zip(ids, rows)])
-
-
-_INSERT_MESSAGE = (
+INSERT_MESSAGE = (
     "INSERT INTO messages (id, status, source, api_key_id, created_at, updated_at, next_attempt_at, enqueued_at,"
     " from_addr, from_name, envelope_from, subject, message_id_header, size, attachments, body)"
     " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
-def insert_messages(conn: Connection, messages: list[NewMessage]) -> None:
-    """``insert_message`` for many (on PostgreSQL, one round trip per table); large bodies one by one."""
-    small = [msg for msg in messages if len(msg.body) <= BLOB_STREAM_THRESHOLD]
-    for msg in messages:
-        if len(msg.body) > BLOB_STREAM_THRESHOLD:
-            insert_message(conn, msg)
-    conn.executemany(_INSERT_MESSAGE, [
-        (msg.id, msg.source, msg.api_key_id, msg.created_at, msg.created_at, msg.created_at, msg.created_at,
-         msg.from_addr, msg.from_name, msg.envelope_from, msg.subject, msg.message_id_header, msg.size,
-         msg.attachments, msg.body) for msg in small])
-    conn.executemany(
-        "INSERT INTO recipients (message_id, position, address, kind) VALUES (?, ?, ?, ?)",
-        [(msg.id, i, addr, kind) for msg in small
-         for i, (addr, kind) in enumerate(zip(msg.recipients, msg.kinds or ["to"] * len(msg.recipients)))],
-    )
-
-
-def insert_accepted(conn: Connection, accepted: list[tuple[NewMessage, LogEntry]]) -> None:
-    """Accepted messages with their log rows, many at once (the web's group commit writes these)."""
-    with pipelined(conn):  # on PostgreSQL: the four tables' rows in one round trip
-        insert_messages(conn, [msg for msg, _ in accepted])
-        insert_logs(conn, [entry for _, entry in accepted])
-
-
 def insert_message(conn: Connection, msg: NewMessage) -> None:
     # The body last: a large one is streamed into SQLite rather than bound (see db_sqlite).
-    insert_blob(conn, _INSERT_MESSAGE, (
+    insert_blob(conn, INSERT_MESSAGE, (
         msg.id, msg.source, msg.api_key_id, msg.created_at, msg.created_at, msg.created_at, msg.created_at,
         msg.from_addr, msg.from_name, msg.envelope_from, msg.subject, msg.message_id_header, msg.size,
         msg.attachments, msg.body,

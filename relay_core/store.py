@@ -31,8 +31,7 @@ from .db import (Connection, Database, SqliteDatabase, connect, insert_blob, ope
                  serialize, transaction, write_lock)
 from .interventions import ActionReport, Interventions  # noqa: F401  (re-exported)
 from .ledger import (FINAL_STATES, MAX_UNRECORDED_CLAIMS, AttemptFact, ClaimedMessage, Ledger,  # noqa: F401
-                     LogEntry, LoggedRow, NewMessage, Paced, Recipient, insert_accepted, insert_log,
-                     insert_message)
+                     LogEntry, LoggedRow, NewMessage, Paced, Recipient, insert_log, insert_message)
 from .limits import SendLimits
 from .logs import fields
 from .logbook import Logbook, backfill

@@ -42,7 +42,7 @@ from .auth import bearer_token, client_ip
 from .state import AppState
 
 IDEMPOTENCY_WINDOW = 24 * 3600
-ACCEPTED = "accepted"  # the writer's kind for an accepted message and its log row (ledger.insert_accepted)
+ACCEPTED = "accepted"  # the writer's kind for an accepted message and its log row (acceptance.insert_accepted)
 _THREAD_THRESHOLD = 256 * 1024  # parse and build larger bodies off the event loop
 
 

@@ -29,7 +29,8 @@ from relay_core.errors import RelayError, StoreUnavailable
 from relay_core import metrics as relay_metrics
 from relay_core.intake import Intake
 from relay_core.logs import fields
-from relay_core.store import Store, insert_accepted
+from relay_core.acceptance import insert_accepted
+from relay_core.store import Store
 from relay_core.tasks import build_queue
 
 from . import admin, api, metrics_endpoint

@@ -191,11 +191,12 @@ def test_a_batch_write_that_fails_is_retried_row_by_row_and_fails_only_its_job(s
 
 
 def test_accepted_messages_written_together_and_a_duplicate_fails_only_its_own(store: Store) -> None:
-    """ledger.insert_accepted as the web's writer (one pipeline on PostgreSQL): a row the database
+    """acceptance.insert_accepted as the web's writer (one pipeline on PostgreSQL): a row the database
     refuses (here a message id taken twice) costs only its job once the batch runs again isolated."""
     import time
 
-    from relay_core.store import LogEntry, NewMessage, insert_accepted
+    from relay_core.acceptance import insert_accepted
+    from relay_core.store import LogEntry, NewMessage
 
     def accepted(message_id: str) -> tuple[NewMessage, LogEntry]:
         now = time.time()
