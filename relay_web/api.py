@@ -184,8 +184,9 @@ async def accept(request: Request) -> tuple[int, dict[str, Any], dict[str, str] 
             return await attempt.run(snapshot, started)
         except _Stale:
             pass
-        except RelayError:
-            if state.store.revision() == snapshot[0]:
+        except RelayError as exc:
+            # A key refusal was checked against the current revision already (authenticate).
+            if exc.logged or state.store.revision() == snapshot[0]:
                 raise  # refused on the current settings
         snapshot = state.store.fresh_snapshot()
     raise StoreUnavailable("The relay's settings kept changing while this message was checked; nothing was "
