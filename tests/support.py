@@ -311,6 +311,21 @@ def store_message(store: Store, created: float, to: list[str] | None = None) -> 
     return message_id
 
 
+def initialise_store(env: dict[str, str], admin_password: str | None = None) -> None:
+    """What any command does first on a fresh store (migrate, seed the admin and the portal
+    key), and optionally `admin set-password`, done in this process: the admin password's
+    scrypt is then the session's cached one (conftest.py's ``scrypt_once``) instead of one
+    (or two) per relay in a subprocess. Tests of those commands run the CLI itself."""
+    settings = load_settings({k: v for k, v in env.items() if k.startswith("RELAY_")})
+    store = Store.open(settings, derive_keys(settings))
+    try:
+        store.bootstrap(settings)
+        if admin_password is not None:
+            store.set_admin_password(settings.admin_user, admin_password)
+    finally:
+        store.shutdown()
+
+
 class Relay:
     """A data directory with its web process and any number of worker processes."""
 
@@ -330,15 +345,7 @@ class Relay:
         return Path(self.env["RELAY_DATA_DIR"])
 
     def _initialise(self) -> None:
-        """What any command does first on a fresh data directory (migrate, seed the admin
-        and the portal key), done here: the admin password's scrypt is then paid once per
-        session (conftest.py's ``scrypt_once``), not once per relay in a subprocess."""
-        settings = load_settings({k: v for k, v in self.env.items() if k.startswith("RELAY_")})
-        store = Store.open(settings, derive_keys(settings))
-        try:
-            store.bootstrap(settings)
-        finally:
-            store.shutdown()
+        initialise_store(self.env)
 
     def configure(self, *pairs: str) -> None:
         cli(self.env, "config", "set", *pairs, cwd=self.cwd)

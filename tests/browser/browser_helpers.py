@@ -6,7 +6,7 @@ from pathlib import Path
 
 from playwright.sync_api import Page
 
-from support import RelayProcess, cli, free_port, relay_env
+from support import RelayProcess, cli, free_port, initialise_store, relay_env
 
 SEED_PASSWORD = "first-boot-Seed-1"
 ADMIN_PASSWORD = "volunteer-Pass-2"
@@ -18,8 +18,8 @@ class BrowserRelay:
     def __init__(self, cwd: Path, password: str | None, **env: str) -> None:
         self.cwd = cwd
         self.env = relay_env(cwd / "data", RELAY_ADMIN_PASSWORD=SEED_PASSWORD, RELAY_INSECURE_COOKIES="1", **env)
-        if password is not None:
-            cli(self.env, "admin", "set-password", "--password-stdin", cwd=cwd, input=password + "\n")
+        if password is not None:  # as `tspro-relay admin set-password` would (tests/test_cli.py runs it)
+            initialise_store(self.env, admin_password=password)
         self.process = RelayProcess("run", self.env, cwd, port=free_port())
 
     @property
