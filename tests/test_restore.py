@@ -31,12 +31,13 @@ def digest(directory: Path) -> dict[str, str]:
             if p.is_file() and not p.name.endswith(("-inuse", "-writelock"))}  # (empty) lock files
 
 
-@pytest.fixture
-def source(tmp_path: Path) -> tuple[dict[str, str], Path, list[str]]:
-    """A relay with settings, an extra key and waiting messages, and its backup."""
-    env = relay_env(tmp_path / "old" / "data")
-    cli(env, "config", "set", "smtp_host=127.0.0.1", "default_from=relay@example.org", cwd=tmp_path)
-    cli(env, "api-key", "add", "--label", "second", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def made_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """Made once per module (the CLI calls cost seconds), copied for each test by ``source``."""
+    base = tmp_path_factory.mktemp("restore-source")
+    env = relay_env(base / "old" / "data")
+    cli(env, "config", "set", "smtp_host=127.0.0.1", "default_from=relay@example.org", cwd=base)
+    cli(env, "api-key", "add", "--label", "second", cwd=base)
     settings = load_settings({k: v for k, v in env.items() if k.startswith("RELAY_")})
     store = Store(settings.db_path, crypto.derive_keys(settings))
     ids = [store_message(store, time.time()) for _ in range(3)]
@@ -45,8 +46,17 @@ def source(tmp_path: Path) -> tuple[dict[str, str], Path, list[str]]:
     conn.execute("UPDATE messages SET status = 'sending', lease_owner = 'gone:1:x', lease_expires_at = ?"
                  " WHERE id = ?", (time.time() + 300, ids[0]))
     store.shutdown()  # close() keeps this process's hold on relay.db; restore would see a relay using it
-    cli(env, "backup", str(tmp_path / "backup.db"), cwd=tmp_path)
-    return env, tmp_path / "backup.db", ids
+    cli(env, "backup", str(base / "backup.db"), cwd=base)
+    return base, ids
+
+
+@pytest.fixture
+def source(tmp_path: Path, made_source: tuple[Path, list[str]]) -> tuple[dict[str, str], Path, list[str]]:
+    """A relay with settings, an extra key and waiting messages, and its backup: this test's copy."""
+    base, ids = made_source
+    shutil.copytree(base / "old", tmp_path / "old")  # modes kept: the directory 0700, the databases 0600
+    shutil.copyfile(base / "backup.db", tmp_path / "backup.db")
+    return relay_env(tmp_path / "old" / "data"), tmp_path / "backup.db", ids
 
 
 def test_restore_onto_a_new_host_brings_back_settings_keys_and_waiting_mail(
