@@ -128,18 +128,25 @@ def test_a_worker_restarted_while_paused_still_wakes_everything_on_resume(relay:
 
 def test_a_wrong_password_makes_health_say_so(relay: Relay, certs: Certificates) -> None:
     with SmtpServer("starttls", certs, auth=True) as server:
-        relay.configure(*server.settings(auth=True), "smtp_password=not-the-password")
-        ids = [send(relay) for _ in range(3)]
-        for message_id in ids:
-            relay.wait_status(message_id, "deferred")
-        answer = health(relay)
-        assert answer["ok"] is False and answer["upstream"]["failing"] is True
-        assert "the mail server 127.0.0.1 refuses the username or password (535" in answer["error"]
-        assert answer["upstream"]["stage"] == "AUTH" and answer["upstream"]["code"] == 535
-        relay.configure(f"smtp_password={SMTP_PASSWORD}")  # fixed: the verdict clears at once
-        assert health(relay)["ok"] is True
-        for message_id in ids:
-            relay.wait_status(message_id, "sent", timeout=90)
+        # Short retries, so the fixed password is tried within seconds, not the module's 30 s.
+        # Attempts still in flight with the old password when it is fixed are at most the two
+        # worker threads: fewer than the three failures health needs to call the server failing.
+        relay.configure(*server.settings(auth=True), "smtp_password=not-the-password",
+                        "retry_base_seconds=3", "retry_max_seconds=6")
+        try:
+            ids = [send(relay) for _ in range(3)]
+            for message_id in ids:
+                relay.wait_status(message_id, "deferred")
+            answer = health(relay)
+            assert answer["ok"] is False and answer["upstream"]["failing"] is True
+            assert "the mail server 127.0.0.1 refuses the username or password (535" in answer["error"]
+            assert answer["upstream"]["stage"] == "AUTH" and answer["upstream"]["code"] == 535
+            relay.configure(f"smtp_password={SMTP_PASSWORD}")  # fixed: the verdict clears at once
+            assert health(relay)["ok"] is True
+            for message_id in ids:
+                relay.wait_status(message_id, "sent", timeout=60)
+        finally:
+            relay.configure("retry_base_seconds=30", "retry_max_seconds=60")
 
 
 def test_partly_refused_recipients_end_partial(relay: Relay) -> None:
