@@ -1,6 +1,6 @@
 """The Settings page and its settings cards: SMTP delivery, retries and pacing, sign-in protection.
 
-Each card posts to its own endpoint. Bad input re-renders the page (400)
+Each card posts to its own endpoint. Bad input re-renders the page (200)
 with the card's fields as typed and each message next to its field, and
 saves nothing; a good post saves all of the card at once, records what
 changed in the audit trail (secrets as "changed", never their values), and

@@ -9,7 +9,8 @@
   ``tests/browser/artifacts/<test name>/`` (git-ignored; the path is printed
   at the end of the run): each page is shot as it was when the browser left
   it (a route holds the next document request until the shot is taken), and
-  the pages still open at the end are shot then. ``page`` is ``open_page()``.
+  the pages still open at the end are shot then. ``page`` is ``open_page()``;
+  ``watch`` is what the test's pages reported so far.
 - ``relay``: a running `tspro-relay run` (web + worker) on a free port, with a
   temp data directory and RELAY_INSECURE_COOKIES=1 (plain http), trusting
   the test CA (SSL_CERT_FILE); its admin password is already the admin's
@@ -169,6 +170,12 @@ def open_page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Call
 @pytest.fixture
 def page(open_page: Callable[..., Page]) -> Page:
     return open_page()
+
+
+@pytest.fixture
+def watch(open_page: Callable[..., Page], request: pytest.FixtureRequest) -> Watch:
+    """What this test's pages reported so far (a test of the watch itself reads and clears it)."""
+    return request.node.stash[_PAGES].watch
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

@@ -4,6 +4,7 @@ aiosmtpd server: as a volunteer admin would use them. Any console error or CSP v
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import httpx
@@ -11,6 +12,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from browser_helpers import ADMIN_PASSWORD, SEED_PASSWORD, BrowserRelay, sign_in, unlabelled_inputs
+from conftest import Watch
 from support import SMTP_PASSWORD, SMTP_USER, Certificates, SmtpServer, free_port, wait_until
 
 pytestmark = pytest.mark.browser
@@ -145,6 +147,8 @@ def test_reveal_copy_add_and_revoke_keys(open_page: Callable[..., Page], relay: 
         expect(page.get_by_role("status").first).to_contain_text("Key added.")
         row = page.locator("#keys tr", has_text="portal-2025")
         expect(row.get_by_label("Sends per hour")).to_have_value("50")
+        expect(row.locator("td").nth(1)).to_have_text(re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d UTC$"))  # created
+        expect(row.locator("td").nth(2)).to_have_text("never")  # last used
         expect(row.get_by_label("Allowed From")).to_have_value("example.org")
         row.get_by_role("button", name="Copy").click()
         second_key = page.evaluate("navigator.clipboard.readText()")
@@ -187,10 +191,20 @@ def test_five_wrong_passwords_lock_signing_in(page: Page, relay: BrowserRelay) -
     assert "/login" in page.url
 
 
-def test_sign_out_then_a_replayed_cookie_is_refused(open_page: Callable[..., Page], relay: BrowserRelay) -> None:
+def test_sign_out_then_a_replayed_cookie_is_refused(open_page: Callable[..., Page], relay: BrowserRelay,
+                                                    watch: Watch) -> None:
     page = open_page()
     sign_in(page, relay)
     expect(page.get_by_role("heading", name="Queue")).to_be_visible()
+    # First, the watch that fails every browser test: an inline script is blocked by the relay's CSP
+    # and reported, and so is a console error (cleared here, or this test would fail for them).
+    page.evaluate("() => { const s = document.createElement('script'); s.textContent = 'window.ran = 1';"
+                  " document.head.appendChild(s); console.error('a deliberate console error'); }")
+    wait_until(lambda: page.wait_for_timeout(50) or len(watch.problems) >= 2, what="the watch's reports")
+    assert page.evaluate("window.ran") is None  # the CSP blocked it
+    assert any(p.startswith("console error: CSP violation: script-src") for p in watch.problems), watch.problems
+    assert any("a deliberate console error" in p for p in watch.problems), watch.problems
+    watch.problems.clear()
     [cookie] = [c for c in page.context.cookies() if c["name"] == "relay_session"]
     assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
     page.get_by_role("button", name="Sign out").click()

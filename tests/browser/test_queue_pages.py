@@ -226,10 +226,14 @@ def test_tour_for_the_readme(open_page: Callable[..., Page], relay: BrowserRelay
             assert api_send(relay, to=[f"member{i}@example.com"], subject=subjects[i % len(subjects)]).status_code == 202
         refused = api_send(relay, to=["gone@example.com"], subject="Agenda: district assembly").json()["id"]
         later = api_send(relay, to=["full@example.com"], subject="Treasurer report for May").json()["id"]
+        partly = api_send(relay, to=["member20@example.com", "gone@example.com"],
+                          subject="Service committee minutes").json()["id"]
         assert api_send(relay, key="tsr_an-old-key").status_code == 401
-        wait_until(lambda: len(server.received) == 12, what="the deliveries")
+        assert api_send(relay, to=[]).status_code == 400
+        wait_until(lambda: len(server.received) == 13, what="the deliveries")
         wait_until(lambda: status_of(relay, refused) == "failed", what="the refused one to fail")
         wait_until(lambda: status_of(relay, later) == "deferred", what="the full mailbox to defer")
+        wait_until(lambda: status_of(relay, partly) == "partial", what="one of two recipients to be refused")
         page = open_page(viewport={"width": 1280, "height": 900})
         sign_in(page, relay)
         tour = ARTIFACTS / "tour"
@@ -238,6 +242,13 @@ def test_tour_for_the_readme(open_page: Callable[..., Page], relay: BrowserRelay
         page.screenshot(path=str(tour / "dashboard.png"))
         page.get_by_role("link", name="Transaction Log").click()
         page.screenshot(path=str(tour / "transaction-log.png"))
+        # Every kind of event the relay logs, as the real processes wrote them, is on the page.
+        shown = {label.strip() for label in page.locator("#log-rows tbody tr .badge").all_inner_texts()}
+        assert shown >= {"Accepted", "Rejected", "Unauthorized", "Sent", "Partly sent", "Waiting to retry",
+                         "Failed"}, shown
+        partial_row = page.locator("#log-rows tbody tr", has=page.locator(".badge-partial"))
+        expect(partial_row).to_contain_text("gone@example.com")
+        expect(partial_row).to_contain_text("550")
         page.get_by_role("link", name="Settings").click()
         page.screenshot(path=str(tour / "settings.png"))
 
