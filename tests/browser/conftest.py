@@ -1,6 +1,6 @@
 """Browser fixtures: Debian's chromium through Playwright, against a real `tspro-relay run`.
 
-- ``browser``: one headless chromium per test session (never a downloaded one).
+- ``browser``: one headless chromium per test module (never a downloaded one).
 - ``open_page(**context_options)``: a fresh context and page per call; every
   page it opens is watched. A console error, an uncaught page error or a CSP
   violation anywhere FAILS the test at teardown (the violations are reported
@@ -99,8 +99,10 @@ class Watch:
                 self.problems.append(f"no screenshot of {page.url}: {exc}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    """One chromium per test module. Not per session: while Playwright's sync API runs, its event loop
+    stays current in the main thread, and every later test that calls ``asyncio.run`` fails."""
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
