@@ -1,4 +1,4 @@
-"""A flood of wrong keys from one address against a real `tspro-relay web` and worker.
+"""A flood of wrong keys from one address against a real `tspro-relay web` and worker (SQLite, then PostgreSQL).
 
 10,000 POST /api/send with a wrong key arrive from 127.0.0.1 on 32 keep-alive
 connections (tests/loadgen.py: httpx is too slow to make a flood) while the
@@ -31,8 +31,13 @@ GOOD = 40
 BUDGET = 100
 
 
-def test_a_wrong_key_flood_leaves_the_log_and_the_good_key_alone(tmp_path: Path) -> None:
-    relay = Relay(tmp_path, RELAY_WORKER_THREADS="4")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_a_wrong_key_flood_leaves_the_log_and_the_good_key_alone(tmp_path: Path, backend_env: dict[str, str]) -> None:
+    relay = Relay(tmp_path, RELAY_WORKER_THREADS="4", **backend_env)
     with SmtpServer("none") as server:
         try:
             relay.configure(*server.settings(), "log_max_rows=1000", "sweep_seconds=1")
