@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -52,16 +54,19 @@ def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     newest = store.log_entries(limit=1)
     last = newest[0].id if newest else 0
-    try:
-        while True:  # until Ctrl-C, SIGTERM or the reader going away
-            sys.stdout.flush()
-            time.sleep(args.interval)
-            for row in store.log_entries(limit=1000, after_id=last):
-                last = row.id  # every row moves the mark, printed or not
-                if not args.status or row.status == args.status:
-                    print(format_row(row))
-    except KeyboardInterrupt:
-        return 0
+    # Ctrl-C and SIGTERM only ask the loop to stop; it stops between two reads. (A KeyboardInterrupt
+    # raised wherever the main thread happened to be, inside a store read, once left it hanging.)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda _signum, _frame: stop.set())
+    sys.stdout.flush()
+    while not stop.wait(args.interval):  # until a signal or the reader going away
+        for row in store.log_entries(limit=1000, after_id=last):
+            last = row.id  # every row moves the mark, printed or not
+            if not args.status or row.status == args.status:
+                print(format_row(row))
+        sys.stdout.flush()
+    return 0
 
 
 def _status_lines(view: dict[str, Any]) -> list[str]:

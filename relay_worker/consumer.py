@@ -65,6 +65,10 @@ def main(settings: Settings) -> int:
     consumer._signal_actions[signal.SIGTERM] = (False, True)
     logger.info("worker %s started with %d delivery threads", name, settings.worker_threads,
                 extra=fields("worker.started", worker=name, threads=settings.worker_threads))
+    # Huey sets its signal handlers only after its threads have started, and a thread may already be
+    # delivering by then: a SIGTERM in between killed the process mid-delivery (exit -15), a SIGINT
+    # raised KeyboardInterrupt past the graceful stop (exit 130). Set them before anything runs.
+    consumer._set_signal_handlers()
     try:
         consumer.run()
     finally:

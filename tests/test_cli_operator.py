@@ -158,7 +158,8 @@ def test_log_and_status_read_the_store_directly(env: dict[str, str], tmp_path: P
     assert refused.returncode == 2 and "invalid choice" in refused.stderr
 
 
-def test_log_follow_prints_new_rows_until_ctrl_c(env: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_log_follow_prints_new_rows_until_ctrl_c(env: dict[str, str], tmp_path: Path, signum: int) -> None:
     configured(env, tmp_path)
     cli(env, "send-test", "--to", "ann@example.com", cwd=tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "relay_core.cli", "log", "--follow", "--interval", "0.2"],
@@ -169,7 +170,7 @@ def test_log_follow_prints_new_rows_until_ctrl_c(env: dict[str, str], tmp_path: 
         later = cli(env, "send-test", "--to", "later@example.com", cwd=tmp_path).stdout.strip()
         line = proc.stdout.readline()  # blocks until the follower prints it (the test's timeout bounds it)
         assert later in line and "later@example.com" in line
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=30)
         captured_logs.keep("tspro-relay log --follow", err)
     finally:
