@@ -151,6 +151,7 @@ def test_reveal_copy_add_and_revoke_keys(open_page: Callable[..., Page], relay: 
         expect(row.locator("td").nth(2)).to_have_text("never")  # last used
         expect(row.get_by_label("Allowed From")).to_have_value("example.org")
         row.get_by_role("button", name="Copy").click()
+        expect(row.get_by_role("button", name="Copied")).to_be_visible()  # written to the clipboard now
         second_key = page.evaluate("navigator.clipboard.readText()")
         assert second_key.startswith("tsr_") and second_key != first_key
         response = api_send(relay, second_key, to="second@example.com")
