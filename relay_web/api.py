@@ -46,6 +46,10 @@ ACCEPTED = "accepted"  # the writer's kind for an accepted message and its log r
 _THREAD_THRESHOLD = 256 * 1024  # parse and build larger bodies off the event loop
 
 
+
+def _seconds(count: int) -> str:
+    return "1 second" if count == 1 else f"{count} seconds"
+
 def _state(request: Request) -> AppState:
     return request.app.state.relay
 
@@ -70,7 +74,7 @@ def authenticate(request: Request, keys: list[ApiKey] | None = None, options: Op
         refusal: RelayError
         if wait:
             refusal = RateLimited(f"Too many requests with a missing or wrong API key from {ip} this minute "
-                                  f"(the limit is {budget}); retry in {wait} seconds.", retry_after=wait)
+                                  f"(the limit is {budget}); retry in {_seconds(wait)}.", retry_after=wait)
         else:
             refusal = Unauthorized("Missing or invalid API key: send the relay's key as "
                                    "'Authorization: Bearer <key>'.")
@@ -286,7 +290,7 @@ class _Accept:
             quota = store.take_send(conn, key.id, limit, created) if limit else None
             if quota is not None and quota.retry_after:
                 raise RateLimited(f"This API key has reached its limit of {limit} messages per hour; the next "
-                                  f"one can be sent in {quota.retry_after} seconds.", retry_after=quota.retry_after,
+                                  f"one can be sent in {_seconds(quota.retry_after)}.", retry_after=quota.retry_after,
                                   headers=quota.headers())
             state.intake.write(conn, ACCEPTED, (record, entry))  # with the batch's others, when it can
             return (202, answer, quota), [message_id]
