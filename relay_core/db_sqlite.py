@@ -139,10 +139,15 @@ def connect(path: Path | str) -> RelayConnection:
     assert isinstance(conn, RelayConnection)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA busy_timeout = 30000")
-    conn.execute("PRAGMA journal_mode = WAL")
+    conn.writer = WriteLock.for_database(str(path))
+    # Turning a new (or rollback-journal) database to WAL is a write that SQLite may
+    # refuse at once with "database is locked", busy timeout or not, when another
+    # process is doing the same (relays starting together on a fresh data directory):
+    # it would deadlock waiting. Under the write lock the switches take turns.
+    with conn.writer:
+        conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
-    conn.writer = WriteLock.for_database(str(path))
     return conn
 
 
