@@ -8,16 +8,14 @@ database, with connections (and, on PostgreSQL, a pool) of its own.
 from __future__ import annotations
 
 import threading
-from typing import Iterator
 
 import pytest
 
 from relay_core.accounts import ApiKey
-from relay_core.config import Settings
 from relay_core.limits import effective_limit
 from relay_core.options import Options
 from relay_core.refusals import DETAILED_PER_MINUTE, MISSING, WRONG, RefusalGate
-from relay_core.store import LogEntry, Store, open_database, transaction
+from relay_core.store import LogEntry, Store, transaction
 
 T0 = 1_700_000_000.0  # a whole minute (T0 % 60 == 20: some seconds into it)
 
@@ -26,12 +24,6 @@ T0 = 1_700_000_000.0  # a whole minute (T0 % 60 == 20: some seconds into it)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
-
-@pytest.fixture
-def other(store: Store, settings: Settings) -> Iterator[Store]:
-    other = Store(open_database(settings), store.keys)
-    yield other
-    other.shutdown()
 
 
 def take(store: Store, key_id: int, limit: int, now: float) -> object:

@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -35,13 +35,6 @@ T0 = 1_700_000_000.0
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
-
-@pytest.fixture
-def other(store: Store, settings: Settings) -> Iterator[Store]:
-    """Another process's store on the same database."""
-    other = Store(open_database(settings), store.keys)
-    yield other
-    other.shutdown()
 
 
 def table_names(store: Store) -> set[str]:
