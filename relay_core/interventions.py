@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .audit import insert_audit
 from .db import Connection, transaction
@@ -77,9 +77,13 @@ class Interventions:
         rows = conn.execute("SELECT address FROM recipients WHERE message_id = ? ORDER BY position", (message_id,))
         return ", ".join(r[0] for r in rows)
 
-    def retry_now(self, ids: list[str], actor: str, ip: str, now: float | None = None) -> ActionReport:
-        """Make deferred and failed messages due now. Enqueue ``report.done`` afterwards."""
-        now = time.time() if now is None else now
+    def _act(self, ids: list[str], action: str, verb: str, actor: str, ip: str, now: float,
+             change: Callable[[Connection, str, Any], LogEntry | str]) -> ActionReport:
+        """Apply ``change`` to each message ``action`` applies to, in one transaction with one audit row.
+
+        ``change(conn, message_id, row)`` makes the change and returns its log row, or the reason
+        it could not (the message changed since it was read).
+        """
         report = ActionReport()
         ids = list(dict.fromkeys(ids))
         if not ids:
@@ -89,58 +93,54 @@ class Interventions:
             rows = self._rows(conn, ids)
             for message_id in ids:
                 row: Any = rows.get(message_id)
-                reason = _why_not(row, "retry")
-                if reason is None:
-                    # claims = attempts: a message failed for being interrupted too often starts afresh.
-                    changed = conn.execute(
-                        "UPDATE messages SET status = 'queued', next_attempt_at = ?, enqueued_at = ?, updated_at = ?,"
-                        " finished_at = NULL, claims = attempts WHERE id = ? AND status = ?"
-                        " AND (status = 'deferred' OR body IS NOT NULL)",
-                        (now, now, now, message_id, row["status"])).rowcount
-                    reason = None if changed == 1 else "it changed meanwhile; reload the page"
-                if reason is not None:
-                    report.skipped[message_id] = reason
+                outcome = _why_not(row, action) or change(conn, message_id, row)
+                if isinstance(outcome, str):
+                    report.skipped[message_id] = outcome
                     continue
-                conn.execute("UPDATE recipients SET status = 'pending', code = NULL, reply = NULL, updated_at = ?"
-                             " WHERE message_id = ? AND status = 'failed'", (now, message_id))
-                insert_log(conn, LogEntry("retry", "queued", message_id=message_id, source_ip=ip or None,
-                                          detail=f"retry now by {actor} (it was {row['status']})",
-                                          sender=row["from_addr"], subject=row["subject"], ts=now,
-                                          recipients=self._recipients_text(conn, message_id)))
+                insert_log(conn, outcome)
                 report.done.append(message_id)
             if report.done:
-                insert_audit(conn, actor, ip, "message.retry", _audit_detail("retried", report.done), ts=now)
+                insert_audit(conn, actor, ip, f"message.{action}", _audit_detail(verb, report.done), ts=now)
         return report
+
+    def retry_now(self, ids: list[str], actor: str, ip: str, now: float | None = None) -> ActionReport:
+        """Make deferred and failed messages due now. Enqueue ``report.done`` afterwards."""
+        at = time.time() if now is None else now
+
+        def change(conn: Connection, message_id: str, row: Any) -> LogEntry | str:
+            # claims = attempts: a message failed for being interrupted too often starts afresh.
+            changed = conn.execute(
+                "UPDATE messages SET status = 'queued', next_attempt_at = ?, enqueued_at = ?, updated_at = ?,"
+                " finished_at = NULL, claims = attempts WHERE id = ? AND status = ?"
+                " AND (status = 'deferred' OR body IS NOT NULL)",
+                (at, at, at, message_id, row["status"])).rowcount
+            if changed != 1:
+                return "it changed meanwhile; reload the page"
+            conn.execute("UPDATE recipients SET status = 'pending', code = NULL, reply = NULL, updated_at = ?"
+                         " WHERE message_id = ? AND status = 'failed'", (at, message_id))
+            return LogEntry("retry", "queued", message_id=message_id, source_ip=ip or None,
+                            detail=f"retry now by {actor} (it was {row['status']})",
+                            sender=row["from_addr"], subject=row["subject"], ts=at,
+                            recipients=self._recipients_text(conn, message_id))
+
+        return self._act(ids, "retry", "retried", actor, ip, at, change)
 
     def cancel(self, ids: list[str], actor: str, ip: str, now: float | None = None) -> ActionReport:
         """Cancel waiting messages; any other state is left as it is, with the reason."""
-        now = time.time() if now is None else now
-        report = ActionReport()
-        ids = list(dict.fromkeys(ids))
-        if not ids:
-            return report
-        conn = self.conn()
+        at = time.time() if now is None else now
         reason_text = f"cancelled by {actor}"
-        with transaction(conn):
-            rows = self._rows(conn, ids)
-            for message_id in ids:
-                row: Any = rows.get(message_id)
-                reason = _why_not(row, "cancel")
-                if reason is None:
-                    changed = conn.execute(
-                        "UPDATE messages SET status = 'cancelled', finished_at = ?, updated_at = ?, last_error = ?,"
-                        " lease_owner = NULL, lease_expires_at = NULL WHERE id = ? AND status IN ('queued', 'deferred')",
-                        (now, now, reason_text, message_id)).rowcount
-                    reason = None if changed == 1 else "it is being delivered right now"
-                if reason is not None:
-                    report.skipped[message_id] = reason
-                    continue
-                conn.execute("UPDATE recipients SET status = 'cancelled', updated_at = ? WHERE message_id = ?"
-                             " AND status IN ('pending', 'deferred')", (now, message_id))
-                insert_log(conn, LogEntry("cancel", "cancelled", message_id=message_id, source_ip=ip or None,
-                                          detail=reason_text, sender=row["from_addr"], subject=row["subject"],
-                                          ts=now, recipients=self._recipients_text(conn, message_id)))
-                report.done.append(message_id)
-            if report.done:
-                insert_audit(conn, actor, ip, "message.cancel", _audit_detail("cancelled", report.done), ts=now)
-        return report
+
+        def change(conn: Connection, message_id: str, row: Any) -> LogEntry | str:
+            changed = conn.execute(
+                "UPDATE messages SET status = 'cancelled', finished_at = ?, updated_at = ?, last_error = ?,"
+                " lease_owner = NULL, lease_expires_at = NULL WHERE id = ? AND status IN ('queued', 'deferred')",
+                (at, at, reason_text, message_id)).rowcount
+            if changed != 1:
+                return "it is being delivered right now"
+            conn.execute("UPDATE recipients SET status = 'cancelled', updated_at = ? WHERE message_id = ?"
+                         " AND status IN ('pending', 'deferred')", (at, message_id))
+            return LogEntry("cancel", "cancelled", message_id=message_id, source_ip=ip or None,
+                            detail=reason_text, sender=row["from_addr"], subject=row["subject"], ts=at,
+                            recipients=self._recipients_text(conn, message_id))
+
+        return self._act(ids, "cancel", "cancelled", actor, ip, at, change)
