@@ -21,6 +21,9 @@ this module, in ``db_sqlite.py`` and ``db_postgres.py``:
 - ``pipelined(conn)``: inside a transaction, let the ``executemany`` calls
   of a block share one round trip (PostgreSQL's pipeline mode; nothing on
   SQLite);
+- ``conn.insert_rows(sql, rows)``: ``executemany`` of a plain
+  ``INSERT ... VALUES (...)``; SQLite writes the rows with a few multi-row
+  statements (each statement step lets go of the GIL, see db_sqlite);
 - ``is_database_error(exc)``: either driver's errors.
 """
 
@@ -67,6 +70,8 @@ class Connection(Protocol):
     def take_turn(self, name: str) -> None: ...
 
     def insert_blob(self, sql: str, params: Sequence[Any], table: str, column: str) -> None: ...
+
+    def insert_rows(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
 
     def pipeline(self) -> ContextManager[Any]: ...
 

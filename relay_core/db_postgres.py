@@ -211,8 +211,8 @@ class PgConnection:
     def pipeline(self) -> ContextManager[Any]:
         """Inside a transaction: the ``executemany`` calls within go to the server in one
         round trip (psycopg's pipeline mode; an error surfaces when the block ends)."""
-        if self._raw is None:
-            return contextlib.nullcontext()
+        if self._raw is None or self._raw.pgconn.pipeline_status != pq.PipelineStatus.OFF:
+            return contextlib.nullcontext()  # (a block inside another: the outer one sends it all)
         return self._raw.pipeline()
 
     def executemany(self, sql: str, seq_of_params: Iterable[Sequence[Any]]) -> Result:
@@ -276,6 +276,10 @@ class PgConnection:
         if self._raw is None:
             raise RuntimeError("take_turn() needs an open transaction")
         self._raw.execute("SELECT pg_advisory_xact_lock(%s)", (_advisory_key(name),))
+
+    def insert_rows(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """``executemany`` (inside ``pipeline``, all of a block's rows go in one round trip)."""
+        self.executemany(sql, rows)
 
     def insert_blob(self, sql: str, params: Sequence[Any], table: str, column: str) -> None:
         """Run an INSERT whose last parameter is a blob: psycopg sends bytes as they are."""

@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import functools
 import os
+import re
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -26,6 +27,11 @@ from typing import Any, Iterator, Sequence
 # Bodies above this are written through the blob API: binding one as a parameter
 # would make SQLite copy it and keep that copy in the cached statement.
 BLOB_STREAM_THRESHOLD = 256 * 1024
+# insert_rows: at most this many rows and parameters in one statement (999 parameters
+# is the smallest limit any SQLite build has had).
+MAX_ROWS_PER_INSERT = 128
+MAX_PARAMETERS = 999
+_VALUES = re.compile(r"\bVALUES\s*(\([^()]*\))", re.IGNORECASE)
 
 
 class StoreInUse(Exception):
@@ -121,6 +127,11 @@ class RelayConnection(sqlite3.Connection):
         """Nothing to do: a statement here costs no round trip."""
         return contextlib.nullcontext()
 
+    def insert_rows(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """``executemany`` of an ``INSERT ... VALUES (...)``, as a few multi-row statements."""
+        for statement, params in multi_row_inserts(sql, rows):
+            self.execute(statement, params)
+
     def insert_blob(self, sql: str, params: Sequence[Any], table: str, column: str) -> None:
         """Run an INSERT whose last parameter is ``table.column``'s blob; a large one is streamed."""
         blob = params[-1]
@@ -130,6 +141,36 @@ class RelayConnection(sqlite3.Connection):
         cur = self.execute(_zeroblob_last(sql), (*params[:-1], len(blob)))
         with self.blobopen(table, column, int(cur.lastrowid or 0)) as handle:
             handle.write(blob)
+
+
+def multi_row_inserts(sql: str, rows: Sequence[Sequence[Any]]) -> Iterator[tuple[str, list[Any]]]:
+    """``rows`` for ``sql`` (an INSERT with one ``VALUES (...)`` group) as a few multi-row statements.
+
+    sqlite3 lets go of the GIL around every step of every row of an
+    ``executemany``; a thread doing that a few times per message makes the
+    event loop wait for the GIL about as often. One statement of many rows
+    steps once. The row counts are powers of two, so few statement texts are
+    ever prepared (each stays in the statement cache).
+    """
+    if not rows:
+        return
+    most = MAX_ROWS_PER_INSERT
+    while most > 1 and most * len(rows[0]) > MAX_PARAMETERS:
+        most //= 2
+    start = 0
+    while start < len(rows):
+        count = min(most, 1 << ((len(rows) - start).bit_length() - 1))
+        yield _multi_row(sql, count), [value for row in rows[start:start + count] for value in row]
+        start += count
+
+
+@functools.lru_cache(maxsize=256)
+def _multi_row(sql: str, count: int) -> str:
+    """``sql`` (an INSERT with one ``VALUES (...)`` group) inserting ``count`` rows."""
+    match = _VALUES.search(sql)
+    if match is None:
+        raise ValueError(f"not an INSERT ... VALUES (...): {sql!r}")
+    return sql[:match.start(1)] + ", ".join([match.group(1)] * count) + sql[match.end(1):]
 
 
 def connect(path: Path | str) -> RelayConnection:

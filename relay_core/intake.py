@@ -37,7 +37,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .db import Connection, is_database_error, transaction
+from .db import Connection, is_database_error, pipelined, transaction
 from .errors import StoreUnavailable
 from .logs import fields
 from .store import Store
@@ -116,13 +116,15 @@ class Intake:
         self._jobs.put(_Pending(job, future, isolated=isolated))
         return future
 
-    def submit_async(self, job: Job, isolated: bool = True) -> asyncio.Future[Any]:
-        """``submit`` for a caller on a running event loop: await the result.
+    def submit_async(self, job: Job, isolated: bool = True,
+                     loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future[Any]:
+        """``submit`` for a caller on a running event loop (``loop``, when the caller knows it): await
+        the result.
 
         ``isolated=False``: the job raises nothing but ``NothingWritten`` before
         its first write, so it needs no savepoint (see the module docstring).
         """
-        loop = asyncio.get_running_loop()
+        loop = loop or asyncio.get_running_loop()  # (which asks the system for the process id)
         waiter = loop.create_future()
         self._jobs.put(_Pending(job, isolated=isolated, loop=loop, waiter=waiter))
         return waiter
@@ -216,13 +218,20 @@ class Intake:
                     conn.execute("RELEASE job")
                     outcomes.append((pending, value, ids, None))
             deferred, self._deferred = self._deferred, {}
+            accepted = sum(len(ids) for _, _, ids, exc in outcomes if exc is None)
+            hook_now = self.before_commit is not None and not isolate_all
             try:
-                for kind, rows in deferred.items():
-                    self.writers[kind](conn, rows)
+                # On PostgreSQL the batch's rows and its hook go in one round trip; an error
+                # anywhere in it runs the batch again, each job and then the hook on its own.
+                with pipelined(conn):
+                    for kind, rows in deferred.items():
+                        self.writers[kind](conn, rows)
+                    if hook_now:
+                        self._before_commit(conn, accepted)
             except Exception as exc:
                 raise _Rerun() from exc  # which job's row failed is not known: each on its own, then
-            if self.before_commit is not None:
-                self._before_commit(conn, sum(len(ids) for _, _, ids, exc in outcomes if exc is None))
+            if self.before_commit is not None and not hook_now:
+                self._before_commit(conn, accepted)
         return outcomes
 
     def _before_commit(self, conn: Connection, accepted: int) -> None:

@@ -54,18 +54,20 @@ class NewMessage:
     @classmethod
     def accepted(cls, message: OutgoingMessage, message_id: str, sealed: bytes, created: float,
                  options: Options, source: str, api_key_id: int | None,
-                 attachments: int | None = None) -> "NewMessage":
+                 attachments: int | None = None, size: int | None = None) -> "NewMessage":
         """The row for a validated message whose stored document is ``sealed``.
 
         ``attachments``: their count, when the caller has already let go of them.
+        ``size``: the document's, when it is sealed later (``sealed`` is then empty).
         """
+        envelope = message.envelope
         return cls(
             id=message_id, source=source, api_key_id=api_key_id, created_at=created,
             from_addr=message.from_email, from_name=message.from_name,
             envelope_from=options.envelope_from or message.from_email, subject=message.subject,
             message_id_header=message_id_header(message_id, message.from_email), body=sealed,
-            size=len(sealed) - crypto.BODY_OVERHEAD, recipients=[a for a, _ in message.envelope],
-            kinds=[k for _, k in message.envelope],
+            size=len(sealed) - crypto.BODY_OVERHEAD if size is None else size, recipients=[a for a, _ in envelope],
+            kinds=[k for _, k in envelope],
             attachments=len(message.attachments) if attachments is None else attachments,
         )
 

@@ -75,11 +75,8 @@ def log_kind(event: str, status: str, code: int | None) -> str:
 
 def search_terms(*texts: str) -> str:
     """The words a row can be found by: lower case, letters and digits, each once, in order."""
-    seen: dict[str, None] = {}
-    for text in texts:
-        for word in _WORD.findall((text or "").lower()):
-            seen.setdefault(word, None)
-    return " ".join(seen)[:MAX_TERMS]
+    # One pass over the texts joined by a space (which no word contains).
+    return " ".join(dict.fromkeys(_WORD.findall(" ".join(filter(None, texts)).lower())))[:MAX_TERMS]
 
 
 def query_words(query: str) -> list[str]:
@@ -109,18 +106,29 @@ def count_log_row(conn: Any, log_id: int, kind: str, ts: float, terms: str) -> N
         conn.execute("INSERT INTO log_fts (rowid, terms) VALUES (?, ?)", (log_id, terms))
 
 
-def count_log_rows(conn: Any, rows: list[tuple[int | None, str, float, str]]) -> None:
-    """``count_log_row`` for many rows (log id, kind, ts, terms): one upsert per hour and kind.
+def next_log_id(conn: Any) -> int | None:
+    """Inside a write transaction, on SQLite: the id the next log row will get (None on PostgreSQL).
 
-    On PostgreSQL the ids may be None (its search index is kept by PostgreSQL itself).
+    A new rowid is one more than the largest, so rows inserted after this
+    (under the same write lock) are exactly those with an id from here on.
     """
-    counts = Counter((hour_of(ts), kind) for _, kind, ts, _ in rows)
+    if _dialect(conn) != "sqlite":
+        return None
+    return int(conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM log").fetchone()[0])
+
+
+def count_log_rows(conn: Any, rows: list[tuple[str, float]], first_id: int | None) -> None:
+    """``count_log_row`` for the rows just inserted (kind, ts each), from ``next_log_id``'s id on:
+    one upsert per hour and kind, and on SQLite one statement indexing them all.
+
+    (On PostgreSQL the search index is kept by PostgreSQL itself.)
+    """
+    counts = Counter((hour_of(ts), kind) for kind, ts in rows)
     conn.executemany("INSERT INTO log_counts (hour, kind, n) VALUES (?, ?, ?) ON CONFLICT (hour, kind)"
                      " DO UPDATE SET n = log_counts.n + excluded.n",
                      [(hour, kind, n) for (hour, kind), n in sorted(counts.items())])
-    if _dialect(conn) == "sqlite":
-        conn.executemany("INSERT INTO log_fts (rowid, terms) VALUES (?, ?)",
-                         [(log_id, terms) for log_id, _, _, terms in rows])
+    if _dialect(conn) == "sqlite" and first_id is not None:  # every row, as count_log_row does
+        conn.execute("INSERT INTO log_fts (rowid, terms) SELECT id, terms FROM log WHERE id >= ?", (first_id,))
 
 
 def forget_log_rows(conn: Any, where: str, params: tuple[Any, ...]) -> None:

@@ -113,7 +113,7 @@ class OutgoingMessage:
 
 def ignored_fields(payload: Any) -> list[str]:
     """Top-level names the relay does not know, sorted (at most 20, each cut to 64 characters)."""
-    if not isinstance(payload, dict):
+    if not isinstance(payload, dict) or payload.keys() <= KNOWN_FIELDS:
         return []
     names = sorted(str(name)[:64] for name in payload if name not in KNOWN_FIELDS)
     return names[:20]
@@ -144,6 +144,8 @@ def _no_breaks(name: str, value: str) -> str:
     """Refuse what could end a header line: CR, LF and every other character that
     ``str.splitlines`` (and so the email package) treats as a line boundary, and
     control characters, which have no place in a header."""
+    if value.isprintable():  # (what is refused below is never printable; nearly every value is)
+        return value
     if "\r" in value or "\n" in value:
         raise BadRequest(f"'{name}' must not contain a line break (CR or LF).")
     if _HEADER_UNSAFE.search(value):
@@ -313,8 +315,11 @@ def parse_payload(payload: Any, options: Options, key_allowed: tuple[str, ...] =
     if not from_email:
         raise BadRequest("'from_email' is missing and the relay has no Default From address.")
     from_email = _address("from_email", from_email)
-    given_name = _no_breaks("from_name", _string(payload, "from_name") or "")
-    from_name = _name("from_name", given_name if given_name.strip() else options.default_from_name)
+    given_name = _string(payload, "from_name") or ""
+    if not given_name.strip():
+        _no_breaks("from_name", given_name)  # a line break is refused even where it would be replaced
+        given_name = options.default_from_name
+    from_name = _name("from_name", given_name)
     if not from_permitted(from_email, options.allowed_from_items):
         raise Forbidden(f"The From address {from_email} is not permitted by the relay's Allowed From list.")
     if not from_permitted(from_email, key_allowed):
@@ -353,6 +358,7 @@ def parse_payload(payload: Any, options: Options, key_allowed: tuple[str, ...] =
 
 
 STORED_VERSION = 1
+_RESOLVED_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))  # made once, not per message
 
 
 def pack_stored(raw_request: bytearray, message: OutgoingMessage) -> bytearray:
@@ -362,9 +368,9 @@ def pack_stored(raw_request: bytearray, message: OutgoingMessage) -> bytearray:
     resolved line is compact ASCII JSON, so the last newline is the separator
     whatever the request's own formatting.
     """
-    header = json.dumps({"v": STORED_VERSION, "from_email": message.from_email, "from_name": message.from_name,
-                         "to": message.to, "cc": message.cc, "bcc": message.bcc},
-                        ensure_ascii=True, separators=(",", ":")).encode()
+    header = _RESOLVED_ENCODER.encode({"v": STORED_VERSION, "from_email": message.from_email,
+                                       "from_name": message.from_name, "to": message.to, "cc": message.cc,
+                                       "bcc": message.bcc}).encode()
     raw_request += b"\n"
     raw_request += header
     return raw_request

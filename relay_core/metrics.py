@@ -68,7 +68,7 @@ def add(conn: Connection, deltas: dict[tuple[str, str], float], now: float | Non
     """Add ``deltas`` ((name, label) -> amount) to this process's rows."""
     now = time.time() if now is None else now
     me = process_id()
-    conn.executemany(_UPSERT, [(me, name, label, value, now) for (name, label), value in sorted(deltas.items())
+    conn.insert_rows(_UPSERT, [(me, name, label, value, now) for (name, label), value in sorted(deltas.items())
                                if value])
 
 
@@ -137,12 +137,16 @@ class LatencyBuffer:
     def __len__(self) -> int:
         return len(self._values)
 
-    def drain(self, conn: Connection) -> None:
+    def drain(self, conn: Connection, with_them: dict[tuple[str, str], float] | None = None) -> None:
+        """Write what was measured (and ``with_them``, other deltas, in the same statement)."""
         with self._lock:
             values, self._values = self._values, []
+        deltas = dict(with_them or {})
         if values:
+            deltas.update(observations("accept_duration_seconds", values))
+        if deltas:
             try:
-                add(conn, observations("accept_duration_seconds", values))
+                add(conn, deltas)
             except BaseException:
                 with self._lock:
                     self._values[:0] = values  # not written: keep them for the next commit

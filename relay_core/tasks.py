@@ -21,6 +21,7 @@ from huey.storage import RedisStorage, SqliteStorage
 
 from . import files
 from .config import ConfigError, Settings
+from .db_sqlite import multi_row_inserts
 
 DELIVER = "relay.deliver"
 
@@ -32,10 +33,11 @@ class RelaySqliteStorage(SqliteStorage):
         return conn
 
     def enqueue_many(self, items: list[bytes]) -> None:
-        """One transaction for a batch of wake-up calls (the web's group commit)."""
+        """One transaction for a batch of wake-up calls (the web's group commit), few statements."""
         with self.db(commit=True) as cursor:
-            cursor.executemany("insert into task (queue, data, priority) values (?, ?, 0)",
-                               [(self.name, self.to_blob(data)) for data in items])
+            for statement, params in multi_row_inserts("insert into task (queue, data, priority) values (?, ?, 0)",
+                                                       [(self.name, self.to_blob(data)) for data in items]):
+                cursor.execute(statement, params)
 
 
 class RelayQueue:
@@ -54,7 +56,11 @@ class RelayQueue:
         self._deliver = deliver
         # What huey would build for a wake-up, made once: each message only changes the
         # id and the argument (huey's own path costs a Task object and a uuid4 per message).
-        self._template = huey._registry.create_message(deliver.s(""))
+        template = huey._registry.create_message(deliver.s(""))
+        fields = type(template)._fields
+        self._message = type(template)._make  # (a namedtuple: _replace would cost more than the pickling)
+        self._between = tuple(template[1:fields.index("args")])  # what comes between the id and the args
+        self._after = tuple(template[fields.index("args") + 1:])
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}-{os.urandom(4).hex()}-"
 
@@ -72,7 +78,7 @@ class RelayQueue:
     def wake_up(self, message_id: str) -> bytes:
         """The serialized task for one message, as ``huey.serialize_task`` would make it
         (a task id unique to this process and call, the message id as the argument)."""
-        message = self._template._replace(id=f"{self._id_prefix}{next(self._ids)}", args=(message_id,))
+        message = self._message((f"{self._id_prefix}{next(self._ids)}", *self._between, (message_id,), *self._after))
         return bytes(self.huey.serializer.serialize(message))
 
     def enqueue_many(self, message_ids: list[str]) -> None:

@@ -8,10 +8,10 @@ of the body is read, so an empty POST tells a valid key (400) from a bad one
 its own either way.
 
 POST /api/send is the one hot route: ``send_asgi`` serves it as a plain ASGI
-endpoint (``app.RelayRouter`` hands it over before route matching), writing
-the answer's bytes itself instead of building a Response object. It sits
-inside the same middleware as every route (security headers, error
-handlers), and every refusal is raised to them exactly as from ``send``.
+endpoint, which ``app.RelayApp`` calls before its middleware stack and
+route matching, writing the answer's bytes itself instead of building a
+Response object. It sets the same security headers, and its refusals and
+errors get the answers the error middleware would give (``RelayApp``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -39,6 +39,7 @@ from relay_core.store import ApiKey, LogEntry, NewMessage, insert_log
 
 from . import openapi
 from .auth import bearer_token, client_ip
+from .headers import api_headers, secured
 from .state import AppState
 
 IDEMPOTENCY_WINDOW = 24 * 3600
@@ -144,21 +145,30 @@ async def send(request: Request) -> JSONResponse:
 
 
 _JSON = (b"content-type", b"application/json")
+# JSONResponse's rendering, with the encoder made once (json.dumps with options makes one per call).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+ErrorAnswer = Callable[[Request, Exception, Send], Awaitable[None]]
 
 
-async def send_asgi(scope: Scope, receive: Receive, send: Send) -> None:
-    """POST /api/send as a bare ASGI endpoint: ``send`` without the Response object.
+async def send_asgi(scope: Scope, receive: Receive, send: Send, answer_error: ErrorAnswer) -> None:
+    """POST /api/send as a bare ASGI endpoint, which the app calls before its middleware stack.
 
-    The bytes are what JSONResponse would send (same body rendering, same
-    headers); the security headers middleware outside adds its own as for
-    any route.
+    ``send`` without the Response object, the route matching and the error
+    middleware: the bytes are what JSONResponse would send, with the security
+    headers set as ``SecurityHeaders`` sets them, and a refusal or an error
+    is answered by ``answer_error`` as the error middleware would answer it.
     """
-    status, response, headers = await accept(Request(scope, receive))
-    body = json.dumps(response, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    request = Request(scope, receive)
+    try:
+        status, response, headers = await accept(request)
+    except Exception as exc:
+        await answer_error(request, exc, secured(scope, send))
+        return
+    body = _ENCODER.encode(response).encode()
     raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()] if headers else []
     raw.append((b"content-length", str(len(body)).encode()))
     raw.append(_JSON)
-    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.start", "status": status, "headers": api_headers(raw, status)})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -251,16 +261,15 @@ class _Accept:
 
         message_id = new_message_id()
         created = time.time()
+        # Sealed by the writer thread as it stores it (acceptance.insert_accepted), not here: the
+        # cipher lets go of the GIL, and doing that on the event loop hands the GIL to the writer
+        # and back for every request, which cost more than all the rest of the accept's checks.
+        # The document is this request's buffer (self.body), kept in case the settings changed.
         document = pack_stored(body, message)
         attachment_count = len(message.attachments)
         message.attachments.clear()  # their base64 text is in the document; drop the second copy
-        if large:
-            sealed = await run_in_threadpool(state.store.keys.encrypt_body, document, message_id)
-        else:
-            sealed = state.store.keys.encrypt_body(document, message_id)
-        del document, body  # the buffer itself is kept (self.body) in case the settings changed meanwhile
-        record = NewMessage.accepted(message, message_id, sealed, created, options, "api", key.id,
-                                     attachment_count)
+        record = NewMessage.accepted(message, message_id, b"", created, options, "api", key.id,
+                                     attachment_count, size=len(document))
         answer: dict[str, Any] = {"ok": True, "id": message_id, "status": "queued"}
         detail = f"{len(record.recipients)} recipient(s), {attachment_count} attachment(s)"
         if ignored:
@@ -270,7 +279,7 @@ class _Accept:
             detail += "; ignored unknown field(s): " + ", ".join(ignored)
         entry = LogEntry("accepted", "queued", message_id=message_id,
                          source_ip=client_ip(request, state.settings), sender=message.from_email,
-                         recipients=", ".join(a for a, _ in message.envelope), subject=message.subject,
+                         recipients=", ".join(record.recipients), subject=message.subject,
                          detail=detail, ts=created, attachments=attachment_count)
         store = state.store
 
@@ -292,7 +301,7 @@ class _Accept:
                 raise RateLimited(f"This API key has reached its limit of {limit} messages per hour; the next "
                                   f"one can be sent in {_seconds(quota.retry_after)}.", retry_after=quota.retry_after,
                                   headers=quota.headers())
-            state.intake.write(conn, ACCEPTED, (record, entry))  # with the batch's others, when it can
+            state.intake.write(conn, ACCEPTED, (record, entry, document))  # with the batch's others, when it can
             return (202, answer, quota), [message_id]
 
         # Without an Idempotency-Key or a send limit, the job refuses only before writing

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -18,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route, Router
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay_core import crypto
@@ -126,24 +127,6 @@ async def flush_refusals_now(state: AppState) -> None:
             await asyncio.wait_for(asyncio.wrap_future(future) if future else asyncio.sleep(0.2), 5)
 
 
-class RelayRouter(Router):
-    """The route table, with POST /api/send handed straight to its ASGI endpoint.
-
-    The portal's sends are nearly all the traffic: they skip route matching
-    and the per-route request/response wrapping, and nothing else. The
-    middleware around the router (security headers, error handlers) is the
-    same for them as for every route, and the route table still lists
-    /api/send (its 405 for other methods, the OpenAPI document).
-    """
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and _route_path(scope) == "/api/send":
-            scope.setdefault("router", self)
-            await api.send_asgi(scope, receive, send)
-            return
-        await super().__call__(scope, receive, send)
-
-
 def _route_path(scope: Scope) -> str:
     """The path as the routes see it (without a root path the server was given)."""
     path: str = scope["path"]
@@ -152,14 +135,44 @@ def _route_path(scope: Scope) -> str:
 
 
 class RelayApp(Starlette):
-    """Starlette with the security headers outside everything, its own error middleware included."""
+    """Starlette with the security headers outside everything, its own error middleware included,
+    and POST /api/send served before all of it.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.router = RelayRouter(self.router.routes, lifespan=self.router.lifespan_context)
+    The portal's sends are nearly all the traffic: ``api.send_asgi`` answers
+    them without the middleware stack and route matching (it sets the security
+    headers itself, and ``answer_error`` answers its errors as the error
+    middleware would). The route table still lists /api/send (its 405 for
+    other methods, the OpenAPI document).
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and _route_path(scope) == "/api/send":
+            scope["app"] = self
+            await api.send_asgi(scope, receive, send, self.answer_error)
+            return
+        await super().__call__(scope, receive, send)
 
     def build_middleware_stack(self) -> ASGIApp:
         return SecurityHeaders(super().build_middleware_stack())
+
+    async def answer_error(self, request: Request, exc: Exception, send: Send) -> None:
+        """Answer ``exc`` from a route as Starlette's error middleware would (nothing sent yet).
+
+        The handler of its nearest class; an error only the catch-all
+        ``Exception`` handler takes is answered by it and raised again to
+        the server, as ServerErrorMiddleware does.
+        """
+        for cls in type(exc).__mro__:
+            if cls is Exception:
+                break
+            handler = self.exception_handlers.get(cls)
+            if handler is not None:
+                response = await handler(request, exc)
+                await response(request.scope, request.receive, send)
+                return
+        catch_all = self.exception_handlers.get(Exception, internal_error)
+        await (await catch_all(request, exc))(request.scope, request.receive, send)
+        raise exc
 
 
 def create_app(settings: Settings, store: Store | None = None) -> Starlette:
@@ -172,15 +185,14 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
         latency = relay_metrics.LatencyBuffer()
 
         def count_batch(conn: Connection, accepted: int) -> None:
-            if accepted:
-                relay_metrics.add(conn, {(relay_metrics.ACCEPTED, ""): accepted})
-            latency.drain(conn)
+            latency.drain(conn, {(relay_metrics.ACCEPTED, ""): accepted} if accepted else None)
 
         # The revision of the settings, read once per batch: every accept checks it (api.accept).
         intake = Intake(relay_store, relay_queue, before_commit=count_batch, at_begin=relay_store.revision,
-                        writers={ACCEPTED: insert_accepted})
+                        writers={ACCEPTED: functools.partial(insert_accepted, keys=relay_store.keys)})
         intake.start()
-        app.state.relay = AppState(settings, relay_store, relay_queue, intake, accept_latency=latency)
+        app.state.relay = AppState(settings, relay_store, relay_queue, intake, accept_latency=latency,
+                                   loop=asyncio.get_running_loop())
         flusher = asyncio.create_task(metrics_endpoint.flush_periodically(app.state.relay))
         refusals = asyncio.create_task(flush_refusals_periodically(app.state.relay))
         try:

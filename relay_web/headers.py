@@ -80,6 +80,24 @@ def _secured(raw: Any, status: int, static: bool, turnstile: bool) -> list[tuple
     return headers
 
 
+def secured(scope: Scope, send: Send) -> Send:
+    """``send`` with our headers set on the response's start."""
+    static = scope["path"].startswith(STATIC_PREFIX)
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = _secured(message.get("headers", ()), message["status"], static,
+                                          bool(scope.get("state", {}).get(_STATE_KEY)))
+        await send(message)
+
+    return send_with_headers
+
+
+def api_headers(raw: list[tuple[bytes, bytes]], status: int) -> list[tuple[bytes, bytes]]:
+    """An API answer's headers with ours set (what ``secured`` does, for a caller sending its own start)."""
+    return _secured(raw, status, False, False)
+
+
 class SecurityHeaders:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -88,12 +106,4 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        static = scope["path"].startswith(STATIC_PREFIX)
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = _secured(message.get("headers", ()), message["status"], static,
-                                              bool(scope.get("state", {}).get(_STATE_KEY)))
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+        await self.app(scope, receive, secured(scope, send))

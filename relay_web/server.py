@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 
 import uvicorn
 
@@ -32,6 +33,23 @@ def _return_large_buffers_to_the_os() -> None:
         pass  # not glibc: nothing to tune
 
 
+GC_YOUNG_THRESHOLD = 20_000  # allocations between collections of the youngest generation (Python's: 700)
+
+
+def _collect_garbage_less_often() -> None:
+    """Spend less of the accept path in the cyclic garbage collector.
+
+    A send allocates a few hundred short-lived containers, so with Python's
+    default thresholds a young collection ran every few requests and an old
+    one, walking every object the process holds, every few hundred. Call
+    after start-up: what exists then (modules, the app) is frozen out of the
+    collector's walks for good, and young collections run ~30x less often
+    (each still frees what a request left; sends make no reference cycles).
+    """
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def serve(settings: Settings, host: str, port: int) -> int:
     setup_logging(settings)
     _return_large_buffers_to_the_os()
@@ -42,6 +60,7 @@ def serve(settings: Settings, host: str, port: int) -> int:
         access_log=False, log_config=None, log_level=settings.log_level.lower(),
         proxy_headers=False, server_header=False, timeout_graceful_shutdown=10,
     )
+    _collect_garbage_less_often()
     try:
         uvicorn.Server(config).run()
     except KeyboardInterrupt:

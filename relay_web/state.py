@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import Future
@@ -28,6 +29,7 @@ class AppState:
     # scrypt takes ~128 MiB and a few hundred ms: at most two at once, whatever arrives.
     password_checks: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
     _key_uses: dict[int, float] = field(default_factory=dict)
+    loop: asyncio.AbstractEventLoop | None = None  # the app's, once it runs (the send path's submits)
 
     def note_key_use(self, key_id: int, now: float | None = None) -> None:
         """Record an API key's use, at most once a minute per key, through the group-commit writer."""
@@ -63,7 +65,7 @@ class AppState:
         return future
 
     async def submit(self, job: Job, isolated: bool = True) -> Any:
-        return await self.intake.submit_async(job, isolated)
+        return await self.intake.submit_async(job, isolated, self.loop)
 
     def health(self) -> dict[str, Any]:
         """/healthz: a liveness probe; no secrets, no hostnames (/api/health judges delivery)."""

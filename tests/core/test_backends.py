@@ -73,3 +73,36 @@ def test_postgresql_with_a_local_queue_is_refused_at_start(queue_url: str) -> No
         build_queue(settings)
     check_queue(load_settings({"RELAY_SECRET_KEY": SECRET, "RELAY_DATABASE_URL": "postgresql://db/relay",
                                "RELAY_QUEUE_URL": "redis://cache:6379/0"}))
+
+
+def test_insert_rows_become_a_few_multi_row_statements_within_the_parameter_limit() -> None:
+    from relay_core.db_sqlite import MAX_PARAMETERS, multi_row_inserts
+
+    sql = "INSERT INTO t (a, b) VALUES (?, ?) ON CONFLICT (a) DO NOTHING"
+    rows = [(i, f"v{i}") for i in range(13)]
+    statements_ = list(multi_row_inserts(sql, rows))
+    assert [len(params) // 2 for _, params in statements_] == [8, 4, 1]  # powers of two, largest first
+    first, params = statements_[0]
+    assert first == ("INSERT INTO t (a, b) VALUES " + ", ".join(["(?, ?)"] * 8) + " ON CONFLICT (a) DO NOTHING")
+    assert [p for _, ps in statements_ for p in ps] == [v for row in rows for v in row]  # every row, in order
+    wide = [tuple(range(16))] * 100
+    assert all(len(ps) <= MAX_PARAMETERS for _, ps in multi_row_inserts("INSERT INTO w VALUES (" + ", ".join(
+        ["?"] * 16) + ")", wide))
+    assert list(multi_row_inserts(sql, [])) == []
+    with pytest.raises(ValueError):
+        list(multi_row_inserts("UPDATE t SET a = ?", [(1,)]))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.mark.parametrize("count", [1, 7, 300])
+def test_insert_rows_writes_every_row_on_both_backends(store, count: int) -> None:  # type: ignore[no-untyped-def]
+    conn = store.conn()
+    with conn.transaction():
+        conn.insert_rows("INSERT INTO meta (name, value) VALUES (?, ?)",
+                         [(f"rows-{count}-{i}", str(i)) for i in range(count)])
+    got = conn.execute("SELECT name, value FROM meta WHERE name LIKE ?", (f"rows-{count}-%",)).fetchall()
+    assert sorted((r[0], r[1]) for r in got) == sorted((f"rows-{count}-{i}", str(i)) for i in range(count))

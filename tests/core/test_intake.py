@@ -205,12 +205,13 @@ def test_accepted_messages_written_together_and_a_duplicate_fails_only_its_own(s
     from relay_core.acceptance import insert_accepted
     from relay_core.store import LogEntry, NewMessage
 
-    def accepted(message_id: str) -> tuple[NewMessage, LogEntry]:
+    def accepted(message_id: str) -> tuple[NewMessage, LogEntry, bytes]:
         now = time.time()
         return (NewMessage(message_id, "api", None, now, "a@example.org", "", "a@example.org", "s", "<x@y>",
-                           b"sealed", 6, ["b@example.com", "c@example.com"]),
+                           b"", 8, ["b@example.com", "c@example.com"]),
                 LogEntry("accepted", "queued", message_id=message_id, sender="a@example.org",
-                         recipients="b@example.com, c@example.com", subject="s", ts=now))
+                         recipients="b@example.com, c@example.com", subject="s", ts=now),
+                f"doc of {message_id}".encode())
 
     holder: list[Intake] = []
 
@@ -220,7 +221,7 @@ def test_accepted_messages_written_together_and_a_duplicate_fails_only_its_own(s
             return message_id, [message_id]
         return run
 
-    intake = Intake(store, None, writers={"accepted": insert_accepted})
+    intake = Intake(store, None, writers={"accepted": lambda conn, rows: insert_accepted(conn, rows, store.keys)})
     holder.append(intake)
     futures = [intake.submit(job(i), isolated=False) for i in ("m1", "m2", "m1", "m3")]
     intake.start()
@@ -235,3 +236,41 @@ def test_accepted_messages_written_together_and_a_duplicate_fails_only_its_own(s
     assert conn.execute("SELECT COUNT(*) FROM recipients").fetchone()[0] == 6
     assert conn.execute("SELECT COUNT(*) FROM log WHERE event = 'accepted'").fetchone()[0] == 3
     assert conn.execute("SELECT SUM(n) FROM log_counts WHERE kind = 'accepted'").fetchone()[0] == 3
+    # Sealed by the writer, each bound to its own id (the rerun sealed the survivors again).
+    for message_id, body in conn.execute("SELECT id, body FROM messages"):
+        assert store.keys.decrypt_body(bytes(body), message_id) == f"doc of {message_id}".encode()
+
+
+def test_a_failing_end_of_batch_step_costs_no_job(store: Store) -> None:
+    """The batch hook (the metrics) writes, then fails: on PostgreSQL it shares the batch's round trip,
+    so its error undoes the batch, which runs again; every job is committed without the hook's row."""
+    calls: list[str] = []
+    hooks: list[int] = []
+
+    def hook(conn, accepted):  # type: ignore[no-untyped-def]
+        hooks.append(accepted)
+        conn.execute("INSERT INTO meta (name, value) VALUES ('test-hook', 'x')")
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    def deferred(name: str) -> Callable[[Any], Any]:
+        def job(conn):  # type: ignore[no-untyped-def]
+            calls.append(name)
+            holder[0].write(conn, "meta", name)
+            return name, [name]
+        return job
+
+    def write_meta(conn, names):  # type: ignore[no-untyped-def]
+        conn.insert_rows("INSERT INTO meta (name, value) VALUES (?, 'x')", [(f"test-{n}",) for n in names])
+
+    holder: list[Intake] = []
+    intake = Intake(store, None, before_commit=hook, writers={"meta": write_meta})
+    holder.append(intake)
+    futures = [intake.submit(deferred(n), isolated=False) for n in ("a", "b")]
+    futures.append(intake.submit(note("c", calls)))
+    intake.start()
+    try:
+        assert [f.result(10) for f in futures] == ["a", "b", "c"]
+    finally:
+        intake.stop()
+    assert intake.batches == 1 and hooks and all(n == 2 for n in hooks)
+    assert rows(store) == {"test-a", "test-b", "test-c"}  # and no test-hook: its writes were undone

@@ -92,11 +92,11 @@ def test_settings_changed_between_the_check_and_the_commit_are_checked_again(cli
     original = state.intake.submit_async
     changed = []
 
-    def submit_after_a_change(job, isolated=True):  # type: ignore[no-untyped-def]
+    def submit_after_a_change(job, isolated=True, loop=None):  # type: ignore[no-untyped-def]
         if not changed:  # the change lands after this request's checks, before its transaction
             changed.append(True)
             elsewhere.set_options({"allowed_from": "other.example"})
-        return original(job, isolated)
+        return original(job, isolated, loop)
 
     state.intake.submit_async = submit_after_a_change
     try:
