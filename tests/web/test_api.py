@@ -8,6 +8,7 @@ both the store and the queue.
 from __future__ import annotations
 
 import base64
+import sqlite3
 import email
 from email import policy
 from contextlib import contextmanager
@@ -24,9 +25,10 @@ from support import SECRET
 
 
 @contextmanager
-def running_client(settings: Settings, **options: str) -> Iterator[TestClient]:
+def running_client(settings: Settings, raise_server_exceptions: bool = True, **options: str) -> Iterator[TestClient]:
     """The app with its lifespan running, SMTP set (plus ``options``) and the key in the headers."""
-    with TestClient(create_app(settings), client=("203.0.113.7", 50000)) as client:
+    with TestClient(create_app(settings), client=("203.0.113.7", 50000),
+                    raise_server_exceptions=raise_server_exceptions) as client:
         store = client.app.state.relay.store
         values = {"smtp_host": "127.0.0.1", "smtp_port": "2525", "smtp_security": "none", **options}
         store.set_options({k: parse_option(k, v) for k, v in values.items() if v is not None})
@@ -342,3 +344,32 @@ def test_new_api_key_stops_the_old_one_at_once(client: TestClient) -> None:
     new = store.new_primary_api_key()
     error_of(client.post("/api/send", json=payload(), headers={"Authorization": f"Bearer {old}"}), 401)
     assert client.post("/api/send", json=payload(), headers={"Authorization": f"Bearer {new}"}).status_code == 202
+
+
+@pytest.mark.parametrize("raised, status, words", [
+    (RuntimeError("a bug"), 500, "internal error"),
+    (sqlite3.OperationalError("disk I/O error"), 503, "store is unavailable"),
+])
+def test_an_error_inside_the_send_path_is_answered_as_the_error_middleware_would(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch, raised: Exception, status: int, words: str) -> None:
+    """POST /api/send runs before the middleware stack: its unexpected errors still get the app's handlers
+    (the contract's JSON, the security headers), and a bug still reaches the server, as from any route."""
+    from relay_web import api
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise raised
+
+    monkeypatch.setattr(api, "parse_payload", broken)
+    with running_client(settings, raise_server_exceptions=False) as client:
+        response = client.post("/api/send", json=payload())
+        assert response.status_code == status
+        assert response.json()["ok"] is False and words in response.json()["error"]
+        assert response.headers["content-security-policy"].startswith("default-src 'self'")
+        assert response.headers["cache-control"] == "no-store"
+        assert queued(client) == (0, 0)
+    with running_client(settings) as client:
+        if status == 500:
+            with pytest.raises(RuntimeError, match="a bug"):  # raised on, as ServerErrorMiddleware does
+                client.post("/api/send", json=payload())
+        else:
+            assert client.post("/api/send", json=payload()).status_code == 503  # handled: not raised on
