@@ -263,7 +263,7 @@ class _Accept:
         created = time.time()
         # Sealed by the writer thread as it stores it (acceptance.insert_accepted), not here: the
         # cipher lets go of the GIL, and doing that on the event loop hands the GIL to the writer
-        # and back for every request, which cost more than all the rest of the accept's checks.
+        # and back for every request, which cost about as much as all of the accept's checks.
         # The document is this request's buffer (self.body), kept in case the settings changed.
         document = pack_stored(body, message)
         attachment_count = len(message.attachments)

@@ -159,15 +159,19 @@ class RelayApp(Starlette):
         """Answer ``exc`` from a route as Starlette's error middleware would (nothing sent yet).
 
         The handler of its nearest class; an error only the catch-all
-        ``Exception`` handler takes is answered by it and raised again to
-        the server, as ServerErrorMiddleware does.
+        ``Exception`` handler takes (or one raised by a handler) is answered
+        by it and raised again to the server, as ServerErrorMiddleware does.
         """
         for cls in type(exc).__mro__:
             if cls is Exception:
                 break
             handler = self.exception_handlers.get(cls)
             if handler is not None:
-                response = await handler(request, exc)
+                try:
+                    response = await handler(request, exc)
+                except Exception as failed:  # the handler's own error is the unhandled one now
+                    exc = failed
+                    break
                 await response(request.scope, request.receive, send)
                 return
         catch_all = self.exception_handlers.get(Exception, internal_error)

@@ -373,3 +373,18 @@ def test_an_error_inside_the_send_path_is_answered_as_the_error_middleware_would
                 client.post("/api/send", json=payload())
         else:
             assert client.post("/api/send", json=payload()).status_code == 503  # handled: not raised on
+
+
+def test_a_handler_failing_on_a_refused_send_is_answered_as_an_internal_error(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ServerErrorMiddleware does for any route: the handler's own error gets the catch-all's 500."""
+    from relay_web import api
+
+    async def broken(request: Any, exc: Any) -> None:
+        raise RuntimeError("the rejection log broke")
+
+    monkeypatch.setattr(api, "log_rejection", broken)
+    with running_client(settings, raise_server_exceptions=False) as client:
+        response = client.post("/api/send", json={"to": "not an address"})
+        assert response.status_code == 500 and "internal error" in response.json()["error"]
+        assert response.headers["x-content-type-options"] == "nosniff"
