@@ -228,8 +228,7 @@ class _Accept:
         else:
             del self.body[self.length:]
             if self.length > cap:
-                raise PayloadTooLarge(f"The request body is larger than the relay accepts ({cap} bytes, from its "
-                                      "attachment limit).")
+                raise _too_big(cap)
         return self.body
 
     async def run(self, snapshot: tuple[int, Options, list[ApiKey]],
