@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Iterator, Protocol, Sequence
 
 from . import files
-from .db_sqlite import RelayConnection, SqliteDatabase, StoreInUse, WriteLock, connect  # noqa: F401
+from .db_sqlite import (ConditionFailed, RelayConnection, SqliteDatabase, StoreInUse, WriteLock,  # noqa: F401
+                        connect)
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -63,7 +64,7 @@ class Connection(Protocol):
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Any: ...
 
-    def transaction(self, durable: bool = True) -> ContextManager[Any]: ...
+    def transaction(self, durable: bool = True, pipelined: bool = False) -> ContextManager[Any]: ...
 
     def exclusive(self) -> ContextManager[None]: ...
 
@@ -74,6 +75,8 @@ class Connection(Protocol):
     def insert_rows(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
 
     def pipeline(self) -> ContextManager[Any]: ...
+
+    def require(self, condition: str, params: Sequence[Any]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -103,9 +106,17 @@ def open_database(settings: "Settings") -> Database:
     return SqliteDatabase(settings.db_path)
 
 
-def transaction(conn: Any, durable: bool = True) -> ContextManager[Any]:
-    """A write transaction, committed on success and rolled back on error."""
-    return conn.transaction(durable)  # type: ignore[no-any-return]
+def transaction(conn: Any, durable: bool = True, pipelined: bool = False) -> ContextManager[Any]:
+    """A write transaction, committed on success and rolled back on error.
+
+    ``pipelined``: on PostgreSQL the whole transaction is one pipeline: BEGIN
+    goes with its first ``execute`` (which waits for its answer, as every
+    ``execute`` does), ``executemany`` and ``insert_rows`` wait for nothing,
+    and COMMIT goes with whatever followed the last ``execute``; an error in
+    those surfaces when the block ends. A transaction that reads, then
+    writes, costs two round trips.
+    """
+    return conn.transaction(durable, pipelined)  # type: ignore[no-any-return]
 
 
 def write_lock(conn: Any) -> ContextManager[None]:
@@ -121,6 +132,13 @@ def serialize(conn: Any, name: str) -> None:
 def insert_blob(conn: Any, sql: str, params: Sequence[Any], table: str, column: str) -> None:
     """Run an INSERT whose last parameter is the (possibly large) blob for ``table.column``."""
     conn.insert_blob(sql, params, table, column)
+
+
+def require(conn: Any, condition: str, params: Sequence[Any] = ()) -> None:
+    """Inside a transaction: commit it only if ``condition`` (an SQL boolean expression) is true now,
+    else it fails with ``ConditionFailed``. In a pipelined transaction on PostgreSQL, without
+    waiting for the answer (the check travels with the writes)."""
+    conn.require(condition, params)
 
 
 def pipelined(conn: Any) -> ContextManager[Any]:

@@ -24,7 +24,7 @@ import hashlib
 import threading
 import urllib.parse
 from contextlib import contextmanager
-from typing import Any, ContextManager, Iterable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence
 
 import psycopg
 from psycopg import pq
@@ -32,6 +32,7 @@ from psycopg.adapt import Loader
 from psycopg_pool import ConnectionPool
 
 from .config import ConfigError
+from .db_sqlite import ConditionFailed
 
 CONNECT_TIMEOUT = 10
 POOL_TIMEOUT = 5.0  # how long a caller waits for a connection (the server down: then an error)
@@ -162,8 +163,19 @@ class Result:
         return iter(self.fetchall())
 
 
-def _run(raw: psycopg.Connection[Any], query: str, params: Sequence[Any]) -> Result:
+_UNMET = "relay: required condition is false"  # the failed cast's text, as require() writes it
+
+
+def _unmet(exc: BaseException) -> bool:
+    """Whether ``exc`` is require()'s failed cast."""
+    return isinstance(exc, psycopg.errors.InvalidTextRepresentation) and _UNMET in str(exc)
+
+
+def _run(raw: psycopg.Connection[Any], query: str, params: Sequence[Any],
+         sync: Callable[[], None] | None = None) -> Result:
     cur = raw.execute(query, params)  # type: ignore[call-overload]
+    if sync is not None:  # in a pipelined transaction: its answer, and what was queued before it
+        sync()
     rows = cur.fetchall() if cur.description is not None else []
     result = Result(rows, cur.rowcount, cur.description)
     cur.close()
@@ -178,12 +190,13 @@ class PgConnection:
     def __init__(self, database: "PostgresDatabase") -> None:
         self._database = database
         self._raw: psycopg.Connection[Any] | None = None
+        self._sync: Callable[[], None] | None = None  # in a pipelined transaction
 
     @classmethod
     def pinned(cls, raw: psycopg.Connection[Any]) -> "PgConnection":
         """A handle on one connection outside any pool, inside its caller's transaction."""
         conn = cls.__new__(cls)
-        conn._raw = raw
+        conn._raw, conn._sync = raw, None
         return conn
 
     @property
@@ -193,7 +206,7 @@ class PgConnection:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
         query = translate(sql)
         if self._raw is not None:
-            return _run(self._raw, query, params)
+            return _run(self._raw, query, params, self._sync)
         pool = self._database.pool
         for attempt in (1, 2):
             raw = pool.getconn()
@@ -235,10 +248,14 @@ class PgConnection:
             yield raw
 
     @contextmanager
-    def transaction(self, durable: bool = True) -> Iterator["PgConnection"]:
-        """BEGIN ... COMMIT on one pooled connection; roll back on error."""
+    def transaction(self, durable: bool = True, pipelined: bool = False) -> Iterator["PgConnection"]:
+        """BEGIN ... COMMIT on one pooled connection; roll back on error (``pipelined``: see db.transaction)."""
         if self._raw is not None:
             raise RuntimeError("a transaction is already open on this connection")
+        if pipelined:
+            with self._pipelined_transaction(durable):
+                yield self
+            return
         pool = self._database.pool
         raw = pool.getconn()
         try:
@@ -267,6 +284,42 @@ class PgConnection:
         finally:
             self._raw = None
             pool.putconn(raw)
+
+    @contextmanager
+    def _pipelined_transaction(self, durable: bool) -> Iterator[None]:
+        pool = self._database.pool
+        raw = pool.getconn()
+        try:
+            with raw.pipeline() as pipeline:
+                raw.execute("BEGIN")
+                if not durable:
+                    raw.execute("SET LOCAL synchronous_commit = off")
+                self._raw, self._sync = raw, pipeline.sync
+                yield
+                raw.execute("COMMIT")  # sent, with what is still queued, as the pipeline ends
+        except BaseException as exc:
+            if raw.info.transaction_status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
+                with contextlib.suppress(psycopg.Error):
+                    raw.execute("ROLLBACK")  # (a failed statement skipped the COMMIT queued after it)
+            if _unmet(exc):
+                raise ConditionFailed(str(exc)) from exc
+            raise
+        finally:
+            self._raw, self._sync = None, None
+            pool.putconn(raw)
+
+    def require(self, condition: str, params: Sequence[Any]) -> None:
+        """See ``db.require``. A false condition makes the statement fail (a failed cast), which
+        aborts the transaction: in a pipeline, its COMMIT then rolls back."""
+        if self._raw is None:
+            raise RuntimeError("require() needs an open transaction")
+        try:
+            self._raw.execute(translate(f"SELECT CAST(CASE WHEN {condition} THEN '1' ELSE '{_UNMET}' END"
+                                        " AS INTEGER)"), params)  # type: ignore[call-overload]
+        except psycopg.Error as exc:  # (outside a pipeline, a false condition fails here)
+            if _unmet(exc):
+                raise ConditionFailed(str(exc)) from exc
+            raise
 
     def exclusive(self) -> contextlib.nullcontext[None]:
         return contextlib.nullcontext()

@@ -34,6 +34,10 @@ MAX_PARAMETERS = 999
 _VALUES = re.compile(r"\bVALUES\s*(\([^()]*\))", re.IGNORECASE)
 
 
+class ConditionFailed(Exception):
+    """A transaction's ``require`` did not hold: nothing it wrote was committed (db.require)."""
+
+
 class StoreInUse(Exception):
     """Another process holds the SQLite store in a way that excludes this one."""
 
@@ -90,9 +94,14 @@ class RelayConnection(sqlite3.Connection):
     dialect = "sqlite"
     writer: WriteLock | None = None
 
+    def require(self, condition: str, params: Sequence[Any]) -> None:
+        """See ``db.require``: under the write lock, checking it now is checking it at the commit."""
+        if not self.execute(f"SELECT {condition}", params).fetchone()[0]:
+            raise ConditionFailed(condition)
+
     @contextmanager
-    def transaction(self, durable: bool = True) -> Iterator["RelayConnection"]:
-        """BEGIN IMMEDIATE under the write lock; roll back on error.
+    def transaction(self, durable: bool = True, pipelined: bool = False) -> Iterator["RelayConnection"]:
+        """BEGIN IMMEDIATE under the write lock; roll back on error (``pipelined`` changes nothing here).
 
         ``durable=False`` commits with ``synchronous=NORMAL``: for writes whose
         loss to a power cut only repeats work (a claim), never loses mail.
