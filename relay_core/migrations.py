@@ -235,6 +235,13 @@ MIGRATIONS: list[tuple[str, str | PerBackend]] = [
             PRIMARY KEY (ip, minute, reason));
         CREATE INDEX refusals_minute ON refusals (minute);
     """),
+    # A sealed body does not compress (AES-GCM): PostgreSQL would try, then move it to the
+    # TOAST table (a second table and index written per message). Bodies up to ~8 KB stay in
+    # their row; larger ones go out of line without the attempt. SQLite keeps blobs in the row.
+    ("0009_bodies_in_their_row", PerBackend(sqlite="", postgres="""
+        ALTER TABLE messages SET (toast_tuple_target = 8160);
+        ALTER TABLE messages ALTER COLUMN body SET STORAGE EXTERNAL;
+    """)),
 ]
 # Steps that rebuild a table others reference: run with foreign keys off (a
 # pragma that cannot change inside a transaction), checked before commit.
