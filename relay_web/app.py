@@ -32,6 +32,7 @@ from relay_core.intake import Intake
 from relay_core.logs import fields
 from relay_core.acceptance import insert_accepted
 from relay_core.store import Store
+from relay_core.writer_process import WriterLink
 from relay_core.tasks import build_queue
 
 from . import admin, api, metrics_endpoint
@@ -195,8 +196,17 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
         intake = Intake(relay_store, relay_queue, before_commit=count_batch, at_begin=relay_store.revision,
                         writers={ACCEPTED: functools.partial(insert_accepted, keys=relay_store.keys)})
         intake.start()
+        writer = None
+        if settings.writer_process:
+            writer = WriterLink()
+            try:
+                await writer.start(settings)
+            except Exception:
+                logger.exception("could not start the store writer process; the web process stores "
+                                 "messages itself", extra=fields("writer.failed"))
+                writer = None
         app.state.relay = AppState(settings, relay_store, relay_queue, intake, accept_latency=latency,
-                                   loop=asyncio.get_running_loop())
+                                   loop=asyncio.get_running_loop(), writer=writer)
         flusher = asyncio.create_task(metrics_endpoint.flush_periodically(app.state.relay))
         refusals = asyncio.create_task(flush_refusals_periodically(app.state.relay))
         try:
@@ -210,6 +220,8 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             if len(latency):
                 with contextlib.suppress(Exception):
                     await app.state.relay.submit(metrics_endpoint.nothing)  # the batch hook writes them
+            if writer is not None:
+                await writer.stop()
             intake.stop()
             if owned:
                 relay_store.shutdown()

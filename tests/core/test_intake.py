@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any, Callable
 
 import pytest
 
 from relay_core.intake import Intake, NothingWritten
-from relay_core.store import Store
+from relay_core.store import LogEntry, NewMessage, Store
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -29,6 +30,16 @@ def note(name: str, calls: list[str], fail: BaseException | None = None) -> Call
             raise fail
         return name, []
     return job
+
+
+def accepted(message_id: str) -> tuple[NewMessage, LogEntry, bytes]:
+    """An accepted message as the web hands it to be stored: its row, its log row, its document."""
+    now = time.time()
+    return (NewMessage(message_id, "api", None, now, "a@example.org", "", "a@example.org", "s", "<x@y>",
+                       b"", 8, ["b@example.com", "c@example.com"]),
+            LogEntry("accepted", "queued", message_id=message_id, sender="a@example.org",
+                     recipients="b@example.com, c@example.com", subject="s", ts=now),
+            f"doc of {message_id}".encode())
 
 
 def rows(store: Store) -> set[str]:
@@ -200,18 +211,7 @@ def test_a_batch_write_that_fails_is_retried_row_by_row_and_fails_only_its_job(s
 def test_accepted_messages_written_together_and_a_duplicate_fails_only_its_own(store: Store) -> None:
     """acceptance.insert_accepted as the web's writer (one pipeline on PostgreSQL): a row the database
     refuses (here a message id taken twice) costs only its job once the batch runs again isolated."""
-    import time
-
     from relay_core.acceptance import insert_accepted
-    from relay_core.store import LogEntry, NewMessage
-
-    def accepted(message_id: str) -> tuple[NewMessage, LogEntry, bytes]:
-        now = time.time()
-        return (NewMessage(message_id, "api", None, now, "a@example.org", "", "a@example.org", "s", "<x@y>",
-                           b"", 8, ["b@example.com", "c@example.com"]),
-                LogEntry("accepted", "queued", message_id=message_id, sender="a@example.org",
-                         recipients="b@example.com, c@example.com", subject="s", ts=now),
-                f"doc of {message_id}".encode())
 
     holder: list[Intake] = []
 
