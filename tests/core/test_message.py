@@ -512,6 +512,17 @@ def test_any_filename_arrives_whole_on_short_lines(filename: str) -> None:
     assert part.get_filename() == filename
 
 
+def test_a_filename_in_angle_brackets_is_sent_as_given() -> None:
+    """Quoted on the wire as it is; Python's own get_filename() would read back "script" (it strips
+    angle brackets around any parameter value), so the header's parsed parameters are read here."""
+    message = parse_payload(payload(attachments=[attachment(b"x", filename="<script>")]), OPTIONS)
+    raw = bytes(build_mime(message, new_message_id()))
+    assert b'filename="<script>"' in raw
+    parsed = email.message_from_bytes(raw, policy=policy.default)
+    (part,) = [p for p in parsed.walk() if p.get_content_disposition() == "attachment"]
+    assert part["Content-Disposition"].params["filename"] == "<script>"
+
+
 def test_a_blank_filename_gets_the_default_and_a_long_mime_type_is_refused() -> None:
     item = attachment(b"x", filename=" \t ")
     assert parse_payload(payload(attachments=[item]), OPTIONS).attachments[0].filename == "attachment-1"

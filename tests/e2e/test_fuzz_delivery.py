@@ -220,9 +220,12 @@ def check_delivered(sent: dict[str, Any], mail_from: str, rcpt_tos: list[str], r
     files = [part for part in parsed.walk() if part.get_content_disposition() == "attachment"]
     assert len(files) == len(sent.get("attachments") or [])
     for index, (part, given_file) in enumerate(zip(files, sent.get("attachments") or [])):
-        assert part.get_filename() == (given_file["filename"].strip() or f"attachment-{index + 1}")
+        # Read with the header parser: get_filename() also strips angle brackets from a name
+        # that has them at both ends ("<script>" reads back as "script"), the wire says "<script>".
+        filename = part["Content-Disposition"].params["filename"]
+        assert filename == (given_file["filename"].strip() or f"attachment-{index + 1}")
         media_type = given_file["mime_type"].split(";")[0].strip().lower()
-        guessed = mimetypes.guess_type(part.get_filename())[0] or "application/octet-stream"
+        guessed = mimetypes.guess_type(filename)[0] or "application/octet-stream"
         assert part.get_content_type() == (media_type or guessed)
         assert part.get_payload(decode=True) == base64.b64decode(given_file["content_b64"])
 
