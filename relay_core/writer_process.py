@@ -62,6 +62,7 @@ HEADER = 4  # bytes of big-endian frame length
 IN_FLIGHT = 2  # frames sent and not answered: one being written, the next waiting
 OK, STALE = "ok", "stale"
 STORE_DOWN = "The relay's message store is unavailable; nothing was queued. Try again."
+NOT_STORED = "The relay could not store this message; nothing was queued. Try again."
 WRITER_GONE = ("The relay's store writer stopped before confirming this message, so it may or may not have "
                "been stored. Try again.")
 
@@ -100,6 +101,7 @@ class WriterLink:
         self._reader_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        # Whether sends should come here: from the child's OK until it ends or stop() begins.
         self.alive = False
 
     @property
@@ -107,16 +109,21 @@ class WriterLink:
         return self._proc.pid if self._proc is not None else None
 
     async def start(self, settings: Any) -> None:
-        """Start the child. It is not waited for: sends made meanwhile wait in the socket."""
+        """Start the child, not waiting for it: until it is ready, ``alive`` is false."""
         ours, theirs = socket.socketpair()
         with theirs:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "relay_core.writer_process", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()])
         self._loop = asyncio.get_running_loop()
-        reader, self._writer = await asyncio.open_connection(sock=ours)
-        self._writer.write(_frame(settings))
-        self.alive = True
+        try:
+            reader, self._writer = await asyncio.open_connection(sock=ours)
+            self._writer.write(_frame(settings))
+        except BaseException:
+            ours.close()
+            self._proc.kill()
+            self._proc.wait()
+            raise
         self._reader_task = asyncio.create_task(self._read_answers(reader))
 
     def submit(self, revision: int, record: NewMessage, entry: LogEntry,
@@ -133,20 +140,37 @@ class WriterLink:
 
     def _flush(self) -> None:
         if not self._pending or self._in_flight >= IN_FLIGHT or not self.alive:
-            return  # sent when an answer comes back (or failed, if the child is gone)
-        pending, self._pending = self._pending, []
-        assert self._writer is not None
+            return  # sent when an answer comes back or the child is ready (or failed if it ends)
+        pending = self._pending
+        try:
+            data = _frame(pending)
+            assert self._writer is not None
+            self._writer.write(data)
+        except Exception:
+            logger.exception("could not hand %d message(s) to the store writer process", len(pending),
+                             extra=fields("writer.handover_error", count=len(pending)))
+            self._pending = []
+            self._fail([send.seq for send in pending], NOT_STORED)
+            return
+        self._pending = []
         self._in_flight += 1
-        self._writer.write(_frame(pending))
+
+    def _fail(self, seqs: list[int], message: str) -> None:
+        for seq in seqs:
+            future = self._waiting.pop(seq, None)
+            if future is not None and not future.done():
+                future.set_exception(StoreUnavailable(message))
 
     async def _read_answers(self, reader: asyncio.StreamReader) -> None:
         try:
             ready = await _read_frame(reader)
             if ready != OK:
-                self._stopping = True  # (said here, not again below)
                 logger.error("the store writer process could not start (%s); the web process stores "
                              "messages itself", ready, extra=fields("writer.failed"))
                 return
+            self.alive = True
+            logger.info("the store writer process is ready (pid %s)", self.pid, extra=fields("writer.ready"))
+            self._flush()  # sends handed over before it was ready
             while True:
                 frames, answers = await _read_frame(reader)
                 self._in_flight -= frames
@@ -162,30 +186,38 @@ class WriterLink:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the child ended
         finally:
-            self.alive = False
-            self._pending = []
-            waiting, self._waiting = self._waiting, {}
-            for future in waiting.values():
-                if not future.done():
-                    future.set_exception(StoreUnavailable(WRITER_GONE))
+            was_alive, self.alive = self.alive, False
+            never_sent, self._pending = self._pending, []
+            self._fail([send.seq for send in never_sent], NOT_STORED)
+            self._fail(list(self._waiting), WRITER_GONE)  # sent: stored or not, nobody can say
             if not self._stopping:
-                logger.error("the store writer process stopped; the web process stores messages itself "
-                             "from now on", extra=fields("writer.stopped"))
+                if was_alive:
+                    logger.error("the store writer process stopped; the web process stores messages "
+                                 "itself from now on", extra=fields("writer.stopped"))
                 if self._proc is not None and self._loop is not None:
                     self._loop.run_in_executor(None, self._proc.wait)  # reaped, not left a zombie
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Let the child write and answer what it was given, then wait for it to end."""
+        """Let the child write and answer what it was given, then wait for it to end. Sends made
+        from here on go to the web process's own writer (``alive`` is false)."""
         self._stopping = True
-        if self._writer is not None and self.alive:
-            self._in_flight = 0
-            self._flush()
-            self._writer.write_eof()  # the child's end of input; its answers still come back
+        if self._writer is not None:
+            if self.alive:
+                self._in_flight = 0
+                self._flush()
+            self.alive = False
+            try:
+                self._writer.write_eof()  # the child's end of input; its answers still come back
+            except (OSError, RuntimeError):
+                pass  # it is gone already
         if self._reader_task is not None:
             try:
                 await asyncio.wait_for(self._reader_task, timeout)
             except asyncio.TimeoutError:
                 pass
+            except Exception:
+                logger.exception("the store writer's answers could not be read to the end",
+                                 extra=fields("writer.error"))
         if self._writer is not None:
             self._writer.close()
         if self._proc is not None:
@@ -218,7 +250,10 @@ class _Frames:
         return values
 
     def _receive(self) -> bool:
-        chunk = self.sock.recv(1 << 20)
+        try:
+            chunk = self.sock.recv(1 << 20)
+        except ConnectionResetError:  # the web process died with our answers unread
+            chunk = b""
         if not chunk:
             self.ended = True
         self.buffer += chunk
@@ -288,13 +323,16 @@ def _write_each(store: Any, conn: Connection, sends: list[Accept]) -> list[tuple
 
 
 def _unreachable(exc: Exception) -> bool:
-    """The store cannot be reached at all (as opposed to refusing one row)."""
-    if not is_database_error(exc):
-        return False
+    """The store cannot be reached now (as opposed to refusing one row, a deadlock or a timeout):
+    PostgreSQL's connection errors (SQLSTATE class 08, or none: the client's own, a pool timeout),
+    SQLite's operational errors (locked past its timeout, a file it cannot open or write)."""
     import sqlite3
+
     psycopg = sys.modules.get("psycopg")
-    return isinstance(exc, sqlite3.OperationalError) or (
-        psycopg is not None and isinstance(exc, psycopg.OperationalError))
+    if psycopg is not None and isinstance(exc, psycopg.Error):
+        sqlstate = exc.sqlstate
+        return isinstance(exc, psycopg.OperationalError) and (sqlstate is None or sqlstate.startswith("08"))
+    return isinstance(exc, sqlite3.OperationalError)
 
 
 class _Child:

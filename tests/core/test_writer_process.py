@@ -24,7 +24,7 @@ from relay_core.config import Settings, load_settings
 from relay_core.errors import StoreUnavailable
 from relay_core.store import Store
 from relay_core.tasks import build_queue
-from relay_core.writer_process import OK, STALE, WRITER_GONE, WriterLink
+from relay_core.writer_process import NOT_STORED, OK, STALE, WRITER_GONE, WriterLink, _unreachable
 from support import Relay, wait_until
 from test_intake import accepted
 
@@ -138,7 +138,20 @@ def test_a_child_that_cannot_open_the_store_fails_its_sends_and_says_why(setting
         return answers, link.alive
 
     answers, alive = with_link(broken, scenario)
-    assert isinstance(answers[0], StoreUnavailable) and not alive
+    # Never handed over (the child was not ready): not stored, and the answer says so.
+    assert isinstance(answers[0], StoreUnavailable) and answers[0].message == NOT_STORED and not alive
+
+
+def test_only_an_unreachable_store_stops_a_group_from_being_tried_one_by_one() -> None:
+    import sqlite3
+
+    import psycopg
+
+    assert _unreachable(psycopg.OperationalError("connection refused"))  # the client's own: no SQLSTATE
+    assert not _unreachable(psycopg.errors.UniqueViolation("duplicate key"))
+    assert not _unreachable(psycopg.errors.DeadlockDetected("deadlock"))  # an OperationalError, class 40
+    assert _unreachable(sqlite3.OperationalError("database is locked"))
+    assert not _unreachable(sqlite3.IntegrityError("UNIQUE constraint failed"))
 
 
 def children(pid: int) -> list[int]:
@@ -159,11 +172,13 @@ def payload(subject: str) -> dict[str, Any]:
 
 @pytest.fixture
 def relay(tmp_path: Path) -> Iterator[Relay]:
-    """A real `tspro-relay web` (SQLite), with one send stored through its writer process."""
-    relay = Relay(tmp_path)
+    """A real `tspro-relay web` (SQLite) whose writer process is ready (it says so at INFO)."""
+    relay = Relay(tmp_path, RELAY_LOG_LEVEL="INFO")
     try:
         relay.configure("smtp_host=127.0.0.1", "smtp_port=2525", "smtp_security=none")
-        relay.start_web()
+        web = relay.start_web()
+        wait_until(lambda: "store writer process is ready" in web.output(), timeout=20,
+                   what="the web process's writer to start")
         yield relay
     finally:
         relay.close()

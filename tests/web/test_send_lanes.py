@@ -8,6 +8,7 @@ import base64
 import dataclasses
 
 from relay_core.config import Settings
+from support import wait_until
 from test_api import payload, queued, running_client
 
 
@@ -16,6 +17,7 @@ def test_only_small_sends_without_a_key_or_a_limit_go_to_the_writer_process(sett
     that copying it to another process would cost its size twice, is stored by the web's own writer."""
     with running_client(dataclasses.replace(settings, writer_process=True)) as client:
         state = client.app.state.relay
+        wait_until(lambda: state.writer.alive, timeout=20, what="the writer process to start")
         original, handed = state.writer.submit, []
 
         def submit(*args):  # type: ignore[no-untyped-def]

@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 from relay_core import crypto
 from relay_core.config import Settings
 from relay_core.store import Store
+from support import wait_until
 from test_api import error_of, payload, queued, running_client
 
 
@@ -31,7 +32,10 @@ def settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
     with running_client(settings) as client:
-        assert (client.app.state.relay.writer is not None) == settings.writer_process
+        writer = client.app.state.relay.writer
+        assert (writer is not None) == settings.writer_process
+        if writer is not None:  # until it is, sends go to the web's own writer
+            wait_until(lambda: writer.alive, timeout=20, what="the writer process to start")
         assert client.post("/api/send", json=payload()).status_code == 202  # the settings are cached now
         yield client
 
