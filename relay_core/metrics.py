@@ -58,6 +58,13 @@ def process_id() -> str:
     return _process[1]
 
 
+def speak_for(process: str) -> None:
+    """Count under another process's name from now on: the web process's writer child counts
+    what it stores as the web process it serves, whichever of the two stores a send."""
+    global _process
+    _process = (os.getpid(), process)
+
+
 # -- writing (inside the caller's transaction) ---------------------------------------------------
 _UPSERT = ("INSERT INTO metric_counts (process, name, label, value, updated_at) VALUES (?, ?, ?, ?, ?)"
            " ON CONFLICT (process, name, label) DO UPDATE"

@@ -118,7 +118,7 @@ class WriterLink:
         self._loop = asyncio.get_running_loop()
         try:
             reader, self._writer = await asyncio.open_connection(sock=ours)
-            self._writer.write(_frame(settings))
+            self._writer.write(_frame((settings, metrics.process_id())))
         except BaseException:
             ours.close()
             self._proc.kill()
@@ -396,7 +396,8 @@ class _Child:
 
 
 def serve(sock: socket.socket) -> None:
-    """The child's life: settings first, ``OK`` once the store is open, then sends until the end."""
+    """The child's life: the settings (and the web process's name for its counts) first, ``OK``
+    once the store is open, then sends until the end."""
     from .logs import setup_logging
     from .store import Store
     from .tasks import build_queue
@@ -405,8 +406,9 @@ def serve(sock: socket.socket) -> None:
     first = frames.take()
     if not first:
         return
-    settings, rest = first[0], first[1:]
+    (settings, process), rest = first[0], first[1:]
     setup_logging(settings)
+    metrics.speak_for(process)  # its counts are the web process's
     try:
         store = Store.open(settings)
         relay_queue = build_queue(settings)

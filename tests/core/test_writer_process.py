@@ -71,6 +71,9 @@ def test_sends_are_committed_together_answered_and_their_workers_woken(store: St
     assert conn.execute("SELECT COUNT(*) FROM recipients").fetchone()[0] == 10
     assert conn.execute("SELECT COUNT(*) FROM log WHERE event = 'accepted'").fetchone()[0] == 5
     assert metrics.totals(conn)[(metrics.ACCEPTED, "")] == 5
+    # Counted as the process that started the child (the web process it serves), not as itself.
+    assert [r[0] for r in conn.execute("SELECT DISTINCT process FROM metric_counts WHERE name = ?",
+                                       (metrics.ACCEPTED,))] == [metrics.process_id()]
     for message_id, body in conn.execute("SELECT id, body FROM messages"):  # sealed by the child
         assert store.keys.decrypt_body(bytes(body), message_id) == f"doc of {message_id}".encode()
     assert build_queue(settings).pending() == 5  # one wake-up each, on queue.db or Redis
