@@ -47,6 +47,10 @@ logger = logging.getLogger("relay.intake")
 
 Job = Callable[[Connection], tuple[Any, list[str]]]
 
+# What a send that was not stored is told (by this writer and by the writer process).
+STORE_DOWN = "The relay's message store is unavailable; nothing was queued. Try again."
+NOT_STORED = "The relay could not store this message; nothing was queued. Try again."
+
 
 class NothingWritten(Exception):
     """A job's refusal raised before it wrote anything: no rollback is needed for it."""
@@ -155,7 +159,7 @@ class Intake:
                 # Never let the writer die: every later send would wait forever.
                 logger.exception("the writer failed on a batch of %d writes", len(batch),
                                  extra=fields("intake.error", count=len(batch)))
-                error = StoreUnavailable("The relay could not store this message; nothing was queued. Try again.")
+                error = StoreUnavailable(NOT_STORED)
                 self._settle([(pending, None, error) for pending in batch])
             if stopping:
                 break
@@ -169,7 +173,7 @@ class Intake:
                 raise
             logger.error("the store refused a batch of %d writes: %s", len(batch), exc,
                          extra=fields("intake.store_refused", count=len(batch)))
-            error = StoreUnavailable("The relay's message store is unavailable; nothing was queued. Try again.")
+            error = StoreUnavailable(STORE_DOWN)
             self._settle([(pending, None, error) for pending in batch])
             return
         self._answer(outcomes)

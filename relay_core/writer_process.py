@@ -53,6 +53,7 @@ from . import metrics
 from .acceptance import insert_accepted
 from .db import ConditionFailed, Connection, is_database_error, transaction
 from .errors import StoreUnavailable
+from .intake import NOT_STORED, STORE_DOWN
 from .ledger import LogEntry, NewMessage
 from .logs import fields
 
@@ -61,8 +62,6 @@ logger = logging.getLogger("relay.writer")
 HEADER = 4  # bytes of big-endian frame length
 IN_FLIGHT = 2  # frames sent and not answered: one being written, the next waiting
 OK, STALE = "ok", "stale"
-STORE_DOWN = "The relay's message store is unavailable; nothing was queued. Try again."
-NOT_STORED = "The relay could not store this message; nothing was queued. Try again."
 WRITER_GONE = ("The relay's store writer stopped before confirming this message, so it may or may not have "
                "been stored. Try again.")
 
