@@ -23,7 +23,8 @@ this module, in ``db_sqlite.py`` and ``db_postgres.py``:
   SQLite);
 - ``conn.insert_rows(sql, rows)``: ``executemany`` of a plain
   ``INSERT ... VALUES (...)``; SQLite writes the rows with a few multi-row
-  statements (each statement step lets go of the GIL, see db_sqlite);
+  statements (each statement step lets go of the GIL, see db_sqlite),
+  PostgreSQL with one statement taking an array per column (``unnest``);
 - ``is_database_error(exc)``: either driver's errors.
 """
 

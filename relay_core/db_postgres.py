@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import re
 import threading
 import urllib.parse
 from contextlib import contextmanager
@@ -94,6 +95,49 @@ def translate(sql: str) -> str:
             _TRANSLATIONS.clear()
         _TRANSLATIONS[sql] = result
     return result
+
+
+# insert_rows' statements: an INSERT whose VALUES are placeholders or plain literals (no parentheses).
+_INSERT_VALUES = re.compile(r"\s*INSERT INTO (\w+) \(([^()]*)\) VALUES \(([^()]*)\)(.*)", re.DOTALL)
+_FLOAT_TYPES = ("double precision", "real")
+
+
+def _names(listed: str) -> list[str]:
+    return [name.strip() for name in listed.split(",")]
+
+
+def unnest_insert(sql: str, types: dict[str, str]) -> tuple[str, list[int]] | None:
+    """``sql`` (``INSERT INTO t (a, b, c) VALUES (?, 'x', ?)``) as one statement taking a
+    column of values per placeholder, cast to the array of its column's type in ``types``
+    (column -> type):
+
+        INSERT INTO t (a, b, c) SELECT u.p0, 'x', u.p1 FROM unnest(%b::text[], %b::bigint[]) AS u(p0, p1)
+
+    and which of those parameters are floating point. None for a shape it
+    does not know (a VALUES with expressions in it). The arrays go in binary
+    format (``%b``): in text, every body would be hex-escaped.
+    """
+    match = _INSERT_VALUES.fullmatch(sql)
+    if match is None:
+        return None
+    table, listed, values, rest = match.groups()
+    names, given = _names(listed), _names(values)
+    if len(names) != len(given) or any(value == "?" and name not in types for name, value in zip(names, given)):
+        return None
+    picks: list[str] = []
+    arrays: list[str] = []
+    floats: list[int] = []
+    for name, value in zip(names, given):
+        if value != "?":
+            picks.append(value)
+            continue
+        if types[name] in _FLOAT_TYPES:
+            floats.append(len(arrays))
+        picks.append(f"u.p{len(arrays)}")
+        arrays.append(f"%b::{types[name]}[]")
+    aliases = ", ".join(f"p{i}" for i in range(len(arrays)))
+    return (f"INSERT INTO {table} ({listed}) SELECT {', '.join(picks)} FROM unnest({', '.join(arrays)})"
+            f" AS u({aliases}){translate(rest)}", floats)
 
 
 class Row(tuple):  # type: ignore[type-arg]
@@ -196,7 +240,7 @@ class PgConnection:
     def pinned(cls, raw: psycopg.Connection[Any]) -> "PgConnection":
         """A handle on one connection outside any pool, inside its caller's transaction."""
         conn = cls.__new__(cls)
-        conn._raw, conn._sync = raw, None
+        conn._database, conn._raw, conn._sync = None, raw, None  # type: ignore[assignment]
         return conn
 
     @property
@@ -331,8 +375,21 @@ class PgConnection:
         self._raw.execute("SELECT pg_advisory_xact_lock(%s)", (_advisory_key(name),))
 
     def insert_rows(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """``executemany`` (inside ``pipeline``, all of a block's rows go in one round trip)."""
-        self.executemany(sql, rows)
+        """``executemany`` of an ``INSERT ... VALUES (...)``, as one statement whatever the number of
+        rows: each column's values go as one array (``unnest_insert``). psycopg's ``executemany``
+        makes every row a statement of its own, which the server parses, binds and executes, and
+        which in a pipeline costs a write to the socket each. (Rows must not collide with each
+        other on an ``ON CONFLICT ... DO UPDATE`` key: one statement may not update a row twice.)"""
+        form = self._database.unnest_form(sql) if len(rows) > 1 and self._database is not None else None
+        if form is None:
+            self.executemany(sql, rows)  # (inside ``pipeline``, still one round trip for the block)
+            return
+        statement, floats = form
+        columns = [list(column) for column in zip(*rows)]
+        for index in floats:  # an array holds one type: the ints of a float column become floats
+            columns[index] = [None if value is None else float(value) for value in columns[index]]
+        with self._borrow() as raw:
+            raw.execute(statement, columns)  # type: ignore[call-overload]
 
     def insert_blob(self, sql: str, params: Sequence[Any], table: str, column: str) -> None:
         """Run an INSERT whose last parameter is a blob: psycopg sends bytes as they are."""
@@ -374,9 +431,23 @@ class PostgresDatabase:
             kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT},
             timeout=POOL_TIMEOUT, name="tspro-relay",
         )
+        self._unnest_forms: dict[str, tuple[str, list[int]] | None] = {}
 
     def describe(self) -> str:
         return f"the PostgreSQL database {mask_url(self.url)}"
+
+    def unnest_form(self, sql: str) -> tuple[str, list[int]] | None:
+        """``unnest_insert(sql, ...)`` with the table's column types, read once per statement text."""
+        if sql not in self._unnest_forms:
+            match = _INSERT_VALUES.fullmatch(sql)
+            types: dict[str, str] = {}
+            if match is not None:
+                with self.pool.connection() as raw:
+                    types = {row[0]: row[1] for row in raw.execute(
+                        "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+                        " WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped", (match[1],))}
+            self._unnest_forms[sql] = unnest_insert(sql, types)
+        return self._unnest_forms[sql]
 
     def connect(self) -> PgConnection:
         return PgConnection(self)
