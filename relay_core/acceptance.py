@@ -7,8 +7,8 @@ re-acquisition of the GIL per row and table (which the event loop, wanting
 the GIL for the next requests, pays for). These write a batch's messages,
 recipients, log rows, their counts and search index with a few statements
 per table (``conn.insert_rows``): on PostgreSQL one statement of arrays per
-table, all in one pipeline (one round trip), on SQLite multi-row INSERTs. Same rows, same counts, as the
-one-at-a-time functions would write.
+table, all in one pipeline (one round trip), on SQLite multi-row INSERTs.
+Same rows, same counts, as the one-at-a-time functions would write.
 """
 
 from __future__ import annotations
