@@ -22,6 +22,7 @@ import contextlib
 import functools
 import hashlib
 import re
+import select
 import threading
 import urllib.parse
 from contextlib import contextmanager
@@ -253,7 +254,7 @@ class PgConnection:
             return _run(self._raw, query, params, self._sync)
         pool = self._database.pool
         for attempt in (1, 2):
-            raw = pool.getconn()
+            raw = self._database.live_connection()
             try:
                 return _run(raw, query, params)
             except psycopg.OperationalError:
@@ -288,8 +289,12 @@ class PgConnection:
         if self._raw is not None:
             yield self._raw
             return
-        with self._database.pool.connection() as raw:
+        pool = self._database.pool
+        raw = self._database.live_connection()
+        try:
             yield raw
+        finally:
+            pool.putconn(raw)
 
     @contextmanager
     def transaction(self, durable: bool = True, pipelined: bool = False) -> Iterator["PgConnection"]:
@@ -301,7 +306,7 @@ class PgConnection:
                 yield self
             return
         pool = self._database.pool
-        raw = pool.getconn()
+        raw = self._database.live_connection()
         try:
             raw.execute("BEGIN")
         except psycopg.OperationalError:
@@ -332,7 +337,7 @@ class PgConnection:
     @contextmanager
     def _pipelined_transaction(self, durable: bool) -> Iterator[None]:
         pool = self._database.pool
-        raw = pool.getconn()
+        raw = self._database.live_connection()
         try:
             with raw.pipeline() as pipeline:
                 raw.execute("BEGIN")
@@ -399,6 +404,24 @@ class PgConnection:
         """Nothing is held between statements; the pool closes with the database."""
 
 
+def _hung_up(raw: psycopg.Connection[Any]) -> bool:
+    """Whether an idle connection's server has closed it: something waits to be read (an idle
+    connection is sent nothing else but the odd notice) and reading it finds the end."""
+    if raw.closed or raw.broken:
+        return True
+    for _ in range(3):  # the server's last words ("terminating connection ..."), then the end
+        readable, _, _ = select.select([raw.fileno()], [], [], 0)
+        if not readable:
+            return False
+        try:
+            raw.pgconn.consume_input()  # (a notice stays buffered for psycopg to read as usual)
+        except psycopg.OperationalError:
+            return True
+        if raw.pgconn.status != pq.ConnStatus.OK:
+            return True
+    return False
+
+
 def _configure(conn: psycopg.Connection[Any]) -> None:
     conn.adapters.register_loader("numeric", _NumericLoader)
     # Commit waits for the WAL flush, whatever the server's default: the 202 depends on it.
@@ -451,6 +474,25 @@ class PostgresDatabase:
 
     def connect(self) -> PgConnection:
         return PgConnection(self)
+
+    def live_connection(self) -> psycopg.Connection[Any]:
+        """A pooled connection the server has not closed, as far as can be told without a round trip.
+
+        After a restart of PostgreSQL the pool still holds the connections it
+        had: the server told each it was closing and hung up, and nothing on
+        this side has read that yet. One drawn from the pool is checked for
+        such an unread ending before anything is sent on it (a ``select``
+        with no wait, then reading what arrived); a dead one goes back to the
+        pool, which drops it, and the next is drawn. So the first transaction
+        after a restart runs on a live connection instead of failing: nothing
+        was sent on the dead ones, so nothing can have been written twice.
+        """
+        for _ in range(self.pool.max_size):
+            raw = self.pool.getconn()
+            if not _hung_up(raw):
+                return raw
+            self.pool.putconn(raw)  # broken: the pool discards it
+        return self.pool.getconn()  # (a new one by now; if not, the transaction says so itself)
 
     def close(self) -> None:
         self.pool.close()

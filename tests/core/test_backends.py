@@ -187,3 +187,36 @@ def test_a_pipelined_transaction_reads_in_order_and_a_failed_row_keeps_nothing(s
     with transaction(conn, pipelined=True):
         conn.insert_rows(row, [("pipe-d", "4")])
     assert meta_names(conn, "pipe-") == {"pipe-a", "pipe-b", "pipe-d"}
+
+
+def test_after_postgresql_restarts_the_first_transaction_gets_a_live_connection(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A restart leaves the pool holding connections the server has closed. A transaction that
+    draws one takes another before it sends anything (nothing ran on the dead one), so the first
+    write after the restart succeeds, pipelined or not, however many dead ones the pool holds."""
+    from relay_core.db_postgres import PostgresDatabase
+    from services import PostgresCluster
+
+    cluster = PostgresCluster().start()
+    database = None
+    try:
+        _, url = cluster.create_database()
+        database = PostgresDatabase(url, max_size=4)
+        conns = [database.connect() for _ in range(3)]
+        with conns[0].transaction():
+            conns[0].execute("CREATE TABLE t (n INTEGER)")
+        with conns[0].transaction(), conns[1].transaction(), conns[2].transaction():
+            pass  # three connections in the pool, all idle afterwards
+        for restart, how in enumerate(["pipelined", "plain", "no transaction"]):
+            cluster.halt()
+            cluster.start()
+            rows = [(restart,), (restart + 10,)]
+            if how == "no transaction":  # a write is never repeated after a failure: it must not fail
+                conns[0].insert_rows("INSERT INTO t (n) VALUES (?)", rows)
+                continue
+            with transaction(conns[0], pipelined=how == "pipelined"):
+                conns[0].insert_rows("INSERT INTO t (n) VALUES (?)", rows)
+        assert sorted(r[0] for r in conns[1].execute("SELECT n FROM t")) == [0, 1, 2, 10, 11, 12]
+    finally:
+        if database is not None:
+            database.close()
+        cluster.stop()
