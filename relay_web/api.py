@@ -200,8 +200,9 @@ async def accept(request: Request) -> tuple[int, dict[str, Any], dict[str, str] 
         except _Stale:
             pass
         except RelayError as exc:
-            # A key refusal was checked against the current revision already (authenticate).
-            if exc.logged or state.store.revision() == snapshot[0]:
+            # A key refusal was checked against the current revision already (authenticate), and a
+            # store that could not write does not depend on the settings (nor would it answer).
+            if exc.logged or isinstance(exc, StoreUnavailable) or state.store.revision() == snapshot[0]:
                 raise  # refused on the current settings
         snapshot = state.store.fresh_snapshot()
     raise StoreUnavailable("The relay's settings kept changing while this message was checked; nothing was "

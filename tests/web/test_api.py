@@ -375,6 +375,28 @@ def test_an_error_inside_the_send_path_is_answered_as_the_error_middleware_would
             assert client.post("/api/send", json=payload()).status_code == 503  # handled: not raised on
 
 
+def test_a_store_that_could_not_write_is_answered_at_once_without_asking_it_again(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the writer says the store is down, the settings are not read again before answering (as
+    they are before a refusal): that read would wait on the same store (PostgreSQL down: the pool's
+    whole timeout again) and then answer less precisely."""
+    from relay_core.errors import StoreUnavailable
+    from relay_core.intake import STORE_DOWN
+    from relay_web import api
+
+    async def store_down(*args: Any, **kwargs: Any) -> None:
+        raise StoreUnavailable(STORE_DOWN)
+
+    monkeypatch.setattr(api._Accept, "run", store_down)
+    with running_client(settings) as client:
+        store = client.app.state.relay.store
+        reads = []
+        monkeypatch.setattr(store, "revision", lambda *a: reads.append(a) or 0)
+        response = client.post("/api/send", json=payload())
+        assert response.status_code == 503 and response.json()["error"] == STORE_DOWN
+        assert reads == []
+
+
 def test_a_handler_failing_on_a_refused_send_is_answered_as_an_internal_error(
         settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """As ServerErrorMiddleware does for any route: the handler's own error gets the catch-all's 500."""
