@@ -18,6 +18,8 @@ this module, in ``db_sqlite.py`` and ``db_postgres.py``:
 - ``insert_blob(conn, sql, params, table, column)``: an INSERT whose last
   parameter is a body; SQLite streams a large one through its blob API,
   PostgreSQL binds the bytes;
+- ``for_share(conn)``: the clause that keeps a read row unchanged until
+  the transaction ends (a ``require`` over a row another writer may change);
 - ``pipelined(conn)``: inside a transaction, let the ``executemany`` calls
   of a block share one round trip (PostgreSQL's pipeline mode; nothing on
   SQLite);
@@ -57,6 +59,7 @@ class Connection(Protocol):
     """What the store modules may use of a connection, on either backend."""
 
     dialect: str
+    share_lock: str
 
     @property
     def in_transaction(self) -> bool: ...
@@ -140,6 +143,13 @@ def require(conn: Any, condition: str, params: Sequence[Any] = ()) -> None:
     else it fails with ``ConditionFailed``. In a pipelined transaction on PostgreSQL, without
     waiting for the answer (the check travels with the writes)."""
     conn.require(condition, params)
+
+
+def for_share(conn: Any) -> str:
+    """The clause that keeps the rows a SELECT reads as they were read until the transaction ends
+    (a writer changing one waits for it; one that changed it first makes it read the change): FOR
+    SHARE on PostgreSQL, nothing on SQLite, where a write transaction excludes every other writer."""
+    return str(conn.share_lock)
 
 
 def pipelined(conn: Any) -> ContextManager[Any]:

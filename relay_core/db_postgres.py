@@ -231,6 +231,7 @@ class PgConnection:
     """One thread's handle on the pool, with the sqlite3-like surface the store modules use."""
 
     dialect = "postgresql"
+    share_lock = " FOR SHARE"
 
     def __init__(self, database: "PostgresDatabase") -> None:
         self._database = database

@@ -93,6 +93,7 @@ class RelayConnection(sqlite3.Connection):
 
     dialect = "sqlite"
     writer: WriteLock | None = None
+    share_lock = ""  # (db.for_share: the write lock already keeps what a writer read)
 
     def require(self, condition: str, params: Sequence[Any]) -> None:
         """See ``db.require``: under the write lock, checking it now is checking it at the commit."""

@@ -27,8 +27,8 @@ from .accounts import Accounts, Admin, ApiKey  # noqa: F401  (re-exported)
 from .audit import Audit, AuditEntry, insert_audit  # noqa: F401  (re-exported)
 from .config import ConfigError, Settings
 from .crypto import KeySet
-from .db import (Connection, Database, SqliteDatabase, connect, insert_blob, open_database, require,  # noqa: F401
-                 serialize, transaction, write_lock)
+from .db import (Connection, Database, SqliteDatabase, connect, for_share, insert_blob, open_database,  # noqa: F401
+                 require, serialize, transaction, write_lock)
 from .interventions import ActionReport, Interventions  # noqa: F401  (re-exported)
 from .ledger import (FINAL_STATES, MAX_UNRECORDED_CLAIMS, AttemptFact, ClaimedMessage, Ledger,  # noqa: F401
                      LogEntry, LoggedRow, NewMessage, Paced, Recipient, insert_log, insert_message)
@@ -216,8 +216,11 @@ class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions
         return int(row[0]) if row else 0
 
     def require_revision(self, conn: Connection, revision: int) -> None:
-        """Inside a transaction: commit it only if the revision is still ``revision`` (db.require)."""
-        require(conn, "COALESCE((SELECT value FROM meta WHERE name = 'rev'), '0') = ?", (str(revision),))
+        """Inside a transaction: commit it only if the revision is still ``revision`` (db.require), and
+        keep it so until the commit: a settings change waits for this transaction, or, made first,
+        fails it (on PostgreSQL under READ COMMITTED, the row is read FOR SHARE for that)."""
+        require(conn, f"COALESCE((SELECT value FROM meta WHERE name = 'rev'{for_share(conn)}), '0') = ?",
+                (str(revision),))
 
     def cached_snapshot(self) -> tuple[int, Options, list[ApiKey]]:
         """(revision, settings, keys) as last read, without asking the database.

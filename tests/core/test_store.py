@@ -647,3 +647,63 @@ def test_log_counts_stay_exact_when_two_processes_backfill_or_prune_at_once(stor
     both(lambda s: s.prune(now, sent_body_seconds=1, failed_body_seconds=1, log_seconds=now - (hour + 2 * 3600),
                            log_max_rows=100, idempotency_seconds=1))
     assert counted() == (100, 100)
+
+
+@pytest.mark.parametrize("settings_first", [False, True])
+def test_a_write_that_requires_the_revision_and_a_settings_change_are_ordered(
+        store: Store, other: Store, settings_first: bool) -> None:
+    """What the accept path's group commit relies on (Store.require_revision): a revision it checked
+    stays the revision until it commits. A settings change made meanwhile by another process either
+    waits for the group's commit, or, committed while the group waited for it, fails the group's
+    check; never does the group commit against settings already replaced (PostgreSQL reads the
+    revision row FOR SHARE; SQLite's writers already take turns)."""
+    import threading
+
+    from relay_core.db import ConditionFailed, transaction
+
+    checked = store.revision()
+    row = "INSERT INTO meta (name, value) VALUES (?, ?)"
+    holding, release, outcome = threading.Event(), threading.Event(), {}
+
+    def change_settings() -> None:
+        conn = other.conn()
+        with transaction(conn):
+            other._bump_rev(conn)
+            holding.set()
+            release.wait(10)
+        outcome["changed"] = True
+
+    def group(name: str) -> None:
+        conn = store.conn()
+        try:
+            with transaction(conn, pipelined=True):
+                store.require_revision(conn, checked)
+                conn.insert_rows(row, [(name, "1")])
+                holding.set()
+                release.wait(10)
+        except ConditionFailed:
+            outcome["group"] = "stale"
+        else:
+            outcome["group"] = "stored"
+
+    first, second = (change_settings, lambda: group("order-b")) if settings_first else (
+        lambda: group("order-a"), change_settings)
+    started = threading.Thread(target=first)
+    started.start()
+    assert holding.wait(10)
+    holding.clear()
+    later = threading.Thread(target=second)
+    later.start()
+    try:
+        later.join(0.5)
+        assert later.is_alive()
+        if not settings_first:  # the settings change waits for the group's commit
+            assert not holding.is_set()  # (a pipelined group sends its check and waits at its end)
+    finally:
+        release.set()
+        started.join(10)
+        later.join(10)
+    assert outcome == {"group": "stale" if settings_first else "stored", "changed": True}
+    assert other.revision() == checked + 1
+    stored = {r[0] for r in store.conn().execute("SELECT name FROM meta WHERE name LIKE 'order-%'")}
+    assert stored == (set() if settings_first else {"order-a"})
