@@ -101,6 +101,7 @@ def translate(sql: str) -> str:
 # insert_rows' statements: an INSERT whose VALUES are placeholders or plain literals (no parentheses).
 _INSERT_VALUES = re.compile(r"\s*INSERT INTO (\w+) \(([^()]*)\) VALUES \(([^()]*)\)(.*)", re.DOTALL)
 _FLOAT_TYPES = ("double precision", "real")
+_LITERAL = re.compile(r"'[^',%?]*'|-?\d+(\.\d+)?|NULL", re.IGNORECASE)  # what a VALUES may hold beside ?
 
 
 def _names(listed: str) -> list[str]:
@@ -115,15 +116,20 @@ def unnest_insert(sql: str, types: dict[str, str]) -> tuple[str, list[int]] | No
         INSERT INTO t (a, b, c) SELECT u.p0, 'x', u.p1 FROM unnest(%b::text[], %b::bigint[]) AS u(p0, p1)
 
     and which of those parameters are floating point. None for a shape it
-    does not know (a VALUES with expressions in it). The arrays go in binary
-    format (``%b``): in text, every body would be hex-escaped.
+    does not know (a VALUES with expressions in it, or more than one row, or
+    a placeholder after it). The arrays go in binary format (``%b``): in
+    text, every body would be hex-escaped. Each column's values must be of
+    one Python type, as in an array (the ints of a float column are made
+    floats; an int among the floats of an integer column is refused).
     """
     match = _INSERT_VALUES.fullmatch(sql)
     if match is None:
         return None
     table, listed, values, rest = match.groups()
     names, given = _names(listed), _names(values)
-    if len(names) != len(given) or any(value == "?" and name not in types for name, value in zip(names, given)):
+    if (len(names) != len(given) or "?" in rest  # (a placeholder after VALUES: another row, or an upsert's)
+            or any(value != "?" and not _LITERAL.fullmatch(value) for value in given)
+            or any(value == "?" and name not in types for name, value in zip(names, given))):
         return None
     picks: list[str] = []
     arrays: list[str] = []
@@ -410,9 +416,10 @@ def _hung_up(raw: psycopg.Connection[Any]) -> bool:
     connection is sent nothing else but the odd notice) and reading it finds the end."""
     if raw.closed or raw.broken:
         return True
+    waiting = select.poll()  # (not select(): a busy process's descriptors go past 1024)
+    waiting.register(raw.fileno(), select.POLLIN)
     for _ in range(3):  # the server's last words ("terminating connection ..."), then the end
-        readable, _, _ = select.select([raw.fileno()], [], [], 0)
-        if not readable:
+        if not waiting.poll(0):
             return False
         try:
             raw.pgconn.consume_input()  # (a notice stays buffered for psycopg to read as usual)
@@ -466,10 +473,15 @@ class PostgresDatabase:
             match = _INSERT_VALUES.fullmatch(sql)
             types: dict[str, str] = {}
             if match is not None:
-                with self.pool.connection() as raw:
+                raw = self.live_connection()
+                try:
                     types = {row[0]: row[1] for row in raw.execute(
                         "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
                         " WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped", (match[1],))}
+                finally:
+                    self.pool.putconn(raw)
+                if not types:
+                    return None  # no such table (yet): executemany says so; asked again next time
             self._unnest_forms[sql] = unnest_insert(sql, types)
         return self._unnest_forms[sql]
 
@@ -490,7 +502,12 @@ class PostgresDatabase:
         """
         for _ in range(self.pool.max_size):
             raw = self.pool.getconn()
-            if not _hung_up(raw):
+            try:
+                dead = _hung_up(raw)
+            except BaseException:
+                self.pool.putconn(raw)
+                raise
+            if not dead:
                 return raw
             self.pool.putconn(raw)  # broken: the pool discards it
         return self.pool.getconn()  # (a new one by now; if not, the transaction says so itself)

@@ -118,6 +118,9 @@ def rotate(store: Store) -> RotationReport:
     conn = store.conn()
     with transaction(conn):
         serialize(conn, "tspro-relay rotate-secret")
+        # The revision first: a group commit holds it (FOR SHARE) until it has inserted messages
+        # naming their API keys, which the key rows' update below would make it wait for.
+        store._bump_rev(conn)  # every process re-reads its cached settings and keys
         for name in sorted(SECRET_OPTIONS):
             row = conn.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
             if row is None or not row["value"]:
@@ -152,7 +155,6 @@ def rotate(store: Store) -> RotationReport:
                 conn.execute("UPDATE messages SET body = ? WHERE id = ? AND body IS NOT NULL", (blob, message_id))
             report.bodies += changed
             report.current += not changed
-        store._bump_rev(conn)  # every process re-reads its cached settings and keys
     return report
 
 

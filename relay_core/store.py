@@ -210,9 +210,13 @@ class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions
         _, options, keys = self.fresh_snapshot()
         return options, keys
 
-    def revision(self, conn: Connection | None = None) -> int:
-        """The settings' revision counter: it moves with every change to settings or keys."""
-        row = (conn or self.conn()).execute("SELECT value FROM meta WHERE name = 'rev'").fetchone()
+    def revision(self, conn: Connection | None = None, hold: bool = False) -> int:
+        """The settings' revision counter: it moves with every change to settings or keys.
+
+        ``hold``: inside a write transaction that relies on it, keep it so until the commit, as
+        ``require_revision`` does (a settings change waits for the transaction)."""
+        conn = conn or self.conn()
+        row = conn.execute(f"SELECT value FROM meta WHERE name = 'rev'{for_share(conn) if hold else ''}").fetchone()
         return int(row[0]) if row else 0
 
     def require_revision(self, conn: Connection, revision: int) -> None:

@@ -292,7 +292,7 @@ def _write(store: Any, conn: Connection, sends: list[Accept]) -> list[tuple[int,
         except ConditionFailed:
             pass  # the settings changed since they were checked: see which are stale
     with transaction(conn, pipelined=True):
-        revision = store.revision(conn)
+        revision = store.revision(conn, hold=True)
         fresh = [send for send in sends if send.revision == revision]
         if fresh:
             _insert(store, conn, fresh)

@@ -193,7 +193,8 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             latency.drain(conn, {(relay_metrics.ACCEPTED, ""): accepted} if accepted else None)
 
         # The revision of the settings, read once per batch: every accept checks it (api.accept).
-        intake = Intake(relay_store, relay_queue, before_commit=count_batch, at_begin=relay_store.revision,
+        intake = Intake(relay_store, relay_queue, before_commit=count_batch,
+                        at_begin=functools.partial(relay_store.revision, hold=True),
                         writers={ACCEPTED: functools.partial(insert_accepted, keys=relay_store.keys)})
         intake.start()
         writer = None

@@ -106,6 +106,13 @@ def test_insert_rows_on_postgresql_is_one_statement_of_arrays() -> None:
     assert unnest_insert("INSERT INTO t (process, n) VALUES (?, COALESCE(?, 0))", types) is None
     assert unnest_insert("INSERT INTO t (process, other) VALUES (?, ?)", types) is None
     assert unnest_insert("UPDATE t SET n = ?", types) is None
+    assert unnest_insert("INSERT INTO t (process, n) VALUES (?, ?), (?, ?)", types) is None  # two rows
+    assert unnest_insert("INSERT INTO t (process, n) VALUES (?, ?) ON CONFLICT (process) DO UPDATE"
+                         " SET n = ?", types) is None  # a placeholder after VALUES
+    for literal in ("'50%'", "'a, b'", "'?'"):  # what would need escaping, or split wrongly
+        assert unnest_insert(f"INSERT INTO t (process, body) VALUES ({literal}, ?)", types) is None
+    assert unnest_insert("INSERT INTO t (process, n, value) VALUES (?, NULL, -1.5)", types) == (
+        "INSERT INTO t (process, n, value) SELECT u.p0, NULL, -1.5 FROM unnest(%b::text[]) AS u(p0)", [])
 
 
 def test_insert_rows_keeps_every_value_and_type_on_both_backends(store) -> None:  # type: ignore[no-untyped-def]
@@ -220,3 +227,26 @@ def test_after_postgresql_restarts_the_first_transaction_gets_a_live_connection(
         if database is not None:
             database.close()
         cluster.stop()
+
+
+def test_connections_on_descriptors_past_1024_are_checked_like_the_others(pg_url: str) -> None:
+    """A busy web process holds more than a thousand sockets: the pool's connections then get
+    descriptors select() cannot take (live_connection polls instead)."""
+    import os
+
+    from relay_core.db_postgres import PostgresDatabase
+
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    database = PostgresDatabase(pg_url, max_size=2)
+    try:
+        conn = database.connect()
+        conn.execute("CREATE TABLE fds (name TEXT, value TEXT)")
+        with transaction(conn, pipelined=True):
+            conn.insert_rows("INSERT INTO fds (name, value) VALUES (?, ?)", [("fd-a", "1"), ("fd-b", "2")])
+        with transaction(conn):
+            assert conn.execute("SELECT COUNT(*) FROM fds").fetchone()[0] == 2
+        assert min(raw.fileno() for raw in [database.pool.getconn()]) >= 1024
+    finally:
+        database.close()
+        for fd in held:
+            os.close(fd)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from relay_core import crypto, migrations
-from relay_core.config import Settings, load_settings
+from relay_core.config import Secret, Settings, load_settings
 from relay_core.errors import BadRequest
 from relay_core.migrations import MIGRATIONS
 from relay_core.options import Options, parse_option
@@ -707,3 +707,45 @@ def test_a_write_that_requires_the_revision_and_a_settings_change_are_ordered(
     assert other.revision() == checked + 1
     stored = {r[0] for r in store.conn().execute("SELECT name FROM meta WHERE name LIKE 'order-%'")}
     assert stored == (set() if settings_first else {"order-a"})
+
+
+def test_rotate_secret_beside_a_group_commit_of_a_keyed_send_neither_deadlocks(store: Store,
+                                                                               settings: Settings) -> None:
+    """rotate-secret rewrites every key row; a group commit holds the revision (FOR SHARE) and then
+    inserts a message naming its key, which waits for a rewritten key row. The rotation takes the
+    revision before the key rows, so it waits for the group instead of the two waiting on each
+    other (PostgreSQL would kill the rotation as a deadlock)."""
+    from relay_core.db import transaction
+    from relay_core.rotation import rotate
+
+    key_id, _ = store.add_api_key("portal-2")
+    checked = store.revision()
+    rotating_settings = dataclasses.replace(settings, secret_key=Secret("another-secret-key-9876543210-zyxwvutsrqponm"),
+                                            secret_key_old=settings.secret_key)
+    rotating = Store(open_database(rotating_settings), crypto.derive_keys(rotating_settings))
+    outcome: dict[str, Any] = {}
+
+    def rotation() -> None:
+        try:
+            outcome["rotated"] = rotate(rotating).api_keys
+        except Exception as exc:  # noqa: BLE001  (what the test reports)
+            outcome["rotated"] = exc
+
+    conn = store.conn()
+    thread = threading.Thread(target=rotation)
+    try:
+        with transaction(conn, pipelined=True):
+            store.require_revision(conn, checked)
+            conn.execute("SELECT 1")  # (the check has reached the server before the rotation starts)
+            thread.start()
+            thread.join(0.5)
+            record = NewMessage(
+                id="keyed-1", source="api", api_key_id=key_id, created_at=T0, from_addr="noreply@example.org",
+                from_name="", envelope_from="noreply@example.org", subject="hi", message_id_header="<k@x>",
+                body=store.keys.encrypt_body(b"body", "keyed-1"), size=4, recipients=["a@example.com"])
+            insert_message(conn, record)
+        thread.join(20)
+    finally:
+        rotating.shutdown()
+    assert outcome["rotated"] >= 2, outcome  # both keys rewritten: the rotation went through
+    assert status_of(store, "keyed-1")["api_key_id"] == key_id
