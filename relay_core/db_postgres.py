@@ -494,7 +494,7 @@ class PostgresDatabase:
         After a restart of PostgreSQL the pool still holds the connections it
         had: the server told each it was closing and hung up, and nothing on
         this side has read that yet. One drawn from the pool is checked for
-        such an unread ending before anything is sent on it (a ``select``
+        such an unread ending before anything is sent on it (a ``poll``
         with no wait, then reading what arrived); a dead one goes back to the
         pool, which drops it, and the next is drawn. So the first transaction
         after a restart runs on a live connection instead of failing: nothing

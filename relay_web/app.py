@@ -193,8 +193,10 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             latency.drain(conn, {(relay_metrics.ACCEPTED, ""): accepted} if accepted else None)
 
         # The revision of the settings, read once per batch: every accept checks it (api.accept).
-        intake = Intake(relay_store, relay_queue, before_commit=count_batch,
-                        at_begin=functools.partial(relay_store.revision, hold=True),
+        # Not held FOR SHARE as the writer process's groups hold it: these batches also update key
+        # rows (their last use), and a key change updates its row before it moves the revision, so
+        # each would wait for the other.
+        intake = Intake(relay_store, relay_queue, before_commit=count_batch, at_begin=relay_store.revision,
                         writers={ACCEPTED: functools.partial(insert_accepted, keys=relay_store.keys)})
         intake.start()
         writer = None
