@@ -67,6 +67,7 @@ class Accounts:
         raise NotImplementedError
 
     def _bump_rev(self, conn: Connection) -> None:
+        """Move the settings' revision. First thing in its transaction: see Store._bump_rev."""
         raise NotImplementedError
 
     # -- API keys ----------------------------------------------------------
@@ -78,8 +79,7 @@ class Accounts:
             (label, self.keys.lookup_hash(key), self.keys.encrypt_text(key), int(primary), time.time(), per_hour,
              allowed_from),
         ).fetchone()
-        self._bump_rev(conn)
-        return int(row[0])
+        return int(row[0])  # (the caller has moved the revision)
 
     def api_keys(self) -> list[ApiKey]:
         return self._load_cache()[1]
@@ -128,6 +128,7 @@ class Accounts:
         key = crypto.new_api_key()
         conn = self.conn()
         with transaction(conn):
+            self._bump_rev(conn)
             old = conn.execute("SELECT per_hour, allowed_from FROM api_keys WHERE is_primary = 1 AND revoked_at IS NULL"
                                " ORDER BY id DESC LIMIT 1").fetchone()
             conn.execute("UPDATE api_keys SET revoked_at = ? WHERE is_primary = 1 AND revoked_at IS NULL",
@@ -140,6 +141,7 @@ class Accounts:
         key = crypto.new_api_key()
         conn = self.conn()
         with transaction(conn):
+            self._bump_rev(conn)
             key_id = self._insert_api_key(conn, label, key, primary=False, per_hour=per_hour,
                                           allowed_from=allowed_from)
         return key_id, key
@@ -156,21 +158,21 @@ class Accounts:
         with transaction(conn):
             if conn.execute("SELECT 1 FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,)).fetchone() is None:
                 return False
+            self._bump_rev(conn)
             if per_hour != "keep":
                 conn.execute("UPDATE api_keys SET per_hour = ? WHERE id = ?", (per_hour, key_id))
             if allowed_from is not None:
                 conn.execute("UPDATE api_keys SET allowed_from = ? WHERE id = ?", (allowed_from, key_id))
             if audit is not None:
                 insert_audit(conn, *audit)
-            self._bump_rev(conn)
         return True
 
     def revoke_api_key(self, key_id: int) -> bool:
         conn = self.conn()
         with transaction(conn):
+            self._bump_rev(conn)
             cur = conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
                                (time.time(), key_id))
-            self._bump_rev(conn)
         return cur.rowcount == 1
 
     def note_key_use(self, conn: Connection, key_id: int, now: float) -> None:

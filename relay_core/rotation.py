@@ -118,9 +118,7 @@ def rotate(store: Store) -> RotationReport:
     conn = store.conn()
     with transaction(conn):
         serialize(conn, "tspro-relay rotate-secret")
-        # The revision first: a group commit holds it (FOR SHARE) until it has inserted messages
-        # naming their API keys, which the key rows' update below would make it wait for.
-        store._bump_rev(conn)  # every process re-reads its cached settings and keys
+        store._bump_rev(conn)  # first, as always (see Store._bump_rev): the key rows are rewritten below
         for name in sorted(SECRET_OPTIONS):
             row = conn.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
             if row is None or not row["value"]:

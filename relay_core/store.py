@@ -171,6 +171,16 @@ class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions
         return applied
 
     def _bump_rev(self, conn: Connection) -> None:
+        """Move the settings' revision: every process re-reads its settings and keys.
+
+        The first write of its transaction, always. The writers of sends hold
+        the revision (FOR SHARE, on PostgreSQL) from their check to their commit,
+        and on the way update or lock rows a settings or key change also
+        updates (a key's last use, the key a message names); a change that
+        took such a row first and then waited for the revision would wait for a
+        writer waiting for it. Taking the revision first, it waits for the
+        writers before it touches anything they need.
+        """
         conn.execute(
             "INSERT INTO meta (name, value) VALUES ('rev', '1') ON CONFLICT(name)"
             " DO UPDATE SET value = CAST(CAST(meta.value AS INTEGER) + 1 AS TEXT)"
@@ -201,6 +211,7 @@ class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions
         with transaction(conn):
             serialize(conn, "tspro-relay bootstrap")
             if conn.execute("SELECT 1 FROM api_keys WHERE is_primary = 1 AND revoked_at IS NULL").fetchone() is None:
+                self._bump_rev(conn)
                 self._insert_api_key(conn, "portal", crypto.new_api_key(), primary=True)
                 report.api_key_created = True
         return report
@@ -286,6 +297,7 @@ class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions
         conn = self.conn()
         now = time.time()
         with transaction(conn):
+            self._bump_rev(conn)
             for name, value in values.items():
                 text = to_text(value)
                 if name in SECRET_OPTIONS and text:
@@ -297,6 +309,5 @@ class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions
                 )
             if audit is not None:
                 insert_audit(conn, *audit, ts=now)
-            self._bump_rev(conn)
         return self.options()
 

@@ -192,11 +192,10 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
         def count_batch(conn: Connection, accepted: int) -> None:
             latency.drain(conn, {(relay_metrics.ACCEPTED, ""): accepted} if accepted else None)
 
-        # The revision of the settings, read once per batch: every accept checks it (api.accept).
-        # Not held FOR SHARE as the writer process's groups hold it: these batches also update key
-        # rows (their last use), and a key change updates its row before it moves the revision, so
-        # each would wait for the other.
-        intake = Intake(relay_store, relay_queue, before_commit=count_batch, at_begin=relay_store.revision,
+        # The revision of the settings, read once per batch and held until its commit: every accept
+        # checks it (api.accept), and a settings change waits for the batch (Store._bump_rev).
+        intake = Intake(relay_store, relay_queue, before_commit=count_batch,
+                        at_begin=functools.partial(relay_store.revision, hold=True),
                         writers={ACCEPTED: functools.partial(insert_accepted, keys=relay_store.keys)})
         intake.start()
         writer = None

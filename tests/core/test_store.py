@@ -749,3 +749,43 @@ def test_rotate_secret_beside_a_group_commit_of_a_keyed_send_neither_deadlocks(s
         rotating.shutdown()
     assert outcome["rotated"] >= 2, outcome  # both keys rewritten: the rotation went through
     assert status_of(store, "keyed-1")["api_key_id"] == key_id
+
+
+@pytest.mark.parametrize("change", ["revoke", "limits", "new primary"])
+def test_a_key_change_beside_a_batch_recording_that_keys_use_neither_deadlocks(
+        store: Store, other: Store, change: str) -> None:
+    """The web's writer thread holds the revision from its batch's start to its commit and, in the
+    batch, records a key's last use (an UPDATE of the key's row). A key change by another process
+    updates that row too; it moves the revision first (Store._bump_rev), so it waits for the batch
+    instead of holding the row the batch waits for (PostgreSQL would kill one as a deadlock)."""
+    from relay_core.db import transaction
+
+    key_id = next(k.id for k in store.api_keys() if k.is_primary) if change == "new primary" else \
+        store.add_api_key("other-portal")[0]
+    changes = {"revoke": lambda: other.revoke_api_key(key_id),
+               "limits": lambda: other.set_api_key_limits(key_id, per_hour=50),
+               "new primary": other.new_primary_api_key}
+    outcome: dict[str, Any] = {}
+
+    def key_change() -> None:
+        try:
+            changes[change]()
+            outcome["change"] = "done"
+        except Exception as exc:  # noqa: BLE001  (what the test reports)
+            outcome["change"] = exc
+
+    conn = store.conn()
+    before = store.revision()
+    thread = threading.Thread(target=key_change)
+    try:
+        with transaction(conn):
+            assert store.revision(conn, hold=True) == before
+            thread.start()
+            thread.join(0.5)  # the change has started, and waits for this batch
+            store.note_key_use(conn, key_id, T0 + 1e6)
+        outcome["batch"] = "done"
+    finally:
+        thread.join(20)
+    assert outcome == {"batch": "done", "change": "done"}
+    assert store.revision() > before
+    assert store.conn().execute("SELECT last_used_at FROM api_keys WHERE id = ?", (key_id,)).fetchone()[0] == T0 + 1e6
