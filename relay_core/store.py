@@ -221,21 +221,22 @@ class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions
         _, options, keys = self.fresh_snapshot()
         return options, keys
 
+    _REVISION = "SELECT value FROM meta WHERE name = 'rev'"
+
     def revision(self, conn: Connection | None = None, hold: bool = False) -> int:
         """The settings' revision counter: it moves with every change to settings or keys.
 
         ``hold``: inside a write transaction that relies on it, keep it so until the commit, as
         ``require_revision`` does (a settings change waits for the transaction)."""
         conn = conn or self.conn()
-        row = conn.execute(f"SELECT value FROM meta WHERE name = 'rev'{for_share(conn) if hold else ''}").fetchone()
+        row = conn.execute(self._REVISION + (for_share(conn) if hold else "")).fetchone()
         return int(row[0]) if row else 0
 
     def require_revision(self, conn: Connection, revision: int) -> None:
         """Inside a transaction: commit it only if the revision is still ``revision`` (db.require), and
         keep it so until the commit: a settings change waits for this transaction, or, made first,
         fails it (on PostgreSQL under READ COMMITTED, the row is read FOR SHARE for that)."""
-        require(conn, f"COALESCE((SELECT value FROM meta WHERE name = 'rev'{for_share(conn)}), '0') = ?",
-                (str(revision),))
+        require(conn, f"COALESCE(({self._REVISION}{for_share(conn)}), '0') = ?", (str(revision),))
 
     def cached_snapshot(self) -> tuple[int, Options, list[ApiKey]]:
         """(revision, settings, keys) as last read, without asking the database.

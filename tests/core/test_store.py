@@ -649,6 +649,16 @@ def test_log_counts_stay_exact_when_two_processes_backfill_or_prune_at_once(stor
     assert counted() == (100, 100)
 
 
+def beside(work: Any, outcome: dict[str, Any], name: str) -> threading.Thread:
+    """A thread (not started) that puts ``work``'s result, or what it raised, in ``outcome[name]``."""
+    def run() -> None:
+        try:
+            outcome[name] = work()
+        except Exception as exc:  # noqa: BLE001  (what the test reports)
+            outcome[name] = exc
+    return threading.Thread(target=run)
+
+
 @pytest.mark.parametrize("settings_first", [False, True])
 def test_a_write_that_requires_the_revision_and_a_settings_change_are_ordered(
         store: Store, other: Store, settings_first: bool) -> None:
@@ -657,9 +667,7 @@ def test_a_write_that_requires_the_revision_and_a_settings_change_are_ordered(
     waits for the group's commit, or, committed while the group waited for it, fails the group's
     check; never does the group commit against settings already replaced (PostgreSQL reads the
     revision row FOR SHARE; SQLite's writers already take turns)."""
-    import threading
-
-    from relay_core.db import ConditionFailed, transaction
+    from relay_core.db import ConditionFailed
 
     checked = store.revision()
     row = "INSERT INTO meta (name, value) VALUES (?, ?)"
@@ -715,7 +723,6 @@ def test_rotate_secret_beside_a_group_commit_of_a_keyed_send_neither_deadlocks(s
     inserts a message naming its key, which waits for a rewritten key row. The rotation takes the
     revision before the key rows, so it waits for the group instead of the two waiting on each
     other (PostgreSQL would kill the rotation as a deadlock)."""
-    from relay_core.db import transaction
     from relay_core.rotation import rotate
 
     key_id, _ = store.add_api_key("portal-2")
@@ -724,15 +731,8 @@ def test_rotate_secret_beside_a_group_commit_of_a_keyed_send_neither_deadlocks(s
                                             secret_key_old=settings.secret_key)
     rotating = Store(open_database(rotating_settings), crypto.derive_keys(rotating_settings))
     outcome: dict[str, Any] = {}
-
-    def rotation() -> None:
-        try:
-            outcome["rotated"] = rotate(rotating).api_keys
-        except Exception as exc:  # noqa: BLE001  (what the test reports)
-            outcome["rotated"] = exc
-
+    thread = beside(lambda: rotate(rotating).api_keys, outcome, "rotated")
     conn = store.conn()
-    thread = threading.Thread(target=rotation)
     try:
         with transaction(conn, pipelined=True):
             store.require_revision(conn, checked)
@@ -758,8 +758,6 @@ def test_a_key_change_beside_a_batch_recording_that_keys_use_neither_deadlocks(
     batch, records a key's last use (an UPDATE of the key's row). A key change by another process
     updates that row too; it moves the revision first (Store._bump_rev), so it waits for the batch
     instead of holding the row the batch waits for (PostgreSQL would kill one as a deadlock)."""
-    from relay_core.db import transaction
-
     key_id = next(k.id for k in store.api_keys() if k.is_primary) if change == "new primary" else \
         store.add_api_key("other-portal")[0]
     changes = {"revoke": lambda: other.revoke_api_key(key_id),
@@ -767,16 +765,13 @@ def test_a_key_change_beside_a_batch_recording_that_keys_use_neither_deadlocks(
                "new primary": other.new_primary_api_key}
     outcome: dict[str, Any] = {}
 
-    def key_change() -> None:
-        try:
-            changes[change]()
-            outcome["change"] = "done"
-        except Exception as exc:  # noqa: BLE001  (what the test reports)
-            outcome["change"] = exc
+    def key_change() -> str:
+        changes[change]()
+        return "done"
 
+    thread = beside(key_change, outcome, "change")
     conn = store.conn()
     before = store.revision()
-    thread = threading.Thread(target=key_change)
     try:
         with transaction(conn):
             assert store.revision(conn, hold=True) == before
