@@ -62,3 +62,26 @@ def setup_logging(settings: Settings) -> None:
     logging.getLogger("huey").setLevel(logging.WARNING if root.level >= logging.INFO else logging.DEBUG)
     # psycopg's pool logs every connection checkout at INFO.
     logging.getLogger("psycopg.pool").setLevel(max(root.level, logging.WARNING))
+    quiet_pool_retries()
+
+
+def quiet_pool_retries() -> None:
+    """While the database is down, each pool retries about once a second for every connection
+    it lost (db_postgres), and each try logs a warning: one every half minute says as much."""
+    logging.getLogger("psycopg.pool").filters[:] = [EveryFewSeconds("error connecting", 30.0)]
+
+
+class EveryFewSeconds(logging.Filter):
+    """Lets one record whose message starts with ``prefix`` through per ``seconds``."""
+
+    def __init__(self, prefix: str, seconds: float) -> None:
+        super().__init__()
+        self.prefix, self.seconds, self.last = prefix, seconds, float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        if record.created - self.last < self.seconds:
+            return False
+        self.last = record.created
+        return True

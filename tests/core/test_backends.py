@@ -4,6 +4,7 @@ store requires."""
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 
 from relay_core.config import ConfigError, load_settings
@@ -250,3 +251,47 @@ def test_connections_on_descriptors_past_1024_are_checked_like_the_others(pg_url
         database.close()
         for fd in held:
             os.close(fd)
+
+
+def test_after_a_long_postgresql_outage_the_first_read_is_served(caplog: pytest.LogCaptureFixture) -> None:
+    """While the server is down the pool keeps trying to reconnect. psycopg_pool's own schedule
+    doubles the wait after each failure (1, 2, 4, 8, 16 s ...), so after a 16-second outage its
+    next try came up to 15 s after the server was back, and every caller meanwhile got "store
+    unavailable". The relay retries about once a second instead: the first read after the
+    restart is served (the pool's 5-second wait is enough). Its retries log one warning each,
+    of which the relay lets one through every half minute."""
+    import logging
+    import time
+
+    import psycopg_pool
+
+    from relay_core.db_postgres import PostgresDatabase
+    from relay_core.logs import quiet_pool_retries
+    from services import PostgresCluster
+
+    quiet_pool_retries()
+    caplog.set_level(logging.WARNING, logger="psycopg.pool")
+    cluster = PostgresCluster().start()
+    database = None
+    try:
+        _, url = cluster.create_database()
+        database = PostgresDatabase(url, max_size=2)
+        conn = database.connect()
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
+        cluster.halt()
+        outage_ends = time.monotonic() + 16
+        failures = 0
+        while time.monotonic() < outage_ends:  # callers keep asking (each waits out the pool's 5 s)
+            with pytest.raises((psycopg_pool.PoolTimeout, psycopg.OperationalError)):
+                conn.execute("SELECT 1")
+            failures += 1
+        assert failures >= 3
+        cluster.start()
+        assert conn.execute("SELECT 2").fetchone()[0] == 2
+        retries = [r for r in caplog.records if r.name == "psycopg.pool" and r.getMessage().startswith("error")]
+        assert len(retries) == 1, [r.getMessage() for r in retries]
+    finally:
+        logging.getLogger("psycopg.pool").filters.clear()
+        if database is not None:
+            database.close()
+        cluster.stop()
