@@ -82,6 +82,8 @@ class Connection(Protocol):
 
     def require(self, condition: str, params: Sequence[Any]) -> None: ...
 
+    def written_yet(self) -> bool: ...
+
     def close(self) -> None: ...
 
 
@@ -150,6 +152,11 @@ def for_share(conn: Any) -> str:
     (a writer changing one waits for it; one that changed it first makes it read the change): FOR
     SHARE on PostgreSQL, nothing on SQLite, where a write transaction excludes every other writer."""
     return str(conn.share_lock)
+
+
+def written_yet(conn: Any) -> bool:
+    """Whether the open transaction has written a row yet (on PostgreSQL: or locked one)."""
+    return bool(conn.written_yet())
 
 
 def pipelined(conn: Any) -> ContextManager[Any]:

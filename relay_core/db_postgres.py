@@ -385,6 +385,12 @@ class PgConnection:
                 raise ConditionFailed(str(exc)) from exc
             raise
 
+    def written_yet(self) -> bool:
+        """See ``db.written_yet``: a transaction gets its id at its first row written or locked."""
+        if self._raw is None:
+            raise RuntimeError("written_yet() needs an open transaction")
+        return bool(self.execute("SELECT txid_current_if_assigned() IS NOT NULL").fetchone()[0])
+
     def exclusive(self) -> contextlib.nullcontext[None]:
         return contextlib.nullcontext()
 

@@ -94,11 +94,16 @@ class RelayConnection(sqlite3.Connection):
     dialect = "sqlite"
     writer: WriteLock | None = None
     share_lock = ""  # (db.for_share: the write lock already keeps what a writer read)
+    _changes_at_begin = -1
 
     def require(self, condition: str, params: Sequence[Any]) -> None:
         """See ``db.require``: under the write lock, checking it now is checking it at the commit."""
         if not self.execute(f"SELECT {condition}", params).fetchone()[0]:
             raise ConditionFailed(condition)
+
+    def written_yet(self) -> bool:
+        """See ``db.written_yet``: rows changed since this transaction began."""
+        return self.total_changes != self._changes_at_begin
 
     @contextmanager
     def transaction(self, durable: bool = True, pipelined: bool = False) -> Iterator["RelayConnection"]:
@@ -112,6 +117,7 @@ class RelayConnection(sqlite3.Connection):
         try:
             with self.exclusive():
                 self.execute("BEGIN IMMEDIATE")
+                self._changes_at_begin = self.total_changes
                 try:
                     yield self
                 except BaseException:

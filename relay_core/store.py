@@ -28,7 +28,7 @@ from .audit import Audit, AuditEntry, insert_audit  # noqa: F401  (re-exported)
 from .config import ConfigError, Settings
 from .crypto import KeySet
 from .db import (Connection, Database, SqliteDatabase, connect, for_share, insert_blob, open_database,  # noqa: F401
-                 require, serialize, transaction, write_lock)
+                 require, serialize, transaction, write_lock, written_yet)
 from .interventions import ActionReport, Interventions  # noqa: F401  (re-exported)
 from .ledger import (FINAL_STATES, MAX_UNRECORDED_CLAIMS, AttemptFact, ClaimedMessage, Ledger,  # noqa: F401
                      LogEntry, LoggedRow, NewMessage, Paced, Recipient, insert_log, insert_message)
@@ -179,8 +179,12 @@ class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions
         updates (a key's last use, the key a message names); a change that
         took such a row first and then waited for the revision would wait for a
         writer waiting for it. Taking the revision first, it waits for the
-        writers before it touches anything they need.
+        writers before it touches anything they need. A transaction that wrote
+        (or locked) a row before is refused here, so a change breaking the rule
+        fails in every test that makes it, not in a deadlock under load.
         """
+        if written_yet(conn):
+            raise RuntimeError("the settings' revision moves first in its transaction (Store._bump_rev)")
         conn.execute(
             "INSERT INTO meta (name, value) VALUES ('rev', '1') ON CONFLICT(name)"
             " DO UPDATE SET value = CAST(CAST(meta.value AS INTEGER) + 1 AS TEXT)"

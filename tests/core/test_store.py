@@ -784,3 +784,21 @@ def test_a_key_change_beside_a_batch_recording_that_keys_use_neither_deadlocks(
     assert outcome == {"batch": "done", "change": "done"}
     assert store.revision() > before
     assert store.conn().execute("SELECT last_used_at FROM api_keys WHERE id = ?", (key_id,)).fetchone()[0] == T0 + 1e6
+
+
+def test_a_transaction_that_wrote_before_moving_the_revision_is_refused(store: Store) -> None:
+    """The lock-order rule of Store._bump_rev is checked, not only written down: a change that
+    wrote a row first fails at once, on either backend, and leaves nothing behind."""
+    key_id = store.add_api_key("ordered")[0]
+    before = store.revision()
+    conn = store.conn()
+    with pytest.raises(RuntimeError, match="revision moves first"):
+        with transaction(conn):
+            conn.execute("UPDATE api_keys SET per_hour = 7 WHERE id = ?", (key_id,))
+            store._bump_rev(conn)
+    assert store.revision() == before
+    assert next(k for k in store.api_keys() if k.id == key_id).per_hour is None
+    with transaction(conn):  # the same change in the rule's order goes through
+        store._bump_rev(conn)
+        conn.execute("UPDATE api_keys SET per_hour = 7 WHERE id = ?", (key_id,))
+    assert store.revision() > before

@@ -29,8 +29,8 @@ def plant(store: Store, name: str, value: str) -> None:
     token = crypto.derive_keys(load_settings({"RELAY_SECRET_KEY": OTHER})).encrypt_text(value)
     conn = store.conn()
     with transaction(conn):
-        conn.execute("UPDATE settings SET value = ? WHERE name = ?", (token, name))
         store._bump_rev(conn)
+        conn.execute("UPDATE settings SET value = ? WHERE name = ?", (token, name))
 
 
 def test_an_unreadable_smtp_password_stops_delivery_and_says_what_to_re_enter(

@@ -414,9 +414,9 @@ def test_sign_in_is_closed_while_the_turnstile_secret_cannot_be_read(tmp_path: P
         other = crypto.derive_keys(load_settings({"RELAY_SECRET_KEY": "another-secret-0123456789-abcdefghijklmn"}))
         conn = store.conn()
         with transaction(conn):  # the secret as a process given another RELAY_SECRET_KEY wrote it
+            store._bump_rev(conn)
             conn.execute("UPDATE settings SET value = ? WHERE name = 'turnstile_secret'",
                          (other.encrypt_text("0x4AAAAAAA-secret-value"),))
-            store._bump_rev(conn)
         answer = client.sign_in()
         assert answer.status_code == 200 and "Signing in is closed" in answer.text
         assert client.session_cookie() is None
