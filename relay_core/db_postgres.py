@@ -40,14 +40,14 @@ from .db_sqlite import ConditionFailed
 CONNECT_TIMEOUT = 10
 POOL_TIMEOUT = 5.0  # how long a caller waits for a connection (the server down: then an error)
 _TRANSLATIONS: dict[str, str] = {}
+_TRANSLATIONS_LOCK = threading.Lock()
 
 # While the server is down, the pool tries to reconnect on a schedule of its own that waits
 # twice as long after each failure (1, 2, 4, 8 ... s): after an outage of a minute its next try
 # could come half a minute after the server was back, every caller getting "store unavailable"
-# meanwhile. One try a second per process is nothing the server needs sparing from, and the
+# meanwhile. A try a second for each connection lost is nothing the server needs sparing from; the
 # relay is back within a second of the database. (The class attribute is the pool's own knob.)
 AttemptWithBackoff.DELAY_BACKOFF = 1.0
-_TRANSLATIONS_LOCK = threading.Lock()
 
 
 def mask_url(url: str) -> str:
