@@ -270,18 +270,15 @@ class PgConnection:
         query = translate(sql)
         if self._raw is not None:
             return _run(self._raw, query, params, self._sync)
-        pool = self._database.pool
         for attempt in (1, 2):
-            raw = self._database.live_connection()
-            try:
-                return _run(raw, query, params)
-            except psycopg.OperationalError:
-                # A pooled connection the server closed (a restart): a read may run again
-                # on a fresh one; a write may already have happened, so it is not repeated.
-                if attempt == 2 or not raw.broken or not query.lstrip()[:6].upper() == "SELECT":
-                    raise
-            finally:
-                pool.putconn(raw)
+            with self._database.borrowed() as raw:
+                try:
+                    return _run(raw, query, params)
+                except psycopg.OperationalError:
+                    # A pooled connection the server closed (a restart): a read may run again
+                    # on a fresh one; a write may already have happened, so it is not repeated.
+                    if attempt == 2 or not raw.broken or not query.lstrip()[:6].upper() == "SELECT":
+                        raise
         raise AssertionError("unreachable")
 
     def pipeline(self) -> ContextManager[Any]:
@@ -307,12 +304,8 @@ class PgConnection:
         if self._raw is not None:
             yield self._raw
             return
-        pool = self._database.pool
-        raw = self._database.live_connection()
-        try:
+        with self._database.borrowed() as raw:
             yield raw
-        finally:
-            pool.putconn(raw)
 
     @contextmanager
     def transaction(self, durable: bool = True, pipelined: bool = False) -> Iterator["PgConnection"]:
@@ -354,26 +347,24 @@ class PgConnection:
 
     @contextmanager
     def _pipelined_transaction(self, durable: bool) -> Iterator[None]:
-        pool = self._database.pool
-        raw = self._database.live_connection()
-        try:
-            with raw.pipeline() as pipeline:
-                raw.execute("BEGIN")
-                if not durable:
-                    raw.execute("SET LOCAL synchronous_commit = off")
-                self._raw, self._sync = raw, pipeline.sync
-                yield
-                raw.execute("COMMIT")  # sent, with what is still queued, as the pipeline ends
-        except BaseException as exc:
-            if raw.info.transaction_status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
-                with contextlib.suppress(psycopg.Error):
-                    raw.execute("ROLLBACK")  # (a failed statement skipped the COMMIT queued after it)
-            if _unmet(exc):
-                raise ConditionFailed(str(exc)) from exc
-            raise
-        finally:
-            self._raw, self._sync = None, None
-            pool.putconn(raw)
+        with self._database.borrowed() as raw:
+            try:
+                with raw.pipeline() as pipeline:
+                    raw.execute("BEGIN")
+                    if not durable:
+                        raw.execute("SET LOCAL synchronous_commit = off")
+                    self._raw, self._sync = raw, pipeline.sync
+                    yield
+                    raw.execute("COMMIT")  # sent, with what is still queued, as the pipeline ends
+            except BaseException as exc:
+                if raw.info.transaction_status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
+                    with contextlib.suppress(psycopg.Error):
+                        raw.execute("ROLLBACK")  # (a failed statement skipped the COMMIT queued after it)
+                if _unmet(exc):
+                    raise ConditionFailed(str(exc)) from exc
+                raise
+            finally:
+                self._raw, self._sync = None, None
 
     def require(self, condition: str, params: Sequence[Any]) -> None:
         """See ``db.require``. A false condition makes the statement fail (a failed cast), which
@@ -490,13 +481,10 @@ class PostgresDatabase:
             match = _INSERT_VALUES.fullmatch(sql)
             types: dict[str, str] = {}
             if match is not None:
-                raw = self.live_connection()
-                try:
+                with self.borrowed() as raw:
                     types = {row[0]: row[1] for row in raw.execute(
                         "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
                         " WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped", (match[1],))}
-                finally:
-                    self.pool.putconn(raw)
                 if not types:
                     return None  # no such table (yet): executemany says so; asked again next time
             self._unnest_forms[sql] = unnest_insert(sql, types)
@@ -528,6 +516,15 @@ class PostgresDatabase:
                 return raw
             self.pool.putconn(raw)  # broken: the pool discards it
         return self.pool.getconn()  # (a new one by now; if not, the transaction says so itself)
+
+    @contextmanager
+    def borrowed(self) -> Iterator[psycopg.Connection[Any]]:
+        """``live_connection()`` for the length of the block, then back to the pool."""
+        raw = self.live_connection()
+        try:
+            yield raw
+        finally:
+            self.pool.putconn(raw)
 
     def close(self) -> None:
         self.pool.close()

@@ -4,6 +4,9 @@ store requires."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any, Iterator
+
 import psycopg
 import pytest
 
@@ -197,10 +200,9 @@ def test_a_pipelined_transaction_reads_in_order_and_a_failed_row_keeps_nothing(s
     assert meta_names(conn, "pipe-") == {"pipe-a", "pipe-b", "pipe-d"}
 
 
-def test_after_postgresql_restarts_the_first_transaction_gets_a_live_connection(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A restart leaves the pool holding connections the server has closed. A transaction that
-    draws one takes another before it sends anything (nothing ran on the dead one), so the first
-    write after the restart succeeds, pipelined or not, however many dead ones the pool holds."""
+@contextlib.contextmanager
+def own_cluster(max_size: int) -> Iterator[tuple[Any, Any]]:
+    """A PostgreSQL cluster of the test's own (it stops and starts it) and a pool on a database there."""
     from relay_core.db_postgres import PostgresDatabase
     from services import PostgresCluster
 
@@ -208,7 +210,19 @@ def test_after_postgresql_restarts_the_first_transaction_gets_a_live_connection(
     database = None
     try:
         _, url = cluster.create_database()
-        database = PostgresDatabase(url, max_size=4)
+        database = PostgresDatabase(url, max_size=max_size)
+        yield cluster, database
+    finally:
+        if database is not None:
+            database.close()
+        cluster.stop()
+
+
+def test_after_postgresql_restarts_the_first_transaction_gets_a_live_connection() -> None:
+    """A restart leaves the pool holding connections the server has closed. A transaction that
+    draws one takes another before it sends anything (nothing ran on the dead one), so the first
+    write after the restart succeeds, pipelined or not, however many dead ones the pool holds."""
+    with own_cluster(max_size=4) as (cluster, database):
         conns = [database.connect() for _ in range(3)]
         with conns[0].transaction():
             conns[0].execute("CREATE TABLE t (n INTEGER)")
@@ -224,10 +238,6 @@ def test_after_postgresql_restarts_the_first_transaction_gets_a_live_connection(
             with transaction(conns[0], pipelined=how == "pipelined"):
                 conns[0].insert_rows("INSERT INTO t (n) VALUES (?)", rows)
         assert sorted(r[0] for r in conns[1].execute("SELECT n FROM t")) == [0, 1, 2, 10, 11, 12]
-    finally:
-        if database is not None:
-            database.close()
-        cluster.stop()
 
 
 def test_connections_on_descriptors_past_1024_are_checked_like_the_others(pg_url: str) -> None:
@@ -265,33 +275,25 @@ def test_after_a_long_postgresql_outage_the_first_read_is_served(caplog: pytest.
 
     import psycopg_pool
 
-    from relay_core.db_postgres import PostgresDatabase
     from relay_core.logs import quiet_pool_retries
-    from services import PostgresCluster
 
     quiet_pool_retries()
     caplog.set_level(logging.WARNING, logger="psycopg.pool")
-    cluster = PostgresCluster().start()
-    database = None
     try:
-        _, url = cluster.create_database()
-        database = PostgresDatabase(url, max_size=2)
-        conn = database.connect()
-        assert conn.execute("SELECT 1").fetchone()[0] == 1
-        cluster.halt()
-        outage_ends = time.monotonic() + 16
-        failures = 0
-        while time.monotonic() < outage_ends:  # callers keep asking (each waits out the pool's 5 s)
-            with pytest.raises((psycopg_pool.PoolTimeout, psycopg.OperationalError)):
-                conn.execute("SELECT 1")
-            failures += 1
-        assert failures >= 3
-        cluster.start()
-        assert conn.execute("SELECT 2").fetchone()[0] == 2
-        retries = [r for r in caplog.records if r.name == "psycopg.pool" and r.getMessage().startswith("error")]
-        assert len(retries) == 1, [r.getMessage() for r in retries]
+        with own_cluster(max_size=2) as (cluster, database):
+            conn = database.connect()
+            assert conn.execute("SELECT 1").fetchone()[0] == 1
+            cluster.halt()
+            outage_ends = time.monotonic() + 16
+            failures = 0
+            while time.monotonic() < outage_ends:  # callers keep asking (each waits out the pool's 5 s)
+                with pytest.raises((psycopg_pool.PoolTimeout, psycopg.OperationalError)):
+                    conn.execute("SELECT 1")
+                failures += 1
+            assert failures >= 3
+            cluster.start()
+            assert conn.execute("SELECT 2").fetchone()[0] == 2
+            retries = [r for r in caplog.records if r.name == "psycopg.pool" and r.getMessage().startswith("error")]
+            assert len(retries) == 1, [r.getMessage() for r in retries]
     finally:
         logging.getLogger("psycopg.pool").filters.clear()
-        if database is not None:
-            database.close()
-        cluster.stop()
