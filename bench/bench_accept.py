@@ -6,7 +6,7 @@ For SQLite and for PostgreSQL, starts side by side (no worker running):
   - bench/minimal_durable.py: parse the JSON, commit the body in a group
     commit (WAL + synchronous=FULL; synchronous_commit=on), answer 202;
   - `tspro-relay web` on a fresh store (PostgreSQL with the Redis queue),
-    as it runs by default: its writer process included.
+    as it runs by default.
 Each round drives one, then the other, with the same wrk load (16
 connections, 2 KB portal messages), so both see the same machine. Prints
 each run (accepted req/s, p50, p99, non-2xx), the ratio relay/minimal of

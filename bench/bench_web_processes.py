@@ -3,7 +3,7 @@
     python bench/bench_web_processes.py [--seconds 10] [--rounds 2]
 
 Starts a throwaway PostgreSQL cluster and redis-server on loopback, then two
-`tspro-relay web` processes (each with its writer process, no worker) on
+`tspro-relay web` processes (no worker) on
 one database. Each round drives the first alone with 16 connections, then
 both at once with 8 each, the same 2 KB portal message throughout, and
 prints the accepted requests/s (the sum, for two), p50 and p99 of each.

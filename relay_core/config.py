@@ -54,9 +54,6 @@ class Settings:
     metrics: bool = False
     metrics_token: Secret | None = None
     database_url: Secret | None = None  # PostgreSQL instead of relay.db; it may hold a password
-    # `tspro-relay web` stores accepted sends from a child process (relay_core/writer_process.py);
-    # on by default from the environment, off for a Settings built in code (the tests' apps).
-    writer_process: bool = False
 
     @property
     def db_path(self) -> Path:
@@ -198,5 +195,4 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         metrics=_parse_bool("RELAY_METRICS", env.get("RELAY_METRICS", "")),
         metrics_token=Secret(token) if token else None,
         database_url=parse_database_url(env.get("RELAY_DATABASE_URL", "")),
-        writer_process=_parse_bool("RELAY_WRITER_PROCESS", env.get("RELAY_WRITER_PROCESS", "") or "1"),
     )

@@ -30,7 +30,6 @@ from relay_core import __version__, metrics
 from relay_core.errors import (BadRequest, Conflict, NotConfigured, NotFound, PayloadTooLarge,
                                RateLimited, RelayError, StoreUnavailable, Unauthorized)
 from relay_core.intake import NothingWritten
-from relay_core.writer_process import STALE
 from relay_core.limits import effective_limit
 from relay_core.mailflow import assess
 from relay_core.options import Options
@@ -305,17 +304,7 @@ class _Accept:
             state.intake.write(conn, ACCEPTED, (record, entry, document))  # with the batch's others, when it can
             return (202, answer, quota), [message_id]
 
-        # Without an Idempotency-Key or a send limit, the job refuses only before writing
-        # (_Stale), so it needs no savepoint of its own.
-        writer = state.writer
-        if writer is not None and writer.alive and not (idempotency_key or limit or large):
-            # Nothing to read or update, only rows to insert: the writer process stores it. (A
-            # large body stays here: copying it to the child would add its size to both processes.)
-            if await writer.submit(rev, record, entry, document) == STALE:
-                raise _Stale()
-            status, response, quota = 202, answer, None
-        else:
-            status, response, quota = await state.submit(accept, isolated=bool(idempotency_key or limit))
+        status, response, quota = await state.submit(accept, isolated=bool(idempotency_key or limit))
         if response is answer:  # stored now, not an idempotent replay: its latency counts
             state.accept_latency.add(time.perf_counter() - started)
         return status, response, quota.headers() if quota else None

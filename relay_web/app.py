@@ -32,7 +32,6 @@ from relay_core.intake import Intake
 from relay_core.logs import fields
 from relay_core.acceptance import insert_accepted
 from relay_core.store import Store
-from relay_core.writer_process import WriterLink
 from relay_core.tasks import build_queue
 
 from . import admin, api, metrics_endpoint
@@ -198,17 +197,8 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
                         at_begin=functools.partial(relay_store.revision, hold=True),
                         writers={ACCEPTED: functools.partial(insert_accepted, keys=relay_store.keys)})
         intake.start()
-        writer = None
-        if settings.writer_process:
-            writer = WriterLink()
-            try:
-                await writer.start(settings)
-            except Exception:
-                logger.exception("could not start the store writer process; the web process stores "
-                                 "messages itself", extra=fields("writer.failed"))
-                writer = None
         app.state.relay = AppState(settings, relay_store, relay_queue, intake, accept_latency=latency,
-                                   loop=asyncio.get_running_loop(), writer=writer)
+                                   loop=asyncio.get_running_loop())
         flusher = asyncio.create_task(metrics_endpoint.flush_periodically(app.state.relay))
         refusals = asyncio.create_task(flush_refusals_periodically(app.state.relay))
         try:
@@ -222,8 +212,6 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             if len(latency):
                 with contextlib.suppress(Exception):
                     await app.state.relay.submit(metrics_endpoint.nothing)  # the batch hook writes them
-            if writer is not None:
-                await writer.stop()
             intake.stop()
             if owned:
                 relay_store.shutdown()

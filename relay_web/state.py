@@ -16,7 +16,6 @@ from relay_core.metrics import LatencyBuffer
 from relay_core.refusals import RefusalGate
 from relay_core.store import Admin, Store
 from relay_core.tasks import RelayQueue
-from relay_core.writer_process import WriterLink
 
 
 @dataclass
@@ -31,7 +30,6 @@ class AppState:
     password_checks: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
     _key_uses: dict[int, float] = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop | None = None  # the app's, once it runs (the send path's submits)
-    writer: WriterLink | None = None  # the writer process, when the app runs one
 
     def note_key_use(self, key_id: int, now: float | None = None) -> None:
         """Record an API key's use, at most once a minute per key, through the group-commit writer."""

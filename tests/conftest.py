@@ -176,12 +176,8 @@ def module_backend_env(backend: str, request: pytest.FixtureRequest) -> Iterator
 
 @pytest.fixture
 def settings(tmp_path: Path, backend_env: dict[str, str]) -> Settings:
-    # An app built from these stores accepted sends with its own writer thread: a child writer
-    # process per test app would cost a process start each. Tests that want it say so
-    # (tests/web/test_send_settings.py, tests/core/test_writer_process.py), and every real
-    # `tspro-relay web` the other tests start runs one.
     return load_settings({"RELAY_SECRET_KEY": SECRET, "RELAY_DATA_DIR": str(tmp_path / "data"),
-                          "RELAY_ADMIN_PASSWORD": "admin-pass-123", "RELAY_WRITER_PROCESS": "0", **backend_env})
+                          "RELAY_ADMIN_PASSWORD": "admin-pass-123", **backend_env})
 
 
 @pytest.fixture

@@ -107,12 +107,7 @@ def test_insecure_cookies_values(value: str, expected: bool) -> None:
     assert load(RELAY_INSECURE_COOKIES=value).insecure_cookies is expected
 
 
-@pytest.mark.parametrize("value,expected", [("", True), ("1", True), ("0", False), ("off", False)])
-def test_the_writer_process_is_on_unless_turned_off(value: str, expected: bool) -> None:
-    assert load(RELAY_WRITER_PROCESS=value).writer_process is expected
-
-
-@pytest.mark.parametrize("name", ["RELAY_INSECURE_COOKIES", "RELAY_METRICS", "RELAY_WRITER_PROCESS"])
+@pytest.mark.parametrize("name", ["RELAY_INSECURE_COOKIES", "RELAY_METRICS"])
 @pytest.mark.parametrize("value", ["maybe", "2", "enabled"])
 def test_bad_boolean_names_the_variable(name: str, value: str) -> None:
     text = config_error({"RELAY_SECRET_KEY": SECRET, name: value})

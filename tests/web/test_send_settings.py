@@ -19,23 +19,12 @@ from starlette.testclient import TestClient
 from relay_core import crypto
 from relay_core.config import Settings
 from relay_core.store import Store
-from support import wait_until
 from test_api import error_of, payload, queued, running_client
-
-
-@pytest.fixture(params=["writer process", "writer thread"])
-def settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
-    """Accepted sends stored by the child process `tspro-relay web` runs, or by its own thread."""
-    return dataclasses.replace(settings, writer_process=request.param == "writer process")
 
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
     with running_client(settings) as client:
-        writer = client.app.state.relay.writer
-        assert (writer is not None) == settings.writer_process
-        if writer is not None:  # until it is, sends go to the web's own writer
-            wait_until(lambda: writer.alive, timeout=20, what="the writer process to start")
         assert client.post("/api/send", json=payload()).status_code == 202  # the settings are cached now
         yield client
 
@@ -100,10 +89,8 @@ def test_a_larger_attachment_limit_set_elsewhere_admits_a_larger_body(settings: 
 def test_settings_changed_between_the_check_and_the_commit_are_checked_again(client: TestClient,
                                                                            elsewhere: Store) -> None:
     """The writer finds the revision moved after the request was checked: checked again, stored once."""
-    state = client.app.state.relay
-    writer = state.writer or state.intake
-    name = "submit" if state.writer else "submit_async"
-    original = getattr(writer, name)
+    intake = client.app.state.relay.intake
+    original = intake.submit_async
     changed = []
 
     def submit_after_a_change(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -112,10 +99,10 @@ def test_settings_changed_between_the_check_and_the_commit_are_checked_again(cli
             elsewhere.set_options({"allowed_from": "other.example"})
         return original(*args, **kwargs)
 
-    setattr(writer, name, submit_after_a_change)
+    intake.submit_async = submit_after_a_change
     try:
         error_of(client.post("/api/send", json=payload()), 403)
     finally:
-        setattr(writer, name, original)
+        intake.submit_async = original
     assert changed and queued(client) == (1, 1)  # only the fixture's first send
 
