@@ -47,7 +47,7 @@ logger = logging.getLogger("relay.intake")
 
 Job = Callable[[Connection], tuple[Any, list[str]]]
 
-# What a send that was not stored is told (by this writer and by the writer process).
+# What a send that was not stored is told.
 STORE_DOWN = "The relay's message store is unavailable; nothing was queued. Try again."
 NOT_STORED = "The relay could not store this message; nothing was queued. Try again."
 

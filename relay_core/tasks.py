@@ -93,39 +93,11 @@ class RelayQueue:
             for data in items:
                 storage.enqueue(data)
 
-    def send_wake_ups(self, message_ids: list[str]) -> Callable[[], None]:
-        """``enqueue_many`` without waiting for Redis's answer: call what it returns to wait for it
-        (and see its error), after other work. With queue.db they are stored before it returns."""
-        storage = self.huey.storage
-        if type(storage) is not RedisStorage or not message_ids:
-            self.enqueue_many(message_ids)
-            return _answered
-        items = [self.wake_up(message_id) for message_id in message_ids]
-        pool = storage.conn.connection_pool
-        connection = pool.get_connection()
-        try:
-            connection.send_command("LPUSH", storage.queue_key, *items)
-        except BaseException:
-            pool.release(connection)
-            raise
-
-        def answer() -> None:
-            try:
-                connection.read_response()  # (an error disconnects it: the pool makes a new one)
-            finally:
-                pool.release(connection)
-
-        return answer
-
     def pending(self) -> int:
         return int(self.huey.pending_count())
 
     def scheduled(self) -> int:
         return int(self.huey.scheduled_count())
-
-
-def _answered() -> None:
-    """Nothing to wait for (``send_wake_ups`` stored them already)."""
 
 
 def is_shared_queue(url: str) -> bool:

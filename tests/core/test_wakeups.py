@@ -43,16 +43,6 @@ def test_a_batch_of_wake_ups_is_delivered_in_order_as_huey_tasks(relay_queue: Re
     assert drain(relay_queue) == ids
 
 
-def test_wake_ups_sent_now_and_answered_later_are_all_there(relay_queue: RelayQueue) -> None:
-    """send_wake_ups (the writer process's): with Redis the answer is read when asked for."""
-    answers = [relay_queue.send_wake_ups(["m1", "m2"]), relay_queue.send_wake_ups([])]
-    for answer in answers:
-        answer()
-    relay_queue.send_wake_ups(["m3"])()
-    assert relay_queue.pending() == 3
-    assert drain(relay_queue) == ["m1", "m2", "m3"]
-
-
 def test_a_wake_up_reads_back_as_the_task_huey_would_have_made(relay_queue: RelayQueue) -> None:
     huey = relay_queue.huey
     ours = huey.deserialize_task(relay_queue.wake_up("abc"))
