@@ -46,6 +46,8 @@ def process_tree(root: int) -> list[int]:
 def role(pid: int) -> str:
     args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     words = [a.decode() for a in args if a]
+    if "relay_web.supervisor" in words:
+        return "supervisor"
     for name in ("run", "web", "worker"):
         if name in words:
             return name

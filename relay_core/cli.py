@@ -17,17 +17,15 @@ import argparse
 import errno
 import json
 import os
-import signal
 import socket
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Sequence, cast
 
 from . import __version__, backup, cli_inspect, crypto, health
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, Settings, is_shared_queue, load_settings
 from .db import StoreInUse
 from .errors import RelayError
 from .limits import effective_limit
@@ -72,8 +70,8 @@ def _open_store(settings: Settings) -> Store:
 
 
 # -- processes -------------------------------------------------------------------
-def port_problem(host: str, port: int) -> str | None:
-    """Why nothing could listen on host:port now, or None when it is free.
+def listen(host: str, port: int) -> socket.socket | str:
+    """The listening socket for host:port, or why there can be none.
 
     SO_REUSEADDR as uvicorn sets it: a port held only by closing connections
     is free, one with a listener is not.
@@ -83,66 +81,69 @@ def port_problem(host: str, port: int) -> str | None:
     except socket.gaierror as exc:
         return f"cannot listen on {host!r}: {exc.strerror}."
     family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return f"port {port} is in use; pass --port to choose another."
-            return f"cannot listen on {host}:{port}: {exc.strerror}."
-    return None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            return f"port {port} is in use; pass --port to choose another."
+        return f"cannot listen on {host}:{port}: {exc.strerror}."
+    return sock
+
+
+LISTEN_BACKLOG = 1024  # connections that wait for a web process while one is (re)starting
+
+
+def leave_out_unused_drivers(settings: Settings) -> None:
+    """Keep huey from loading the Redis and PostgreSQL clients a relay does not use.
+
+    huey.storage imports redis and psycopg whenever they are installed, for
+    storages of its own; on a relay with queue.db and relay.db that is about
+    25 MiB and 250 modules per process for nothing. Marking them absent for
+    the web and worker processes (only) makes huey skip them.
+    """
+    if not is_shared_queue(settings.queue_url):
+        sys.modules.setdefault("redis", None)  # type: ignore[arg-type]
+    if settings.database_url is None:
+        sys.modules.setdefault("psycopg", None)  # type: ignore[arg-type]
 
 
 def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
-    problem = port_problem(args.host, args.port)
-    if problem:
-        return _fail(problem)
+    leave_out_unused_drivers(settings)
+    if args.fd is not None:  # a child of `run`: serve on the socket it holds
+        from relay_web.server import serve
+        return serve(settings, socket.socket(fileno=args.fd), args.ready_fd)
+    sock = listen(args.host, args.port)
+    if isinstance(sock, str):
+        return _fail(sock)
     from relay_web.server import serve
-    return serve(settings, args.host, args.port)
+    return serve(settings, sock)
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    leave_out_unused_drivers(settings)
     from relay_worker.consumer import main as worker_main
     return worker_main(settings)
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    """Web and worker as two child processes; Ctrl-C or SIGTERM stops both cleanly."""
-    problem = port_problem(args.host, args.port)
-    if problem:  # before anything starts: no worker without its web process
-        return _fail(problem)
+    """Check and migrate once, bind the socket, then become the supervisor (relay_web/supervisor.py)."""
+    sock = listen(args.host, args.port)
+    if isinstance(sock, str):  # before anything starts: no worker without its web process
+        return _fail(sock)
     from .tasks import check_queue
     check_queue(settings)
     _open_store(settings).shutdown()  # migrate and seed once, before two processes race to
-    base = [sys.executable, "-m", "relay_core.cli"]
-    # Own sessions: Ctrl-C in a terminal signals the whole foreground group, and a
-    # second SIGINT can turn the worker's graceful stop into an immediate one.
-    children = [
-        subprocess.Popen([*base, "web", "--host", args.host, "--port", str(args.port)], start_new_session=True),
-        subprocess.Popen([*base, "worker"], start_new_session=True),
-    ]
-    stopping = False
-
-    def forward(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGINT)
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
-        signal.signal(signum, forward)
-    print(f"TS Pro Relay is running on http://{args.host}:{args.port} (Ctrl-C stops it).", file=sys.stderr)
-    code = 0
-    while any(child.poll() is None for child in children):
-        for child in children:
-            if child.poll() is not None and not stopping:
-                print("tspro-relay: one process stopped; stopping the other.", file=sys.stderr)
-                code = child.returncode or 1
-                forward(signal.SIGINT, None)
-        time.sleep(0.2)
-    return code
+    print(f"TS Pro Relay is running on http://{args.host}:{args.port} (Ctrl-C stops it; "
+          "SIGHUP reloads it).", file=sys.stderr, flush=True)
+    sock.set_inheritable(True)
+    # exec, not a child: the parent that stays for the relay's lifetime then holds none of this
+    # process's imports (the store, the queue), only the socket.
+    os.execv(sys.executable, [sys.executable, "-m", "relay_web.supervisor", "--fd", str(sock.fileno()),
+                              "--worker"])
 
 
 # -- setup -------------------------------------------------------------------------
@@ -433,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
         p.add_argument("--port", type=int, default=8000, help="port to listen on")
         p.set_defaults(handler=cmd_run if name == "run" else cmd_web)
+        if name == "web":  # how `run` hands its socket to the web process it starts
+            p.add_argument("--fd", type=int, help=argparse.SUPPRESS)
+            p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     add_command(sub, "worker", "the delivery worker (Huey consumer)",
                 "Deliver queued mail: claim, send over SMTP, record every attempt. Run as many as you "
                 "like; SIGINT and SIGTERM finish deliveries in flight.").set_defaults(handler=cmd_worker)

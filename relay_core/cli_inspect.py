@@ -19,7 +19,6 @@ from .config import Settings
 from .mailflow import assess
 from .pausing import pause, resume
 from .store import LoggedRow, Store
-from .tasks import build_queue
 
 LOG_STATUSES = ("queued", "sent", "partial", "deferred", "failed", "cancelled", "rejected")
 
@@ -112,6 +111,7 @@ def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
     store = _store(settings)
+    from .tasks import build_queue  # the queue's libraries only for the command that uses them
     woken = resume(store, build_queue(settings))
     print(f"Delivery resumed; woke {woken} waiting message(s).")
     health = assess(store)

@@ -196,3 +196,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         metrics_token=Secret(token) if token else None,
         database_url=parse_database_url(env.get("RELAY_DATABASE_URL", "")),
     )
+
+
+def is_shared_queue(url: str) -> bool:
+    return url.startswith(("redis://", "rediss://", "unix://"))

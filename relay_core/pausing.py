@@ -11,9 +11,12 @@ admin UI or `config set`).
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from .store import Store
-from .tasks import RelayQueue
+
+if TYPE_CHECKING:
+    from .tasks import RelayQueue
 
 
 def pause(store: Store, audit: tuple[str, str] | None = None) -> None:

@@ -20,7 +20,7 @@ from huey import Huey, RedisHuey
 from huey.storage import RedisStorage, SqliteStorage
 
 from . import files
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, is_shared_queue
 from .db_sqlite import multi_row_inserts
 
 DELIVER = "relay.deliver"
@@ -98,10 +98,6 @@ class RelayQueue:
 
     def scheduled(self) -> int:
         return int(self.huey.scheduled_count())
-
-
-def is_shared_queue(url: str) -> bool:
-    return url.startswith(("redis://", "rediss://", "unix://"))
 
 
 def check_queue(settings: Settings) -> None:

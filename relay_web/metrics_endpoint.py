@@ -12,13 +12,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from relay_core.db import Connection
-from relay_core.metrics import RelayCollector
 
 from .auth import bearer_token
 from .state import AppState
@@ -42,10 +40,6 @@ async def flush_periodically(state: AppState) -> None:
                 pass
 
 
-def _render(state: AppState) -> bytes:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(RelayCollector(state.store.conn))
-    return generate_latest(registry)
 
 
 async def scrape(request: Request) -> Response:
@@ -60,5 +54,6 @@ async def scrape(request: Request) -> Response:
                                      status_code=401, headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
     if len(state.accept_latency):
         await state.submit(nothing)
-    body = await run_in_threadpool(_render, state)
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
+    from .prometheus import CONTENT_TYPE, render  # prometheus_client is loaded only where metrics are served
+    body = await run_in_threadpool(render, state.store.conn)
+    return Response(body, media_type=CONTENT_TYPE)

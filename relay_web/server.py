@@ -1,10 +1,16 @@
-"""Serving the app with uvicorn (uvloop + httptools, no access log: it halves throughput)."""
+"""Serving the app with uvicorn (uvloop + httptools, no access log: it halves throughput).
+
+The socket comes from the command line (`tspro-relay web` binds it; `run` binds it once and hands it to
+each web process it starts), so a replaced web process never closes the port.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import gc
+import os
+import socket
 
 import uvicorn
 
@@ -50,19 +56,34 @@ def _collect_garbage_less_often() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
-def serve(settings: Settings, host: str, port: int) -> int:
+class _Server(uvicorn.Server):
+    """uvicorn's server, which tells its parent when it serves (a byte on ``ready_fd``)."""
+
+    def __init__(self, config: uvicorn.Config, ready_fd: int | None) -> None:
+        super().__init__(config)
+        self.ready_fd = ready_fd
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.ready_fd is not None:
+            os.write(self.ready_fd, b"ready")
+            os.close(self.ready_fd)
+            self.ready_fd = None
+
+
+def serve(settings: Settings, sock: socket.socket, ready_fd: int | None = None) -> int:
     setup_logging(settings)
     _return_large_buffers_to_the_os()
     check_queue(settings)  # before uvicorn: a bad queue, secret or data dir stops us with one sentence
     store = Store.open(settings)
     config = uvicorn.Config(
-        create_app(settings, store), host=host, port=port, loop="uvloop", http="httptools",
+        create_app(settings, store), loop="uvloop", http="httptools",
         access_log=False, log_config=None, log_level=settings.log_level.lower(),
         proxy_headers=False, server_header=False, timeout_graceful_shutdown=10,
     )
     _collect_garbage_less_often()
     try:
-        uvicorn.Server(config).run()
+        _Server(config, ready_fd).run(sockets=[sock])
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C after its graceful shutdown; that is a clean stop
     finally:

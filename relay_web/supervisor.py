@@ -1,0 +1,171 @@
+"""The parent of `tspro-relay run`: holds the listening socket and runs the web and worker processes.
+
+`tspro-relay run` checks the port, the queue and the store, binds the socket,
+then replaces itself with this module (exec), so the parent that stays for
+the relay's lifetime is a bare interpreter: it imports nothing of the relay
+and no library. The socket stays open here for good, so a web process that
+is replaced (SIGHUP) hands over to the next without a refused connection:
+connections wait in the listen backlog and are accepted by one or the other.
+
+Signals: SIGINT or SIGTERM stop both children gracefully (in-flight requests
+and deliveries finish); SIGHUP reloads: a new web process with the code and
+settings on disk starts on the same socket, the old one is stopped once the
+new one says it is serving, and the worker is replaced the same way. A new
+web process that fails to start leaves the old one serving. A child that
+dies on its own stops the other, so a container's restart policy applies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+READY_TIMEOUT = 30.0  # seconds a new web process has to say it serves
+
+
+def say(text: str) -> None:
+    try:
+        os.write(2, f"tspro-relay: {text}\n".encode())
+    except OSError:
+        pass  # no terminal any more: nothing to tell
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: a SIGKILLed parent takes its children with it (Linux)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def spawn(role: str, *args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    # A session of its own: Ctrl-C in a terminal signals the whole foreground group, and a
+    # second SIGINT could turn a graceful stop into an immediate one.
+    return subprocess.Popen([sys.executable, "-m", "relay_core.cli", role, *args], pass_fds=pass_fds,
+                            start_new_session=True, preexec_fn=_die_with_parent)
+
+
+class Supervisor:
+    def __init__(self, listen_fd: int, with_worker: bool) -> None:
+        self.listen_fd = listen_fd
+        self.with_worker = with_worker
+        self.web: subprocess.Popen[bytes] | None = None
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.retiring: list[subprocess.Popen[bytes]] = []  # replaced children finishing their work
+        self.stopping = False
+        self.reload_asked = False
+
+    def start_web(self) -> subprocess.Popen[bytes] | None:
+        """A web process on the socket, once it says it serves; None (and it is gone) when it fails."""
+        read_end, write_end = os.pipe()
+        try:
+            child = spawn("web", "--fd", str(self.listen_fd), "--ready-fd", str(write_end),
+                          pass_fds=(self.listen_fd, write_end))
+        finally:
+            os.close(write_end)
+        try:
+            if self._wait_ready(read_end, child):
+                return child
+        finally:
+            os.close(read_end)
+        if child.poll() is None:
+            child.kill()
+        code = child.wait()
+        say(f"the new web process did not start (exit code {code}; its reason is logged above).")
+        return None
+
+    def _wait_ready(self, read_end: int, child: subprocess.Popen[bytes]) -> bool:
+        import select
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not self.stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                readable, _, _ = select.select([read_end], [], [], min(left, 0.5))
+            except InterruptedError:
+                continue
+            if readable:
+                return os.read(read_end, 16).startswith(b"ready")  # EOF: it exited first
+            if child.poll() is not None:
+                return False
+        return False
+
+    def run(self) -> int:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._stop)
+        signal.signal(signal.SIGHUP, self._ask_reload)
+        if self.with_worker:
+            self.worker = spawn("worker")
+        self.web = self.start_web()
+        if self.web is None:
+            self._stop(signal.SIGINT, None)
+            return self._wait_all(1)
+        return self._watch()
+
+    def _watch(self) -> int:
+        code = 0
+        while not self.stopping:
+            if self.reload_asked:
+                self.reload_asked = False
+                self.reload()
+            for child in (self.web, self.worker):
+                if child is not None and child.poll() is not None and not self.stopping:
+                    role = "web" if child is self.web else "worker"
+                    say(f"the {role} process stopped (exit code {child.returncode}); stopping the relay.")
+                    code = child.returncode or 1
+                    self._stop(signal.SIGINT, None)
+            self.retiring = [child for child in self.retiring if child.poll() is None]
+            time.sleep(0.2)
+        return self._wait_all(code)
+
+    def reload(self) -> None:
+        say("reloading: starting a new web process on the same socket.")
+        web = self.start_web()
+        if web is None:
+            say("reload failed; the running processes keep serving.")
+            return
+        old, self.web = self.web, web
+        self._retire(old)
+        if self.with_worker:
+            old, self.worker = self.worker, spawn("worker")
+            self._retire(old)  # its deliveries in flight finish before it exits
+        say("reloaded.")
+
+    def _retire(self, child: subprocess.Popen[bytes] | None) -> None:
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGINT)
+            self.retiring.append(child)
+
+    def _ask_reload(self, signum: int, frame: object) -> None:
+        self.reload_asked = True
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        for child in (self.web, self.worker, *self.retiring):
+            if child is not None and child.poll() is None:
+                child.send_signal(signal.SIGINT)
+
+    def _wait_all(self, code: int) -> int:
+        for child in (self.web, self.worker, *self.retiring):
+            if child is not None:
+                while True:
+                    try:
+                        child.wait()
+                        break
+                    except InterruptedError:
+                        continue
+        return code
+
+
+def main(argv: list[str]) -> int:
+    listen_fd = int(argv[argv.index("--fd") + 1])
+    return Supervisor(listen_fd, with_worker="--worker" in argv).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
