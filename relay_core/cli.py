@@ -17,6 +17,7 @@ import argparse
 import errno
 import json
 import os
+import signal
 import socket
 import sqlite3
 import sys
@@ -113,14 +114,10 @@ def leave_out_unused_drivers(settings: Settings) -> None:
 
 def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
     leave_out_unused_drivers(settings)
-    if args.fd is not None:  # a child of `run`: serve on the socket it holds
+    if args.fd is not None:  # started by the supervisor: serve on the socket it holds
         from relay_web.server import serve
         return serve(settings, socket.socket(fileno=args.fd), args.ready_fd)
-    sock = listen(args.host, args.port)
-    if isinstance(sock, str):
-        return _fail(sock)
-    from relay_web.server import serve
-    return serve(settings, sock)
+    return _supervise(args, settings, with_worker=False)
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -130,6 +127,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    return _supervise(args, settings, with_worker=True)
+
+
+def _supervise(args: argparse.Namespace, settings: Settings, with_worker: bool) -> int:
     """Check and migrate once, bind the socket, then become the supervisor (relay_web/supervisor.py)."""
     sock = listen(args.host, args.port)
     if isinstance(sock, str):  # before anything starts: no worker without its web process
@@ -137,13 +138,33 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from .tasks import check_queue
     check_queue(settings)
     _open_store(settings).shutdown()  # migrate and seed once, before two processes race to
-    print(f"TS Pro Relay is running on http://{args.host}:{args.port} (Ctrl-C stops it; "
-          "SIGHUP reloads it).", file=sys.stderr, flush=True)
+    stops = "Ctrl-C stops it" if sys.stderr.isatty() else "SIGTERM stops it"
+    print(f"TS Pro Relay is {'running' if with_worker else 'serving'} on http://{args.host}:{args.port} "
+          f"({stops}; `tspro-relay reload` reloads it).", file=sys.stderr, flush=True)
     sock.set_inheritable(True)
     # exec, not a child: the parent that stays for the relay's lifetime then holds none of this
     # process's imports (the store, the queue), only the socket.
-    os.execv(sys.executable, [sys.executable, "-m", "relay_web.supervisor", "--fd", str(sock.fileno()),
-                              "--worker"])
+    # Its command line keeps the role and port (`healthcheck --auto` and `reload` read them).
+    os.execv(sys.executable, [sys.executable, "-m", "relay_web.supervisor", "run" if with_worker else "web",
+                              "--port", str(args.port), "--fd", str(sock.fileno())])
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """SIGHUP to every `run` and `web` of this user (on --port only, when given)."""
+    from relay_web.supervisor import find_supervisors
+    found = find_supervisors(args.port)
+    if not found:
+        where = f" on port {args.port}" if args.port else ""
+        return _fail(f"no running `tspro-relay run` or `web`{where} was found to reload.")
+    code = 0
+    for pid, port in found:
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except OSError as exc:
+            code = _fail(f"cannot signal the relay on port {port} (process {pid}): {exc.strerror}.")
+            continue
+        print(f"Asked the relay on port {port} (process {pid}) to reload; its log says when it has.")
+    return code
 
 
 # -- setup -------------------------------------------------------------------------
@@ -530,6 +551,15 @@ def build_parser() -> argparse.ArgumentParser:
     role.add_argument("--auto", action="store_true",
                       help="check whatever this container's main process runs (web, worker or both)")
     p.set_defaults(handler=cmd_healthcheck, needs_settings=False)
+
+    p = add_command(sub, "reload", "start new web and worker processes without closing the port",
+                    "Send SIGHUP to the running `tspro-relay run` or `web` of this user (or this container): "
+                    "it starts a new web process with the code and settings now on disk on the same "
+                    "socket, stops the old one once the new one serves, and replaces the worker after its "
+                    "deliveries in flight. No connection is refused meanwhile. A new process that fails to "
+                    "start leaves the old one serving; the relay's log says why.")
+    p.add_argument("--port", type=int, help="only the relay serving this port")
+    p.set_defaults(handler=cmd_reload, needs_settings=False)
 
     cli_inspect.register(sub, add_command)
     return parser

@@ -6,6 +6,7 @@ each web process it starts), so a replaced web process never closes the port.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import gc
@@ -56,8 +57,12 @@ def _collect_garbage_less_often() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
+DRAIN_SECONDS = 0.5  # between no longer accepting and closing idle connections
+
+
 class _Server(uvicorn.Server):
-    """uvicorn's server, which tells its parent when it serves (a byte on ``ready_fd``)."""
+    """uvicorn's server, which tells its parent when it serves (a byte on ``ready_fd``) and stops
+    without dropping a request that had just arrived."""
 
     def __init__(self, config: uvicorn.Config, ready_fd: int | None) -> None:
         super().__init__(config)
@@ -69,6 +74,16 @@ class _Server(uvicorn.Server):
             os.write(self.ready_fd, b"ready")
             os.close(self.ready_fd)
             self.ready_fd = None
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn closes every connection without a request in progress at once, and one accepted
+        # just before the stop may not have been read yet: its client would see the connection
+        # drop. Stop accepting first (the socket stays open in the supervisor, so new connections
+        # wait for the next web process) and give what was accepted time to arrive.
+        for server in getattr(self, "servers", []):
+            server.close()
+        await asyncio.sleep(DRAIN_SECONDS)
+        await super().shutdown(sockets)
 
 
 def serve(settings: Settings, sock: socket.socket, ready_fd: int | None = None) -> int:

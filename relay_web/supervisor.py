@@ -72,6 +72,10 @@ class Supervisor:
                 return child
         finally:
             os.close(read_end)
+        if self.stopping:  # asked to stop while it started: let it stop as the others do
+            child.send_signal(signal.SIGINT)
+            self.retiring.append(child)
+            return None
         if child.poll() is None:
             child.kill()
         code = child.wait()
@@ -162,9 +166,29 @@ class Supervisor:
         return code
 
 
+def find_supervisors(port: int | None = None) -> list[tuple[int, int]]:
+    """(pid, port) of every supervisor this user may signal, on ``port`` only when given."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                words = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "relay_web.supervisor" not in words or "--port" not in words:
+            continue
+        served = int(words[words.index("--port") + 1])
+        if port is None or served == port:
+            found.append((int(entry), served))
+    return found
+
+
 def main(argv: list[str]) -> int:
+    """``run|web --port P --fd N``: the role, the port it serves (for `reload`) and the socket."""
     listen_fd = int(argv[argv.index("--fd") + 1])
-    return Supervisor(listen_fd, with_worker="--worker" in argv).run()
+    return Supervisor(listen_fd, with_worker=argv[0] == "run").run()
 
 
 if __name__ == "__main__":
