@@ -93,7 +93,7 @@ class Relay:
                                          "--port", str(self.port)], env=self.env, cwd=self.dir, stdout=log,
                                         stderr=subprocess.STDOUT)
         wait_http(self.url + "/healthz")
-        return self.web.pid
+        return serving_pid(self.web.pid)
 
     def start_worker(self) -> None:
         with self._log("worker") as log:
@@ -140,6 +140,18 @@ class Relay:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def serving_pid(supervisor: int) -> int:
+    """The web process that `tspro-relay web` (a supervisor holding the socket) runs now."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == supervisor:
+            return int(stat.parent.name)
+    raise RuntimeError(f"process {supervisor} runs no web process")
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
