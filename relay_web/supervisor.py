@@ -65,6 +65,9 @@ class Supervisor:
         try:
             child = spawn("web", "--fd", str(self.listen_fd), "--ready-fd", str(write_end),
                           pass_fds=(self.listen_fd, write_end))
+        except OSError:  # the socket was closed by a stop that arrived meanwhile
+            os.close(read_end)
+            return None
         finally:
             os.close(write_end)
         try:
@@ -149,6 +152,11 @@ class Supervisor:
         self.reload_asked = True
 
     def _stop(self, signum: int, frame: object) -> None:
+        if not self.stopping:
+            # No new process will serve this socket: let it close with the web process's copy, so
+            # a proxy in front gets "connection refused" (which it may retry elsewhere or later)
+            # instead of a connection that waits in the backlog for nobody.
+            os.close(self.listen_fd)
         self.stopping = True
         for child in (self.web, self.worker, *self.retiring):
             if child is not None and child.poll() is None:
