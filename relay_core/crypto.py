@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
 import secrets
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from cryptography.exceptions import InvalidTag
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
@@ -36,10 +36,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .config import Settings
 
+if TYPE_CHECKING:
+    from argon2 import PasswordHasher
+
 _SALT = b"tspro-relay/v1"
 _NONCE = 12
 BODY_OVERHEAD = _NONCE + 16  # nonce and GCM tag around each stored body
-_HASHER = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)  # OWASP's Argon2id minimum
 _LEGACY_SCRYPT = threading.Lock()  # an old scrypt hash costs 128 MiB to check: one such check at a time
 
 
@@ -155,14 +157,22 @@ def new_password() -> str:
     return secrets.token_urlsafe(18)
 
 
+@functools.cache
+def _hasher() -> PasswordHasher:
+    """Imported at first use: only the web's sign-in and the CLI hash passwords, not the worker."""
+    from argon2 import PasswordHasher
+    return PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)  # OWASP's Argon2id minimum
+
+
 def hash_password(password: str) -> str:
-    return _HASHER.hash(password)
+    return _hasher().hash(password)
 
 
 def needs_rehash(encoded: str) -> bool:
     """True when a stored hash is not Argon2id at today's parameters (or is unreadable)."""
+    from argon2.exceptions import InvalidHashError
     try:
-        return _HASHER.check_needs_rehash(encoded)
+        return _hasher().check_needs_rehash(encoded)
     except InvalidHashError:
         return True
 
@@ -170,8 +180,9 @@ def needs_rehash(encoded: str) -> bool:
 def verify_password(password: str, encoded: str) -> bool:
     if encoded.startswith("scrypt$"):
         return _verify_scrypt(password, encoded)
+    from argon2.exceptions import InvalidHashError, VerificationError
     try:
-        return _HASHER.verify(encoded, password)
+        return _hasher().verify(encoded, password)
     except (VerificationError, InvalidHashError):
         return False  # a wrong password, or a damaged hash: either fails the sign-in, neither crashes it
 

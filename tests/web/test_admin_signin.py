@@ -573,5 +573,15 @@ def test_an_attempt_beyond_the_running_checks_is_refused_at_once(
         conn = client.state.store.conn()
         assert conn.execute("SELECT COUNT(*) FROM login_failures").fetchone()[0] == 0  # nothing counted
         gate.release()  # one slot free: just under the limit
-        assert client.sign_in().status_code == 303 and checks.calls == 1
+        assert client.sign_in(username="nobody").status_code == 200 and checks.calls == 1  # same cost, no oracle
+        assert client.sign_in().status_code == 303 and checks.calls == 2
+        # The account card's current password goes through the same slots.
+        fields = {"username": "admin", "current_password": PASSWORD, "new_password": "", "confirm_password": ""}
+        assert gate.acquire(blocking=False)
+        response = client.post("/settings/account", fields)
+        assert response.status_code == 200 and "Too many sign-in attempts right now" in response.text
+        assert checks.calls == 2
         gate.release()
+        gate.release()
+        assert client.post("/settings/account", fields).headers["location"] == "/settings?saved=account#account"
+        assert checks.calls == 3
