@@ -10,7 +10,7 @@ A password check (``check_password``; the account forms use it too) costs
 19 MiB and ~30 ms of a CPU. A process runs at most
 ``PASSWORD_CHECKS_AT_ONCE`` of them, in worker threads; an attempt beyond
 that is answered 429 at once rather than queued, so a crowd at this page
-costs neither memory nor the threads the other pages need. Past that gate,
+leaves neither memory nor threads waiting that the other pages need. Past that gate,
 the attempt is recorded as a failure in the same transaction that checks
 the lockout, before its hash is computed (``Sessions.claim_login_attempt``).
 """
