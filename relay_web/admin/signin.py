@@ -1,18 +1,16 @@
 """Signing in and out.
 
 POST /login runs, in order: the Origin check, the sign-in form's CSRF token,
-the lockout (5 failures a minute per IP or per username, counted in the
-store), Turnstile when it is on, then one password check. Success deletes
-whatever session the browser held, starts a new one, and sends an admin whose
-password is still a seeded or well-known one to the change page first.
-
-A password check (``check_password``; the account forms use it too) costs
-19 MiB and ~30 ms of a CPU. A process runs at most
-``PASSWORD_CHECKS_AT_ONCE`` of them, in worker threads; an attempt beyond
-that is answered 429 at once rather than queued, so a crowd at this page
-leaves neither memory nor threads waiting that the other pages need. Past that gate,
-the attempt is recorded as a failure in the same transaction that checks
-the lockout, before its hash is computed (``Sessions.claim_login_attempt``).
+Turnstile when it is on, then ``check_password``: a free slot among this
+process's ``PASSWORD_CHECKS_AT_ONCE`` (else 429 at once, not queued: a crowd
+at this page leaves neither memory nor threads waiting that other pages
+need), the lockout (5 failures a minute per IP or per username, counted in
+the store), one Argon2id (19 MiB, ~30 ms of a CPU) in a worker thread. The
+attempt is recorded as a failure in the transaction that checks the
+lockout, before its hash is computed (``Sessions.claim_login_attempt``).
+Success deletes whatever session the browser held, starts a new one, and
+sends an admin whose password is still a seeded or well-known one to the
+change page first. The account forms check the current password the same way.
 """
 
 from __future__ import annotations
@@ -121,10 +119,6 @@ async def login(request: Request) -> Response:
     password = form.get("password", "")
     shown = FormState(values={"username": username, "next": safe_next(form.get("next"))})
 
-    locked = await run_in_threadpool(state.store.locked_until, ip, username)
-    if locked is not None:
-        shown.error = _lockout_message(locked)
-        return _login_page(request, shown)
     if not username or not password:
         shown.error = "Enter your username and password."
         return _login_page(request, shown)
@@ -136,6 +130,11 @@ async def login(request: Request) -> Response:
                        "turnstile_secret=...`) or turn Turnstile off (`tspro-relay config set turnstile_site_key=`).")
         return _login_page(request, shown)
     if options.turnstile_enabled:
+        # (Cloudflare is not asked about an attempt the lockout refuses anyway.)
+        locked = await run_in_threadpool(state.store.locked_until, ip, username)
+        if locked is not None:
+            shown.error = _lockout_message(locked)
+            return _login_page(request, shown)
         try:
             await run_in_threadpool(turnstile.verify, options, form.get(turnstile.RESPONSE_FIELD, ""), ip)
         except turnstile.TurnstileFailed as exc:
