@@ -94,13 +94,14 @@ async def one_round(relay: Relay, attempts: int) -> dict[str, object]:
             done.set()
             burst = time.perf_counter() - started
             await browsing
+        failures = relay.query("SELECT COUNT(*) FROM login_failures")[0][0]
         right = await sign_in(attacker, token, PASSWORD)
     times, at_rest = sorted(page_times), sorted(at_rest[5:])
     return {
         "rest_p50": statistics.median(at_rest), "rest_max": at_rest[-1],
         "rss_before": rss_before, "peak_before": peak_before, "peak_after": peak_rss_mib(relay.web.pid),
         "burst_s": burst, "answers": Counter(outcome(a) for a in answers),
-        "failures_recorded": relay.query("SELECT COUNT(*) FROM login_failures")[0][0],
+        "failures_recorded": failures,
         "right_password_after": outcome(right),
         "pages": len(times), "page_p50": statistics.median(times) if times else 0.0,
         "page_p99": times[min(len(times) - 1, int(len(times) * 0.99))] if times else 0.0,
@@ -130,7 +131,8 @@ def main() -> None:
         print(f"round {number}: {args.attempts} wrong sign-ins at once took {figures['burst_s']:.2f} s")
         print(f"  web RSS before {figures['rss_before']:.0f} MiB (peak so far {figures['peak_before']:.0f}),"
               f" peak during the burst {figures['peak_after']:.0f} MiB")
-        print(f"  answers: {dict(figures['answers'])}; the right password next: {figures['right_password_after']}")  # type: ignore[call-overload]
+        answers = dict(figures["answers"])  # type: ignore[call-overload]
+        print(f"  answers: {answers}; the right password next: {figures['right_password_after']}")
         print(f"  failed sign-ins in the store's window after the burst: {figures['failures_recorded']}")
         print(f"  admin page during the burst: {figures['pages']} loads, p50 {figures['page_p50']:.0f} ms,"
               f" p99 {figures['page_p99']:.0f} ms (at rest before it: p50 {figures['rest_p50']:.0f} ms,"
