@@ -2,8 +2,8 @@
 
 API keys are found by an HMAC of the presented key (never compared or kept in
 clear) and kept Fernet-encrypted for the Reveal button; the admin password is
-an scrypt hash, upgraded to today's parameters at the next successful
-sign-in. ``must_change`` marks a password someone else chose (the first-boot
+an Argon2id hash (``crypto``); an older or weaker one is replaced at the next
+successful sign-in. ``must_change`` marks a password someone else chose (the first-boot
 seed): the admin UI opens no page until it is changed.
 """
 
@@ -206,9 +206,9 @@ class Accounts:
     def verify_admin(self, username: str, password: str) -> Admin | None:
         """The admin whose username and password these are, or None.
 
-        Costs one scrypt whether or not the username exists (no username
-        oracle). A hash made with weaker parameters than today's is replaced
-        now, while the password is at hand.
+        Costs one password hash whether or not the username exists (no
+        username oracle). A hash of an older kind or weaker parameters than
+        today's is replaced now, while the password is at hand.
         """
         row = self.conn().execute("SELECT id, username, password_hash, must_change FROM admins"
                                   " WHERE username = ?", (username,)).fetchone()

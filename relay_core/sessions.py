@@ -4,7 +4,12 @@ Sessions live server-side so that signing out (or a password change) makes
 an old cookie worthless even when it is replayed: the cookie only names a
 row, by a random id whose SHA-256 is the key (a stolen database does not
 hand out live cookies). Failed sign-ins are counted here rather than in
-memory so that several web processes enforce one lockout.
+memory so that several web processes enforce one lockout. Each attempt is
+counted as a failure before its password is checked, in the transaction
+that checks the lockout (``claim_login_attempt``), and forgiven if the
+password was right: so attempts arriving together cannot all pass the
+check before any of them is recorded, and at most ``LOGIN_FAILURE_LIMIT``
+passwords are checked per window, however many arrive at once.
 
 Nothing here knows about HTTP; ``relay_web.admin.sessions`` owns cookies.
 """
@@ -16,12 +21,17 @@ import time
 from dataclasses import dataclass
 
 from .accounts import Admin
-from .db import Connection, transaction
+from .db import Connection, serialize, transaction
 
 LOGIN_FAILURE_LIMIT = 5  # failed sign-ins per window, per IP and per username
 LOGIN_WINDOW_SECONDS = 60.0
 SESSION_TOUCH_SECONDS = 60.0  # last_seen is written at most this often: a page view is not a write
 SESSION_MAX_AGE_SECONDS = 24 * 3600.0  # even an active session signs in again after a day
+
+
+def _user_key(username: str) -> str:
+    """How a username is kept among the failures: usernames differing in case or spaces are one."""
+    return username.strip().lower()[:200]
 
 
 def session_hash(session_id: str) -> str:
@@ -36,6 +46,14 @@ class AdminSession:
     last_seen: float
     ip: str
     user_agent: str
+
+
+class LockedOut(Exception):
+    """Sign-ins from this IP or for this username are locked until ``until`` (a Unix time)."""
+
+    def __init__(self, until: float) -> None:
+        super().__init__(until)
+        self.until = until
 
 
 class Sessions:
@@ -103,35 +121,55 @@ class Sessions:
 
     # -- failed sign-ins ---------------------------------------------------------
     def locked_until(self, ip: str, username: str, now: float | None = None) -> float | None:
-        """When sign-ins from this IP or for this username open again, or None if they are open.
-
-        Locked while the last ``LOGIN_FAILURE_LIMIT`` failures of either fall
-        within one window: it opens a window after the oldest of them.
-        """
+        """When sign-ins from this IP or for this username open again, or None if they are open."""
         now = time.time() if now is None else now
-        since = now - LOGIN_WINDOW_SECONDS
-        conn = self.conn()
+        return self._locked_until(self.conn(), ip, _user_key(username), now)
+
+    @staticmethod
+    def _locked_until(conn: Connection, ip: str, username: str, now: float) -> float | None:
+        """Locked while the last ``LOGIN_FAILURE_LIMIT`` failures of either fall within one
+        window: it opens a window after the oldest of them."""
         until = None
-        for column, value in (("ip", ip), ("username", username.strip().lower())):
+        for column, value in (("ip", ip), ("username", username)):
             row = conn.execute(f"SELECT ts FROM login_failures WHERE {column} = ? AND ts > ?"
                                " ORDER BY ts DESC LIMIT 1 OFFSET ?",
-                               (value, since, LOGIN_FAILURE_LIMIT - 1)).fetchone()
+                               (value, now - LOGIN_WINDOW_SECONDS, LOGIN_FAILURE_LIMIT - 1)).fetchone()
             if row is not None:
                 opens = float(row["ts"]) + LOGIN_WINDOW_SECONDS
                 until = opens if until is None else max(until, opens)
         return until
 
-    def record_login_failure(self, ip: str, username: str, now: float | None = None) -> None:
+    def claim_login_attempt(self, ip: str, username: str, now: float | None = None) -> int:
+        """Record this attempt as a failure, unless sign-ins are locked (then ``LockedOut``).
+
+        Call it before checking the password, and ``forgive_login_attempt``
+        with the id it returns when the password was right. The check and
+        the record are one transaction, taken one at a time (SQLite's write
+        lock; an advisory lock on PostgreSQL).
+        """
         now = time.time() if now is None else now
+        username = _user_key(username)
         conn = self.conn()
         with transaction(conn):
-            # Rows older than the window count for nothing; keeping the table that small
-            # keeps the lockout check an index probe (it is bounded by 5 rows a minute per IP).
-            conn.execute("DELETE FROM login_failures WHERE ts < ?", (now - LOGIN_WINDOW_SECONDS,))
-            conn.execute("INSERT INTO login_failures (ts, ip, username) VALUES (?, ?, ?)",
-                         (now, ip, username.strip().lower()[:200]))
+            serialize(conn, "tspro-relay sign-in attempts")
+            until = self._locked_until(conn, ip, username, now)
+            if until is None:
+                # Rows older than the window count for nothing; keeping the table that small
+                # keeps the lockout check an index probe (it is bounded by 5 rows a minute per IP).
+                conn.execute("DELETE FROM login_failures WHERE ts < ?", (now - LOGIN_WINDOW_SECONDS,))
+                row = conn.execute("INSERT INTO login_failures (ts, ip, username) VALUES (?, ?, ?) RETURNING id",
+                                   (now, ip, username)).fetchone()
+        if until is not None:
+            raise LockedOut(until)
+        return int(row[0])
+
+    def forgive_login_attempt(self, attempt_id: int) -> None:
+        """The attempt's password was right: it is not a failure after all."""
+        conn = self.conn()
+        with transaction(conn):
+            conn.execute("DELETE FROM login_failures WHERE id = ?", (attempt_id,))
 
     def clear_login_failures(self, username: str) -> None:
         conn = self.conn()
         with transaction(conn):
-            conn.execute("DELETE FROM login_failures WHERE username = ?", (username.strip().lower(),))
+            conn.execute("DELETE FROM login_failures WHERE username = ?", (_user_key(username),))

@@ -14,8 +14,10 @@ from relay_core.db import Connection
 from relay_core.intake import Intake, Job
 from relay_core.metrics import LatencyBuffer
 from relay_core.refusals import RefusalGate
-from relay_core.store import Admin, Store
+from relay_core.store import Store
 from relay_core.tasks import RelayQueue
+
+PASSWORD_CHECKS_AT_ONCE = 2  # each costs 19 MiB and ~30 ms of a CPU (Argon2id)
 
 
 @dataclass
@@ -26,8 +28,9 @@ class AppState:
     intake: Intake
     refusals: RefusalGate = field(default_factory=RefusalGate)
     accept_latency: LatencyBuffer = field(default_factory=LatencyBuffer)
-    # scrypt takes ~128 MiB and a few hundred ms: at most two at once, whatever arrives.
-    password_checks: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
+    # Sign-in's password checks running now (admin.signin.check_password): beyond these, refused.
+    password_checks: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(PASSWORD_CHECKS_AT_ONCE))
     _key_uses: dict[int, float] = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop | None = None  # the app's, once it runs (the send path's submits)
 
@@ -44,11 +47,6 @@ class AppState:
             return None, []
 
         self.intake.submit(record)
-
-    def check_password(self, username: str, password: str) -> Admin | None:
-        """``Store.verify_admin`` under the semaphore; call it from a worker thread."""
-        with self.password_checks:
-            return self.store.verify_admin(username, password)
 
     def flush_refusals(self) -> Future[Any] | None:
         """Hand the refusals counted since the last flush to the group-commit writer, as one job."""

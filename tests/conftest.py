@@ -7,12 +7,12 @@ and ``store`` point at a fresh PostgreSQL database in the session's
 throwaway cluster, and ``backend_env`` gives relay processes the
 RELAY_DATABASE_URL and RELAY_QUEUE_URL (Redis) they need.
 
-Inside the test process, each admin password is hashed with scrypt once per
-session and each (password, hash) pair verified once (``scrypt_once``): at
-today's N=2^17 one scrypt costs about half a second here, and hundreds of
-stores and sign-ins would pay it for the same password over and over. The
-hashes are real ones at full strength; only their salt repeats between tests.
-Relay processes the tests start are untouched.
+Inside the test process, each admin password is hashed once per session and
+each (password, hash) pair verified once (``hash_once``): one Argon2id costs
+~30 ms of a CPU here, and hundreds of stores and sign-ins would pay it for
+the same password over and over. The hashes are real ones at full strength;
+only their salt repeats between tests. Relay processes the tests start are
+untouched.
 
 At the end of every run, every log the session captured (relay processes,
 CLI stderr, records logged in this process: see ``captured_logs.py``) is
@@ -73,7 +73,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def scrypt_once() -> Iterator[None]:
+def hash_once() -> Iterator[None]:
     """``crypto.hash_password`` and ``verify_password``, as the relay's modules call them,
     computed once per password (and pair) for the session.
 

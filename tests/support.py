@@ -314,7 +314,7 @@ def store_message(store: Store, created: float, to: list[str] | None = None) -> 
 def initialise_store(env: dict[str, str], admin_password: str | None = None) -> None:
     """What any command does first on a fresh store (migrate, seed the admin and the portal
     key), and optionally `admin set-password`, done in this process: the admin password's
-    scrypt is then the session's cached one (conftest.py's ``scrypt_once``) instead of one
+    hash is then the session's cached one (conftest.py's ``hash_once``) instead of one
     (or two) per relay in a subprocess. Tests of those commands run the CLI itself."""
     settings = load_settings({k: v for k, v in env.items() if k.startswith("RELAY_")})
     store = Store.open(settings, derive_keys(settings))

@@ -1,9 +1,10 @@
 """The admin's own account: the forced password change and the Admin account card.
 
-Both ask for the current password (one scrypt, counted toward the sign-in
-lockout when wrong), want a new password of 8 or more characters typed
-twice, and refuse the well-known and first-boot passwords. A new password
-signs out every other session and gives this browser a new session id.
+Both ask for the current password (checked as at sign-in: counted toward
+the lockout when wrong, refused at once while too many checks run), want a
+new password of 8 or more characters typed twice, and refuse the well-known
+and first-boot passwords. A new password signs out every other session and
+gives this browser a new session id.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from relay_core.accounts import WELL_KNOWN_PASSWORDS
+from relay_core.sessions import LockedOut
 
 from .forms import FormState, read_form
 from .sessions import relay_state, require_admin, safe_next, start_session
 from .settings_page import actor, render_settings
-from .signin import _lockout_message
+from .signin import BUSY_MESSAGE, SignInBusy, _lockout_message, check_password
 from .templating import render
 
 MIN_PASSWORD = 8
@@ -25,18 +27,18 @@ MAX_USERNAME = 64
 
 
 async def _check_current(request: Request, password: str, shown: FormState) -> None:
-    state = relay_state(request)
-    who, ip = actor(request)
-    locked = await run_in_threadpool(state.store.locked_until, ip, who)
-    if locked is not None:
-        shown.error = _lockout_message(locked)
-        return
     if not password:
         shown.errors["current_password"] = "Enter your current password."
         return
-    if await run_in_threadpool(state.check_password, who, password) is None:
-        await run_in_threadpool(state.store.record_login_failure, ip, who)
-        shown.errors["current_password"] = "That is not your current password."
+    try:
+        admin = await check_password(request, request.state.admin.username, password)
+    except SignInBusy:
+        shown.error = BUSY_MESSAGE
+    except LockedOut as exc:
+        shown.error = _lockout_message(exc.until)
+    else:
+        if admin is None:
+            shown.errors["current_password"] = "That is not your current password."
 
 
 def _check_new(request: Request, form: dict[str, str], shown: FormState, required: bool) -> str | None:

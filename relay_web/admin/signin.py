@@ -1,14 +1,21 @@
 """Signing in and out.
 
 POST /login runs, in order: the Origin check, the sign-in form's CSRF token,
-the lockout (5 failures a minute per IP or per username, counted in the
-store), Turnstile when it is on, then one scrypt. Success deletes whatever
-session the browser held, starts a new one, and sends an admin whose
-password is still a seeded or well-known one to the change page first.
+Turnstile when it is on, then ``check_password``: a free slot among this
+process's ``PASSWORD_CHECKS_AT_ONCE`` (else 429 at once, not queued: a crowd
+at this page leaves neither memory nor threads waiting that other pages
+need), the lockout (5 failures a minute per IP or per username, counted in
+the store), one Argon2id (19 MiB, ~30 ms of a CPU) in a worker thread. The
+attempt is recorded as a failure in the transaction that checks the
+lockout, before its hash is computed (``Sessions.claim_login_attempt``).
+Success deletes whatever session the browser held, starts a new one, and
+sends an admin whose password is still a seeded or well-known one to the
+change page first. The account forms check the current password the same way.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from urllib.parse import quote
@@ -17,16 +24,22 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from relay_core.accounts import WELL_KNOWN_PASSWORDS
+from relay_core.accounts import WELL_KNOWN_PASSWORDS, Admin
+from relay_core.sessions import LockedOut
 
 from ..auth import client_ip
 from ..headers import allow_turnstile
+from ..state import PASSWORD_CHECKS_AT_ONCE, AppState
 from . import turnstile
 from .forms import FormState, read_form
 from .sessions import (LOGIN_COOKIE, PASSWORD_CHANGE_PATH, check_login_token, check_origin, end_session,
                        load_session, login_token, relay_state, require_admin, safe_next, set_cookie,
                        start_session)
 from .templating import render
+
+logger = logging.getLogger("relay.web")
+BUSY_MESSAGE = "Too many sign-in attempts right now; try again in a few seconds."
+BUSY_RETRY_SECONDS = 5
 
 NOTICES = {
     "signed_out": "You are signed out.",
@@ -39,6 +52,38 @@ def _lockout_message(until: float) -> str:
     wait = max(1, math.ceil(until - time.time()))
     return (f"Too many failed sign-ins. Signing in is locked for {wait} more second{'s' if wait != 1 else ''}; "
             "wait, then try again with the right username and password.")
+
+
+class SignInBusy(Exception):
+    """Every password-check slot of this process is taken: the attempt is refused, not queued."""
+
+
+async def check_password(request: Request, username: str, password: str) -> Admin | None:
+    """The admin whose username and password these are, or None (a failure, already recorded).
+
+    Raises ``SignInBusy`` at once when the process's password checks are
+    all running, and ``LockedOut`` without checking anything when sign-ins
+    for this IP or username are locked.
+    """
+    state = relay_state(request)
+    ip = client_ip(request, state.settings)
+    if not state.password_checks.acquire(blocking=False):
+        logger.warning("a sign-in attempt from %s was refused: %d password checks are already running",
+                       ip, PASSWORD_CHECKS_AT_ONCE)
+        raise SignInBusy
+    try:
+        # (run_in_threadpool returns only once the thread is done, even when cancelled.)
+        return await run_in_threadpool(_check_password, state, ip, username, password)
+    finally:
+        state.password_checks.release()
+
+
+def _check_password(state: AppState, ip: str, username: str, password: str) -> Admin | None:
+    attempt = state.store.claim_login_attempt(ip, username)
+    admin = state.store.verify_admin(username, password)
+    if admin is not None:
+        state.store.forgive_login_attempt(attempt)
+    return admin
 
 
 def _login_page(request: Request, form: FormState, status_code: int = 200, notice: str = "") -> Response:
@@ -74,10 +119,6 @@ async def login(request: Request) -> Response:
     password = form.get("password", "")
     shown = FormState(values={"username": username, "next": safe_next(form.get("next"))})
 
-    locked = await run_in_threadpool(state.store.locked_until, ip, username)
-    if locked is not None:
-        shown.error = _lockout_message(locked)
-        return _login_page(request, shown)
     if not username or not password:
         shown.error = "Enter your username and password."
         return _login_page(request, shown)
@@ -89,15 +130,28 @@ async def login(request: Request) -> Response:
                        "turnstile_secret=...`) or turn Turnstile off (`tspro-relay config set turnstile_site_key=`).")
         return _login_page(request, shown)
     if options.turnstile_enabled:
+        # (Cloudflare is not asked about an attempt the lockout refuses anyway.)
+        locked = await run_in_threadpool(state.store.locked_until, ip, username)
+        if locked is not None:
+            shown.error = _lockout_message(locked)
+            return _login_page(request, shown)
         try:
             await run_in_threadpool(turnstile.verify, options, form.get(turnstile.RESPONSE_FIELD, ""), ip)
         except turnstile.TurnstileFailed as exc:
             shown.error = exc.message
             return _login_page(request, shown)
 
-    admin = await run_in_threadpool(state.check_password, username, password)
+    try:
+        admin = await check_password(request, username, password)
+    except SignInBusy:
+        shown.error = BUSY_MESSAGE
+        response = _login_page(request, shown, status_code=429)
+        response.headers["Retry-After"] = str(BUSY_RETRY_SECONDS)
+        return response
+    except LockedOut as exc:
+        shown.error = _lockout_message(exc.until)
+        return _login_page(request, shown)
     if admin is None:
-        await run_in_threadpool(state.store.record_login_failure, ip, username)
         locked = await run_in_threadpool(state.store.locked_until, ip, username)
         shown.error = _lockout_message(locked) if locked else "Wrong username or password."
         return _login_page(request, shown)

@@ -7,10 +7,12 @@ directory holding a real `.env` file.
 from __future__ import annotations
 
 import base64
+import hashlib
 import ipaddress
 from pathlib import Path
 
 import pytest
+from argon2 import PasswordHasher
 
 from relay_core import crypto
 from relay_core.config import ConfigError, Secret, Settings, environment, load_settings, read_dotenv
@@ -268,16 +270,30 @@ def test_new_api_key_has_256_bits() -> None:
 # -- crypto: passwords -----------------------------------------------------------------------------
 def test_hash_and_verify_password() -> None:
     hashed = hash_password("correct horse battery")
-    assert hashed.startswith("scrypt$131072$8$1$") and "correct horse" not in hashed
+    assert hashed.startswith("$argon2id$v=19$m=19456,t=2,p=1$") and "correct horse" not in hashed
     assert verify_password("correct horse battery", hashed) is True
     assert verify_password("correct horse batterY", hashed) is False
     assert verify_password("", hashed) is False
     assert hash_password("correct horse battery") != hashed  # salted
 
 
+def test_older_hashes_verify_and_ask_to_be_replaced() -> None:
+    salt = b"0123456789abcdef"
+    digest = hashlib.scrypt(b"correct horse battery", salt=salt, n=2**14, r=8, p=1, dklen=32)
+    scrypt_hash = f"scrypt${2**14}$8$1${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+    weaker_argon2 = PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1).hash("correct horse battery")
+    for older in (scrypt_hash, weaker_argon2):
+        assert verify_password("correct horse battery", older) is True
+        assert verify_password("correct horse batterY", older) is False
+        assert crypto.needs_rehash(older)
+    assert not crypto.needs_rehash(hash_password("correct horse battery"))
+
+
 @pytest.mark.parametrize("encoded", ["", "plaintext", "bcrypt$2b$12$abc$def$ghi", "scrypt$1$2$3",
-                                     "scrypt$x$8$1$c2FsdA==$ZGlnZXN0", "scrypt$1024$8$1$c2FsdA==$"],
-                         ids=["empty", "plaintext", "bcrypt", "too-few-fields", "non-numeric-n", "empty-digest"])
+                                     "scrypt$x$8$1$c2FsdA==$ZGlnZXN0", "scrypt$1024$8$1$c2FsdA==$",
+                                     "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$"],
+                         ids=["empty", "plaintext", "bcrypt", "too-few-fields", "non-numeric-n", "empty-digest",
+                              "argon2-empty-digest"])
 def test_verify_password_refuses_malformed_hashes(encoded: str) -> None:
     # A damaged stored hash must mean "wrong password", not an exception (a 500 on the sign-in page).
     assert verify_password("anything", encoded) is False

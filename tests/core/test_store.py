@@ -163,7 +163,7 @@ def test_bootstrap_seeds_one_admin_and_one_primary_key(store: Store) -> None:
     conn = store.conn()
     admins = conn.execute("SELECT username, password_hash FROM admins").fetchall()
     assert len(admins) == 1 and admins[0]["username"] == "admin"
-    assert admins[0]["password_hash"].startswith("scrypt$") and "admin-pass-123" not in admins[0]["password_hash"]
+    assert admins[0]["password_hash"].startswith("$argon2id$") and "admin-pass-123" not in admins[0]["password_hash"]
     assert store.check_admin("admin", "admin-pass-123") is True
     assert store.check_admin("admin", "admin-pass-124") is False
     assert store.check_admin("root", "admin-pass-123") is False
@@ -214,7 +214,7 @@ def test_a_weaker_password_hash_is_replaced_at_the_next_successful_sign_in(store
     salt = base64.b64encode(b"0123456789abcdef").decode()
     digest = base64.b64encode(hashlib.scrypt(b"admin-pass-123", salt=b"0123456789abcdef", n=2**14, r=8, p=1,
                                              dklen=32)).decode()
-    weak = f"scrypt${2**14}$8$1${salt}${digest}"  # below today's N=2**17
+    weak = f"scrypt${2**14}$8$1${salt}${digest}"  # an scrypt hash, as stored before Argon2id
     conn = store.conn()
     with transaction(conn):
         conn.execute("UPDATE admins SET password_hash = ?", (weak,))
@@ -226,7 +226,7 @@ def test_a_weaker_password_hash_is_replaced_at_the_next_successful_sign_in(store
     assert store.verify_admin("admin", "admin-pass-123") is not None
     upgraded = stored()  # as another process reads it: committed
     assert upgraded != weak and not crypto.needs_rehash(upgraded)
-    assert upgraded.startswith(f"scrypt${crypto.SCRYPT_N}${crypto.SCRYPT_R}${crypto.SCRYPT_P}$")
+    assert upgraded.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
     assert other.check_admin("admin", "admin-pass-123") and stored() == upgraded  # once only
 
 
@@ -453,7 +453,7 @@ def test_sessions_sign_in_failures_and_audit_trail(store: Store) -> None:
     assert store.find_session("session-1", idle_seconds=600, now=T0 + 10_000) is None  # idle: deleted
     assert store.session_count(admin.id) == 0
     for i in range(5):
-        store.record_login_failure("192.0.2.9", "Admin", now=T0 + i)
+        store.claim_login_attempt("192.0.2.9", "Admin", now=T0 + i)
     assert store.locked_until("192.0.2.9", "someone", now=T0 + 10) == T0 + 60
     store.clear_login_failures("admin")
     assert store.locked_until("198.51.100.1", "admin", now=T0 + 10) is None
@@ -477,8 +477,8 @@ def test_pruning_drops_dead_sessions_and_stale_sign_in_failures(store: Store) ->
     assert admin is not None
     store.create_session(admin.id, "idle", "192.0.2.1", "a", now=T0)
     store.create_session(admin.id, "active", "192.0.2.1", "b", now=T0 + 3000)
-    store.record_login_failure("192.0.2.9", "admin", now=T0 + 3000)
-    store.record_login_failure("192.0.2.9", "admin", now=T0 + 3599)
+    store.claim_login_attempt("192.0.2.9", "admin", now=T0 + 3000)
+    store.claim_login_attempt("192.0.2.9", "admin", now=T0 + 3599)
     assert store.prune_sessions(T0 + 3600, idle_seconds=1800) == 1
     assert store.find_session("idle", 10**6, now=T0 + 3600) is None
     assert store.find_session("active", 1800, now=T0 + 3600) is not None

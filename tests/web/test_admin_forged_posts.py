@@ -133,7 +133,7 @@ class Relay:
                  lambda c, r: self.audited("admin.account")),
             Form("/account/password", {"current_password": PASSWORD, "new_password": NEW_PASSWORD,
                                        "confirm_password": NEW_PASSWORD, "next": "/"},
-                 lambda c, r: c.state.check_password("treasurer", NEW_PASSWORD) is not None,
+                 lambda c, r: c.state.store.verify_admin("treasurer", NEW_PASSWORD) is not None,
                  token_from="/account/password"),
             Form("/logs/clear", {"confirmed": "yes"}, lambda c, r: self.audited("log.clear")),
             Form("/logout", {}, lambda c, r: c.get("/settings").status_code == 303, token_from="/"),

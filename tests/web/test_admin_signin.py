@@ -1,21 +1,34 @@
 """Signing in to the admin pages over HTTP: the forced change, lockout, sessions, CSRF, Origin,
-redirects and Turnstile. The real app, store and a real local Turnstile stand-in; nothing mocked."""
+redirects, Turnstile and a crowd of wrong passwords. The real app, store and a real local
+Turnstile stand-in; nothing mocked (the crowd's password checks are counted, not replaced)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import logging
 import os
 import sqlite3
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
+import httpx
 import pytest
+import uvicorn
 from starlette.testclient import TestClient
 
 from relay_core import crypto
+from relay_core.config import Settings
+from relay_core.db import transaction
 from relay_core.options import parse_option
+from relay_core.sessions import LOGIN_FAILURE_LIMIT
 from relay_web.admin.sessions import safe_next
 from relay_web.app import create_app
+from relay_web.state import PASSWORD_CHECKS_AT_ONCE, AppState
 from admin_helpers import (ORIGIN, PASSWORD, SEED_PASSWORD, AdminClient, FakeTurnstile, admin_client,
                            admin_settings, field_error, set_password, token_in)
 from support import free_port
@@ -291,11 +304,11 @@ def test_next_keeps_a_local_path(tmp_path: Path) -> None:
         assert client.sign_in(next_path="/settings").headers["location"] == "/settings"
 
 
-def test_a_weak_password_hash_is_upgraded_at_sign_in(tmp_path: Path) -> None:
+def test_an_scrypt_hash_from_before_is_upgraded_to_argon2id_at_sign_in(tmp_path: Path) -> None:
     with admin_client(admin_settings(tmp_path), sign_in=False) as client:
-        salt = os.urandom(16)
-        digest = hashlib.scrypt(PASSWORD.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
-        weak = f"scrypt${2**14}$8$1${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+        salt = os.urandom(16)  # the parameters every relay used before Argon2id: N=2^17, r=8, p=1
+        digest = hashlib.scrypt(PASSWORD.encode(), salt=salt, n=2**17, r=8, p=1, maxmem=129 * 2**20, dklen=32)
+        weak = f"scrypt${2**17}$8$1${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
         assert crypto.needs_rehash(weak) and not crypto.needs_rehash(crypto.hash_password("x"))
         with db(client) as conn:
             conn.execute("UPDATE admins SET password_hash = ?, must_change = 0", (weak,))
@@ -305,7 +318,7 @@ def test_a_weak_password_hash_is_upgraded_at_sign_in(tmp_path: Path) -> None:
         assert client.sign_in().status_code == 303
         with db(client) as conn:
             upgraded = conn.execute("SELECT password_hash FROM admins").fetchone()[0]
-        assert upgraded.startswith(f"scrypt${crypto.SCRYPT_N}$") and crypto.verify_password(PASSWORD, upgraded)
+        assert upgraded.startswith("$argon2id$v=19$m=19456,t=2,p=1$") and crypto.verify_password(PASSWORD, upgraded)
 
 
 # -- Turnstile ---------------------------------------------------------------------------------
@@ -420,3 +433,155 @@ def test_sign_in_is_closed_while_the_turnstile_secret_cannot_be_read(tmp_path: P
         answer = client.sign_in()
         assert answer.status_code == 200 and "Signing in is closed" in answer.text
         assert client.session_cookie() is None
+
+
+# -- a crowd at the sign-in page ------------------------------------------------------------------
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+class CountedChecks:
+    """``crypto.verify_password`` as the relay calls it, counting the calls and the most at once."""
+
+    def __init__(self, verify: Callable[[str, str], bool]) -> None:
+        self.verify = verify
+        self.calls = self.running = self.most_at_once = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, password: str, encoded: str) -> bool:
+        with self.lock:
+            self.calls += 1
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            return self.verify(password, encoded)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@pytest.fixture
+def checks(monkeypatch: pytest.MonkeyPatch) -> CountedChecks:
+    counted = CountedChecks(crypto.verify_password)
+    monkeypatch.setattr(crypto, "verify_password", counted)
+    return counted
+
+
+@contextmanager
+def serving(settings: Settings) -> Iterator[tuple[str, AppState]]:
+    """The app under a real uvicorn on loopback, in a thread of this process (so its checks can be counted)."""
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(1500):  # up to ~30 s
+        if server.started or not thread.is_alive():
+            break
+        time.sleep(0.02)
+    assert server.started, "the web did not start"
+    try:
+        yield f"http://127.0.0.1:{port}", app.state.relay
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+async def crowd(url: str, passwords: list[str]) -> list[httpx.Response]:
+    """A sign-in with each password, all at once, with one sign-in form's cookie and token."""
+    limits = httpx.Limits(max_connections=len(passwords))
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        token = token_in((await client.get("/login")).text)
+
+        async def sign_in(password: str) -> httpx.Response:
+            return await client.post("/login", data={"username": "admin", "password": password, "next": "/",
+                                                     "csrf_token": token}, headers={"Origin": url})
+
+        return list(await asyncio.gather(*(sign_in(p) for p in passwords)))
+
+
+def wrong_guesses(count: int, start: int = 0) -> list[str]:
+    return [f"wrong-guess-{i}" for i in range(start, start + count)]
+
+
+def unlock(state: AppState) -> None:
+    """A minute passes: every recorded failure falls out of the window."""
+    conn = state.store.conn()
+    with transaction(conn):
+        conn.execute("UPDATE login_failures SET ts = ts - 61")
+
+
+def test_crowds_of_wrong_passwords_are_checked_at_most_the_lockouts_worth(
+        tmp_path: Path, backend_env: dict[str, str], checks: CountedChecks) -> None:
+    with serving(admin_settings(tmp_path, **backend_env)) as (url, state):
+        state.store.set_admin_password("admin", PASSWORD)
+        answers: list[httpx.Response] = []
+        for round_ in range(10):  # until locked: the gate may turn a whole crowd away but for two
+            answers += asyncio.run(crowd(url, wrong_guesses(50, start=50 * round_)))
+            if state.store.locked_until("127.0.0.1", "admin") is not None:
+                break
+        assert checks.calls == LOGIN_FAILURE_LIMIT  # of all those attempts, five passwords were checked
+        assert checks.most_at_once <= PASSWORD_CHECKS_AT_ONCE
+        for answer in answers:
+            if answer.status_code == 429:
+                assert answer.headers["retry-after"] == "5" and "Too many sign-in attempts right now" in answer.text
+            else:
+                assert answer.status_code == 200
+                assert "Wrong username or password." in answer.text or "Too many failed sign-ins" in answer.text
+        # The right password, now: refused without being checked, until the lockout ends.
+        (right,) = asyncio.run(crowd(url, [PASSWORD]))
+        assert right.status_code == 200 and "Too many failed sign-ins" in right.text
+        assert "relay_session" not in right.cookies and checks.calls == LOGIN_FAILURE_LIMIT
+        unlock(state)
+        assert asyncio.run(crowd(url, [PASSWORD]))[0].status_code == 303
+        assert checks.calls == LOGIN_FAILURE_LIMIT + 1
+
+
+def test_the_lockout_alone_bounds_the_checks_when_every_attempt_gets_a_slot(
+        tmp_path: Path, backend_env: dict[str, str], checks: CountedChecks) -> None:
+    """Check and record are one step: 50 attempts at once, none turned away at the gate, check 5 passwords."""
+    with serving(admin_settings(tmp_path, **backend_env)) as (url, state):
+        state.store.set_admin_password("admin", PASSWORD)
+        state.password_checks = threading.BoundedSemaphore(50)
+        answers = asyncio.run(crowd(url, wrong_guesses(50)))
+        assert checks.calls == LOGIN_FAILURE_LIMIT
+        assert all(a.status_code == 200 for a in answers)
+        assert all("Wrong username or password." in a.text or "Too many failed sign-ins" in a.text for a in answers)
+        (right,) = asyncio.run(crowd(url, [PASSWORD]))
+        assert right.status_code == 200 and "Too many failed sign-ins" in right.text
+        assert checks.calls == LOGIN_FAILURE_LIMIT
+        unlock(state)
+        assert asyncio.run(crowd(url, [PASSWORD]))[0].status_code == 303
+
+
+def test_an_attempt_beyond_the_running_checks_is_refused_at_once(
+        tmp_path: Path, backend_env: dict[str, str], checks: CountedChecks, caplog: pytest.LogCaptureFixture) -> None:
+    with admin_client(admin_settings(tmp_path, **backend_env), sign_in=False) as client:
+        set_password(client)
+        gate = client.state.password_checks
+        for _ in range(PASSWORD_CHECKS_AT_ONCE):  # every slot taken, as by checks still running
+            assert gate.acquire(blocking=False)
+        with caplog.at_level(logging.WARNING, logger="relay.web"):
+            response = client.sign_in()
+        assert response.status_code == 429 and response.headers["retry-after"] == "5"
+        assert "Too many sign-in attempts right now; try again in a few seconds." in response.text
+        assert 'value="admin"' in response.text and client.session_cookie() is None
+        refused = [r for r in caplog.records if r.name == "relay.web"]
+        assert len(refused) == 1 and "refused" in refused[0].getMessage() and refused[0].exc_info is None
+        assert checks.calls == 0 and client.state.store.locked_until("198.51.100.20", "admin") is None
+        conn = client.state.store.conn()
+        assert conn.execute("SELECT COUNT(*) FROM login_failures").fetchone()[0] == 0  # nothing counted
+        gate.release()  # one slot free: just under the limit
+        assert client.sign_in(username="nobody").status_code == 200 and checks.calls == 1  # same cost, no oracle
+        assert client.sign_in().status_code == 303 and checks.calls == 2
+        # The account card's current password goes through the same slots.
+        fields = {"username": "admin", "current_password": PASSWORD, "new_password": "", "confirm_password": ""}
+        assert gate.acquire(blocking=False)
+        response = client.post("/settings/account", fields)
+        assert response.status_code == 200 and "Too many sign-in attempts right now" in response.text
+        assert checks.calls == 2
+        gate.release()
+        gate.release()
+        assert client.post("/settings/account", fields).headers["location"] == "/settings?saved=account#account"
+        assert checks.calls == 3
