@@ -69,9 +69,12 @@ def test_json_logs_carry_time_level_event_and_message_id_but_no_secret(relay: Re
         assert record["level"] in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
     attempts = [r for r in worker if r["event"] == "delivery.attempt"]
-    assert [(r["message_id"], r["status"], r["level"]) for r in attempts] == [
-        (message_id, "deferred", "INFO"), (message_id, "sent", "INFO")]
-    assert attempts[0]["stage"] == "AUTH" and attempts[1]["code"] == 250
+    # Deferred until the right password is set (more than once when the CLI that sets it takes
+    # longer than the one-second retry, as on a busy machine), then sent.
+    outcomes = [(r["message_id"], r["status"], r["level"]) for r in attempts]
+    assert outcomes[-1] == (message_id, "sent", "INFO")
+    assert outcomes[:-1] and set(outcomes[:-1]) == {(message_id, "deferred", "INFO")}
+    assert attempts[0]["stage"] == "AUTH" and attempts[-1]["code"] == 250
     assert any(r["event"] == "worker.started" and r.get("threads") for r in worker)
     assert any(r["event"] == "worker.stopped" for r in worker)
     assert any(r["logger"].startswith("uvicorn") for r in web)  # library records are JSON too
