@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Sequence, cast
 
-from . import __version__, backup, cli_inspect, crypto, health
+from . import __version__, backup, cli_inspect, cli_oauth, crypto, health
 from .config import ConfigError, Settings, is_shared_queue, load_settings
 from .db import StoreInUse
 from .errors import RelayError
@@ -562,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_reload, needs_settings=False)
 
     cli_inspect.register(sub, add_command)
+    cli_oauth.register(sub, add_command)
     return parser
 
 

@@ -66,6 +66,7 @@ class AuthorizationServer:
         self.codes: dict[str, dict[str, str]] = {}  # authorization code -> what it was issued for
         self.grants: list[str] = []  # grant_type of every token request, in order
         self.revoked = False
+        self.token_delay = 0.0  # seconds each token request takes: lets two workers' refreshes overlap
         self.port = free_port()
         self.base = f"https://127.0.0.1:{self.port}"
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), _make_handler(self))
@@ -249,6 +250,8 @@ def _make_handler(server: AuthorizationServer) -> type[BaseHTTPRequestHandler]:
             form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
             path = urllib.parse.urlsplit(self.path).path
             if path.endswith("/token"):
+                if form.get("grant_type") == "refresh_token":
+                    time.sleep(server.token_delay)
                 self._answer(*server.token(path, form))
             elif path.endswith("/devicecode"):
                 self._answer(*server.start_device(form))

@@ -8,13 +8,17 @@ exchange is read back from the server's side.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from typing import Iterator
 
 import pytest
 
-from relay_core import mailflow, oauth
+from relay_core import crypto, mailflow, oauth
+from relay_core.config import Secret, Settings
+from relay_core.db import open_database
+from relay_core.rotation import rotate
 from relay_core.delivery import Deliverer
 from relay_core.options import parse_option
 from relay_core.smtp import DeliveryError, Mailer, Target, connect, xoauth2_response
@@ -223,3 +227,18 @@ def test_msal_is_not_loaded_for_password_relays() -> None:
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('msal', 'requests', 'jwt'))))")
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_rotate_secret_covers_the_client_secret_and_refresh_token(store: Store, settings: Settings) -> None:
+    store.set_options({"oauth_client_secret": "client-secret-to-rotate", "oauth_refresh_token": "rt-to-rotate"})
+    rotating_settings = dataclasses.replace(settings, secret_key=Secret("another-secret-key-9876543210-zyxwvutsrqponm"),
+                                            secret_key_old=settings.secret_key)
+    rotating = Store(open_database(rotating_settings), crypto.derive_keys(rotating_settings))
+    try:
+        assert rotate(rotating).settings == 2
+        new_only = crypto.derive_keys(dataclasses.replace(rotating_settings, secret_key_old=None))
+        rows = dict(rotating.conn().execute("SELECT name, value FROM settings WHERE name LIKE 'oauth_%'").fetchall())
+        assert new_only.decrypt_text(rows["oauth_client_secret"]) == "client-secret-to-rotate"
+        assert new_only.decrypt_text(rows["oauth_refresh_token"]) == "rt-to-rotate"
+    finally:
+        rotating.shutdown()
