@@ -441,3 +441,34 @@ def _id_token_email(id_token: str) -> str:
     except (IndexError, ValueError):
         raise OAuthError("Google's answer named no account (no id token): the scope must include email") from None
     return str(claims.get("email") or "")
+
+
+# -- a sign-in under way (the Settings page's, which may span web processes) ----------------------------
+PENDING = "oauth_pending"  # meta row: the device flow or PKCE verifier, encrypted; minutes long
+
+
+def save_pending(store: Any, pending: dict[str, Any]) -> None:
+    conn = store.conn()
+    with transaction(conn):
+        conn.execute("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = "
+                     "excluded.value", (PENDING, store.keys.encrypt_text(json.dumps(pending))))
+
+
+def load_pending(store: Any, provider: str) -> dict[str, Any] | None:
+    """The sign-in under way for ``provider``, unless it expired (or another secret wrote it)."""
+    row = store.conn().execute("SELECT value FROM meta WHERE name = ?", (PENDING,)).fetchone()
+    if row is None:
+        return None
+    try:
+        pending: dict[str, Any] = json.loads(store.keys.decrypt_text(row[0]))
+    except (DecryptionError, ValueError):
+        return None
+    if pending.get("provider") != provider or pending.get("expires_at", 0) < time.time():
+        return None
+    return pending
+
+
+def clear_pending(store: Any) -> None:
+    conn = store.conn()
+    with transaction(conn):
+        conn.execute("DELETE FROM meta WHERE name = ?", (PENDING,))
