@@ -230,6 +230,15 @@ def _make_handler(server: AuthorizationServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
+        def _approve(self, form: dict[str, str]) -> None:
+            mailbox = form.pop("login", MAILBOX)
+            try:
+                location = server.authorize(form, mailbox)
+            except (ValueError, KeyError):
+                self._answer(400, "bad authorization request", "text/plain")
+                return
+            self._answer(302, "", "text/plain", {"Location": location})
+
         def do_GET(self) -> None:  # noqa: N802
             url = urllib.parse.urlsplit(self.path)
             query = dict(urllib.parse.parse_qsl(url.query))
@@ -238,10 +247,14 @@ def _make_handler(server: AuthorizationServer) -> type[BaseHTTPRequestHandler]:
             elif url.path.endswith("/authorize"):
                 hidden = "".join(f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
                                  for k, v in query.items())
-                page = (f"<!doctype html><title>Stand-in sign-in</title><form method=post>{hidden}"
+                page = ('<!doctype html><html lang="en"><head><title>Stand-in sign-in</title>'
+                        '<link rel="icon" href="data:,"></head><body>'
+                        f'<form method="get" action="{url.path[:-len("/authorize")]}/approve">{hidden}'
                         f'<label>Account <input name="login" value="{MAILBOX}"></label>'
-                        "<button>Allow</button></form>")
+                        "<button>Allow</button></form></body></html>")
                 self._answer(200, page, "text/html")
+            elif url.path.endswith("/approve"):  # the consent page's Allow
+                self._approve(query)
             else:
                 self._answer(404, {"error": "not_found"})
 
@@ -256,13 +269,7 @@ def _make_handler(server: AuthorizationServer) -> type[BaseHTTPRequestHandler]:
             elif path.endswith("/devicecode"):
                 self._answer(*server.start_device(form))
             elif path.endswith("/authorize"):
-                mailbox = form.pop("login", MAILBOX)
-                try:
-                    location = server.authorize(form, mailbox)
-                except (ValueError, KeyError):
-                    self._answer(400, "bad authorization request", "text/plain")
-                    return
-                self._answer(302, "", "text/plain", {"Location": location})
+                self._approve(form)
             else:
                 self._answer(404, {"error": "not_found"})
 
