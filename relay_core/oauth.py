@@ -11,7 +11,9 @@ Where each token comes from (``smtp_auth``):
 - ``google``: the refresh-token grant at the token endpoint named by
   ``oauth_google_authority``'s OpenID configuration (the account is connected
   with the authorization code flow and PKCE through the Settings page; the
-  exchange is a plain form POST, so it needs no library).
+  exchange is a plain form POST, so it needs no library); or, for a Workspace
+  admin, a service account with domain-wide delegation (google-auth signs the
+  JWT naming the mailbox).
 
 Access tokens are kept in memory in each process and fetched again a little
 before they expire. A refresh token the server rotates is written back at
@@ -23,8 +25,8 @@ connection. A refused grant (revoked, password changed, consent withdrawn:
 failed) and /api/health, the dashboard and the log say one sentence naming
 the fix, until the account is connected again.
 
-msal is imported only when a Microsoft token is needed: a relay that signs
-in with a password never loads it.
+msal and google-auth are imported only when a token needs them: a relay
+that signs in with a password never loads either.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from datetime import timezone
 from typing import Any
 
 from .crypto import DecryptionError
@@ -277,10 +280,13 @@ def _fetch(options: Options, store: Any) -> tuple[str, float]:
         else:
             raise OAuthError("the Microsoft 365 account is not connected: connect it in Settings (or run "
                              "`tspro-relay smtp connect microsoft`), or enter the application's client secret")
-    else:
-        if not refresh_token:
-            raise OAuthError("the Google account is not connected: connect it in Settings")
+    elif refresh_token:
         result = _google_refresh(options, refresh_token)
+    elif options.oauth_service_account:
+        return _google_service_account(options)
+    else:
+        raise OAuthError("the Google account is not connected: connect it in Settings (or give a service "
+                         "account key, oauth_service_account)")
     if "access_token" not in result:
         _refused(options, store, result)
     issued_at = time.time()
@@ -399,6 +405,37 @@ def _google_post(options: Options, data: dict[str, str]) -> dict[str, Any]:
 
 def _google_refresh(options: Options, refresh_token: str) -> dict[str, Any]:
     return _google_post(options, {"grant_type": "refresh_token", "refresh_token": refresh_token})
+
+
+class _GoogleResponse:
+    """google-auth's transport response: status, headers, data."""
+
+    def __init__(self, answer: _Response) -> None:
+        self.status, self.headers, self.data = answer.status_code, answer.headers, answer.text.encode()
+
+
+def _google_service_account(options: Options) -> tuple[str, float]:
+    """Domain-wide delegation: the service account signs a JWT naming the mailbox (google-auth does it)."""
+    from google.auth import exceptions
+    from google.oauth2 import service_account
+
+    http = Http(trust(options.smtp_ca_file))
+
+    def transport(url: str, method: str = "GET", body: Any = None, headers: Any = None, **_: Any) -> _GoogleResponse:
+        data = body.encode() if isinstance(body, str) else body
+        return _GoogleResponse(http._send(method, url, None, data, dict(headers or {})))
+
+    try:
+        credentials = service_account.Credentials.from_service_account_info(
+            json.loads(options.oauth_service_account), scopes=["https://mail.google.com/"],
+            subject=options.smtp_username)
+        credentials.refresh(transport)
+    except (exceptions.GoogleAuthError, ValueError) as exc:
+        detail = exc.args[0] if exc.args else exc
+        raise OAuthError(f"Google refused the service account for {options.smtp_username} ({detail}); check its "
+                         "domain-wide delegation for the scope https://mail.google.com/") from None
+    expiry = credentials.expiry.replace(tzinfo=timezone.utc).timestamp() if credentials.expiry else time.time() + 3600
+    return str(credentials.token), max(expiry - time.time(), 1.0)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ restart. This module owns their names, defaults, parsing and validation;
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, fields
 from typing import Any, Callable
@@ -20,7 +21,8 @@ _DOMAIN_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0
 _LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 SECURITY_MODES = ("starttls", "ssl", "none")
 AUTH_METHODS = ("password", "microsoft", "google")
-SECRET_OPTIONS = frozenset({"smtp_password", "turnstile_secret", "oauth_client_secret", "oauth_refresh_token"})
+SECRET_OPTIONS = frozenset({"smtp_password", "turnstile_secret", "oauth_client_secret", "oauth_refresh_token",
+                            "oauth_service_account"})
 MICROSOFT_AUTHORITY = "https://login.microsoftonline.com"
 GOOGLE_AUTHORITY = "https://accounts.google.com"
 TURNSTILE_VERIFY_URL = "https://challenges.cloudflare.com/turnstile/v0/siteverify"
@@ -82,6 +84,21 @@ def _path(name: str, value: str) -> str:
     if value and not value.startswith("/"):
         raise BadRequest(f"{name} must be an absolute path such as /etc/ssl/private-ca.pem, not {value!r}.")
     return value
+
+
+def _service_account(name: str, value: str) -> str:
+    """A Google service account's JSON key, as downloaded; kept compact (one line)."""
+    if not value.strip():
+        return ""
+    try:
+        key = json.loads(value)
+    except ValueError:
+        key = None
+    needed = ("client_email", "private_key", "token_uri")
+    if not isinstance(key, dict) or key.get("type") != "service_account" or not all(key.get(k) for k in needed):
+        raise BadRequest(f"{name} must be a service account's JSON key as Google Cloud Console downloads it "
+                         "(type service_account, with client_email, private_key and token_uri).")
+    return json.dumps(key, separators=(",", ":"))
 
 
 def _helo_name(name: str, value: str) -> str:
@@ -180,6 +197,7 @@ class Options:
     oauth_authority: str = MICROSOFT_AUTHORITY
     oauth_google_authority: str = GOOGLE_AUTHORITY
     oauth_refresh_token: str = ""
+    oauth_service_account: str = ""
     smtp_timeout_seconds: int = 30
     smtp_helo_name: str = ""
     default_from: str = ""
@@ -255,6 +273,7 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "oauth_authority": _authority,
     "oauth_google_authority": _authority,
     "oauth_refresh_token": _token,
+    "oauth_service_account": _service_account,
     "smtp_timeout_seconds": _number(1, 600),
     "smtp_helo_name": _helo_name,
     "default_from": _address,
@@ -301,6 +320,8 @@ HELP: dict[str, str] = {
     "oauth_authority": "Microsoft's sign-in address (national clouds: https://login.microsoftonline.us)",
     "oauth_google_authority": "Google's sign-in address (its OpenID configuration names the endpoints)",
     "oauth_refresh_token": "the connected account's refresh token, encrypted at rest (set by `smtp connect`)",
+    "oauth_service_account": "Google Workspace: a service account's JSON key (domain-wide delegation) instead of "
+                             "a connected account, encrypted at rest",
     "smtp_timeout_seconds": "timeout for each SMTP operation",
     "smtp_helo_name": "EHLO name (empty: this host's FQDN, or the Default From's domain)",
     "default_from": "sender address when a message has none",

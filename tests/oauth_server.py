@@ -8,7 +8,9 @@ uses them: OpenID configuration, device code, authorization code with PKCE
 (the old one stays valid, as Microsoft's do) and ``issued_refresh`` keeps the
 order they were issued in; ``revoke()`` refuses every grant with
 ``invalid_grant``, ``restore()`` lifts that. Tenants live under
-``/{tenant}`` (Microsoft's layout), Google under ``/google``.
+``/{tenant}`` (Microsoft's layout), Google under ``/google``, where a
+service account in ``delegated`` also gets tokens for any mailbox with a JWT
+signed by its key (domain-wide delegation).
 
 ``XOAuth2SmtpServer`` is aiosmtpd with STARTTLS and AUTH XOAUTH2 only; it
 asks the stand-in whether the bearer token is valid for the user, answers a
@@ -30,6 +32,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 import captured_logs
 from support import Certificates, Handler, TrackingController, free_port
@@ -42,6 +47,8 @@ GOOGLE_CLIENT_SECRET = "google-secret-Qp4!standin"
 MAILBOX = "volunteer@contoso.example"
 APP_MAILBOX = "portal@contoso.example"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+SERVICE_ACCOUNT = "relay-sender@portal-project.iam.example"
 captured_logs.remember(CLIENT_SECRET, GOOGLE_CLIENT_SECRET)
 
 
@@ -67,6 +74,8 @@ class AuthorizationServer:
         self.grants: list[str] = []  # grant_type of every token request, in order
         self.revoked = False
         self.token_delay = 0.0  # seconds each token request takes: lets two workers' refreshes overlap
+        self.delegated: set[str] = set()  # service accounts a Workspace admin gave domain-wide delegation
+        self._account_key: Any = None
         self.port = free_port()
         self.base = f"https://127.0.0.1:{self.port}"
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), _make_handler(self))
@@ -112,6 +121,35 @@ class AuthorizationServer:
         with self.lock:
             return self.issued_refresh[-1]
 
+    def service_account_key(self) -> str:
+        """A service account's JSON key, as Google Cloud Console downloads it, for this stand-in."""
+        if self._account_key is None:
+            self._account_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = self._account_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()).decode()
+        captured_logs.remember(pem.splitlines()[1])
+        return json.dumps({"type": "service_account", "project_id": "portal-project", "private_key_id": "k1",
+                           "private_key": pem, "client_email": SERVICE_ACCOUNT, "client_id": "1001",
+                           "token_uri": f"{self.base}/google/token"}, indent=2)
+
+    def _jwt_grant(self, assertion: str) -> tuple[int, dict[str, Any]]:
+        """Domain-wide delegation: the assertion is signed by the account's key and names the mailbox."""
+        try:
+            header, payload, signature = assertion.split(".")
+            self._account_key.public_key().verify(
+                base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)), f"{header}.{payload}".encode(),
+                padding.PKCS1v15(), hashes.SHA256())
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        except (ValueError, AttributeError, InvalidSignature):
+            return 400, {"error": "invalid_grant", "error_description": "Invalid JWT Signature."}
+        if claims.get("iss") not in self.delegated or "https://mail.google.com/" not in claims.get("scope", "").split():
+            return 401, {"error": "unauthorized_client", "error_description": "Client is unauthorized to retrieve "
+                         "access tokens using this method, or client not authorized for any of the scopes requested."}
+        # (google-auth names Google's own token endpoint as the audience, wherever token_uri points.)
+        if claims.get("exp", 0) < time.time() or claims.get("aud") != "https://oauth2.googleapis.com/token":
+            return 400, {"error": "invalid_grant", "error_description": "Invalid JWT: expired or wrong audience."}
+        return 200, self._issue(claims["sub"], refresh=False)
+
     # -- the grants ------------------------------------------------------------------------------
     def configuration(self, prefix: str) -> dict[str, Any]:
         if prefix.endswith("/v2.0"):  # Microsoft: /{tenant}/v2.0/.well-known/...
@@ -139,6 +177,8 @@ class AuthorizationServer:
         google = path.startswith("/google/")
         with self.lock:
             self.grants.append(grant)
+            if grant == JWT_GRANT:
+                return self._jwt_grant(form.get("assertion", ""))
             if grant == "client_credentials":
                 if (form.get("client_id"), form.get("client_secret")) != (CLIENT_ID, CLIENT_SECRET):
                     return 401, {"error": "invalid_client",

@@ -20,11 +20,12 @@ from relay_core.config import Secret, Settings
 from relay_core.db import open_database
 from relay_core.rotation import rotate
 from relay_core.delivery import Deliverer
+from relay_core.errors import BadRequest
 from relay_core.options import parse_option
 from relay_core.smtp import DeliveryError, Mailer, Target, connect, xoauth2_response
 from relay_core.store import Store
-from oauth_server import (APP_MAILBOX, CLIENT_ID, CLIENT_SECRET, MAILBOX, TENANT, AuthorizationServer,
-                          XOAuth2SmtpServer)
+from oauth_server import (APP_MAILBOX, CLIENT_ID, CLIENT_SECRET, MAILBOX, SERVICE_ACCOUNT, TENANT,
+                          AuthorizationServer, XOAuth2SmtpServer)
 from support import Certificates, store_message, wait_until
 
 BODY = b"From: portal@contoso.example\r\nTo: a@example.com\r\nSubject: Hi\r\n\r\nHello.\r\n"
@@ -220,11 +221,11 @@ def test_client_credentials_refused_secret_is_named(store: Store, smtp: XOAuth2S
     assert not caught.value.revoked and oauth.revoked_sentence(store) is None
 
 
-def test_msal_is_not_loaded_for_password_relays() -> None:
+def test_msal_and_google_auth_are_not_loaded_for_password_relays() -> None:
     import subprocess
     import sys
     code = ("import sys, relay_core.delivery, relay_core.mailflow, relay_core.cli; "
-            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('msal', 'requests', 'jwt'))))")
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('msal', 'requests', 'jwt', 'google'))))")
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
 
@@ -242,3 +243,24 @@ def test_rotate_secret_covers_the_client_secret_and_refresh_token(store: Store, 
         assert new_only.decrypt_text(rows["oauth_refresh_token"]) == "rt-to-rotate"
     finally:
         rotating.shutdown()
+
+
+def test_google_service_account_with_domain_wide_delegation(store: Store, smtp: XOAuth2SmtpServer,
+                                                            authority: AuthorizationServer,
+                                                            certs: Certificates) -> None:
+    key = authority.service_account_key()
+    configure(store, smtp, authority, certs, smtp_auth="google", oauth_google_authority=f"{authority.base}/google",
+              oauth_service_account=key, oauth_client_id="")
+    assert "PRIVATE KEY" not in store.conn().execute(
+        "SELECT value FROM settings WHERE name = 'oauth_service_account'").fetchone()[0]
+    with pytest.raises(oauth.OAuthError) as caught:
+        oauth.access_token(store.options(), store)
+    assert caught.value.message.startswith(f"Google refused the service account for {MAILBOX} (unauthorized_client: "
+                                           "Client is unauthorized to retrieve access tokens")
+    assert caught.value.message.endswith("check its domain-wide delegation for the scope https://mail.google.com/")
+    authority.delegated.add(SERVICE_ACCOUNT)
+    token = oauth.access_token(store.options(), store)
+    connect(Target.from_options(store.options(), token)).quit()
+    assert smtp.handler.exchanges[-1]["ok"] and smtp.handler.exchanges[-1]["user"] == MAILBOX
+    with pytest.raises(BadRequest, match="must be a service account's JSON key"):
+        parse_option("oauth_service_account", '{"type": "authorized_user"}')
