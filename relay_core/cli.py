@@ -528,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_migrate_store)
 
     add_command(sub, "rotate-secret", "re-encrypt every stored secret and message with the new RELAY_SECRET_KEY",
-                "Re-encrypt the SMTP password, the Turnstile secret, every API key (Reveal copy and lookup hash), "
+                "Re-encrypt the SMTP password, the Turnstile secret, the OAuth client secret, refresh token and "
+                "service account key, every API key (Reveal copy and lookup hash), "
                 "the key check and every stored message body from RELAY_SECRET_KEY_OLD to RELAY_SECRET_KEY, in one "
                 "transaction, while the relay runs (its processes restarted with both variables first). Prints "
                 "how many items it rotated; afterwards RELAY_SECRET_KEY_OLD can be dropped.",

@@ -14,13 +14,14 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 import captured_logs
 from oauth_server import MAILBOX, AuthorizationServer, XOAuth2SmtpServer, microsoft_settings
-from support import Certificates, Relay, wait_until
+from support import Certificates, Relay, cli, wait_until
 
 pytestmark = pytest.mark.slow
 SENTENCE = "The Microsoft 365 connection was revoked (AADSTS50173): reconnect it in Settings"
@@ -53,8 +54,8 @@ def send(relay: Relay, subject: str) -> str:
     return str(response.json()["id"])
 
 
-def test_connect_send_refresh_rotate_revoke_reconnect(tmp_path, certs: Certificates,  # type: ignore[no-untyped-def]
-                                                       stand_ins: tuple[AuthorizationServer, XOAuth2SmtpServer]):
+def test_connect_send_refresh_rotate_revoke_reconnect(tmp_path: Path, certs: Certificates,
+                                                       stand_ins: tuple[AuthorizationServer, XOAuth2SmtpServer]) -> None:
     authority, smtp = stand_ins
     relay = Relay(tmp_path, RELAY_WORKER_THREADS="2", RELAY_LOG_LEVEL="INFO")
     try:
@@ -63,6 +64,12 @@ def test_connect_send_refresh_rotate_revoke_reconnect(tmp_path, certs: Certifica
         out = connect(relay, authority)
         assert out.endswith(f"Connected: the relay now sends as {MAILBOX} through Microsoft 365 "
                             "(smtp_auth=microsoft).\n")
+        shown = cli(relay.env, "config", "show", cwd=relay.cwd).stdout
+        assert "oauth_refresh_token = ********" in shown and "rt-" not in shown
+        tested = cli(relay.env, "smtp", "test", cwd=relay.cwd).stdout
+        assert tested == (f"Signed in to 127.0.0.1:{smtp.port} with an access token for {MAILBOX}. No mail was "
+                          "sent.\n")
+        assert smtp.received == [] and smtp.handler.exchanges[-1]["ok"]
         relay.start_web()
         relay.start_worker()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import re
 import ssl
+from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qs, urlsplit
 
@@ -19,6 +20,8 @@ from admin_helpers import AdminClient, admin_client, admin_settings, field_error
 from oauth_server import (CLIENT_ID, GOOGLE_CLIENT_ID, GOOGLE_CLIENT_SECRET, MAILBOX, TENANT, AuthorizationServer,
                           XOAuth2SmtpServer)
 from support import Certificates, wait_until
+
+StandIns = tuple[AuthorizationServer, XOAuth2SmtpServer]
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +40,7 @@ def stand_ins(certs: Certificates) -> Iterator[tuple[AuthorizationServer, XOAuth
 
 
 @pytest.fixture
-def client(tmp_path, stand_ins, certs: Certificates) -> Iterator[AdminClient]:  # type: ignore[no-untyped-def]
+def client(tmp_path: Path, stand_ins: StandIns) -> Iterator[AdminClient]:
     authority, _ = stand_ins
     with admin_client(admin_settings(tmp_path)) as client:
         # The sign-in addresses are not on the card (the public ones are the defaults): set as the CLI would.
@@ -53,7 +56,7 @@ def card(smtp: XOAuth2SmtpServer, certs: Certificates, **extra: str) -> dict[str
             "allowed_from": "", "max_attach_mb": "25", **extra}
 
 
-def test_microsoft_device_code_from_the_card(client: AdminClient, stand_ins, certs: Certificates) -> None:  # type: ignore[no-untyped-def]
+def test_microsoft_device_code_from_the_card(client: AdminClient, stand_ins: StandIns, certs: Certificates) -> None:
     authority, smtp = stand_ins
     saved = client.post("/settings/smtp", card(smtp, certs))
     assert saved.status_code == 303, saved.text
@@ -85,7 +88,7 @@ def test_microsoft_device_code_from_the_card(client: AdminClient, stand_ins, cer
     assert smtp.received == [] and smtp.handler.exchanges[-1]["ok"]
 
 
-def test_google_authorization_code_with_pkce(client: AdminClient, stand_ins, certs: Certificates) -> None:  # type: ignore[no-untyped-def]
+def test_google_authorization_code_with_pkce(client: AdminClient, stand_ins: StandIns, certs: Certificates) -> None:
     authority, smtp = stand_ins
     form = card(smtp, certs, smtp_auth="google", oauth_tenant="", oauth_client_id=GOOGLE_CLIENT_ID,
                 oauth_client_secret=GOOGLE_CLIENT_SECRET)
@@ -113,7 +116,7 @@ def test_google_authorization_code_with_pkce(client: AdminClient, stand_ins, cer
     assert client.get(back.removeprefix("http://testserver")).status_code == 200  # a code works once
 
 
-def test_revoked_connection_is_said_on_the_card_and_the_dashboard(client: AdminClient, stand_ins,  # type: ignore[no-untyped-def]
+def test_revoked_connection_is_said_on_the_card_and_the_dashboard(client: AdminClient, stand_ins: StandIns,
                                                                    certs: Certificates) -> None:
     authority, smtp = stand_ins
     store = client.state.store
@@ -131,11 +134,12 @@ def test_revoked_connection_is_said_on_the_card_and_the_dashboard(client: AdminC
     assert sentence in html.unescape(client.get("/").text)
 
 
-def test_bad_oauth_fields_are_refused_next_to_the_field(client: AdminClient, stand_ins,  # type: ignore[no-untyped-def]
+def test_bad_oauth_fields_are_refused_next_to_the_field(client: AdminClient, stand_ins: StandIns,
                                                          certs: Certificates) -> None:
     _, smtp = stand_ins
     page = client.post("/settings/smtp", card(smtp, certs, smtp_auth="kerberos", smtp_ca_file="ca.pem")).text
-    assert field_error(page, "smtp_auth") == "Sign-in method must be one of password, microsoft, google, not 'kerberos'."
+    assert field_error(page, "smtp_auth") == ("Sign-in method must be one of password, microsoft, google, not "
+                                              "'kerberos'.")
     assert field_error(page, "smtp_ca_file").startswith("Extra CA file must be an absolute path")
     assert client.state.store.options().smtp_auth == "password"  # nothing saved
     assert parse_option("smtp_auth", " MICROSOFT ") == "microsoft"
