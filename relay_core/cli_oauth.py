@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from . import crypto, oauth
 from .config import Settings
@@ -30,7 +30,7 @@ def _store(settings: Settings) -> Store:
 def cmd_smtp_connect(args: argparse.Namespace, settings: Settings) -> int:
     store = _store(settings)
     try:
-        values = {"smtp_auth": "microsoft"}
+        values: dict[str, Any] = {"smtp_auth": "microsoft"}
         for name, value in (("oauth_tenant", args.tenant), ("oauth_client_id", args.client_id)):
             if value:
                 values[name] = parse_option(name, value)

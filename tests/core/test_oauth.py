@@ -31,6 +31,12 @@ from support import Certificates, store_message, wait_until
 BODY = b"From: portal@contoso.example\r\nTo: a@example.com\r\nSubject: Hi\r\n\r\nHello.\r\n"
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The compare-and-set of a rotated refresh token and the revocation mark are SQL: both backends."""
+    return str(request.param)
+
+
 @pytest.fixture(autouse=True)
 def fresh_caches(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)  # the stand-ins' CA is trusted through smtp_ca_file only
