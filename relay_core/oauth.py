@@ -4,7 +4,7 @@ Where each token comes from (``smtp_auth``):
 
 - ``microsoft``: with a connected account (a refresh token, from the device
   code sign-in), the refresh-token grant with scope SMTP.Send; otherwise,
-  with a client secret, the client-credentials grant for
+  with a client secret or certificate, the client-credentials grant for
   https://outlook.office365.com/.default (the application way, SMTP.SendAsApp).
   The endpoints come from ``{oauth_authority}/{oauth_tenant}``'s OpenID
   configuration.
@@ -234,8 +234,8 @@ def _source(options: Options) -> str:
 
     Not the refresh token: it rotates, and the access token it gave stays good for the same mailbox."""
     parts = (options.smtp_auth, options.oauth_authority, options.oauth_google_authority, options.oauth_tenant,
-             options.oauth_client_id, options.oauth_client_secret, options.smtp_username.lower(),
-             options.smtp_ca_file)
+             options.oauth_client_id, options.oauth_client_secret, options.oauth_client_certificate,
+             options.smtp_username.lower(), options.smtp_ca_file)
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
@@ -275,11 +275,12 @@ def _fetch(options: Options, store: Any) -> tuple[str, float]:
         if refresh_token:
             app = _microsoft_app(options, public=True)
             result = app.acquire_token_by_refresh_token(refresh_token, scopes=[MICROSOFT_SEND_SCOPE])
-        elif options.oauth_client_secret:
+        elif options.oauth_client_secret or options.oauth_client_certificate:
             result = _microsoft_app(options, public=False).acquire_token_for_client(scopes=[MICROSOFT_APP_SCOPE])
         else:
             raise OAuthError("the Microsoft 365 account is not connected: connect it in Settings (or run "
-                             "`tspro-relay smtp connect microsoft`), or enter the application's client secret")
+                             "`tspro-relay smtp connect microsoft`), or give the application's client secret or "
+                             "certificate")
     elif refresh_token:
         result = _google_refresh(options, refresh_token)
     elif options.oauth_service_account:
@@ -321,7 +322,7 @@ def _microsoft_app(options: Options, public: bool) -> Any:
         raise OAuthError("Microsoft 365 needs oauth_tenant and oauth_client_id (the app registration's "
                          "directory and application ids)")
     key = (public, options.oauth_authority, options.oauth_tenant, options.oauth_client_id,
-           "" if public else options.oauth_client_secret, options.smtp_ca_file)
+           "" if public else options.oauth_client_secret + options.oauth_client_certificate, options.smtp_ca_file)
     app = _apps.get(key)
     if app is None:
         import msal
@@ -336,11 +337,23 @@ def _microsoft_app(options: Options, public: bool) -> Any:
                 app = msal.PublicClientApplication(options.oauth_client_id, **common)
             else:
                 app = msal.ConfidentialClientApplication(options.oauth_client_id,
-                                                         client_credential=options.oauth_client_secret, **common)
+                                                         client_credential=_credential(options), **common)
         except ValueError as exc:  # discovery failed: msal says which address
             raise OAuthError(f"Microsoft sign-in discovery failed: {str(exc).splitlines()[0][:200]}") from None
         _apps[key] = app
     return app
+
+
+def _credential(options: Options) -> Any:
+    """The certificate when there is one (msal signs an assertion with it, PS256), else the secret."""
+    pem = options.oauth_client_certificate
+    if not pem:
+        return options.oauth_client_secret
+    key = re.search(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.+?-----END [A-Z ]*PRIVATE KEY-----", pem, re.DOTALL)
+    cert = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.DOTALL)
+    if key is None or cert is None:
+        raise OAuthError("oauth_client_certificate must hold a private key and its certificate in PEM")
+    return {"private_key": key.group(0), "public_certificate": cert.group(0)}
 
 
 def start_device_flow(options: Options) -> dict[str, Any]:

@@ -21,8 +21,8 @@ _DOMAIN_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0
 _LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 SECURITY_MODES = ("starttls", "ssl", "none")
 AUTH_METHODS = ("password", "microsoft", "google")
-SECRET_OPTIONS = frozenset({"smtp_password", "turnstile_secret", "oauth_client_secret", "oauth_refresh_token",
-                            "oauth_service_account"})
+SECRET_OPTIONS = frozenset({"smtp_password", "turnstile_secret", "oauth_client_secret", "oauth_client_certificate",
+                            "oauth_refresh_token", "oauth_service_account"})
 MICROSOFT_AUTHORITY = "https://login.microsoftonline.com"
 GOOGLE_AUTHORITY = "https://accounts.google.com"
 TURNSTILE_VERIFY_URL = "https://challenges.cloudflare.com/turnstile/v0/siteverify"
@@ -99,6 +99,14 @@ def _service_account(name: str, value: str) -> str:
         raise BadRequest(f"{name} must be a service account's JSON key as Google Cloud Console downloads it "
                          "(type service_account, with client_email, private_key and token_uri).")
     return json.dumps(key, separators=(",", ":"))
+
+
+def _certificate(name: str, value: str) -> str:
+    """A private key and its certificate in PEM (``cat key.pem cert.pem``), for a certificate credential."""
+    value = value.strip()
+    if value and not ("PRIVATE KEY-----" in value and "-----BEGIN CERTIFICATE-----" in value):
+        raise BadRequest(f"{name} must hold the private key and its certificate in PEM (cat key.pem cert.pem).")
+    return value
 
 
 def _helo_name(name: str, value: str) -> str:
@@ -194,6 +202,7 @@ class Options:
     oauth_tenant: str = ""
     oauth_client_id: str = ""
     oauth_client_secret: str = ""
+    oauth_client_certificate: str = ""
     oauth_authority: str = MICROSOFT_AUTHORITY
     oauth_google_authority: str = GOOGLE_AUTHORITY
     oauth_refresh_token: str = ""
@@ -270,6 +279,7 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "oauth_tenant": _token,
     "oauth_client_id": _token,
     "oauth_client_secret": _token,
+    "oauth_client_certificate": _certificate,
     "oauth_authority": _authority,
     "oauth_google_authority": _authority,
     "oauth_refresh_token": _token,
@@ -317,6 +327,8 @@ HELP: dict[str, str] = {
     "oauth_client_id": "Microsoft 365 or Google: the application (client) id",
     "oauth_client_secret": "the application's client secret, encrypted at rest (Microsoft: empty for device "
                            "code sign-in)",
+    "oauth_client_certificate": "Microsoft 365, the application way: a private key and its certificate in PEM "
+                                "instead of a client secret, encrypted at rest",
     "oauth_authority": "Microsoft's sign-in address (national clouds: https://login.microsoftonline.us)",
     "oauth_google_authority": "Google's sign-in address (its OpenID configuration names the endpoints)",
     "oauth_refresh_token": "the connected account's refresh token, encrypted at rest (set by `smtp connect`)",

@@ -21,6 +21,7 @@ reply and refuses with 535, as Gmail and Exchange Online do.
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import html
 import json
@@ -32,9 +33,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
 
 import captured_logs
 from support import Certificates, Handler, TrackingController, free_port
@@ -76,6 +79,7 @@ class AuthorizationServer:
         self.token_delay = 0.0  # seconds each token request takes: lets two workers' refreshes overlap
         self.delegated: set[str] = set()  # service accounts a Workspace admin gave domain-wide delegation
         self._account_key: Any = None
+        self.certificates: dict[str, Any] = {}  # x5t#S256 -> certificate registered for the app
         self.port = free_port()
         self.base = f"https://127.0.0.1:{self.port}"
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), _make_handler(self))
@@ -132,6 +136,37 @@ class AuthorizationServer:
                            "private_key": pem, "client_email": SERVICE_ACCOUNT, "client_id": "1001",
                            "token_uri": f"{self.base}/google/token"}, indent=2)
 
+    def client_certificate(self) -> str:
+        """A private key and self-signed certificate registered for the app (``cat key.pem cert.pem``)."""
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tspro-relay")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+                .not_valid_after(now + datetime.timedelta(days=30)).sign(key, hashes.SHA256()))
+        self.certificates[_b64url(cert.fingerprint(hashes.SHA256()))] = cert
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+        captured_logs.remember(pem.splitlines()[1])
+        return pem + cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    def _assertion_ok(self, assertion: str, token_endpoint: str) -> bool:
+        """A client assertion (RFC 7523) signed by a registered certificate's key, for this endpoint."""
+        try:
+            header_part, payload_part, signature = assertion.split(".")
+            header = json.loads(base64.urlsafe_b64decode(header_part + "=" * (-len(header_part) % 4)))
+            claims = json.loads(base64.urlsafe_b64decode(payload_part + "=" * (-len(payload_part) % 4)))
+            # (msal writes the thumbprint in base64 with padding; RFC 7515 says base64url: take either.)
+            cert = self.certificates[header["x5t#S256"].rstrip("=").replace("+", "-").replace("/", "_")]
+            scheme = (padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH)
+                      if header["alg"] == "PS256" else padding.PKCS1v15())
+            cert.public_key().verify(base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)),
+                                     f"{header_part}.{payload_part}".encode(), scheme, hashes.SHA256())
+        except (ValueError, KeyError, InvalidSignature):
+            return False
+        return (claims.get("iss") == claims.get("sub") == CLIENT_ID and claims.get("aud") == token_endpoint
+                and claims.get("exp", 0) > time.time())
+
     def _jwt_grant(self, assertion: str) -> tuple[int, dict[str, Any]]:
         """Domain-wide delegation: the assertion is signed by the account's key and names the mailbox."""
         try:
@@ -180,7 +215,11 @@ class AuthorizationServer:
             if grant == JWT_GRANT:
                 return self._jwt_grant(form.get("assertion", ""))
             if grant == "client_credentials":
-                if (form.get("client_id"), form.get("client_secret")) != (CLIENT_ID, CLIENT_SECRET):
+                if form.get("client_assertion"):
+                    if not self._assertion_ok(form["client_assertion"], self.base + path):
+                        return 401, {"error": "invalid_client", "error_description": "AADSTS700027: The certificate "
+                                     "with identifier used to sign the client assertion is not registered."}
+                elif (form.get("client_id"), form.get("client_secret")) != (CLIENT_ID, CLIENT_SECRET):
                     return 401, {"error": "invalid_client",
                                  "error_description": "AADSTS7000215: Invalid client secret provided."}
                 return 200, self._issue("*", refresh=False)

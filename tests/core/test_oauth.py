@@ -217,6 +217,17 @@ def _make_due(store: Store, message_id: str) -> None:
         conn.execute("UPDATE messages SET next_attempt_at = 0 WHERE id = ?", (message_id,))
 
 
+def test_client_credentials_with_a_certificate(store: Store, smtp: XOAuth2SmtpServer,
+                                               authority: AuthorizationServer, certs: Certificates) -> None:
+    configure(store, smtp, authority, certs, oauth_client_certificate=authority.client_certificate(),
+              smtp_username=APP_MAILBOX)
+    token = oauth.access_token(store.options(), store)
+    assert authority.grants == ["client_credentials"] and authority.valid(APP_MAILBOX, token)
+    authority.certificates.clear()  # the certificate removed from the app registration
+    with pytest.raises(oauth.OAuthError, match="AADSTS700027"):
+        oauth.access_token(store.options(), store, fresh=True)
+
+
 def test_client_credentials_refused_secret_is_named(store: Store, smtp: XOAuth2SmtpServer,
                                                     authority: AuthorizationServer, certs: Certificates) -> None:
     configure(store, smtp, authority, certs, oauth_client_secret="wrong-secret-value")
