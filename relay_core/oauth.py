@@ -61,7 +61,8 @@ MICROSOFT_APP_SCOPE = "https://outlook.office365.com/.default"
 GOOGLE_SCOPE = "openid email https://mail.google.com/"
 PROVIDER_NAMES = {"microsoft": "Microsoft 365", "google": "Google"}
 REVOKED = "oauth_revoked"  # meta row: the sentence, while the grant is refused
-GRANT = "oauth_grant"  # meta row: changes with each connection, so a late rotation cannot undo a reconnect
+# meta row: "provider:random", new with each connection, so a late rotation cannot undo a reconnect
+GRANT = "oauth_grant"
 HTTP_TIMEOUT = 15.0
 _AADSTS = re.compile(r"AADSTS\d+")
 
@@ -157,6 +158,12 @@ def revoked_sentence(store: Any) -> str | None:
     return row[0] if row else None
 
 
+def connected_provider(store: Any) -> str:
+    """Which provider the stored refresh token was connected for ("" when none is known)."""
+    row = store.conn().execute("SELECT value FROM meta WHERE name = ?", (GRANT,)).fetchone()
+    return row[0].partition(":")[0] if row else ""
+
+
 def _mark_revoked(store: Any, sentence: str) -> None:
     conn = store.conn()
     with transaction(conn):
@@ -175,11 +182,15 @@ def _clear_revoked(store: Any) -> None:
         conn.execute("DELETE FROM meta WHERE name = ?", (REVOKED,))
 
 
-def _stored_grant(store: Any) -> tuple[str, str]:
-    """(refresh token, grant id) as the store has them now, not as a cached snapshot had them."""
+def _stored_grant(store: Any, provider: str) -> tuple[str, str]:
+    """(refresh token, grant id) as the store has them now, not as a cached snapshot had them.
+
+    No token when the account was connected for the other provider (smtp_auth changed since)."""
     conn = store.conn()
     row = conn.execute("SELECT value FROM settings WHERE name = 'oauth_refresh_token'").fetchone()
     grant = conn.execute("SELECT value FROM meta WHERE name = ?", (GRANT,)).fetchone()
+    if grant and not grant[0].startswith(provider + ":"):
+        return "", grant[0]
     try:
         token = store.keys.decrypt_text(row[0]) if row and row[0] else ""
     except DecryptionError:
@@ -216,7 +227,7 @@ def save_connection(store: Any, provider: str, connected: Connected, audit: tupl
             conn.execute("INSERT INTO settings (name, value, updated_at) VALUES (?, ?, ?) ON CONFLICT(name)"
                          " DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at", (name, text, now))
         conn.execute("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = "
-                     "excluded.value", (GRANT, secrets.token_hex(8)))
+                     "excluded.value", (GRANT, f"{provider}:{secrets.token_hex(8)}"))
         conn.execute("DELETE FROM meta WHERE name = ?", (REVOKED,))
         if audit is not None:
             insert_audit(conn, audit[0], audit[1], "settings.oauth_connect",
@@ -235,14 +246,8 @@ def _source(options: Options) -> str:
     Not the refresh token: it rotates, and the access token it gave stays good for the same mailbox."""
     parts = (options.smtp_auth, options.oauth_authority, options.oauth_google_authority, options.oauth_tenant,
              options.oauth_client_id, options.oauth_client_secret, options.oauth_client_certificate,
-             options.smtp_username.lower(), options.smtp_ca_file)
+             options.oauth_service_account, options.smtp_username.lower(), options.smtp_ca_file)
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
-
-
-def forget(options: Options) -> None:
-    """Drop the cached token (the mail server refused it): the next call fetches a new one."""
-    with _cache_lock:
-        _cache.pop(_source(options), None)
 
 
 def access_token(options: Options, store: Any, fresh: bool = False) -> str:
@@ -270,7 +275,7 @@ def access_token(options: Options, store: Any, fresh: bool = False) -> str:
 
 
 def _fetch(options: Options, store: Any) -> tuple[str, float]:
-    refresh_token, grant = _stored_grant(store)
+    refresh_token, grant = _stored_grant(store, options.smtp_auth)
     if options.smtp_auth == "microsoft":
         if refresh_token:
             app = _microsoft_app(options, public=True)

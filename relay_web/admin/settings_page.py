@@ -208,7 +208,11 @@ def _oauth_state(request: Request, options: Any) -> dict[str, Any]:
         if under_way is not None:
             pending = {"user_code": under_way["flow"]["user_code"],
                        "verification_uri": under_way["flow"]["verification_uri"]}
-    return {"connected": bool(options.oauth_refresh_token), "mailbox": options.smtp_username,
+    connected = bool(options.oauth_refresh_token) and oauth.connected_provider(store) in ("", options.smtp_auth)
+    application = not connected and bool(
+        options.oauth_client_secret or options.oauth_client_certificate if options.smtp_auth == "microsoft"
+        else options.oauth_service_account)
+    return {"connected": connected, "application": application, "mailbox": options.smtp_username,
             "provider": oauth.PROVIDER_NAMES.get(options.smtp_auth, ""), "revoked": oauth.revoked_sentence(store),
             "client_secret_set": bool(options.oauth_client_secret), "pending": pending}
 

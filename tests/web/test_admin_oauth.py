@@ -17,7 +17,7 @@ import pytest
 from relay_core import oauth
 from relay_core.options import parse_option
 from admin_helpers import AdminClient, admin_client, admin_settings, field_error
-from oauth_server import (CLIENT_ID, GOOGLE_CLIENT_ID, GOOGLE_CLIENT_SECRET, MAILBOX, TENANT, AuthorizationServer,
+from oauth_server import (CLIENT_ID, CLIENT_SECRET, GOOGLE_CLIENT_ID, GOOGLE_CLIENT_SECRET, MAILBOX, TENANT, AuthorizationServer,
                           XOAuth2SmtpServer)
 from support import Certificates, wait_until
 
@@ -143,3 +143,16 @@ def test_bad_oauth_fields_are_refused_next_to_the_field(client: AdminClient, sta
     assert field_error(page, "smtp_ca_file").startswith("Extra CA file must be an absolute path")
     assert client.state.store.options().smtp_auth == "password"  # nothing saved
     assert parse_option("smtp_auth", " MICROSOFT ") == "microsoft"
+
+
+def test_the_application_way_needs_no_connection(client: AdminClient, stand_ins: StandIns,
+                                                 certs: Certificates) -> None:
+    _, smtp = stand_ins
+    form = card(smtp, certs, smtp_username="portal@contoso.example", oauth_client_secret=CLIENT_SECRET)
+    assert client.post("/settings/smtp", form).status_code == 303
+    page = html.unescape(client.get("/settings").text)
+    assert ("The relay signs in to Microsoft 365 as the application (its client secret or certificate) and sends "
+            "as portal@contoso.example; there is no account to connect.") in page
+    assert CLIENT_SECRET not in page and "A client secret is stored (encrypted)." in page
+    tested = html.unescape(client.post("/settings/smtp/test", form).text)
+    assert "signed in as portal@contoso.example with an access token from Microsoft 365 (XOAUTH2)" in tested
