@@ -17,8 +17,8 @@ import pytest
 from relay_core import oauth
 from relay_core.options import parse_option
 from admin_helpers import AdminClient, admin_client, admin_settings, field_error
-from oauth_server import (CLIENT_ID, CLIENT_SECRET, GOOGLE_CLIENT_ID, GOOGLE_CLIENT_SECRET, MAILBOX, TENANT, AuthorizationServer,
-                          XOAuth2SmtpServer)
+from oauth_server import (CLIENT_ID, CLIENT_SECRET, GOOGLE_CLIENT_ID, GOOGLE_CLIENT_SECRET, MAILBOX, TENANT,
+                          AuthorizationServer, XOAuth2SmtpServer)
 from support import Certificates, wait_until
 
 StandIns = tuple[AuthorizationServer, XOAuth2SmtpServer]
