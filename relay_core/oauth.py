@@ -41,9 +41,7 @@ import secrets
 import ssl
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from datetime import timezone
 from typing import Any
@@ -134,6 +132,9 @@ class Http:
 
     def _send(self, method: str, url: str, params: dict[str, Any] | None, body: bytes | None,
               headers: dict[str, str]) -> _Response:
+        import urllib.error  # here: a relay signing in with a password never loads urllib's HTTP client
+        import urllib.request
+
         if params:
             url += ("&" if "?" in url else "?") + urllib.parse.urlencode(params)
         request = urllib.request.Request(url, data=body, method=method,
