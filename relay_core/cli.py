@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Sequence, cast
 
-from . import __version__, backup, cli_inspect, crypto, health
+from . import __version__, backup, cli_inspect, cli_oauth, crypto, health
 from .config import ConfigError, Settings, is_shared_queue, load_settings
 from .db import StoreInUse
 from .errors import RelayError
@@ -528,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_migrate_store)
 
     add_command(sub, "rotate-secret", "re-encrypt every stored secret and message with the new RELAY_SECRET_KEY",
-                "Re-encrypt the SMTP password, the Turnstile secret, every API key (Reveal copy and lookup hash), "
+                "Re-encrypt the SMTP password, the Turnstile secret, the OAuth client secret, refresh token and "
+                "service account key, every API key (Reveal copy and lookup hash), "
                 "the key check and every stored message body from RELAY_SECRET_KEY_OLD to RELAY_SECRET_KEY, in one "
                 "transaction, while the relay runs (its processes restarted with both variables first). Prints "
                 "how many items it rotated; afterwards RELAY_SECRET_KEY_OLD can be dropped.",
@@ -562,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_reload, needs_settings=False)
 
     cli_inspect.register(sub, add_command)
+    cli_oauth.register(sub, add_command)
     return parser
 
 

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from . import oauth
 from .crypto import DecryptionError
 from .errors import RelayError
 from .logs import fields
@@ -136,11 +137,28 @@ class Deliverer:
             return None, DeliveryError(f"the stored message cannot be rendered: {exc}", stage="queue",
                                        permanent=True)
         try:
-            return self.mailer().deliver(Target.from_options(options), claimed.envelope_from,
-                                         [r.address for r in pending], mime,
-                                         idle_limit=float(options.connection_idle_seconds)), None
+            return self._deliver(options, claimed, pending, mime, fresh=False), None
+        except DeliveryError as exc:
+            if not (options.uses_oauth and exc.stage == "AUTH" and exc.code is not None):
+                return None, exc
+        try:
+            # The server refused a cached token (revoked early, or clocks apart): once more with a new one.
+            return self._deliver(options, claimed, pending, mime, fresh=True), None
         except DeliveryError as exc:
             return None, exc
+
+    def _deliver(self, options: Options, claimed: ClaimedMessage, pending: list[Recipient],
+                 mime: bytes | bytearray, fresh: bool) -> DeliveryResult:
+        token = ""
+        if options.uses_oauth:
+            try:
+                token = oauth.access_token(options, self.store, fresh=fresh)
+            except oauth.OAuthError as exc:
+                # Transient by policy, as a refused password is: mail waits until the account is reconnected.
+                raise DeliveryError(f"AUTH: {exc.message}", stage="AUTH", permanent=False) from None
+        return self.mailer().deliver(Target.from_options(options, token), claimed.envelope_from,
+                                     [r.address for r in pending], mime,
+                                     idle_limit=float(options.connection_idle_seconds))
 
     def _conclude(self, claimed: ClaimedMessage, options: Options, pending: list[Recipient],
                   result: DeliveryResult | None, error: DeliveryError | None, started: float) -> Outcome:

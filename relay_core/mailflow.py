@@ -9,6 +9,7 @@ show, whenever an accepted message would not go out now:
 - SMTP delivery is not configured (or no API key exists);
 - delivery is paused (`tspro-relay pause`);
 - no worker has reported in the last minute;
+- the OAuth 2.0 connection to Microsoft 365 or Google was revoked;
 - the upstream server is failing: the last ``window`` attempts (3 by default)
   since its settings last changed all failed at connect, TLS or AUTH.
 
@@ -23,13 +24,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .ledger import CONNECTION_STAGES, AttemptFact
+from .oauth import revoked_sentence
 from .store import Store
 
 WORKER_STALE_SECONDS = 60
 UPSTREAM_WINDOW = 3
 # A change to any of these may have fixed the upstream: attempts before it say nothing.
 UPSTREAM_SETTINGS = ("smtp_host", "smtp_port", "smtp_security", "smtp_username", "smtp_password",
-                     "smtp_tls_verify", "smtp_helo_name")
+                     "smtp_tls_verify", "smtp_helo_name", "smtp_ca_file", "smtp_auth", "oauth_tenant",
+                     "oauth_client_id", "oauth_client_secret", "oauth_authority", "oauth_google_authority")
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,9 @@ def assess(store: Store, now: float | None = None, window: int = UPSTREAM_WINDOW
     if "smtp_password" in store.unreadable_secrets:
         problems.append("The stored SMTP password cannot be decrypted with this RELAY_SECRET_KEY, so nothing is "
                         "delivered: re-enter it in the relay's settings.")
+    revoked = revoked_sentence(store)
+    if revoked:
+        problems.append(revoked + ".")
     if options.delivery_paused:
         problems.append("Delivery is paused: mail is accepted and queued but not sent until an admin "
                         "resumes it (`tspro-relay resume`).")
@@ -131,7 +137,7 @@ def assess(store: Store, now: float | None = None, window: int = UPSTREAM_WINDOW
         else:
             problems.append(f"No delivery worker has reported for {int(now - heartbeat)} seconds, so queued "
                             "mail is not being sent.")
-    if options.smtp_configured and upstream.failing and upstream.sentence:
+    if options.smtp_configured and upstream.failing and upstream.sentence and not revoked:
         problems.append("The mail server is failing: " + upstream.sentence + ".")
     configured = options.smtp_configured and has_key
     return Health(

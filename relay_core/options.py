@@ -8,6 +8,7 @@ restart. This module owns their names, defaults, parsing and validation;
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, fields
 from typing import Any, Callable
@@ -19,7 +20,11 @@ _ADDR_RE = re.compile(r"^[^@\s<>(),;:\"\[\]\\]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za
 _DOMAIN_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
 _LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 SECURITY_MODES = ("starttls", "ssl", "none")
-SECRET_OPTIONS = frozenset({"smtp_password", "turnstile_secret"})
+AUTH_METHODS = ("password", "microsoft", "google")
+SECRET_OPTIONS = frozenset({"smtp_password", "turnstile_secret", "oauth_client_secret", "oauth_client_certificate",
+                            "oauth_refresh_token", "oauth_service_account"})
+MICROSOFT_AUTHORITY = "https://login.microsoftonline.com"
+GOOGLE_AUTHORITY = "https://accounts.google.com"
 TURNSTILE_VERIFY_URL = "https://challenges.cloudflare.com/turnstile/v0/siteverify"
 
 
@@ -66,6 +71,44 @@ def _security(name: str, value: str) -> str:
     return cleaned
 
 
+def _auth(name: str, value: str) -> str:
+    cleaned = value.strip().lower()
+    if cleaned not in AUTH_METHODS:
+        raise BadRequest(f"{name} must be one of {', '.join(AUTH_METHODS)}, not {value!r}.")
+    return cleaned
+
+
+def _path(name: str, value: str) -> str:
+    """A file on this host, named absolutely: the web and the worker may run in other directories."""
+    value = _text(name, value)
+    if value and not value.startswith("/"):
+        raise BadRequest(f"{name} must be an absolute path such as /etc/ssl/private-ca.pem, not {value!r}.")
+    return value
+
+
+def _service_account(name: str, value: str) -> str:
+    """A Google service account's JSON key, as downloaded; kept compact (one line)."""
+    if not value.strip():
+        return ""
+    try:
+        key = json.loads(value)
+    except ValueError:
+        key = None
+    needed = ("client_email", "private_key", "token_uri")
+    if not isinstance(key, dict) or key.get("type") != "service_account" or not all(key.get(k) for k in needed):
+        raise BadRequest(f"{name} must be a service account's JSON key as Google Cloud Console downloads it "
+                         "(type service_account, with client_email, private_key and token_uri).")
+    return json.dumps(key, separators=(",", ":"))
+
+
+def _certificate(name: str, value: str) -> str:
+    """A private key and its certificate in PEM (``cat key.pem cert.pem``), for a certificate credential."""
+    value = value.strip()
+    if value and not ("PRIVATE KEY-----" in value and "-----BEGIN CERTIFICATE-----" in value):
+        raise BadRequest(f"{name} must hold the private key and its certificate in PEM (cat key.pem cert.pem).")
+    return value
+
+
 def _helo_name(name: str, value: str) -> str:
     """A host name for EHLO (empty: chosen automatically); never an IP address."""
     value = _text(name, value).rstrip(".")
@@ -84,6 +127,14 @@ def _url(name: str, value: str) -> str:
     scheme, _, rest = value.partition("://")
     if scheme.lower() not in ("http", "https") or not rest or any(c.isspace() for c in value):
         raise BadRequest(f"{name} must be an http:// or https:// URL, not {value!r}.")
+    return value
+
+
+def _authority(name: str, value: str) -> str:
+    """A sign-in address: https only (tokens travel through it), kept without a trailing slash."""
+    value = _url(name, value).rstrip("/")
+    if not value.lower().startswith("https://"):
+        raise BadRequest(f"{name} must be an https:// address, not {value!r}.")
     return value
 
 
@@ -146,6 +197,16 @@ class Options:
     smtp_username: str = ""
     smtp_password: str = ""
     smtp_tls_verify: bool = True
+    smtp_ca_file: str = ""
+    smtp_auth: str = "password"
+    oauth_tenant: str = ""
+    oauth_client_id: str = ""
+    oauth_client_secret: str = ""
+    oauth_client_certificate: str = ""
+    oauth_authority: str = MICROSOFT_AUTHORITY
+    oauth_google_authority: str = GOOGLE_AUTHORITY
+    oauth_refresh_token: str = ""
+    oauth_service_account: str = ""
     smtp_timeout_seconds: int = 30
     smtp_helo_name: str = ""
     default_from: str = ""
@@ -179,6 +240,10 @@ class Options:
         return bool(self.smtp_host)
 
     @property
+    def uses_oauth(self) -> bool:
+        return self.smtp_auth != "password"
+
+    @property
     def turnstile_enabled(self) -> bool:
         return bool(self.turnstile_site_key and self.turnstile_secret)
 
@@ -209,6 +274,16 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "smtp_username": _text,
     "smtp_password": lambda name, value: value,
     "smtp_tls_verify": _bool,
+    "smtp_ca_file": _path,
+    "smtp_auth": _auth,
+    "oauth_tenant": _token,
+    "oauth_client_id": _token,
+    "oauth_client_secret": _token,
+    "oauth_client_certificate": _certificate,
+    "oauth_authority": _authority,
+    "oauth_google_authority": _authority,
+    "oauth_refresh_token": _token,
+    "oauth_service_account": _service_account,
     "smtp_timeout_seconds": _number(1, 600),
     "smtp_helo_name": _helo_name,
     "default_from": _address,
@@ -245,6 +320,20 @@ HELP: dict[str, str] = {
     "smtp_username": "AUTH user name (empty: no AUTH)",
     "smtp_password": "AUTH password, encrypted at rest",
     "smtp_tls_verify": "verify the server's certificate (true/false)",
+    "smtp_ca_file": "PEM file of CA certificates trusted for the mail server and token requests, besides the "
+                    "system's (empty: the system's only)",
+    "smtp_auth": "how to sign in to the mail server: password, microsoft or google (OAuth 2.0, XOAUTH2)",
+    "oauth_tenant": "Microsoft 365: the directory (tenant) id or domain",
+    "oauth_client_id": "Microsoft 365 or Google: the application (client) id",
+    "oauth_client_secret": "the application's client secret, encrypted at rest (Microsoft: empty for device "
+                           "code sign-in)",
+    "oauth_client_certificate": "Microsoft 365, the application way: a private key and its certificate in PEM "
+                                "instead of a client secret, encrypted at rest",
+    "oauth_authority": "Microsoft's sign-in address (national clouds: https://login.microsoftonline.us)",
+    "oauth_google_authority": "Google's sign-in address (its OpenID configuration names the endpoints)",
+    "oauth_refresh_token": "the connected account's refresh token, encrypted at rest (set by `smtp connect`)",
+    "oauth_service_account": "Google Workspace: a service account's JSON key (domain-wide delegation) instead of "
+                             "a connected account, encrypted at rest",
     "smtp_timeout_seconds": "timeout for each SMTP operation",
     "smtp_helo_name": "EHLO name (empty: this host's FQDN, or the Default From's domain)",
     "default_from": "sender address when a message has none",

@@ -2,7 +2,8 @@
 
 What the secret protects in the store, and so what is rotated:
 
-- the secret settings (``smtp_password``, ``turnstile_secret``): Fernet;
+- the secret settings (``smtp_password``, ``turnstile_secret``, ``oauth_client_secret``,
+  ``oauth_refresh_token``, ``oauth_service_account``): Fernet;
 - each API key's Reveal copy (Fernet) and its lookup hash (an HMAC of the
   key: the key is decrypted and hashed again with the new secret);
 - the key check in ``meta`` that tells a process it was given the right

@@ -7,6 +7,13 @@ DATA) and whether retrying can help: 5xx replies are permanent; 4xx
 replies, timeouts, connection, TLS and AUTH errors are transient. Error text
 never carries a secret.
 
+AUTH is a password (smtplib's PLAIN or LOGIN) or, for Microsoft 365 and
+Google, an OAuth 2.0 access token through SASL XOAUTH2: the client sends
+``user={mailbox}^Aauth=Bearer {token}^A^A`` in base64; a server refusing it
+first sends a 334 challenge (base64 JSON naming the error), which the client
+answers with an empty line, and then its 535 or 454. The token itself comes
+from ``oauth.py``; this module only carries it.
+
 A ``Mailer`` belongs to one worker thread and keeps its connection open for
 ``connection_idle_seconds`` between messages (RSET before reuse), so a burst
 pays the TCP, TLS and AUTH handshakes once.
@@ -14,7 +21,9 @@ pays the TCP, TLS and AUTH handshakes once.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
+import json
 import re
 import smtplib
 import socket
@@ -42,12 +51,14 @@ class Target:
     verify: bool
     timeout: float
     helo_name: str | None = None  # None: smtplib's own choice (tests of this module only)
+    ca_file: str = ""  # PEM certificates trusted besides the system's
+    token: str = ""  # an OAuth 2.0 access token: AUTH XOAUTH2 instead of the password
 
     @classmethod
-    def from_options(cls, options: Options) -> "Target":
+    def from_options(cls, options: Options, token: str = "") -> "Target":
         return cls(options.smtp_host, options.smtp_port, options.smtp_security, options.smtp_username,
                    options.smtp_password, options.smtp_tls_verify, float(options.smtp_timeout_seconds),
-                   helo_name(options))
+                   helo_name(options), options.smtp_ca_file, token)
 
 
 def helo_name(options: Options, fqdn: str | None = None) -> str:
@@ -121,12 +132,68 @@ def _reply_text(raw: bytes | str) -> str:
     return " ".join(text.split())[:500]
 
 
-def _tls_context(verify: bool) -> ssl.SSLContext:
+def tls_context(verify: bool = True, ca_file: str = "") -> ssl.SSLContext:
+    """The system's trust store (SSL_CERT_FILE honoured) plus ``ca_file`` when set.
+
+    Raises ``DeliveryError`` when ``ca_file`` cannot be read: a private CA named
+    but missing must not quietly fall back to trusting fewer servers' names."""
     context = ssl.create_default_context()
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise DeliveryError(f"connect: the smtp_ca_file {ca_file} cannot be read as PEM certificates: "
+                                f"{reason}", stage="connect", permanent=False) from None
     if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def xoauth2_response(mailbox: str, token: str) -> str:
+    """The XOAUTH2 initial client response, before base64 (Google's and Microsoft's format)."""
+    return f"user={mailbox}\x01auth=Bearer {token}\x01\x01"
+
+
+class _XOAuth2:
+    """smtplib's authobject: the initial response, then an empty line to the error challenge."""
+
+    def __init__(self, mailbox: str, token: str) -> None:
+        self.initial = xoauth2_response(mailbox, token)
+        self.challenge = ""  # the server's decoded error (JSON), if it sent one
+
+    def __call__(self, challenge: bytes | None = None) -> str:
+        if challenge is None:
+            return self.initial
+        self.challenge = challenge.decode("utf-8", "replace")
+        return ""
+
+
+def _challenge_words(challenge: str) -> str:
+    """'status 401, scope https://mail.google.com/' from the error challenge's JSON (no secrets in it)."""
+    try:
+        fields = json.loads(challenge)
+    except ValueError:
+        return " ".join(challenge.split())[:200]
+    if not isinstance(fields, dict):
+        return ""
+    return ", ".join(f"{key} {value}" for key, value in fields.items() if isinstance(value, (str, int)))[:200]
+
+
+def _xoauth2(client: smtplib.SMTP, target: Target) -> None:
+    offered = (client.esmtp_features.get("auth") or "").upper().split()
+    if "XOAUTH2" not in offered:
+        raise DeliveryError(f"AUTH: {target.host} does not offer XOAUTH2 (it offers {' '.join(offered) or 'none'}); "
+                            "check smtp_host, or set smtp_auth=password", stage="AUTH", permanent=False)
+    authobject = _XOAuth2(target.username, target.token)
+    try:
+        client.auth("XOAUTH2", authobject)
+    except smtplib.SMTPAuthenticationError as exc:
+        said = _challenge_words(authobject.challenge)
+        raise DeliveryError(f"AUTH: the mail server {target.host} refuses the access token for {target.username} "
+                            f"({exc.smtp_code} {_reply_text(exc.smtp_error)}{'; ' + said if said else ''})",
+                            stage="AUTH", permanent=False, code=exc.smtp_code) from None
 
 
 def _reply_error(stage: str, code: int, reply: str, what: str) -> DeliveryError:
@@ -138,7 +205,8 @@ def _tls_error(target: Target, exc: ssl.SSLError, stage: str) -> DeliveryError:
     if isinstance(exc, ssl.SSLCertVerificationError):
         detail = (exc.verify_message or str(exc)).rstrip(". ")
         text = (f"{stage}: TLS certificate verification failed for {target.host}: {detail}. "
-                "Fix the server's certificate, or set smtp_tls_verify=false if you trust this network.")
+                "Fix the server's certificate, name its CA in smtp_ca_file (a PEM file), or set "
+                "smtp_tls_verify=false if you trust this network.")
     else:
         text = f"{stage}: TLS handshake with {target.host}:{target.port} failed: {exc.reason or exc}"
     return DeliveryError(text, stage=stage, permanent=False)
@@ -151,7 +219,7 @@ def connect(target: Target) -> smtplib.SMTP:
     try:
         if target.security == "ssl":
             client = smtplib.SMTP_SSL(target.host, target.port, local_hostname=target.helo_name,
-                                      timeout=target.timeout, context=_tls_context(target.verify))
+                                      timeout=target.timeout, context=tls_context(target.verify, target.ca_file))
         else:
             client = smtplib.SMTP(target.host, target.port, local_hostname=target.helo_name,
                                   timeout=target.timeout)
@@ -162,7 +230,7 @@ def connect(target: Target) -> smtplib.SMTP:
             if not client.has_extn("starttls"):
                 raise DeliveryError(f"STARTTLS: {target.host} does not offer STARTTLS; set smtp_security "
                                     "to ssl or none to match the server", stage=stage, permanent=False)
-            code, reply = client.starttls(context=_tls_context(target.verify))
+            code, reply = client.starttls(context=tls_context(target.verify, target.ca_file))
             if code != 220:
                 raise _reply_error(stage, code, _reply_text(reply), target.host)
             client.ehlo()
@@ -171,7 +239,10 @@ def connect(target: Target) -> smtplib.SMTP:
             if not client.has_extn("auth"):
                 raise DeliveryError(f"AUTH: {target.host} does not offer AUTH on this connection "
                                     "(it may require STARTTLS first)", stage=stage, permanent=False)
-            client.login(target.username, target.password)
+            if target.token:
+                _xoauth2(client, target)
+            else:
+                client.login(target.username, target.password)
         return client
     except DeliveryError:
         _abandon(client)

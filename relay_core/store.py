@@ -43,7 +43,9 @@ from .sessions import AdminSession, Sessions  # noqa: F401  (re-exported)
 logger = logging.getLogger("relay.store")
 KEY_CHECK = "tspro-relay key check"
 # Where each secret setting is entered again.
-REENTER = {"smtp_password": "Settings → SMTP delivery", "turnstile_secret": "Settings → Sign-in protection"}
+REENTER = {"smtp_password": "Settings → SMTP delivery", "turnstile_secret": "Settings → Sign-in protection",
+           "oauth_client_secret": "Settings → SMTP delivery",
+           "oauth_refresh_token": "connect the account again in Settings → SMTP delivery"}
 
 
 def unreadable_sentence(name: str) -> str:

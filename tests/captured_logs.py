@@ -6,7 +6,9 @@ stderr (``support.cli``) and the output of processes a test reads itself
 are kept as files in one session-wide directory; records logged inside the
 test process go to a file there too (``conftest.py`` adds the handler).
 
-The secrets are every API key and SMTP password the suite created or used:
+The secrets are every API key and SMTP password the suite created or used,
+and every OAuth 2.0 client secret, token, device code and authorization code
+the stand-in authorization server (``oauth_server.py``) issued:
 ``remember`` is called with each (the support helpers do it for keys a CLI
 printed, a relay's portal key and the test SMTP password). At the end of
 the session ``conftest.py`` runs ``scan()`` and fails the run when any log

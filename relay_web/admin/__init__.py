@@ -3,7 +3,7 @@
 ``routes()`` is its part of the application's one route table. Modules:
 ``sessions`` (cookie, CSRF, Origin, the ``require_admin`` guard), ``forms``
 (reading posts, per-field errors), ``templating`` (``render``, filters),
-``signin``, ``account``, ``settings_page``, ``keys``, ``checks``, ``pages``,
+``signin``, ``account``, ``settings_page``, ``oauth_connect``, ``keys``, ``checks``, ``pages``,
 ``turnstile``; the Queue (``queue_page``, ``chart``), a message's page
 (``message_page``) and the Transaction Log (``log_page``).
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from . import account, checks, keys, log_page, message_page, queue_page, settings_page, signin
+from . import account, checks, keys, log_page, message_page, oauth_connect, queue_page, settings_page, signin
 from .templating import STATIC_DIR
 
 
@@ -49,6 +49,12 @@ def routes() -> list[BaseRoute]:
         Route("/settings", settings_page.settings_page, methods=["GET"], name="settings"),
         Route("/settings/smtp", settings_page.save_smtp, methods=["POST"], name="settings_smtp"),
         Route("/settings/smtp/test", checks.test_connection, methods=["POST"], name="settings_smtp_test"),
+        Route("/settings/oauth/microsoft", oauth_connect.connect_microsoft, methods=["POST"], name="oauth_microsoft"),
+        Route("/settings/oauth/microsoft/status", oauth_connect.microsoft_status, methods=["GET"],
+              name="oauth_microsoft_status"),
+        Route("/settings/oauth/google", oauth_connect.connect_google, methods=["GET"], name="oauth_google"),
+        Route("/settings/oauth/google/callback", oauth_connect.google_callback, methods=["GET"],
+              name="oauth_google_callback"),
         Route("/settings/delivery", settings_page.save_delivery, methods=["POST"], name="settings_delivery"),
         Route("/settings/signin", settings_page.save_signin, methods=["POST"], name="settings_signin"),
         Route("/settings/account", account.save_account, methods=["POST"], name="settings_account"),

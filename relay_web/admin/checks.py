@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import smtplib
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from relay_core import smtp
+from relay_core import oauth, smtp
 from relay_core.errors import BadRequest, NotFound
 from relay_core.options import Options, is_address
 from relay_core.sending import enqueue_test_message
@@ -31,9 +32,17 @@ from .templating import status_badge
 PROBE_TIMEOUT = 15.0  # per SMTP operation; the whole check is bounded at twice that
 
 
-def probe(options: Options) -> str:
-    """Connect, secure, authenticate, and say what happened. Raises ``smtp.DeliveryError`` (blocking)."""
-    target = dataclasses.replace(smtp.Target.from_options(options),
+def probe(options: Options, store: Any = None) -> str:
+    """Connect, secure, authenticate, and say what happened. Raises ``smtp.DeliveryError`` (blocking).
+
+    With OAuth 2.0 a new access token is fetched first (the check is of the grant as much as of the server)."""
+    token = ""
+    if options.uses_oauth:
+        try:
+            token = oauth.access_token(options, store, fresh=True)
+        except oauth.OAuthError as exc:
+            raise smtp.DeliveryError(f"AUTH: {exc.message}", stage="AUTH", permanent=False) from None
+    target = dataclasses.replace(smtp.Target.from_options(options, token),
                                  timeout=min(float(options.smtp_timeout_seconds), PROBE_TIMEOUT))
     client = smtp.connect(target)
     try:
@@ -43,7 +52,10 @@ def probe(options: Options) -> str:
             steps.append("over SSL/TLS")
         elif target.security == "starttls":
             steps.append("and started TLS (STARTTLS)")
-        if target.username:
+        if target.token:
+            steps.append(f"and signed in as {target.username} with an access token from "
+                         f"{oauth.PROVIDER_NAMES[options.smtp_auth]} (XOAUTH2)")
+        elif target.username:
             steps.append(f"and signed in as {target.username}")
         answer = f" The server said: {greeting[0]}" if greeting else ""
         return " ".join(steps) + "." + answer + " No mail was sent."
@@ -66,7 +78,8 @@ async def test_connection(request: Request) -> Response:
         shown.error = "Enter the SMTP host first."
         return render_settings(request, {"smtp": shown})
     try:
-        text = await asyncio.wait_for(run_in_threadpool(probe, candidate), timeout=PROBE_TIMEOUT * 2 + 5)
+        text = await asyncio.wait_for(run_in_threadpool(probe, candidate, relay_state(request).store),
+                                      timeout=PROBE_TIMEOUT * 2 + 5)
         shown.result, shown.result_ok = text, True
     except smtp.DeliveryError as exc:
         shown.result, shown.result_ok = f"The connection test failed: {exc.message}", False

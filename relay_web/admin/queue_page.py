@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from relay_core.mailflow import assess
+from relay_core.oauth import revoked_sentence
 from relay_core.pausing import pause, resume
 from relay_core.store import ActionReport
 
@@ -104,6 +105,7 @@ def delivery_health(request: Request, now: float) -> dict[str, Any]:
         "heartbeat": health.worker_heartbeat_at,
         "last": last[0] if last else None,
         "upstream_problem": health.upstream.sentence if health.upstream.failing else None,
+        "oauth_revoked": revoked_sentence(store),
     }
 
 

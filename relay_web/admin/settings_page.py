@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from relay_core import oauth
 from relay_core.errors import BadRequest
 from relay_core.limits import effective_limit
 from relay_core.options import describe_changes, parse_option
@@ -33,6 +34,12 @@ SMTP_LABELS = {
     "allowed_from": "Allowed From", "max_attach_mb": "Max attachment size (MB)",
 }
 SECURITY_CHOICES = [("starttls", "STARTTLS"), ("ssl", "SSL/TLS"), ("none", "None")]
+# The sign-in method and OAuth 2.0 fields; parsed when posted (a form of an earlier page has none).
+OAUTH_LABELS = {"smtp_auth": "Sign-in method", "oauth_tenant": "Tenant (directory) ID",
+                "oauth_client_id": "Client (application) ID", "smtp_ca_file": "Extra CA file"}
+AUTH_CHOICES = [("password", "Password"), ("microsoft", "Microsoft 365 (OAuth 2.0)"),
+                ("google", "Google Workspace or Gmail (OAuth 2.0)")]
+SMTP_FIELDS = [*SMTP_LABELS, *OAUTH_LABELS]
 DELIVERY_LABELS = {
     "retry_base_seconds": "First retry after (seconds)",
     "retry_max_seconds": "Longest wait between retries (seconds)",
@@ -53,8 +60,9 @@ DELIVERY_HINTS = {
 OPTIONAL_DELIVERY = ("send_per_hour", "bad_key_per_minute")
 SIGNIN_LABELS = {"turnstile_site_key": "Turnstile site key", "session_idle_minutes": "Sign out after idle (minutes)"}
 # How the audit trail names each setting (the SMTP card's "Username" needs its card's name there).
-ALL_LABELS = {**SMTP_LABELS, **DELIVERY_LABELS, **SIGNIN_LABELS, "smtp_username": "SMTP username",
-              "smtp_password": "SMTP password", "turnstile_secret": "Turnstile secret key"}
+ALL_LABELS = {**SMTP_LABELS, **OAUTH_LABELS, **DELIVERY_LABELS, **SIGNIN_LABELS, "smtp_username": "SMTP username",
+              "smtp_password": "SMTP password", "turnstile_secret": "Turnstile secret key",
+              "oauth_client_secret": "Client secret"}
 NOTICES = {
     "smtp": "SMTP settings saved.", "delivery": "Retries and pacing saved.",
     "signin": "Sign-in protection saved.", "account": "Admin account saved.",
@@ -62,6 +70,7 @@ NOTICES = {
     "generated": "A new portal key was generated. Copy it into the portal now: the old key no longer works.",
     "added": "Key added. Copy it now, or reveal it later from this list.",
     "limits": "The key's limits were saved.",
+    "oauth": "The account is connected: the relay signs in to the mail server with it from now on.",
 }
 SHOW_KEY = "show-key"  # the purpose of the token that asks this page to show one API key
 FINISHED = ("sent", "partial", "failed", "cancelled")
@@ -123,7 +132,7 @@ def render_settings(request: Request, forms: dict[str, FormState] | None = None,
     relay = relay_state(request)
     options = relay.store.options()
     state = {
-        "smtp": FormState.from_options(options, list(SMTP_LABELS)),
+        "smtp": FormState.from_options(options, SMTP_FIELDS),
         "keys": FormState(),
         "test_email": FormState(),
         "account": FormState(values={"username": request.state.admin.username}),
@@ -137,6 +146,8 @@ def render_settings(request: Request, forms: dict[str, FormState] | None = None,
         "forms_state": state,
         "notice": notice or NOTICES.get(request.query_params.get("saved", ""), ""),
         "security_choices": SECURITY_CHOICES,
+        "auth_choices": AUTH_CHOICES,
+        "oauth": _oauth_state(request, options),
         "delivery_labels": DELIVERY_LABELS,
         "smtp_password_set": bool(options.smtp_password),
         "turnstile_secret_set": bool(options.turnstile_secret),
@@ -171,13 +182,39 @@ async def _save(request: Request, card: str, values: dict[str, Any], shown: Form
 
 
 def parse_smtp(form: dict[str, str]) -> tuple[dict[str, Any], FormState]:
-    """The SMTP card's values; the password only when one was typed or clearing was asked."""
-    values, shown = parse_fields(form, SMTP_LABELS)
+    """The SMTP card's values; a password or client secret only when one was typed or clearing was asked."""
+    values, shown = parse_fields(form, {**SMTP_LABELS, **{k: v for k, v in OAUTH_LABELS.items() if k in form}})
     if form.get("clear_smtp_password") == "yes":
         values["smtp_password"] = ""
     elif form.get("smtp_password"):
         values["smtp_password"] = form["smtp_password"]
+    if form.get("clear_oauth_client_secret") == "yes":
+        values["oauth_client_secret"] = ""
+    elif form.get("oauth_client_secret"):
+        try:
+            values["oauth_client_secret"] = parse_option("oauth_client_secret", form["oauth_client_secret"],
+                                                         ALL_LABELS["oauth_client_secret"])
+        except BadRequest as exc:
+            shown.errors["oauth_client_secret"] = exc.message
     return values, shown
+
+
+def _oauth_state(request: Request, options: Any) -> dict[str, Any]:
+    """What the card says about the OAuth 2.0 connection, and the device code while one is shown."""
+    store = relay_state(request).store
+    pending = None
+    if request.query_params.get("connect") == "microsoft":
+        under_way = oauth.load_pending(store, "microsoft")
+        if under_way is not None:
+            pending = {"user_code": under_way["flow"]["user_code"],
+                       "verification_uri": under_way["flow"]["verification_uri"]}
+    connected = bool(options.oauth_refresh_token) and oauth.connected_provider(store) in ("", options.smtp_auth)
+    application = not connected and bool(
+        options.oauth_client_secret or options.oauth_client_certificate if options.smtp_auth == "microsoft"
+        else options.oauth_service_account)
+    return {"connected": connected, "application": application, "mailbox": options.smtp_username,
+            "provider": oauth.PROVIDER_NAMES.get(options.smtp_auth, ""), "revoked": oauth.revoked_sentence(store),
+            "client_secret_set": bool(options.oauth_client_secret), "pending": pending}
 
 
 @require_admin

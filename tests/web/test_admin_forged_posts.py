@@ -111,6 +111,9 @@ class Relay:
             Form("/messages/{message_id}/body", {}, lambda c, r: self.audited("message.body_viewed")),
             Form("/settings/smtp/test", {**smtp, "smtp_host": "127.0.0.1", "smtp_port": str(free_port())},
                  lambda c, r: "The connection test failed: connect" in r.text),
+            # (No Microsoft 365 app is set up: the genuine post gets as far as saying so.)
+            Form("/settings/oauth/microsoft", {},
+                 lambda c, r: "Microsoft 365 could not be connected: Microsoft 365 needs oauth_tenant" in r.text),
             Form("/settings/smtp", smtp, lambda c, r: store.options().smtp_host == "mail.example.org"),
             Form("/settings/delivery", {"retry_base_seconds": "30", "retry_max_seconds": "600", "max_age_hours": "12",
                                         "max_per_minute": "0", "max_per_hour": "100", "max_per_day": "0",
