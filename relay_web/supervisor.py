@@ -18,6 +18,7 @@ dies on its own stops the other, so a container's restart policy applies.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -86,7 +87,6 @@ class Supervisor:
         return None
 
     def _wait_ready(self, read_end: int, child: subprocess.Popen[bytes]) -> bool:
-        import select
         deadline = time.monotonic() + READY_TIMEOUT
         while not self.stopping:
             left = deadline - time.monotonic()
@@ -110,8 +110,9 @@ class Supervisor:
             self.worker = spawn("worker")
         self.web = self.start_web()
         if self.web is None:
+            failed = not self.stopping
             self._stop(signal.SIGINT, None)
-            return self._wait_all(1)
+            return self._wait_all(1 if failed else 0)
         return self._watch()
 
     def _watch(self) -> int:
@@ -134,7 +135,8 @@ class Supervisor:
         say("reloading: starting a new web process on the same socket.")
         web = self.start_web()
         if web is None:
-            say("reload failed; the running processes keep serving.")
+            if not self.stopping:
+                say("reload failed; the running processes keep serving.")
             return
         old, self.web = self.web, web
         self._retire(old)
