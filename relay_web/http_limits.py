@@ -1,0 +1,181 @@
+"""What one HTTP request may make the web process hold, and for how long.
+
+uvicorn's httptools protocol, the one the relay runs, reads a request head of
+any size for as long as the client likes: httptools joins a header line's
+pieces until the line ends, so one endless header line grew the process by
+150 MiB, and a connection that sent half a head was held for good. (uvicorn's
+h11 protocol has a head limit, but serves about half as many requests.)
+``LimitedHttpToolsProtocol`` counts a head's bytes before the parser sees
+them and gives each phase of a request a deadline:
+
+- a head (request line and headers) over ``HEAD_LIMIT`` bytes: 431, close;
+- a head not complete ``HEAD_SECONDS`` after the connection opened or its
+  first byte arrived: 408, close;
+- a body that stops arriving for ``BODY_IDLE_SECONDS``: close (the app sees
+  the client go).
+
+``BodyBudget`` bounds the bodies being read at once (``api.read_capped_body``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from relay_core.errors import RateLimited
+from relay_core.logs import fields
+
+from .headers import api_headers
+
+logger = logging.getLogger("relay.web")
+
+HEAD_LIMIT = 32 * 1024  # bytes of request line and headers; browsers send 1-8 KiB
+HEAD_SECONDS = 10.0
+BODY_IDLE_SECONDS = 30.0
+MAX_CONNECTIONS = 1000  # uvicorn's limit_concurrency: past it, 503 (a connection holds at most ~50 KiB)
+
+_HEAD, _BODY, _IDLE = "head", "body", "idle"  # what the connection waits for; idle: between requests
+_REFUSALS = {431: "The request's headers are larger than the relay accepts ({limit} bytes).",
+             408: "The request's headers did not arrive within {seconds:g} seconds."}
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a bounded request head and deadlines for head and body."""
+
+    head_limit = HEAD_LIMIT
+    head_seconds = HEAD_SECONDS
+    body_idle_seconds = BODY_IDLE_SECONDS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase = _HEAD
+        self._head_bytes = 0
+        self._since = 0.0  # when the head began, or the body last moved
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._enter(_HEAD)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._phase == _BODY:
+            self._since = self.loop.time()
+            super().data_received(data)
+            return
+        if self._phase == _IDLE:
+            self._enter(_HEAD)
+        room = self.head_limit - self._head_bytes
+        if len(data) <= room:
+            self._head_bytes += len(data)
+            super().data_received(data)
+            return
+        # Feed the head up to the limit; if it has not ended there, it is too large.
+        self._head_bytes = self.head_limit
+        super().data_received(data[:room])
+        if self.transport.is_closing():
+            return
+        if self._phase == _HEAD:
+            self._refuse(431)
+            return
+        self.data_received(data[room:])
+
+    def on_headers_complete(self) -> None:
+        self._enter(_BODY)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._phase, self._head_bytes = _IDLE, 0  # uvicorn's keep-alive timeout takes over
+        super().on_message_complete()
+
+    def _enter(self, phase: str) -> None:
+        self._phase, self._since = phase, self.loop.time()
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.head_seconds if phase == _HEAD else self.body_idle_seconds,
+                                               self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        """The one timer of a connection: act on a deadline that passed, else wait for the next."""
+        self._timer = None
+        if self.transport.is_closing() or self._phase == _IDLE:
+            return
+        if self._phase == _HEAD:
+            left = self._since + self.head_seconds - self.loop.time()
+        elif self.flow.read_paused:  # the app is not reading yet: the client is not the one stalling
+            left = self.body_idle_seconds
+            self._since = self.loop.time()
+        else:
+            left = self._since + self.body_idle_seconds - self.loop.time()
+        if left > 0:
+            self._timer = self.loop.call_later(left, self._check_deadline)
+        elif self._phase == _HEAD:
+            self._refuse(408)
+        else:
+            logger.warning("closed a connection from %s: its request body stopped arriving for %g seconds",
+                           self._peer(), self.body_idle_seconds,
+                           extra=fields("web.body_stalled", client=self._peer()))
+            self.transport.close()
+
+    def _peer(self) -> str:
+        return self.client[0] if self.client else ""
+
+    def _refuse(self, status: int) -> None:
+        """Answer 431 or 408 in the contract's shape, with the security headers, and hang up."""
+        text = _REFUSALS[status].format(limit=self.head_limit, seconds=self.head_seconds)
+        logger.warning("refused a request from %s with %d: %s", self._peer(), status, text,
+                       extra=fields("web.head_refused", client=self._peer(), status=status))
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # a pipelined head while the app still answers: no room for ours
+            return
+        url = getattr(self, "url", b"")  # set once a request began
+        if url.startswith((b"/api/", b"/healthz")):
+            body, kind = json.dumps({"ok": False, "error": text}).encode(), b"application/json"
+        else:
+            body, kind = text.encode(), b"text/plain"
+        raw = [(b"content-type", kind), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        head = b"".join(name + b": " + value + b"\r\n" for name, value in api_headers(raw, status))
+        self.transport.write(STATUS_LINE[status] + head + b"\r\n" + body)
+        self.transport.close()
+
+
+class BodiesBusy(RateLimited):
+    """The bodies being read already fill the budget: 503, retry shortly (the server's state, not the key's)."""
+
+    status = 503
+
+
+BUDGET_BODIES = 3  # the budget is this many bodies of the largest size the settings allow
+BUDGET_RETRY_SECONDS = 2
+
+
+class BodyBudget:
+    """Bytes of request bodies this process is reading or holding at once, claimed before reading.
+
+    A body claims its declared Content-Length (the cap when it declares
+    none) and gives it back when its request is answered. The claim is an
+    account, not memory: what is held is what has arrived. Judging by the
+    declared length refuses a request before a byte of its body is read,
+    never half-way through.
+    """
+
+    def __init__(self) -> None:
+        self.held = 0
+
+    def claim(self, size: int, cap: int) -> None:
+        total = BUDGET_BODIES * cap
+        if self.held + size > total:
+            raise BodiesBusy(f"The relay is reading as many message bodies as it holds at once ({total} bytes); "
+                             f"try again in {BUDGET_RETRY_SECONDS} seconds.", retry_after=BUDGET_RETRY_SECONDS)
+        self.held += size
+
+    def release(self, size: int) -> None:
+        self.held -= size
