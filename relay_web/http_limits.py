@@ -12,7 +12,12 @@ them and gives each phase of a request a deadline:
 - a head not complete ``HEAD_SECONDS`` after the connection opened or its
   first byte arrived: 408, close;
 - a body that stops arriving for ``BODY_IDLE_SECONDS``: close (the app sees
-  the client go).
+  the client go); a body still arriving once the app has answered (a 401,
+  413 or 429 before reading it) has that long in all to end.
+
+Each is one warning line, at most ``LogBudget.per_minute`` a minute (the
+rest counted into the next): an attacker reconnecting in a loop does not
+fill the disk.
 
 ``BodyBudget`` bounds the bodies being read at once (``api.read_capped_body``).
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -43,6 +49,31 @@ _REFUSALS = {431: "The request's headers are larger than the relay accepts ({lim
              408: "The request's headers did not arrive within {seconds:g} seconds."}
 
 
+class LogBudget:
+    """At most ``per_minute`` warnings a minute; the rest are counted into the next one written."""
+
+    per_minute = 10
+
+    def __init__(self) -> None:
+        self.minute, self.written, self.skipped = 0, 0, 0
+
+    def warn(self, message: str, *args: Any, **extra: Any) -> None:
+        minute = int(time.monotonic() // 60)
+        if minute != self.minute:
+            self.minute, self.written = minute, 0
+        if self.written >= self.per_minute:
+            self.skipped += 1
+            return
+        self.written += 1
+        if self.skipped:
+            message += " (and %d more refused since the last such line)"
+            args, extra["skipped"], self.skipped = (*args, self.skipped), self.skipped, 0
+        logger.warning(message, *args, extra=extra)
+
+
+refusal_log = LogBudget()
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a bounded request head and deadlines for head and body."""
 
@@ -55,6 +86,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._phase = _HEAD
         self._head_bytes = 0
         self._since = 0.0  # when the head began, or the body last moved
+        self._answered = False  # the app answered before the request's body ended
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -69,7 +101,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._phase == _BODY:
-            self._since = self.loop.time()
+            if not self._answered:
+                self._since = self.loop.time()
             super().data_received(data)
             return
         if self._phase == _IDLE:
@@ -97,8 +130,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._phase, self._head_bytes = _IDLE, 0  # uvicorn's keep-alive timeout takes over
         super().on_message_complete()
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._phase == _BODY:  # what is left of the body is not needed: it has one idle period to end
+            self._answered, self._since = True, self.loop.time()
+
     def _enter(self, phase: str) -> None:
-        self._phase, self._since = phase, self.loop.time()
+        self._phase, self._since, self._answered = phase, self.loop.time(), False
         if self._timer is None:
             self._timer = self.loop.call_later(self.head_seconds if phase == _HEAD else self.body_idle_seconds,
                                                self._check_deadline)
@@ -120,9 +158,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         elif self._phase == _HEAD:
             self._refuse(408)
         else:
-            logger.warning("closed a connection from %s: its request body stopped arriving for %g seconds",
-                           self._peer(), self.body_idle_seconds,
-                           extra=fields("web.body_stalled", client=self._peer()))
+            what = "the rest of its body did not arrive" if self._answered else "its body stopped arriving"
+            refusal_log.warn("closed a connection from %s: %s within %g seconds", self._peer(), what,
+                             self.body_idle_seconds, **fields("web.body_stalled", client=self._peer()))
             self.transport.close()
 
     def _peer(self) -> str:
@@ -131,8 +169,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int) -> None:
         """Answer 431 or 408 in the contract's shape, with the security headers, and hang up."""
         text = _REFUSALS[status].format(limit=self.head_limit, seconds=self.head_seconds)
-        logger.warning("refused a request from %s with %d: %s", self._peer(), status, text,
-                       extra=fields("web.head_refused", client=self._peer(), status=status))
+        refusal_log.warn("refused a request from %s with %d: %s", self._peer(), status, text,
+                       **fields("web.head_refused", client=self._peer(), status=status))
         if self.cycle is not None and not self.cycle.response_complete:
             self.transport.close()  # a pipelined head while the app still answers: no room for ours
             return

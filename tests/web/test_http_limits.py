@@ -24,7 +24,8 @@ import uvicorn
 from relay_core.config import Settings
 from relay_core.options import parse_option
 from relay_web.app import create_app
-from relay_web.http_limits import BUDGET_BODIES, HEAD_LIMIT, LimitedHttpToolsProtocol
+from relay_web import http_limits
+from relay_web.http_limits import BUDGET_BODIES, HEAD_LIMIT, LimitedHttpToolsProtocol, LogBudget
 from support import free_port
 
 
@@ -42,6 +43,11 @@ class Served:
     def connect(self) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
         return sock
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_limits, "refusal_log", LogBudget())  # each test sees its own lines
 
 
 @contextmanager
@@ -260,3 +266,33 @@ def test_the_body_budget_refuses_while_full_and_accepts_once_it_frees(settings: 
             for sock in holders:
                 sock.close()
         assert relay_records(caplog) == []
+
+
+def test_a_body_still_arriving_after_the_answer_has_one_idle_period_in_all(settings: Settings,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    with serving(settings) as relay, relay.connect() as sock:
+        sock.sendall(send_request("tsr_" + "w" * 43, b"{", length=1000))  # a wrong key: 401 before the body
+        assert read_answer(sock, then_closed=False).status == 401
+        for _ in range(100):  # a byte every 0.2 s keeps a body moving, but not past the answer's deadline
+            time.sleep(0.2)
+            try:
+                sock.sendall(b" ")
+                if sock.recv(1, socket.MSG_DONTWAIT) == b"":
+                    break
+            except BlockingIOError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        else:
+            pytest.fail("the connection was still open after 20 s of a body nobody reads")
+        assert "the rest of its body did not arrive" in only_line(caplog, "web.body_stalled").getMessage()
+
+
+def test_refusal_lines_are_capped_per_minute_and_the_rest_counted(caplog: pytest.LogCaptureFixture) -> None:
+    budget = LogBudget()
+    for n in range(LogBudget.per_minute + 3):
+        budget.warn("refused %d", n, event="web.head_refused")
+    assert [r.getMessage() for r in caplog.records] == [f"refused {n}" for n in range(LogBudget.per_minute)]
+    budget.minute -= 1  # as if a minute passed
+    budget.warn("refused %d", 99, event="web.head_refused")
+    assert caplog.records[-1].getMessage() == "refused 99 (and 3 more refused since the last such line)"
