@@ -33,6 +33,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Awaitable
 
 import httpx
 
@@ -182,9 +183,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def portal_sends(url: str, key: str, until: float) -> tuple[list[float], Counter[int]]:
+async def status_of(request: Awaitable[httpx.Response]) -> int | str:
+    try:
+        return (await request).status_code
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+
+
+async def portal_sends(url: str, key: str, until: float) -> tuple[list[float], Counter[int | str]]:
     times: list[float] = []
-    statuses: Counter[int] = Counter()
+    statuses: Counter[int | str] = Counter()
 
     async def client() -> None:
         async with httpx.AsyncClient(base_url=url, timeout=60,
@@ -192,9 +200,8 @@ async def portal_sends(url: str, key: str, until: float) -> tuple[list[float], C
             i = 0
             while time.monotonic() < until:
                 started = time.perf_counter()
-                answer = await http.post("/api/send", json=portal_message(i))
+                statuses[await status_of(http.post("/api/send", json=portal_message(i)))] += 1
                 times.append((time.perf_counter() - started) * 1000)
-                statuses[answer.status_code] += 1
                 i += 1
                 await asyncio.sleep(0.05)
 
@@ -202,14 +209,13 @@ async def portal_sends(url: str, key: str, until: float) -> tuple[list[float], C
     return times, statuses
 
 
-async def admin_pages(http: httpx.AsyncClient, until: float) -> tuple[list[float], Counter[int]]:
+async def admin_pages(http: httpx.AsyncClient, until: float) -> tuple[list[float], Counter[int | str]]:
     times: list[float] = []
-    statuses: Counter[int] = Counter()
+    statuses: Counter[int | str] = Counter()
     while time.monotonic() < until:
         started = time.perf_counter()
-        answer = await http.get("/")
+        statuses[await status_of(http.get("/"))] += 1
         times.append((time.perf_counter() - started) * 1000)
-        statuses[answer.status_code] += 1
         await asyncio.sleep(0.1)
     return times, statuses
 
@@ -261,7 +267,7 @@ def run(seconds: float, cpus: set[int] | None, code: str | None, signins: bool) 
         time.sleep(1)  # let the attack take hold
         until = time.monotonic() + seconds - 2
 
-        async def measure() -> tuple[tuple[list[float], Counter[int]], tuple[list[float], Counter[int]]]:
+        async def measure() -> tuple[tuple[list[float], Counter[int | str]], tuple[list[float], Counter[int | str]]]:
             async with admin:
                 return await asyncio.gather(portal_sends(relay.url, key, until), admin_pages(admin, until))
 
