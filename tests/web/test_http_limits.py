@@ -226,11 +226,13 @@ def test_a_key_over_its_limit_is_429_before_the_body(settings: Settings, caplog:
             for _ in range(2):
                 sock.sendall(send_request(limited, message()))
                 assert read_answer(sock, then_closed=False).status == 202
+            sock.sendall(send_request(limited, b""))  # the portal's key check is still a 400
+            assert read_answer(sock, then_closed=False).status == 400
             sock.sendall(send_request(limited, b"", length=30_000_000))  # declared, never sent
             answer = read_answer(sock, then_closed=False)
         assert answer.status == 429 and "reached its limit of 2 messages per hour" in answer.json()["error"]
         assert int(answer.headers["retry-after"]) > 0 and answer.headers["ratelimit-remaining"] == "0"
-        assert [r.code for r in relay.state.store.log_entries(status="rejected")] == [429]
+        assert [r.code for r in relay.state.store.log_entries(status="rejected")] == [400, 429]
         assert relay_records(caplog) == []
 
 
