@@ -127,14 +127,23 @@ async def read_capped_body(request: Request, cap: int, fresh_cap: Callable[[], i
     return body
 
 
-def _decode_json(body: bytes | bytearray) -> Any:
+def _decode_text(body: bytearray) -> str:
     try:
-        return json.loads(body)
+        return body.decode()
     except UnicodeDecodeError:
         raise BadRequest("The request body is not UTF-8 encoded JSON.") from None
+
+
+def _decode_json(text: str) -> Any:
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON ({exc.msg} at line {exc.lineno}, "
                          f"column {exc.colno}).") from None
+
+
+def _decode_json_in_place(box: list[Any]) -> None:
+    box[0] = _decode_json(box[0])
 
 
 async def send(request: Request) -> JSONResponse:
@@ -218,11 +227,14 @@ class _Accept:
         self.body: bytearray | None = None
         self.length = 0  # of the request itself (pack_stored appends to the buffer)
         self.claimed = 0  # bytes of the body budget this request holds until it is answered
+        self.text: str | None = None  # the body decoded, while it is parsed (``body`` is None then)
 
     async def read(self, key: ApiKey, limit: int, options: Options, rev: int, idempotency_key: str) -> bytearray:
         """The body, read once; before a byte of it, refused on its declared length (413), the key's
         send limit (429) and the bodies being read already (503, ``http_limits.BodyBudget``)."""
         cap = options.max_body_bytes
+        if self.text is not None:  # checked again after it was decoded (the settings changed)
+            self.restore()
         if self.body is not None:
             del self.body[self.length:]
             if self.length > cap:
@@ -246,6 +258,14 @@ class _Accept:
         self.claimed = claim
         self.body = await read_capped_body(self.request, cap, fresh_cap)
         self.length = len(self.body)
+        return self.body
+
+    def restore(self) -> bytearray:
+        """The request's bytes again, from its text (the same bytes: it was decoded from UTF-8)."""
+        assert self.text is not None
+        data = self.text.encode()
+        self.text = None
+        self.body = bytearray(data)
         return self.body
 
     def refuse_over_limit(self, key: ApiKey, limit: int, idempotency_key: str) -> None:
@@ -273,8 +293,17 @@ class _Accept:
         if not body or body.isspace():
             raise BadRequest("The request body is empty; send the message as a JSON object.")
         large = len(body) > _THREAD_THRESHOLD
-        payload = await run_in_threadpool(_decode_json, body) if large else _decode_json(body)
         request_hash = hashlib.sha256(body).hexdigest() if idempotency_key else ""
+        # The bytes give way to their text while it is parsed, and come back from it once the
+        # payload has been let go: a 28 MB body is held at most twice at once, never three times.
+        self.text = _decode_text(body)
+        body = self.body = None
+        if large:
+            box: list[Any] = [self.text]  # not the thread's result: its future outlives the call, holding it
+            await run_in_threadpool(_decode_json_in_place, box)
+            payload = box.pop()
+        else:
+            payload = _decode_json(self.text)
         if idempotency_key:
             # A repeat gets the first answer whatever has changed since (limits, settings).
             earlier = replay(state, key.id, idempotency_key, request_hash, time.time())
@@ -282,10 +311,13 @@ class _Accept:
                 return earlier[0], earlier[1], None
         message = parse_payload(payload, options, key.allowed_from_items, key.label)
         ignored = ignored_fields(payload)
-        del payload  # the attachments' base64 strings: the request bytes are what gets stored
+        attachment_count = len(message.attachments)
+        message.attachments.clear()  # their base64 text is in the request; drop the second copy
+        del payload
         if not options.smtp_configured:
             raise NotConfigured("The relay's SMTP delivery is not configured yet, so this message could never "
                                 "be sent. Set the SMTP host in the relay's settings.")
+        body = self.restore()
 
         message_id = new_message_id()
         created = time.time()
@@ -294,8 +326,6 @@ class _Accept:
         # and back for every request, which cost about as much as all of the accept's checks.
         # The document is this request's buffer (self.body), kept in case the settings changed.
         document = pack_stored(body, message)
-        attachment_count = len(message.attachments)
-        message.attachments.clear()  # their base64 text is in the document; drop the second copy
         record = NewMessage.accepted(message, message_id, b"", created, options, "api", key.id,
                                      attachment_count, size=len(document))
         answer: dict[str, Any] = {"ok": True, "id": message_id, "status": "queued"}
