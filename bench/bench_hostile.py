@@ -1,6 +1,7 @@
 """Benchmark: the portal's sends and an admin's pages while strangers and a bad key lean on the web.
 
     python bench/bench_hostile.py [--seconds 25] [--cpus 0] [--code DIR] [--no-signins]
+    python bench/bench_hostile.py --protocol-cost [--seconds 5]
 
 Starts `tspro-relay web` (SQLite; SMTP set to a closed port: sends only need
 accepting), signs an admin in, uses a second key up to its limit of one send
@@ -14,6 +15,10 @@ Meanwhile it measures the portal's good sends (2 clients, one send each per
 web process with its children's RSS every 50 ms. Prints the figures and the
 attackers' answers. --cpus pins the web (and its children) to those CPUs;
 --code DIR runs the relay from another checkout (main, for "before").
+
+--protocol-cost instead measures what the bounded head costs: wrk against a
+bare endpoint (bare_app.py) under uvicorn's httptools protocol and under the
+relay's, alternating.
 
 Bounded: the attack stops at --seconds, or as soon as the web passes 2 GiB.
 Talks to 127.0.0.1 only. Goals: RSS <= 150 MiB, sends p99 <= 250 ms, admin p99 <= 500 ms.
@@ -37,7 +42,7 @@ from typing import Awaitable
 
 import httpx
 
-from common import Relay, portal_message, rss_mib
+from common import HERE, Relay, free_port, portal_message, rss_mib, stop, wait_http, wrk
 
 RSS_CEILING_MIB = 2048
 PASSWORD = "bench-admin-password-1"
@@ -289,17 +294,43 @@ def run(seconds: float, cpus: set[int] | None, code: str | None, signins: bool) 
         relay.cleanup()
 
 
+def protocol_cost(seconds: int, rounds: int = 3) -> None:
+    """wrk against the bare endpoint (bare_app.py) with uvicorn's httptools protocol and with the
+    relay's, alternating, so both see the same load from the rest of the machine."""
+    figures: dict[str, list[dict[str, float]]] = {"httptools": [], "limited": []}
+    for _ in range(rounds):
+        for name in figures:
+            port = free_port()
+            env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+            proc = subprocess.Popen([sys.executable, str(HERE / "bare_app.py"), str(port), name], env=env)
+            try:
+                wait_http(f"http://127.0.0.1:{port}/")
+                wrk(f"http://127.0.0.1:{port}/api/send", portal_message(), "x", seconds=1)
+                figures[name].append(wrk(f"http://127.0.0.1:{port}/api/send", portal_message(), "x", seconds=seconds))
+            finally:
+                stop(proc)
+    for name, runs in figures.items():
+        rates = [run["rate"] for run in runs]
+        print(f"{name}: {statistics.median(rates):.0f} req/s median of {', '.join(f'{r:.0f}' for r in rates)}; "
+              f"p99 {statistics.median(run['p99'] for run in runs):.1f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=25)
     parser.add_argument("--cpus", help="pin the web to these CPUs, e.g. 0")
     parser.add_argument("--code", help="run the relay from this checkout (e.g. /work/main)")
     parser.add_argument("--no-signins", dest="signins", action="store_false")
+    parser.add_argument("--protocol-cost", action="store_true",
+                        help="instead: requests/s of a bare endpoint with httptools and with the relay's protocol")
     parser.add_argument("--attack", nargs=3, metavar=("URL", "KEY", "SECONDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.attack:
         url, key, seconds = args.attack
         print(json.dumps(asyncio.run(attack(url, key, float(seconds), args.signins))))
+        return
+    if args.protocol_cost:
+        protocol_cost(int(args.seconds) if args.seconds != 25 else 5)
         return
     cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else None
     run(args.seconds, cpus, args.code, args.signins)

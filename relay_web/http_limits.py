@@ -191,7 +191,7 @@ class BodiesBusy(RateLimited):
     status = 503
 
 
-BUDGET_BODIES = 3  # the budget is this many bodies of the largest size the settings allow
+BUDGET_BODIES = 2  # the budget is this many bodies of the largest size the settings allow (each peaks ~2x)
 BUDGET_RETRY_SECONDS = 2
 
 
