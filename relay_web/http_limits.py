@@ -9,8 +9,8 @@ h11 protocol has a head limit, but serves about half as many requests.)
 them and gives each phase of a request a deadline:
 
 - a head (request line and headers) over ``HEAD_LIMIT`` bytes: 431, close;
-- a head not complete ``HEAD_SECONDS`` after the connection opened or its
-  first byte arrived: 408, close;
+- a head not complete ``HEAD_SECONDS`` after its first byte: 408, close (a
+  new connection that sends nothing that long is closed without a word);
 - a body that stops arriving for ``BODY_IDLE_SECONDS``: close (the app sees
   the client go); a body still arriving once the app has answered (a 401,
   413 or 429 before reading it) has that long in all to end.
@@ -155,6 +155,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             left = self._since + self.body_idle_seconds - self.loop.time()
         if left > 0:
             self._timer = self.loop.call_later(left, self._check_deadline)
+        elif self._phase == _HEAD and not self._head_bytes:
+            self.transport.close()  # nothing asked (a browser's spare connection): no answer, no log line
         elif self._phase == _HEAD:
             self._refuse(408)
         else:
