@@ -26,7 +26,7 @@ from relay_core.options import parse_option
 from relay_web.app import create_app
 from relay_web import http_limits
 from relay_web.http_limits import BUDGET_BODIES, HEAD_LIMIT, LimitedHttpToolsProtocol, LogBudget
-from support import free_port
+from support import RelayProcess, free_port, relay_env
 
 
 class QuickDeadlines(LimitedHttpToolsProtocol):
@@ -158,6 +158,19 @@ def test_a_head_at_the_limit_passes_and_one_byte_more_is_431(settings: Settings,
         assert answer.headers["x-content-type-options"] == "nosniff"  # the security headers, as on every answer
         assert answer.headers["cache-control"] == "no-store"
         assert only_line(caplog, "web.head_refused").status == 431  # type: ignore[attr-defined]
+
+
+def test_tspro_relay_web_serves_with_these_limits(tmp_path: Any) -> None:
+    """The real `tspro-relay web` process (server.serve), not only the protocol class."""
+    web = RelayProcess("web", relay_env(tmp_path / "data"), tmp_path, port=free_port()).start()
+    try:
+        with socket.create_connection(("127.0.0.1", web.port), timeout=30) as sock:
+            sock.sendall(head_of(HEAD_LIMIT + 1))
+            answer = read_answer(sock)
+        assert answer.status == 431 and answer.closed
+    finally:
+        web.stop()
+    assert web.output().count("with 431") == 1 and "Traceback" not in web.output()
 
 
 def test_an_endless_header_line_is_cut_at_the_limit(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
