@@ -42,7 +42,7 @@ logger = logging.getLogger("relay.web")
 HEAD_LIMIT = 32 * 1024  # bytes of request line and headers; browsers send 1-8 KiB
 HEAD_SECONDS = 10.0
 BODY_IDLE_SECONDS = 30.0
-MAX_CONNECTIONS = 1000  # uvicorn's limit_concurrency: past it, 503 (a connection holds at most ~50 KiB)
+MAX_CONNECTIONS = 1000  # uvicorn's limit_concurrency: past it, 503 (900 full heads held 35 MiB)
 
 _HEAD, _BODY, _IDLE = "head", "body", "idle"  # what the connection waits for; idle: between requests
 _REFUSALS = {431: "The request's headers are larger than the relay accepts ({limit} bytes).",
