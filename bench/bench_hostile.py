@@ -11,8 +11,9 @@ an hour, then for --seconds runs, from a child process, all at once:
   - 20 slow 36 MB bodies under the over-limit key (a byte every 2 s);
   - 50 concurrent wrong sign-ins, wave after wave.
 Meanwhile it measures the portal's good sends (2 clients, one send each per
-50 ms: all must be 202), GET / for the signed-in admin every 100 ms, and the
-web process with its children's RSS every 50 ms. Prints the figures and the
+50 ms: all must be 202), GET / for the signed-in admin every 100 ms, and
+every 50 ms the RSS of what `tspro-relay web` started (its supervisor and
+the server). Prints the figures and the
 attackers' answers. --cpus pins the web (and its children) to those CPUs;
 --code DIR runs the relay from another checkout (main, for "before").
 
@@ -247,7 +248,9 @@ def run(seconds: float, cpus: set[int] | None, code: str | None, signins: bool) 
     limited = relay.cli("api-key", "add", "--label", "over its limit", "--per-hour", "1").split()[-1]
     attacker = None
     try:
-        pid = relay.start_web()
+        relay.start_web()
+        assert relay.web is not None
+        pid = relay.web.pid  # what `tspro-relay web` started: its supervisor, if it has one, and the server
         if cpus:
             for member in group_pids(pid):
                 os.sched_setaffinity(member, cpus)

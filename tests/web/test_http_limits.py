@@ -41,8 +41,7 @@ class Served:
     state: Any
 
     def connect(self) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
-        return sock
+        return socket.create_connection(("127.0.0.1", self.port), timeout=30)
 
 
 @pytest.fixture(autouse=True)
