@@ -13,8 +13,7 @@ an hour, then for --seconds runs, from a child process, all at once:
 Meanwhile it measures the portal's good sends (2 clients, one send each per
 50 ms: all must be 202), GET / for the signed-in admin every 100 ms, and
 every 50 ms the RSS of what `tspro-relay web` started (its supervisor and
-the server). Prints the figures and the
-attackers' answers. --cpus pins the web (and its children) to those CPUs;
+the server). Prints the figures and the attackers' answers. --cpus pins the web (and its children) to those CPUs;
 --code DIR runs the relay from another checkout (main, for "before").
 
 --protocol-cost instead measures what the bounded head costs: wrk against a
