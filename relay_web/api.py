@@ -253,9 +253,7 @@ class _Accept:
                 raise _too_big(cap)
         if limit and declared != 0:  # an empty POST is the portal's key check: 400 for any live key
             self.refuse_over_limit(key, limit, idempotency_key)
-        claim = cap if declared is None else declared
-        self.state.bodies.claim(claim, cap)
-        self.claimed = claim
+        self.claimed = self.state.bodies.claim(cap if declared is None else declared, cap)
         self.body = await read_capped_body(self.request, cap, fresh_cap)
         self.length = len(self.body)
         return self.body

@@ -195,6 +195,7 @@ class BodiesBusy(RateLimited):
 
 BUDGET_BODIES = 2  # the budget is this many bodies of the largest size the settings allow (each peaks ~2x)
 BUDGET_RETRY_SECONDS = 2
+SMALL_BODY = 64 * 1024  # claims nothing: a portal message without attachments (~2 KB) is never refused
 
 
 class BodyBudget:
@@ -204,18 +205,25 @@ class BodyBudget:
     none) and gives it back when its request is answered. The claim is an
     account, not memory: what is held is what has arrived. Judging by the
     declared length refuses a request before a byte of its body is read,
-    never half-way through.
+    never half-way through. A body of at most ``SMALL_BODY`` claims
+    nothing, so a key holder who fills the budget with slow large bodies
+    does not stop the portal's ordinary sends (those bodies are bounded by
+    the connections: 1,000 × 64 KiB).
     """
 
     def __init__(self) -> None:
         self.held = 0
 
-    def claim(self, size: int, cap: int) -> None:
+    def claim(self, size: int, cap: int) -> int:
+        """Claim ``size`` bytes (or refuse with 503); what was claimed, to give back."""
+        if size <= SMALL_BODY:
+            return 0
         total = BUDGET_BODIES * cap
         if self.held + size > total:
             raise BodiesBusy(f"The relay is reading as many message bodies as it holds at once ({total} bytes); "
                              f"try again in {BUDGET_RETRY_SECONDS} seconds.", retry_after=BUDGET_RETRY_SECONDS)
         self.held += size
+        return size
 
     def release(self, size: int) -> None:
         self.held -= size

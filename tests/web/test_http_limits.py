@@ -25,7 +25,7 @@ from relay_core.config import Settings
 from relay_core.options import parse_option
 from relay_web.app import create_app
 from relay_web import http_limits
-from relay_web.http_limits import BUDGET_BODIES, HEAD_LIMIT, LimitedHttpToolsProtocol, LogBudget
+from relay_web.http_limits import BUDGET_BODIES, HEAD_LIMIT, SMALL_BODY, LimitedHttpToolsProtocol, LogBudget
 from support import RelayProcess, free_port, relay_env
 
 
@@ -254,28 +254,29 @@ def test_the_body_budget_refuses_while_full_and_accepts_once_it_frees(settings: 
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     with serving(settings, LimitedHttpToolsProtocol, max_attach_mb="0.01") as relay:
         cap = relay.state.store.options().max_body_bytes
-        small = 120
+        room = SMALL_BODY + 100  # the smallest body that claims from the budget is SMALL_BODY + 1
         holders = [relay.connect() for _ in range(BUDGET_BODIES)]
         try:
-            # Bodies declared but not yet sent hold all of the budget but ``small`` bytes.
-            sizes = [cap] * (BUDGET_BODIES - 1) + [cap - small]
+            # Bodies declared but not yet sent hold all of the budget but ``room`` bytes.
+            sizes = [cap] * (BUDGET_BODIES - 1) + [cap - room]
             for sock, size in zip(holders, sizes):
                 sock.sendall(send_request(relay.key, b"{", length=size))
             with relay.connect() as sock:
-                # Wait (bounded) until the three claims are held: then one byte more than is left is refused.
-                for _ in range(200):
+                for _ in range(200):  # wait (bounded) until the server holds their claims
                     if relay.state.bodies.held == sum(sizes):
                         break
                     time.sleep(0.05)
-                sock.sendall(send_request(relay.key, message(small + 1)))
+                sock.sendall(send_request(relay.key, message(room + 1)))
                 refused = read_answer(sock, then_closed=False)
                 assert refused.status == 503 and refused.headers["retry-after"] == "2"
                 assert "as many message bodies as it holds at once" in refused.json()["error"]
-                sock.sendall(send_request(relay.key, message(small)))  # exactly what is left: accepted
+                sock.sendall(send_request(relay.key, message(room)))  # exactly what is left: accepted
+                assert read_answer(sock, then_closed=False).status == 202
+                sock.sendall(send_request(relay.key, message(SMALL_BODY)))  # a small body claims nothing
                 assert read_answer(sock, then_closed=False).status == 202
                 holders[0].sendall(message(cap)[1:])  # one holder finishes: its claim is freed
                 assert read_answer(holders[0], then_closed=False).status == 202
-                sock.sendall(send_request(relay.key, message(small + 1)))
+                sock.sendall(send_request(relay.key, message(room + 1)))
                 assert read_answer(sock, then_closed=False).status == 202
             assert [r.code for r in relay.state.store.log_entries(status="rejected")] == [503]
         finally:
