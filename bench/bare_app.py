@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -19,5 +20,9 @@ async def send(request: Request) -> JSONResponse:
 app = Starlette(routes=[Route("/api/send", send, methods=["POST"])])
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop", http="httptools",
+    http: Any = "httptools"
+    if sys.argv[2:] == ["limited"]:  # the relay's protocol (bench_hostile.py --protocol-cost)
+        from relay_web.http_limits import LimitedHttpToolsProtocol
+        http = LimitedHttpToolsProtocol
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop", http=http,
                 access_log=False, log_level="warning")

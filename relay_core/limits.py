@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from .accounts import ApiKey
 from .db import Connection, serialize, transaction
@@ -72,24 +73,38 @@ class SendLimits:
         """Count one send for ``key_id`` inside the caller's transaction, unless the key is at its limit."""
         serialize(conn, "tspro-relay send limits")  # one count at a time across web processes
         minute = int(now // MINUTE)
-        rows = conn.execute("SELECT minute, n FROM send_counts WHERE api_key_id = ? AND minute > ?"
-                            " ORDER BY minute", (key_id, minute - WINDOW_MINUTES)).fetchall()
-        used = sum(int(r["n"]) for r in rows)
-        if used >= limit:
-            # The slot frees when enough of the oldest minutes have left the window.
-            left = used
-            frees_at = (minute + WINDOW_MINUTES) * MINUTE
-            for row in rows:
-                left -= int(row["n"])
-                if left < limit:
-                    frees_at = (int(row["minute"]) + WINDOW_MINUTES) * MINUTE
-                    break
-            wait = _seconds_until(frees_at, now)
-            return Quota(limit, 0, wait, retry_after=wait)
+        rows, used, refusal = self._standing(conn, key_id, limit, now)
+        if refusal is not None:
+            return refusal
         conn.execute("INSERT INTO send_counts (api_key_id, minute, n) VALUES (?, ?, 1)"
                      " ON CONFLICT (api_key_id, minute) DO UPDATE SET n = send_counts.n + 1", (key_id, minute))
         oldest = int(rows[0]["minute"]) if rows else minute
         return Quota(limit, limit - used - 1, _seconds_until((oldest + WINDOW_MINUTES) * MINUTE, now))
+
+    def refusal(self, key_id: int, limit: int, now: float) -> Quota | None:
+        """The key's refusal if it is at its limit now, read without counting: the web asks this
+        before reading a body (``take_send``, in the accept's transaction, still decides)."""
+        return self._standing(self.conn(), key_id, limit, now)[2]
+
+    def _standing(self, conn: Connection, key_id: int, limit: int,
+                  now: float) -> tuple[list[Any], int, Quota | None]:
+        """The key's counted minutes, their total, and its refusal when that total is at the limit."""
+        minute = int(now // MINUTE)
+        rows = conn.execute("SELECT minute, n FROM send_counts WHERE api_key_id = ? AND minute > ?"
+                            " ORDER BY minute", (key_id, minute - WINDOW_MINUTES)).fetchall()
+        used = sum(int(r["n"]) for r in rows)
+        if used < limit:
+            return rows, used, None
+        # The slot frees when enough of the oldest minutes have left the window.
+        left = used
+        frees_at = (minute + WINDOW_MINUTES) * MINUTE
+        for row in rows:
+            left -= int(row["n"])
+            if left < limit:
+                frees_at = (int(row["minute"]) + WINDOW_MINUTES) * MINUTE
+                break
+        wait = _seconds_until(frees_at, now)
+        return rows, used, Quota(limit, 0, wait, retry_after=wait)
 
     def sends_in_window(self, key_id: int, now: float) -> int:
         """How many sends the key has counted in the current window (the admin pages show it)."""

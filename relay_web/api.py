@@ -22,7 +22,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
@@ -30,7 +30,7 @@ from relay_core import __version__, metrics
 from relay_core.errors import (BadRequest, Conflict, NotConfigured, NotFound, PayloadTooLarge,
                                RateLimited, RelayError, StoreUnavailable, Unauthorized)
 from relay_core.intake import NothingWritten
-from relay_core.limits import effective_limit
+from relay_core.limits import Quota, effective_limit
 from relay_core.mailflow import assess
 from relay_core.options import Options
 from relay_core.refusals import MISSING, WRONG
@@ -85,58 +85,65 @@ def authenticate(request: Request, keys: list[ApiKey] | None = None, options: Op
     return key
 
 
+def _over_limit(limit: int, quota: Quota) -> RateLimited:
+    return RateLimited(f"This API key has reached its limit of {limit} messages per hour; the next one can be "
+                       f"sent in {_seconds(quota.retry_after)}.", retry_after=quota.retry_after, headers=quota.headers())
+
+
 def _too_big(cap: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The request body is larger than the relay accepts ({cap} bytes, from its "
                            "attachment limit).")
 
 
+def declared_length(request: Request) -> int | None:
+    length = request.headers.get("content-length")
+    if length is None:
+        return None
+    try:
+        return int(length)
+    except ValueError:
+        raise BadRequest("The Content-Length header is not a number.") from None
+
+
 async def read_capped_body(request: Request, cap: int, fresh_cap: Callable[[], int] | None = None) -> bytearray:
     """Read at most ``cap`` bytes; stop and refuse as soon as the body is bigger.
 
-    With a Content-Length the buffer is allocated once at its final size, so a
-    large body is never copied while it grows. ``fresh_cap``: the cap as the
-    settings say now, asked once before refusing (``cap`` may be out of date).
+    The buffer grows with what arrives, never from the declared length: a
+    client may declare 36 MB and send a byte a minute. (Large buffers are
+    mappings of their own, ``server._return_large_buffers_to_the_os``, so
+    growing one moves no bytes.) ``fresh_cap``: the cap as the settings say
+    now, asked once before refusing (``cap`` may be out of date).
     """
-    length = request.headers.get("content-length")
-    declared = None
-    if length is not None:
-        try:
-            declared = int(length)
-        except ValueError:
-            raise BadRequest("The Content-Length header is not a number.") from None
-        if declared > cap and fresh_cap is not None:
-            cap, fresh_cap = fresh_cap(), None
-        if declared > cap:
-            raise _too_big(cap)
-    if declared:
-        body = bytearray(declared)
-        view, filled = memoryview(body), 0
-        async for chunk in request.stream():
-            if filled + len(chunk) > declared:
-                raise BadRequest("The request body is longer than its Content-Length.")
-            view[filled:filled + len(chunk)] = chunk
-            filled += len(chunk)
-        view.release()
-        del body[filled:]
-        return body
     body = bytearray()
-    async for chunk in request.stream():
-        if len(body) + len(chunk) > cap and fresh_cap is not None:
-            cap, fresh_cap = fresh_cap(), None
-        if len(body) + len(chunk) > cap:
-            raise _too_big(cap)
-        body += chunk
+    try:
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > cap and fresh_cap is not None:
+                cap, fresh_cap = fresh_cap(), None
+            if len(body) + len(chunk) > cap:
+                raise _too_big(cap)
+            body += chunk
+    except ClientDisconnect:
+        raise BadRequest("The client closed the connection before its request body arrived.") from None
     return body
 
 
-def _decode_json(body: bytes | bytearray) -> Any:
+def _decode_text(body: bytearray) -> str:
     try:
-        return json.loads(body)
+        return body.decode()
     except UnicodeDecodeError:
         raise BadRequest("The request body is not UTF-8 encoded JSON.") from None
+
+
+def _decode_json(text: str) -> Any:
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON ({exc.msg} at line {exc.lineno}, "
                          f"column {exc.colno}).") from None
+
+
+def _decode_json_in_place(box: list[Any]) -> None:
+    box[0] = _decode_json(box[0])
 
 
 async def send(request: Request) -> JSONResponse:
@@ -193,17 +200,20 @@ async def accept(request: Request) -> tuple[int, dict[str, Any], dict[str, str] 
     state = _state(request)
     attempt = _Accept(request, state)
     snapshot = state.store.cached_snapshot()
-    for _ in range(STALE_RETRIES):
-        try:
-            return await attempt.run(snapshot, started)
-        except _Stale:
-            pass
-        except RelayError as exc:
-            # A key refusal was checked against the current revision already (authenticate), and a
-            # store that could not write does not depend on the settings (nor would it answer).
-            if exc.logged or isinstance(exc, StoreUnavailable) or state.store.revision() == snapshot[0]:
-                raise  # refused on the current settings
-        snapshot = state.store.fresh_snapshot()
+    try:
+        for _ in range(STALE_RETRIES):
+            try:
+                return await attempt.run(snapshot, started)
+            except _Stale:
+                pass
+            except RelayError as exc:
+                # A key refusal was checked against the current revision already (authenticate), and a
+                # store that could not write does not depend on the settings (nor would it answer).
+                if exc.logged or isinstance(exc, StoreUnavailable) or state.store.revision() == snapshot[0]:
+                    raise  # refused on the current settings
+            snapshot = state.store.fresh_snapshot()
+    finally:
+        state.bodies.release(attempt.claimed)
     raise StoreUnavailable("The relay's settings kept changing while this message was checked; nothing was "
                            "queued. Try again.")
 
@@ -216,36 +226,82 @@ class _Accept:
         self.state = state
         self.body: bytearray | None = None
         self.length = 0  # of the request itself (pack_stored appends to the buffer)
+        self.claimed = 0  # bytes of the body budget this request holds until it is answered
+        self.text: str | None = None  # the body decoded, while it is parsed (``body`` is None then)
 
-    async def read(self, cap: int, rev: int) -> bytearray:
-        if self.body is None:
-            def fresh_cap() -> int:  # over the cap: is it still the cap?
-                if self.state.store.revision() == rev:
-                    return cap
-                return self.state.store.fresh_snapshot()[1].max_body_bytes
-
-            self.body = await read_capped_body(self.request, cap, fresh_cap)
-            self.length = len(self.body)
-        else:
+    async def read(self, key: ApiKey, limit: int, options: Options, rev: int, idempotency_key: str) -> bytearray:
+        """The body, read once; before a byte of it, refused on its declared length (413), the key's
+        send limit (429) and the bodies being read already (503, ``http_limits.BodyBudget``)."""
+        cap = options.max_body_bytes
+        if self.text is not None:  # checked again after it was decoded (the settings changed)
+            self.restore()
+        if self.body is not None:
             del self.body[self.length:]
             if self.length > cap:
                 raise _too_big(cap)
+            return self.body
+
+        def fresh_cap() -> int:  # over the cap: is it still the cap?
+            if self.state.store.revision() == rev:
+                return cap
+            return self.state.store.fresh_snapshot()[1].max_body_bytes
+
+        declared = declared_length(self.request)
+        if declared is not None and declared > cap:
+            cap = fresh_cap()
+            if declared > cap:
+                raise _too_big(cap)
+        if limit and declared != 0:  # an empty POST is the portal's key check: 400 for any live key
+            self.refuse_over_limit(key, limit, idempotency_key)
+        self.claimed = self.state.bodies.claim(cap if declared is None else declared, cap)
+        self.body = await read_capped_body(self.request, cap, fresh_cap)
+        self.length = len(self.body)
         return self.body
+
+    def restore(self) -> bytearray:
+        """The request's bytes again, from its text (the same bytes: it was decoded from UTF-8)."""
+        assert self.text is not None
+        data = self.text.encode()
+        self.text = None
+        self.body = bytearray(data)
+        return self.body
+
+    def refuse_over_limit(self, key: ApiKey, limit: int, idempotency_key: str) -> None:
+        """429 before the body is read when the key is at its limit, unless this may be the repeat of
+        an accepted send (an Idempotency-Key it has used: its first answer is given whatever the limit)."""
+        store, now = self.state.store, time.time()
+        quota = store.refusal(key.id, limit, now)
+        if quota is None:
+            return
+        if idempotency_key and store.idempotent_answer(store.conn(), key.id, idempotency_key,
+                                                       now - IDEMPOTENCY_WINDOW) is not None:
+            return
+        raise _over_limit(limit, quota)
 
     async def run(self, snapshot: tuple[int, Options, list[ApiKey]],
                   started: float) -> tuple[int, dict[str, Any], dict[str, str] | None]:
         request, state = self.request, self.state
         rev, options, keys = snapshot
         key = authenticate(request, keys, options, rev)
-        body = await self.read(options.max_body_bytes, rev)
-        if not body or body.isspace():
-            raise BadRequest("The request body is empty; send the message as a JSON object.")
-        large = len(body) > _THREAD_THRESHOLD
-        payload = await run_in_threadpool(_decode_json, body) if large else _decode_json(body)
         idempotency_key = request.headers.get("idempotency-key", "").strip()
         if len(idempotency_key) > 255:
             raise BadRequest("The Idempotency-Key header is longer than 255 characters.")
+        limit = effective_limit(key, options, state.settings.send_per_hour)
+        body = await self.read(key, limit, options, rev, idempotency_key)
+        if not body or body.isspace():
+            raise BadRequest("The request body is empty; send the message as a JSON object.")
+        large = len(body) > _THREAD_THRESHOLD
         request_hash = hashlib.sha256(body).hexdigest() if idempotency_key else ""
+        # The bytes give way to their text while it is parsed, and come back from it once the
+        # payload has been let go: a 28 MB body is held at most twice at once, never three times.
+        self.text = _decode_text(body)
+        body = self.body = None
+        if large:
+            box: list[Any] = [self.text]  # not the thread's result: its future outlives the call, holding it
+            await run_in_threadpool(_decode_json_in_place, box)
+            payload = box.pop()
+        else:
+            payload = _decode_json(self.text)
         if idempotency_key:
             # A repeat gets the first answer whatever has changed since (limits, settings).
             earlier = replay(state, key.id, idempotency_key, request_hash, time.time())
@@ -253,11 +309,13 @@ class _Accept:
                 return earlier[0], earlier[1], None
         message = parse_payload(payload, options, key.allowed_from_items, key.label)
         ignored = ignored_fields(payload)
-        del payload  # the attachments' base64 strings: the request bytes are what gets stored
+        attachment_count = len(message.attachments)
+        message.attachments.clear()  # their base64 text is in the request; drop the second copy
+        del payload
         if not options.smtp_configured:
             raise NotConfigured("The relay's SMTP delivery is not configured yet, so this message could never "
                                 "be sent. Set the SMTP host in the relay's settings.")
-        limit = effective_limit(key, options, state.settings.send_per_hour)
+        body = self.restore()
 
         message_id = new_message_id()
         created = time.time()
@@ -266,8 +324,6 @@ class _Accept:
         # and back for every request, which cost about as much as all of the accept's checks.
         # The document is this request's buffer (self.body), kept in case the settings changed.
         document = pack_stored(body, message)
-        attachment_count = len(message.attachments)
-        message.attachments.clear()  # their base64 text is in the document; drop the second copy
         record = NewMessage.accepted(message, message_id, b"", created, options, "api", key.id,
                                      attachment_count, size=len(document))
         answer: dict[str, Any] = {"ok": True, "id": message_id, "status": "queued"}
@@ -298,9 +354,7 @@ class _Accept:
             # Counted in this transaction (no fsync of its own); a refusal rolls back this job only.
             quota = store.take_send(conn, key.id, limit, created) if limit else None
             if quota is not None and quota.retry_after:
-                raise RateLimited(f"This API key has reached its limit of {limit} messages per hour; the next "
-                                  f"one can be sent in {_seconds(quota.retry_after)}.", retry_after=quota.retry_after,
-                                  headers=quota.headers())
+                raise _over_limit(limit, quota)
             state.intake.write(conn, ACCEPTED, (record, entry, document))  # with the batch's others, when it can
             return (202, answer, quota), [message_id]
 

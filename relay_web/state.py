@@ -17,6 +17,8 @@ from relay_core.refusals import RefusalGate
 from relay_core.store import Store
 from relay_core.tasks import RelayQueue
 
+from .http_limits import BodyBudget
+
 PASSWORD_CHECKS_AT_ONCE = 2  # each costs 19 MiB and ~30 ms of a CPU (Argon2id)
 
 
@@ -27,6 +29,7 @@ class AppState:
     queue: RelayQueue
     intake: Intake
     refusals: RefusalGate = field(default_factory=RefusalGate)
+    bodies: BodyBudget = field(default_factory=BodyBudget)  # request bodies being read at once
     accept_latency: LatencyBuffer = field(default_factory=LatencyBuffer)
     # Sign-in's password checks running now (admin.signin.check_password): beyond these, refused.
     password_checks: threading.BoundedSemaphore = field(
