@@ -34,20 +34,35 @@ def say(text: str) -> None:
         pass  # no terminal any more: nothing to tell
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: a SIGKILLed parent takes its children with it (Linux)."""
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def _as_a_child() -> None:
+    """In the child, before exec: the default signal actions back, then the signals let through.
+
+    The parent blocks them around the fork, so one that arrives in between is neither run by the
+    parent's handler in the child (lost at exec) nor missed: it stays pending until here, where
+    it ends the child as it would a new process. A SIGKILLed parent takes its children with it.
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
     try:
         import ctypes
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
     except (OSError, AttributeError):
         pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def spawn(role: str, *args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
     # A session of its own: Ctrl-C in a terminal signals the whole foreground group, and a
     # second SIGINT could turn a graceful stop into an immediate one.
-    return subprocess.Popen([sys.executable, "-m", "relay_core.cli", role, *args], pass_fds=pass_fds,
-                            start_new_session=True, preexec_fn=_die_with_parent)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return subprocess.Popen([sys.executable, "-m", "relay_core.cli", role, *args], pass_fds=pass_fds,
+                                start_new_session=True, preexec_fn=_as_a_child)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 class Supervisor:
@@ -59,6 +74,7 @@ class Supervisor:
         self.retiring: list[subprocess.Popen[bytes]] = []  # replaced children finishing their work
         self.stopping = False
         self.reload_asked = False
+        self.asked: set[int] = set()  # children sent their SIGINT (a second one could cut a delivery short)
 
     def start_web(self) -> subprocess.Popen[bytes] | None:
         """A web process on the socket, once it says it serves; None (and it is gone) when it fails."""
@@ -77,8 +93,7 @@ class Supervisor:
         finally:
             os.close(read_end)
         if self.stopping:  # asked to stop while it started: let it stop as the others do
-            child.send_signal(signal.SIGINT)
-            self.retiring.append(child)
+            self._retire(child)
             return None
         if child.poll() is None:
             child.kill()
@@ -106,13 +121,13 @@ class Supervisor:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._stop)
         signal.signal(signal.SIGHUP, self._ask_reload)
-        if self.with_worker:
-            self.worker = spawn("worker")
         self.web = self.start_web()
         if self.web is None:
             failed = not self.stopping
             self._stop(signal.SIGINT, None)
             return self._wait_all(1 if failed else 0)
+        if self.with_worker:  # after the web serves: on one CPU the two would slow each other's start
+            self.worker = spawn("worker")
         return self._watch()
 
     def _watch(self) -> int:
@@ -146,9 +161,9 @@ class Supervisor:
         say("reloaded.")
 
     def _retire(self, child: subprocess.Popen[bytes] | None) -> None:
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGINT)
+        if child is not None:
             self.retiring.append(child)
+            self._ask_to_finish([child])
 
     def _ask_reload(self, signum: int, frame: object) -> None:
         self.reload_asked = True
@@ -160,11 +175,17 @@ class Supervisor:
             # instead of a connection that waits in the backlog for nobody.
             os.close(self.listen_fd)
         self.stopping = True
-        for child in (self.web, self.worker, *self.retiring):
-            if child is not None and child.poll() is None:
+        self._ask_to_finish()
+
+    def _ask_to_finish(self, children: list[subprocess.Popen[bytes] | None] | None = None) -> None:
+        """SIGINT, once, to each child (all of them by default): a graceful stop for both roles."""
+        for child in children if children is not None else [self.web, self.worker, *self.retiring]:
+            if child is not None and child.pid not in self.asked and child.poll() is None:
+                self.asked.add(child.pid)
                 child.send_signal(signal.SIGINT)
 
     def _wait_all(self, code: int) -> int:
+        self._ask_to_finish()  # a child started as the stop arrived (its handler ran before it was known)
         for child in (self.web, self.worker, *self.retiring):
             if child is not None:
                 while True:

@@ -55,3 +55,28 @@ def test_run_serves_delivers_and_stops_both_on_ctrl_c(tmp_path: Path) -> None:
         conn.close()
     leftovers = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout
     assert leftovers.strip() == ""
+
+
+def test_a_stop_as_soon_as_run_answers_stops_the_worker_it_is_starting(tmp_path: Path) -> None:
+    """The worker starts once the web serves; a SIGTERM right then must reach it too (it hung)."""
+    env = relay_env(tmp_path / "data")
+    cli(env, "config", "show", cwd=tmp_path)  # the first boot, done: this is a restart
+    for _ in range(3):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "relay_core.cli", "run", "--host", "127.0.0.1", "--port",
+                                 str(port)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            def answers() -> bool:
+                try:
+                    return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(answers, timeout=30, interval=0.01, what="the relay to answer")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
