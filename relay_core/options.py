@@ -312,7 +312,7 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "send_per_hour": parse_per_hour,
     "bad_key_per_minute": _number(0, 10**9),
 }
-# One line per setting for `config set --help` (and the README's settings table).
+# One line per setting for `config set --help` (and the settings table in docs/operating.md).
 HELP: dict[str, str] = {
     "smtp_host": "your mail server's host name (empty: delivery not configured)",
     "smtp_port": "its port: 587 for starttls, 465 for ssl, 25 for none",

@@ -17,7 +17,7 @@ secret but not stored: after the switch admins sign in again.)
 All of it in one transaction: either every item is under the new secret or
 none changed. It is safe while the relay runs, provided its processes were
 restarted with the new secret as RELAY_SECRET_KEY and the old one as
-RELAY_SECRET_KEY_OLD first (as the steps in the README say): such a process
+RELAY_SECRET_KEY_OLD first (as the steps in docs/operating.md say): such a process
 reads both, writes with the new one, and re-reads its cached settings and
 keys when the rotation bumps the revision counter. A worker delivering a
 message meanwhile holds the body it read when it claimed the message and
