@@ -50,6 +50,9 @@ from .errors import BadRequest, Forbidden, PayloadTooLarge
 from .options import Options, is_address
 
 MAX_RECIPIENTS = 100
+# The portal attaches a few files at most; each one costs the worker a MIME part to render,
+# so a count in the hundreds of thousands (one-byte files well under the size cap) is refused.
+MAX_ATTACHMENTS = 50
 MAX_SUBJECT = 998
 MAX_NAME = 256
 MAX_MIME_TYPE = 255
@@ -299,12 +302,13 @@ def _decoded_size(index: int, content: str, check_utf8: bool = False) -> tuple[i
 
 
 def parse_payload(payload: Any, options: Options, key_allowed: tuple[str, ...] = (),
-                  key_label: str = "") -> OutgoingMessage:
+                  key_label: str = "", max_attachments: int | None = MAX_ATTACHMENTS) -> OutgoingMessage:
     """Validate the portal's JSON in the contract's order: from, recipients, attachments.
 
     Unknown top-level fields are not an error (see ``ignored_fields``).
     ``key_allowed``: the sending API key's own Allowed From list, which must
-    admit the From as well as the relay's list does.
+    admit the From as well as the relay's list does. ``max_attachments``:
+    None for a message already accepted (under an earlier limit).
     """
     if not isinstance(payload, dict):
         raise BadRequest("The request body must be a JSON object.")
@@ -343,6 +347,9 @@ def parse_payload(payload: Any, options: Options, key_allowed: tuple[str, ...] =
     raw_attachments = payload.get("attachments") or []
     if not isinstance(raw_attachments, list):
         raise BadRequest("'attachments' must be a list.")
+    if max_attachments is not None and len(raw_attachments) > max_attachments:
+        raise PayloadTooLarge(f"The message has {len(raw_attachments)} attachments; the relay accepts at most "
+                              f"{max_attachments} per message.")
     attachments = [_attachment(i, raw) for i, raw in enumerate(raw_attachments)]
     if not text and not html and not subject and not attachments:
         # An empty body is fine (an empty text part) when something else carries the message.
@@ -398,7 +405,7 @@ def unpack_stored(document: bytes) -> OutgoingMessage:
     # were supported has none there, whatever its request held (those were not accepted).
     payload.update(from_email=header["from_email"], from_name=header["from_name"], to=header["to"],
                    cc=header.get("cc") or None, bcc=header.get("bcc") or None)
-    return parse_payload(payload, _UNLIMITED)
+    return parse_payload(payload, _UNLIMITED, max_attachments=None)
 
 
 def _mailbox(name: str | None, address: str, header_name: str) -> Header | str:

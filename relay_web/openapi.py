@@ -21,7 +21,8 @@ from typing import Any
 
 from relay_core import __version__
 from relay_core.ledger import MESSAGE_STATES, RECIPIENT_STATES
-from relay_core.message import MAX_MIME_TYPE, MAX_NAME, MAX_RECIPIENTS, MAX_SUBJECT, RECIPIENT_KINDS
+from relay_core.message import (MAX_ATTACHMENTS, MAX_MIME_TYPE, MAX_NAME, MAX_RECIPIENTS, MAX_SUBJECT,
+                                 RECIPIENT_KINDS)
 
 IDEMPOTENCY_HOURS = 24
 # A header value: no line break, no control character but tab, no Unicode line separator
@@ -41,7 +42,8 @@ SEND_STATUSES = {
     "403": "The From address is not admitted by the relay's Allowed From list, or by this key's own list "
            "(the sentence names which).",
     "409": "This Idempotency-Key was used with a different body within 24 hours.",
-    "413": "The attachments exceed max_attach_mb, or the body exceeds the cap that follows from it.",
+    "413": f"More than {MAX_ATTACHMENTS} attachments, or their decoded total exceeds max_attach_mb, or the body "
+           "exceeds the cap that follows from it.",
     "429": "This key reached its send limit (Retry-After: when a slot frees), or this address sent too many "
            "requests with a missing or wrong key this minute.",
     "503": "SMTP delivery is not configured (the message could never be sent), or the store is unavailable.",
@@ -115,7 +117,9 @@ def _schemas() -> dict[str, Any]:
             "reply_to_name": _text(MAX_NAME, "Shown with reply_to."),
             "attachments": {
                 "type": ["array", "null"],
-                "description": "Their decoded total is bounded by the relay's max_attach_mb (MiB).",
+                "description": f"At most {MAX_ATTACHMENTS}; their decoded total is bounded by the relay's "
+                               "max_attach_mb (MiB).",
+                "maxItems": MAX_ATTACHMENTS,
                 "items": {"$ref": "#/components/schemas/Attachment"},
             },
         },

@@ -11,6 +11,7 @@ import email
 import email.header
 import email.utils
 import hashlib
+import json
 import re
 from email import policy
 from email.message import EmailMessage
@@ -19,7 +20,8 @@ from typing import Any
 import pytest
 
 from relay_core.errors import BadRequest, Forbidden, PayloadTooLarge, RelayError
-from relay_core.message import MAX_RECIPIENTS, OutgoingMessage, build_mime, new_message_id, parse_payload
+from relay_core.message import (MAX_ATTACHMENTS, MAX_RECIPIENTS, OutgoingMessage, build_mime, new_message_id,
+                                pack_stored, parse_payload, unpack_stored)
 from relay_core.options import Options, parse_option
 
 OPTIONS = Options()
@@ -343,6 +345,26 @@ def test_attachment_limit_counts_decoded_bytes_across_attachments() -> None:
     with pytest.raises(PayloadTooLarge) as caught:
         parse_payload(payload(attachments=[attachment(b"abcd"), attachment(b"efghijk")]), options)
     assert caught.value.status == 413 and "11 bytes" in caught.value.message
+
+
+def test_fifty_attachments_pass_and_fifty_one_are_413_before_any_is_decoded() -> None:
+    assert MAX_ATTACHMENTS == 50  # the number the README and the API document give
+    fifty = [attachment(b"x", f"f{i}.txt") for i in range(MAX_ATTACHMENTS)]
+    assert len(parse_payload(payload(attachments=fifty), OPTIONS).attachments) == 50
+    # The 51st is not even valid base64: the count is refused first, without decoding any.
+    over = fifty + [{"filename": "bad.bin", "content_b64": "!"}]
+    with pytest.raises(PayloadTooLarge) as caught:
+        parse_payload(payload(attachments=over), OPTIONS)
+    assert caught.value.status == 413
+    assert caught.value.message == "The message has 51 attachments; the relay accepts at most 50 per message."
+
+
+def test_a_message_stored_before_the_attachment_cap_still_renders() -> None:
+    """Queued under an earlier release (no count cap): the worker must still deliver it."""
+    request = payload(attachments=[attachment(b"x", f"f{i}.txt") for i in range(MAX_ATTACHMENTS + 10)])
+    message = parse_payload(request, OPTIONS, max_attachments=None)
+    document = pack_stored(bytearray(json.dumps(request).encode()), message)
+    assert len(list(parsed(build_mime(unpack_stored(bytes(document)), "m1")).iter_attachments())) == 60
 
 
 def test_every_error_is_one_sentence() -> None:

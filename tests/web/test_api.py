@@ -252,6 +252,19 @@ def test_attachment_limit_is_exact_in_decoded_bytes(settings: Settings) -> None:
         assert queued(client) == (1, 1)
 
 
+def test_attachment_count_is_capped_at_fifty(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    files = [{"filename": f"f{i}.txt", "content_b64": "eA=="} for i in range(51)]
+    assert client.post("/api/send", json=payload(attachments=files[:50])).status_code == 202
+    error = error_of(client.post("/api/send", json=payload(attachments=files)), 413)
+    assert error == "The message has 51 attachments; the relay accepts at most 50 per message."
+    assert queued(client) == (1, 1)
+    flush_refusals(client)
+    rows = client.app.state.relay.store.conn().execute(
+        "SELECT code, detail FROM log WHERE event = 'rejected'").fetchall()
+    assert [(r["code"], r["detail"]) for r in rows] == [(413, error)]
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= 40]
+
+
 def test_body_over_the_cap_is_413_with_or_without_content_length(settings: Settings) -> None:
     with running_client(settings, max_attach_mb="0.01") as client:
         cap = client.app.state.relay.store.options().max_body_bytes
