@@ -30,6 +30,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 from .options import Options
 
@@ -37,6 +38,7 @@ _RETRY_HINT = re.compile(
     r"(?:try again|retry|wait)\D{0,24}?(\d{1,6})\s*(seconds?|secs?|s\b|minutes?|mins?|m\b|hours?|h\b)",
     re.IGNORECASE,
 )
+_DATA_PIECE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -309,7 +311,7 @@ def transact(client: smtplib.SMTP, envelope_from: str, recipients: list[str],
             return DeliveryResult(results, stage, results[-1].code if results else None,
                                   results[-1].reply if results else "")
         stage = "DATA"
-        code, reply = client.data(body)
+        code, reply = _data(client, body)
         text = _reply_text(reply)
         if code != 250:
             raise _reply_error(stage, code, text, "DATA")
@@ -327,6 +329,40 @@ def transact(client: smtplib.SMTP, envelope_from: str, recipients: list[str],
     except (smtplib.SMTPException, OSError) as exc:
         raise DeliveryError(f"{stage}: connection lost: {_describe(exc)}", stage=stage,
                             permanent=False) from None
+
+
+def _data(client: smtplib.SMTP, body: bytes | bytearray) -> tuple[int, bytes]:
+    """DATA, the message sent a piece at a time.
+
+    ``smtplib.SMTP.data`` builds three whole copies of the message (the
+    dot-stuffed one, then two concatenations for the ending) before sending a
+    byte; here the worker holds the rendered message and one piece.
+    """
+    client.putcmd("data")
+    code, reply = client.getreply()
+    if code != 354:
+        raise smtplib.SMTPDataError(code, reply)
+    for piece in _dot_stuffed(body):
+        client.send(piece)
+    client.send(b".\r\n" if body.endswith(b"\r\n") else b"\r\n.\r\n")
+    return client.getreply()
+
+
+def _dot_stuffed(body: bytes | bytearray) -> Iterator[bytes]:
+    """The message in pieces of about ``_DATA_PIECE`` bytes, cut after a line end, with a
+    second dot before every line that begins with one (RFC 5321 section 4.5.2)."""
+    start, line_start = 0, True
+    while start < len(body):
+        end = min(start + _DATA_PIECE, len(body))
+        if end < len(body):
+            newline = body.rfind(b"\n", start, end)
+            end = newline + 1 if newline != -1 else end
+        piece = bytes(body[start:end]).replace(b"\n.", b"\n..")
+        if line_start and piece.startswith(b"."):
+            piece = b"." + piece
+        line_start = piece.endswith(b"\n")
+        yield piece
+        start = end
 
 
 class Mailer:
