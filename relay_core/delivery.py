@@ -286,9 +286,12 @@ class LeaseKeeper:
 def render(claimed: ClaimedMessage) -> bytes | bytearray:
     """The MIME bytes for a claimed message: same Message-ID and Date on every attempt."""
     document = claimed.body
+    claimed.sealed = None  # decrypted: a large ciphertext need not stay for the send
     if is_rendered_mime(document):
         return document  # accepted by a relay that stored the finished message; send it as it is
-    return build_mime(unpack_stored(document), claimed.id, claimed.created_at)
+    message = unpack_stored(document)
+    del document  # the parsed message holds what is needed: one copy of the request at a time
+    return build_mime(message, claimed.id, claimed.created_at)
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -79,6 +79,7 @@ _HEADER_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]")
 _B64_CHUNK = 4 * 65536
 _UNLIMITED = Options(max_attach_mb=1024 * 1024)
 _LINE = 76
+_WRAP_BLOCK = _LINE * 1024  # whole lines: each block is wrapped on its own
 
 
 @dataclass
@@ -400,7 +401,10 @@ def unpack_stored(document: bytes) -> OutgoingMessage:
     header = json.loads(document[newline + 1:])
     if header.get("v") != STORED_VERSION:
         raise ValueError(f"stored message format {header.get('v')!r} is not known to this version")
-    payload = json.loads(document[:newline])
+    # Decoded in place, as json.loads would decode it, rather than from a copy of the bytes.
+    request = str(memoryview(document)[:newline], json.detect_encoding(document), "surrogatepass")
+    payload = json.loads(request)
+    del request  # the parsed strings are the copy that is kept
     # The resolved line is the truth for recipients: a document stored before cc and bcc
     # were supported has none there, whatever its request held (those were not accepted).
     payload.update(from_email=header["from_email"], from_name=header["from_name"], to=header["to"],
@@ -547,18 +551,36 @@ def build_mime(message: OutgoingMessage, message_id: str, created: float | None 
 
 
 def _splice(rendered: bytes, placeholders: list[tuple[bytes, Attachment]]) -> bytearray:
-    """Put each attachment's base64 in place of its token, wrapped at 76."""
-    out = bytearray()
-    position = 0
+    """Put each attachment's base64 in place of its token, wrapped at 76.
+
+    The result is allocated once at its final size: a buffer grown by
+    appending is copied as it grows, briefly holding two large messages.
+    """
+    spans, position = [], 0
     for token, attachment in placeholders:
         at = rendered.index(token, position)
-        out += rendered[position:at]
-        content = attachment.content_b64
-        for line_start in range(0, len(content), _LINE):
-            out += content[line_start:line_start + _LINE].encode("ascii")
-            out += b"\r\n"
         position = at + len(token)
         if rendered[position:position + 2] == b"\r\n":
             position += 2
-    out += rendered[position:]
+        spans.append((at, position, attachment.content_b64))
+    size = len(rendered) + sum(_wrapped_size(len(content)) - (end - at) for at, end, content in spans)
+    out = bytearray(size)
+    filled = position = 0
+    for at, end, content in spans:
+        out[filled:filled + at - position] = rendered[position:at]
+        filled += at - position
+        for start in range(0, len(content), _WRAP_BLOCK):
+            block = content[start:start + _WRAP_BLOCK].encode("ascii")
+            lines = [block[i:i + _LINE] for i in range(0, len(block), _LINE)]
+            lines.append(b"")
+            wrapped = b"\r\n".join(lines)
+            out[filled:filled + len(wrapped)] = wrapped
+            filled += len(wrapped)
+        position = end
+    out[filled:] = rendered[position:]
     return out
+
+
+def _wrapped_size(length: int) -> int:
+    """Bytes of ``length`` base64 characters in lines of 76, each ending CRLF."""
+    return length + 2 * -(-length // _LINE)
