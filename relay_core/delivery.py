@@ -26,7 +26,7 @@ from . import oauth
 from .crypto import DecryptionError
 from .errors import RelayError
 from .logs import fields
-from .message import build_mime, is_rendered_mime, unpack_stored
+from .message import build_mime, is_rendered_mime, parse_stored, read_stored
 from .options import Options
 from .smtp import DeliveryError, DeliveryResult, Mailer, RecipientResult, Target, retry_hint
 from .store import ClaimedMessage, LogEntry, Paced, Recipient, Store
@@ -289,8 +289,11 @@ def render(claimed: ClaimedMessage) -> bytes | bytearray:
     claimed.sealed = None  # decrypted: a large ciphertext need not stay for the send
     if is_rendered_mime(document):
         return document  # accepted by a relay that stored the finished message; send it as it is
-    message = unpack_stored(document)
-    del document  # the parsed message holds what is needed: one copy of the request at a time
+    # One large copy of the request at a time: its bytes, its text, its parsed strings (then the MIME).
+    request, resolved = read_stored(document)
+    del document
+    message = parse_stored(request, resolved)
+    del request
     return build_mime(message, claimed.id, claimed.created_at)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import functools
 import json
 import mimetypes
 import re
@@ -32,17 +33,16 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from email import charset as _charset
 from email.generator import BytesGenerator
 from email.header import Header
 from email.message import Message
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
+from email.mime.nonmultipart import MIMENonMultipart
 from email.policy import compat32
 from email.utils import format_datetime, formataddr
 from io import BytesIO
-from typing import Any
+from typing import Any, Callable, Iterator
 from urllib.parse import quote
 
 from .crypto import random_bytes
@@ -59,10 +59,10 @@ MAX_MIME_TYPE = 255
 # Headers folded at 78 with CRLF; bodies that are not plain short ASCII get a
 # transfer encoding, so the bytes are valid without 8BITMIME.
 _POLICY = compat32.clone(linesep="\r\n")
-_QP_UTF8 = _charset.Charset("utf-8")
-_QP_UTF8.body_encoding = _charset.QP
 _LOOKS_ENCODED = "=?"
 _LINE_END = re.compile(r"\r\n|\r")
+_LONG_LINE = re.compile(r"(?:^|(?<=\r))[^\r\n]{999}", re.MULTILINE)  # over SMTP's 998 (tried at line starts)
+_TEXT_BLOCK = 256 * 1024  # characters of a body encoded at a time
 _FILENAME_PLAIN = 60
 _SEGMENT = 60
 _RFC2231_SAFE = "!#$&+-.^_`|~"  # RFC 2231 attribute-char besides letters and digits
@@ -80,6 +80,7 @@ _B64_CHUNK = 4 * 65536
 _UNLIMITED = Options(max_attach_mb=1024 * 1024)
 _LINE = 76
 _WRAP_BLOCK = _LINE * 1024  # whole lines: each block is wrapped on its own
+_BLOCK_LINES = [slice(start, start + _LINE) for start in range(0, _WRAP_BLOCK, _LINE)]  # made once
 
 
 @dataclass
@@ -89,6 +90,10 @@ class Attachment:
     content_b64: str  # whitespace removed, validated
     size: int  # decoded bytes
     params: tuple[tuple[str, str], ...] = ()  # Content-Type parameters, as given (charset added for UTF-8 text)
+
+
+# What replaces a placeholder in the rendered skeleton: a body's encoder, or an attachment.
+_Content = Callable[[], Iterator[bytes]] | Attachment
 
 
 @dataclass
@@ -397,18 +402,29 @@ def is_rendered_mime(document: bytes) -> bool:
 
 def unpack_stored(document: bytes) -> OutgoingMessage:
     """Rebuild the validated message from ``pack_stored``'s document."""
+    return parse_stored(*read_stored(document))
+
+
+def read_stored(document: bytes) -> tuple[str, dict[str, Any]]:
+    """``pack_stored``'s document as the request's text and the resolved values.
+
+    The text is decoded from the document in place (as json.loads would
+    decode the bytes), not from a copy; a caller that lets go of the document
+    before ``parse_stored`` holds one large copy of the request at a time.
+    """
     newline = document.rindex(b"\n")
-    header = json.loads(document[newline + 1:])
-    if header.get("v") != STORED_VERSION:
-        raise ValueError(f"stored message format {header.get('v')!r} is not known to this version")
-    # Decoded in place, as json.loads would decode it, rather than from a copy of the bytes.
-    request = str(memoryview(document)[:newline], json.detect_encoding(document), "surrogatepass")
+    resolved = json.loads(document[newline + 1:])
+    if resolved.get("v") != STORED_VERSION:
+        raise ValueError(f"stored message format {resolved.get('v')!r} is not known to this version")
+    return str(memoryview(document)[:newline], json.detect_encoding(document), "surrogatepass"), resolved
+
+
+def parse_stored(request: str, resolved: dict[str, Any]) -> OutgoingMessage:
     payload = json.loads(request)
-    del request  # the parsed strings are the copy that is kept
     # The resolved line is the truth for recipients: a document stored before cc and bcc
     # were supported has none there, whatever its request held (those were not accepted).
-    payload.update(from_email=header["from_email"], from_name=header["from_name"], to=header["to"],
-                   cc=header.get("cc") or None, bcc=header.get("bcc") or None)
+    payload.update(from_email=resolved["from_email"], from_name=resolved["from_name"], to=resolved["to"],
+                   cc=resolved.get("cc") or None, bcc=resolved.get("bcc") or None)
     return parse_payload(payload, _UNLIMITED, max_attachments=None)
 
 
@@ -438,21 +454,43 @@ def _header_text(value: str, name: str) -> Header | str:
     return Header(value, "utf-8", header_name=name)
 
 
-def _text_part(body: str, subtype: str) -> MIMEText:
+def _text_part(body: str, subtype: str, spliced: list[tuple[bytes, _Content]]) -> Message:
     """7bit when the text is short-lined printable ASCII; quoted-printable UTF-8 otherwise.
 
-    Line ends are made uniform first (a bare CR is a line end too, as the
-    generator would treat it), so every line arrives as written; a NUL or
-    other control character forces quoted-printable, which encodes it.
+    The body is spliced in like an attachment, encoded by ``_encoded_text``
+    as it is written: the email package encodes and writes it whole and
+    line by line, which held nine times a large HTML body.
     """
-    body = _LINE_END.sub("\n", body)
-    if not body.endswith("\n"):
-        body += "\n"
-    if body.isascii() and not _CONTROL.search(body) and all(len(line) <= 998 for line in body.split("\n")):
-        part = MIMEText(body, subtype, "us-ascii")
-    else:
-        part = MIMEText(body, subtype, _QP_UTF8)  # type: ignore[arg-type]
+    plain = body.isascii() and not _CONTROL.search(body) and not _LONG_LINE.search(body)
+    part = MIMENonMultipart("text", subtype, charset="us-ascii" if plain else "utf-8")
+    part["Content-Transfer-Encoding"] = "7bit" if plain else "quoted-printable"
+    token = _placeholder(len(spliced))
+    part.set_payload(token)
+    spliced.append((token.encode(), functools.partial(_encoded_text, body, plain)))
     return part
+
+
+def _encoded_text(body: str, plain: bool) -> Iterator[bytes]:
+    """The body on the wire, a block of whole lines at a time.
+
+    Line ends are made uniform (a bare CR is a line end too, as the
+    generator would treat it), so every line arrives as written; a NUL or
+    other control character is not plain, and quoted-printable encodes it.
+    """
+    start = 0
+    while True:
+        end = body.find("\n", start + _TEXT_BLOCK) + 1 or len(body)  # after a LF: a CRLF is never split
+        block = body[start:end]
+        if "\r" in block:
+            block = _LINE_END.sub("\n", block)
+        if end == len(body) and not block.endswith("\n"):
+            block += "\n"
+        data = block.encode("ascii" if plain else "utf-8").replace(b"\n", b"\r\n")
+        # Each block holds a CRLF, so binascii ends its soft line breaks with CRLF too.
+        yield data if plain else binascii.b2a_qp(data, istext=True)
+        if end == len(body):
+            return
+        start = end
 
 
 def _disposition(filename: str) -> str:
@@ -481,7 +519,14 @@ def _disposition(filename: str) -> str:
 
 
 def _placeholder(index: int) -> str:
-    return f"@@tspro-relay-attachment-{index}-{secrets.token_hex(8)}@@"
+    return f"@@tspro-relay-part-{index}-{secrets.token_hex(8)}@@"
+
+
+def _boundary() -> str:
+    """Unguessable, so no body holds it: the generator checks its own boundary against the
+    parts' text, but the bodies are spliced in after it (and the check compiles a regular
+    expression per message)."""
+    return f"=_{secrets.token_hex(16)}"
 
 
 def build_mime(message: OutgoingMessage, message_id: str, created: float | None = None) -> bytes | bytearray:
@@ -492,21 +537,23 @@ def build_mime(message: OutgoingMessage, message_id: str, created: float | None 
     rendering a 2 KB message take half a millisecond. Header values are
     encoded here instead: ``formataddr`` and ``Header`` do RFC 2047.
     """
+    # Each body and attachment is a placeholder in the rendered skeleton, in the order they are
+    # written, with what replaces it: encoded bytes, or an attachment's base64 to wrap.
+    spliced: list[tuple[bytes, _Content]] = []
     if message.text and message.html:
-        body: Message = MIMEMultipart("alternative")
-        body.attach(_text_part(message.text, "plain"))
-        body.attach(_text_part(message.html, "html"))
+        body: Message = MIMEMultipart("alternative", boundary=_boundary())
+        body.attach(_text_part(message.text, "plain", spliced))
+        body.attach(_text_part(message.html, "html", spliced))
     elif message.html:
-        body = _text_part(message.html, "html")
+        body = _text_part(message.html, "html", spliced)
     else:
-        body = _text_part(message.text, "plain")  # possibly empty: a subject-only message
+        body = _text_part(message.text, "plain", spliced)  # possibly empty: a subject-only message
 
-    placeholders: list[tuple[bytes, Attachment]] = []
     if message.attachments:
-        msg: Message = MIMEMultipart("mixed")
+        msg: Message = MIMEMultipart("mixed", boundary=_boundary())
         msg.attach(body)
         for index, attachment in enumerate(message.attachments):
-            token = _placeholder(index)
+            token = _placeholder(len(spliced))
             part = MIMEBase(*attachment.mime_type.split("/", 1))
             for param, param_value in attachment.params:
                 part.set_param(param, param_value)
@@ -514,7 +561,7 @@ def build_mime(message: OutgoingMessage, message_id: str, created: float | None 
             part["Content-Transfer-Encoding"] = "base64"
             part.set_payload(token)
             msg.attach(part)
-            placeholders.append((token.encode(), attachment))
+            spliced.append((token.encode(), attachment))
     else:
         msg = body
 
@@ -544,43 +591,51 @@ def build_mime(message: OutgoingMessage, message_id: str, created: float | None 
 
     out = BytesIO()
     BytesGenerator(out, mangle_from_=False, policy=_POLICY).flatten(msg)
-    rendered = out.getvalue()
-    if not placeholders:
-        return rendered
-    return _splice(rendered, placeholders)
+    return _splice(out.getvalue(), spliced)
 
 
-def _splice(rendered: bytes, placeholders: list[tuple[bytes, Attachment]]) -> bytearray:
-    """Put each attachment's base64 in place of its token, wrapped at 76.
+def _splice(rendered: bytes, spliced: list[tuple[bytes, _Content]]) -> bytearray:
+    """Put in place of each token what replaces it: a body's encoded pieces, an
+    attachment's base64 wrapped at 76.
 
     The result is allocated once at its final size: a buffer grown by
     appending is copied as it grows, briefly holding two large messages.
     """
     spans, position = [], 0
-    for token, attachment in placeholders:
+    for token, content in spliced:
         at = rendered.index(token, position)
         position = at + len(token)
-        if rendered[position:position + 2] == b"\r\n":
-            position += 2
-        spans.append((at, position, attachment.content_b64))
-    size = len(rendered) + sum(_wrapped_size(len(content)) - (end - at) for at, end, content in spans)
-    out = bytearray(size)
+        if isinstance(content, Attachment) and rendered[position:position + 2] == b"\r\n":
+            position += 2  # the last base64 line's CRLF stands for the one written after the token
+        spans.append((at, position, content))
+    out = bytearray(len(rendered) + sum(_size(content) - (end - at) for at, end, content in spans))
     filled = position = 0
     for at, end, content in spans:
         out[filled:filled + at - position] = rendered[position:at]
         filled += at - position
-        for start in range(0, len(content), _WRAP_BLOCK):
-            block = content[start:start + _WRAP_BLOCK].encode("ascii")
-            lines = [block[i:i + _LINE] for i in range(0, len(block), _LINE)]
-            lines.append(b"")
-            wrapped = b"\r\n".join(lines)
-            out[filled:filled + len(wrapped)] = wrapped
-            filled += len(wrapped)
+        for piece in _pieces(content):
+            out[filled:filled + len(piece)] = piece
+            filled += len(piece)
         position = end
     out[filled:] = rendered[position:]
     return out
 
 
-def _wrapped_size(length: int) -> int:
-    """Bytes of ``length`` base64 characters in lines of 76, each ending CRLF."""
-    return length + 2 * -(-length // _LINE)
+def _size(content: _Content) -> int:
+    if not isinstance(content, Attachment):
+        return sum(map(len, content()))  # encoded twice, to hold only a block of it at a time
+    length = len(content.content_b64)
+    return length + 2 * -(-length // _LINE)  # lines of 76, each ending CRLF
+
+
+def _pieces(content: _Content) -> Iterator[bytes]:
+    """``content`` as it goes on the wire, a block of lines at a time."""
+    if not isinstance(content, Attachment):
+        yield from content()
+        return
+    text = content.content_b64
+    for start in range(0, len(text), _WRAP_BLOCK):
+        block = text[start:start + _WRAP_BLOCK].encode("ascii")
+        lines = list(map(block.__getitem__, _BLOCK_LINES[:-(-len(block) // _LINE)]))  # no Python loop
+        lines.append(b"")
+        yield b"\r\n".join(lines)

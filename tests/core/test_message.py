@@ -518,8 +518,29 @@ def test_filename_that_looks_like_a_header_does_not_break_the_attachment() -> No
 
 
 def test_no_placeholder_survives_in_the_output() -> None:
-    data = build(attachments=[attachment(b"a", "a.bin"), attachment(b"b", "b.bin")])
-    assert b"tspro-relay-attachment" not in data
+    data = build(html="<p>é</p>", attachments=[attachment(b"a", "a.bin"), attachment(b"b", "b.bin")])
+    assert b"@@tspro-relay-" not in data
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    "no line end",
+    "crlf\r\nand bare cr\rand lf\n" * 40_000,  # several blocks, every kind of line end
+    "é and a NUL \x00\n" * 30_000,
+    ("x" * 998 + "\n") * 300 + "y" * 999,  # the last line is one over the limit: quoted-printable
+])
+def test_large_bodies_are_encoded_a_block_at_a_time_and_read_back_as_written(text: str) -> None:
+    data = build(text=text, html=text or None)
+    assert b"\n" not in data.replace(b"\r\n", b"") and b"\r" not in data.replace(b"\r\n", b"")
+    assert max(map(len, data.split(b"\r\n"))) <= 998 and data.isascii()
+    message = parsed(data)
+    written = text.replace("\r\n", "\n").replace("\r", "\n")
+    expected = written if written.endswith("\n") else written + "\n"
+    parts = [message] if not text else [message.get_body(("plain",)), message.get_body(("html",))]
+    for part in parts:
+        assert content(part) == expected
+    plain = text.isascii() and "\x00" not in text and "y" * 999 not in text
+    assert parts[0]["Content-Transfer-Encoding"] == ("7bit" if plain else "quoted-printable")
 
 
 @pytest.mark.parametrize("filename", ["日本語の議事録" * 40, "y" * 2000, "=?utf-8?q?a=0D=0ABcc:_x@evil.test?=",
