@@ -99,6 +99,10 @@ def one(case: str, mode: str, port: int) -> dict:
     return {"case": case, "mode": mode, "rendered": rendered, "peak": peak}
 
 
+def _size(count: int) -> str:
+    return f"{count / MIB:.2f} MiB" if count >= MIB else f"{count / 1024:.1f} KiB"
+
+
 def run_case(case: str, mode: str, port: int, code: str | None) -> dict:
     env = dict(os.environ)
     if code:
@@ -134,8 +138,8 @@ def main() -> None:
             traced = run_case(case, "tracemalloc", port, args.code)
             rss = run_case(case, "rss", port, args.code)
             size = traced["rendered"]
-            print(f"{case:<12} {size / MIB:8.2f} MiB {traced['peak'] / MIB:13.2f} MiB {traced['peak'] / size:6.2f}"
-                  f" {rss['peak'] / MIB:7.2f} MiB {rss['peak'] / size:6.2f}")
+            print(f"{case:<12} {_size(size):>10} {_size(traced['peak']):>17} {traced['peak'] / size:6.2f}"
+                  f" {_size(rss['peak']):>11} {rss['peak'] / size:6.2f}")
     finally:
         stop(sink)
 
