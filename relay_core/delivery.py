@@ -289,7 +289,7 @@ def render(claimed: ClaimedMessage) -> bytes | bytearray:
     claimed.sealed = None  # decrypted: a large ciphertext need not stay for the send
     if is_rendered_mime(document):
         return document  # accepted by a relay that stored the finished message; send it as it is
-    # One large copy of the request at a time: its bytes, its text, its parsed strings (then the MIME).
+    # Each large copy of the request goes as soon as the next exists: bytes, text, parsed strings, MIME.
     request, resolved = read_stored(document)
     del document
     message = parse_stored(request, resolved)

@@ -14,11 +14,13 @@ second and third copy of a 20 MiB attachment in the web process. Message-ID
 and Date come from the message's id and creation time, so every rendering
 of a message carries the same ones.
 
-Large attachments are the one thing done by hand. The portal already sends
-them base64-encoded, which is their MIME transfer encoding too, so they are
-validated chunk by chunk (never decoded whole) and spliced into the rendered
-message as wrapped lines. Letting the email package decode and re-encode a
-20 MiB file holds five or six copies of it at once.
+Bodies and attachments are the one thing done by hand: the email package
+renders a skeleton with a placeholder for each, and each is spliced in as it
+is encoded, a block at a time. The portal already sends attachments
+base64-encoded, which is their MIME transfer encoding too, so they are
+validated chunk by chunk (never decoded whole) and written as wrapped lines;
+letting the email package decode and re-encode a 20 MiB file held five or
+six copies of it at once, and its quoted-printable a large HTML body nine.
 """
 
 from __future__ import annotations
@@ -537,8 +539,8 @@ def build_mime(message: OutgoingMessage, message_id: str, created: float | None 
     rendering a 2 KB message take half a millisecond. Header values are
     encoded here instead: ``formataddr`` and ``Header`` do RFC 2047.
     """
-    # Each body and attachment is a placeholder in the rendered skeleton, in the order they are
-    # written, with what replaces it: encoded bytes, or an attachment's base64 to wrap.
+    # Each body and attachment is a placeholder in the rendered skeleton, listed in the order
+    # they are written with what replaces it (see _splice).
     spliced: list[tuple[bytes, _Content]] = []
     if message.text and message.html:
         body: Message = MIMEMultipart("alternative", boundary=_boundary())
@@ -552,7 +554,7 @@ def build_mime(message: OutgoingMessage, message_id: str, created: float | None 
     if message.attachments:
         msg: Message = MIMEMultipart("mixed", boundary=_boundary())
         msg.attach(body)
-        for index, attachment in enumerate(message.attachments):
+        for attachment in message.attachments:
             token = _placeholder(len(spliced))
             part = MIMEBase(*attachment.mime_type.split("/", 1))
             for param, param_value in attachment.params:
@@ -599,7 +601,7 @@ def _splice(rendered: bytes, spliced: list[tuple[bytes, _Content]]) -> bytearray
     attachment's base64 wrapped at 76.
 
     The result is allocated once at its final size: a buffer grown by
-    appending is copied as it grows, briefly holding two large messages.
+    appending may be copied as it grows, briefly holding two large messages.
     """
     spans, position = [], 0
     for token, content in spliced:
