@@ -19,8 +19,9 @@ import random
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import oauth
 from .crypto import DecryptionError
@@ -56,8 +57,10 @@ class Deliverer:
     """Runs attempts for one worker process; each thread keeps its own ``Mailer``."""
 
     def __init__(self, store: Store, *, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None, identity: str | None = None) -> None:
+                 rng: random.Random | None = None, identity: str | None = None,
+                 render_budget: int | None = None) -> None:
         self.store = store
+        self.render_budget = RenderBudget(render_budget)
         self.clock = clock
         self.rng = rng or random.Random()
         self.identity = identity or worker_identity()
@@ -104,7 +107,8 @@ class Deliverer:
         self.leases.hold(claimed.id, owner, options.lease_seconds)
         try:
             try:
-                result, error = self._transact(claimed, options, pending)
+                with self.render_budget.hold(len(claimed.sealed or b""), options):
+                    result, error = self._transact(claimed, options, pending)
             except Exception as exc:
                 # The worker's boundary: whatever went wrong, the claimed message gets an
                 # outcome (and so a retry or an end) instead of waiting for its lease.
@@ -235,6 +239,37 @@ class Deliverer:
                     extra=fields("delivery.attempt", message_id=claimed.id, status=status, stage=stage,
                                  code=code, duration_ms=duration_ms, attempts=claimed.attempts + 1))
         return Outcome(claimed.id, status, next_attempt_at, detail)
+
+
+class RenderBudget:
+    """Stored bytes being rendered and sent at once by one worker's threads.
+
+    A delivery holds about twice its stored message (see ``render``), so
+    eight threads taking eight of the largest messages at once would hold
+    over 500 MiB. A delivery waits until its message fits: by default the
+    budget is two of the largest messages the settings admit, and a message
+    larger than the whole budget goes alone.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0  # the most held at once (for tests and benches)
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, size: int, options: Options) -> Iterator[None]:
+        limit = self.limit if self.limit is not None else 2 * options.max_body_bytes
+        with self._changed:
+            self._changed.wait_for(lambda: self.used == 0 or self.used + size <= limit)
+            self.used += size
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= size
+                self._changed.notify_all()
 
 
 class LeaseKeeper:

@@ -15,6 +15,7 @@ import re
 import smtplib
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -22,11 +23,11 @@ from typing import Iterator
 
 import pytest
 
-from relay_core.delivery import Deliverer
+from relay_core.delivery import Deliverer, Outcome
 from relay_core.message import build_mime, new_message_id, pack_stored, parse_payload
 from relay_core.smtp import _dot_stuffed
 from relay_core.store import NewMessage, Store, insert_message, transaction
-from support import free_port
+from support import SmtpServer, free_port
 
 MIB = 1024 * 1024
 # The largest ratio allowed between the attempt's peak of traced allocations and the
@@ -136,3 +137,27 @@ def test_data_pieces_are_dot_stuffed_as_smtplib_would(body: bytes) -> None:
     pieces = list(_dot_stuffed(bytearray(body)))
     assert b"".join(pieces) == smtplib._quote_periods(body)  # type: ignore[attr-defined]
     assert all(len(piece) <= 2 * 65536 for piece in pieces)
+
+
+def test_large_deliveries_wait_for_the_render_budget(store: Store) -> None:
+    """Three 1.4 MB stored messages and a small one on four threads, with a budget of 2 MB:
+    the large ones go one at a time (the budget counts what it held at once)."""
+    with SmtpServer("none") as server:
+        server.behaviour.delay = 0.3  # each DATA takes a while, so the threads overlap
+        store.set_options({"smtp_host": "127.0.0.1", "smtp_port": server.port, "smtp_security": "none",
+                           "smtp_helo_name": "relay.example.org"})
+        deliverer = Deliverer(store, render_budget=2_000_000)
+        ids = [queue(store, [os.urandom(MIB)])[0] for _ in range(3)] + [queue(store, [])[0]]
+        outcomes: list[Outcome | None] = []
+        threads = [threading.Thread(target=lambda m=m: outcomes.append(deliverer.attempt(m))) for m in ids]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+        finally:
+            deliverer.close()
+    assert sorted(o.status for o in outcomes if o is not None) == ["sent"] * 4
+    budget = deliverer.render_budget
+    assert 1_300_000 < budget.peak <= 2_000_000 and budget.used == 0
+    assert len(server.received) == 4
