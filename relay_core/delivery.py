@@ -13,9 +13,9 @@ with exponential backoff and jitter (``retry_base_seconds`` doubling up to
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
-import ctypes
 import random
 import socket
 import threading
