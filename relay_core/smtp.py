@@ -342,17 +342,18 @@ def _data(client: smtplib.SMTP, body: bytes | bytearray) -> tuple[int, bytes]:
     code, reply = client.getreply()
     if code != 354:
         raise smtplib.SMTPDataError(code, reply)
-    for piece in _dot_stuffed(body):
+    for piece in _data_pieces(body):
         client.send(piece)
-    client.send(b".\r\n" if body.endswith(b"\r\n") else b"\r\n.\r\n")
     return client.getreply()
 
 
-def _dot_stuffed(body: bytes | bytearray) -> Iterator[bytes]:
+def _data_pieces(body: bytes | bytearray) -> Iterator[bytes]:
     """The message in pieces of about ``_DATA_PIECE`` bytes, cut after a line end, with a
-    second dot before every line that begins with one (RFC 5321 section 4.5.2)."""
+    second dot before every line that begins with one (RFC 5321 section 4.5.2), and the
+    ending (CRLF . CRLF) on the last piece: sent alone, Nagle's algorithm held it until the
+    server's delayed ACK of the piece before (40 ms on Linux), which halved the delivery rate."""
     start, line_start = 0, True
-    while start < len(body):
+    while True:
         end = min(start + _DATA_PIECE, len(body))
         if end < len(body):
             newline = body.rfind(b"\n", start, end)
@@ -361,6 +362,9 @@ def _dot_stuffed(body: bytes | bytearray) -> Iterator[bytes]:
         if line_start and piece.startswith(b"."):
             piece = b"." + piece
         line_start = piece.endswith(b"\n")
+        if end == len(body):
+            yield piece + (b".\r\n" if body.endswith(b"\r\n") else b"\r\n.\r\n")
+            return
         yield piece
         start = end
 
