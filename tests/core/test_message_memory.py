@@ -4,6 +4,7 @@ The delivery goes to aiosmtpd in a child process, so tracemalloc here counts
 the worker's side only (claim, decrypt, render, DATA, record); the server
 writes what it received to a file, which must be the rendered message
 exactly (but for the multipart boundaries, which are random per rendering).
+Then DATA's pieces, and the budget that bounds a worker's threads together.
 """
 
 from __future__ import annotations
