@@ -321,16 +321,18 @@ def parse_payload(payload: Any, options: Options, key_allowed: tuple[str, ...] =
     if not isinstance(payload, dict):
         raise BadRequest("The request body must be a JSON object.")
 
-    # Missing, empty and blank all mean "use the Default From" (the portal sends "from_name": "").
+    # Missing, empty and blank all mean "use the Default From". The default name goes only with the
+    # default address: the portal sends "from_name": "" for a site without a sender name and writes the
+    # bare address over direct SMTP, so the sender must not change when the relay is switched on.
     # A line break is refused even where stripping would leave nothing.
-    from_email = _no_breaks("from_email", _string(payload, "from_email") or "").strip() or options.default_from
+    given_email = _no_breaks("from_email", _string(payload, "from_email") or "").strip()
+    from_email = given_email or options.default_from
     if not from_email:
         raise BadRequest("'from_email' is missing and the relay has no Default From address.")
     from_email = _address("from_email", from_email)
-    given_name = _string(payload, "from_name") or ""
+    given_name = _no_breaks("from_name", _string(payload, "from_name") or "")
     if not given_name.strip():
-        _no_breaks("from_name", given_name)  # a line break is refused even where it would be replaced
-        given_name = options.default_from_name
+        given_name = "" if given_email else options.default_from_name
     from_name = _name("from_name", given_name)
     if not from_permitted(from_email, options.allowed_from_items):
         raise Forbidden(f"The From address {from_email} is not permitted by the relay's Allowed From list.")

@@ -76,9 +76,9 @@ def test_missing_from_uses_the_default_from_and_name() -> None:
     # An explicit name wins over the default name, even with the default address.
     message = parse_payload(payload(from_email=None, from_name="Portal"), options)
     assert (message.from_email, message.from_name) == ("relay@example.org", "Portal")
-    # An explicit address keeps the default name when the name is missing.
+    # An explicit address never takes the default name: the sender must not change when the relay is switched on.
     message = parse_payload(payload(from_email="other@example.org", from_name=None), options)
-    assert (message.from_email, message.from_name) == ("other@example.org", "The Relay")
+    assert (message.from_email, message.from_name) == ("other@example.org", "")
 
 
 def test_missing_from_without_a_default_is_a_bad_request() -> None:

@@ -31,10 +31,17 @@ def parsed(data: bytes | bytearray) -> EmailMessage:
 
 
 @pytest.mark.parametrize("name", ["", "   ", "\t", ...])
-def test_empty_or_blank_from_name_falls_back_like_a_missing_one(name: Any) -> None:
+def test_empty_or_blank_from_name_with_a_from_email_gives_the_bare_address(name: Any) -> None:
+    # The portal writes formataddr(("", address)) over direct SMTP: the relay must send the same From.
     message = parse_payload(payload(from_name=name), DEFAULTS)
-    assert message.from_name == "The Relay"
-    assert parsed(build_mime(message, "m1"))["From"] == "The Relay <noreply@example.org>"
+    assert message.from_name == ""
+    assert parsed(build_mime(message, "m1"))["From"] == "noreply@example.org"
+
+
+@pytest.mark.parametrize("name", ["", "   ", ...])
+def test_empty_from_name_without_a_from_email_takes_the_default_name(name: Any) -> None:
+    message = parse_payload(payload(from_email=..., from_name=name), DEFAULTS)
+    assert parsed(build_mime(message, "m1"))["From"] == "The Relay <relay@example.org>"
 
 
 @pytest.mark.parametrize("address", ["", "  ", ...])

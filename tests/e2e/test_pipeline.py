@@ -112,6 +112,17 @@ def test_portal_message_arrives_intact(relay: Relay, certs: Certificates, mode: 
         assert attachments[1].get_payload(decode=True) == CSV_BYTES
 
 
+def test_portal_without_a_sender_name_keeps_the_bare_address(relay: Relay, certs: Certificates) -> None:
+    """What the portal sends when its site has no sender name: the From it would write over direct SMTP."""
+    with SmtpServer("none", certs) as server:
+        relay.configure(*server.settings(), "default_from=relay@example.org", "default_from_name=The Relay")
+        response = relay.send({"from_email": "noreply@example.org", "from_name": "", "to": ["ann@example.com"],
+                               "subject": "Hello", "text": "Body"})
+        assert response.status_code == 202, response.text
+        assert relay.wait_status(response.json()["id"], "sent", "failed")["status"] == "sent"
+        assert server.received[0].message["From"] == "noreply@example.org"
+
+
 def test_untrusted_certificate_defers_with_tls_error_until_verification_is_off(
         relay: Relay, certs: Certificates) -> None:
     with SmtpServer("starttls", certs, auth=True, trusted=False) as server:

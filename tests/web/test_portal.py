@@ -79,9 +79,9 @@ def test_health_not_configured_sentence(settings: Settings) -> None:
 
 # -- the sender ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["", "  "])
-def test_an_empty_from_name_uses_the_default_from_name(client: TestClient, name: str) -> None:
+def test_an_empty_from_name_with_a_from_email_gives_the_bare_address(client: TestClient, name: str) -> None:
     answer = accepted(client, payload(from_name=name))
-    assert rendered(client, answer["id"])["From"] == "The Relay <noreply@example.org>"
+    assert rendered(client, answer["id"])["From"] == "noreply@example.org"
 
 
 @pytest.mark.parametrize("address", ["", "   "])
