@@ -83,7 +83,13 @@ def _server_words(detail: str, code: int | None) -> str | None:
         return None
     marker = str(code)
     at = detail.find(marker)
-    return detail[at:].rstrip(")").strip() if at != -1 else None
+    if at == -1:
+        return None
+    words = detail[at:].strip()
+    # Drop only the bracket the relay wrapped the reply in, never one of the server's own.
+    if at > 0 and detail[at - 1] == "(" and words.endswith(")"):
+        words = words[:-1]
+    return words
 
 
 def assess_upstream(attempts: list[AttemptFact], window: int = UPSTREAM_WINDOW) -> Upstream:

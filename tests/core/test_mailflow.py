@@ -13,7 +13,8 @@ from typing import Iterator
 import pytest
 
 from relay_core.delivery import Deliverer
-from relay_core.mailflow import assess
+from relay_core.ledger import AttemptFact
+from relay_core.mailflow import assess, assess_upstream
 from relay_core.store import Store
 from support import SMTP_USER, Certificates, SmtpServer, free_port, store_message
 
@@ -125,3 +126,12 @@ def test_a_success_or_a_settings_change_ends_the_verdict(store: Store, deliverer
         for _ in range(3):
             deliverer.attempt(store_message(store, time.time()))
     assert assess(store).ok
+
+
+def test_server_words_keep_their_own_closing_bracket() -> None:
+    # Postfix's own reply ends in a bracket; the relay's detail wraps it in another.
+    words = "535 5.7.8 Error: authentication failed: (reason unavailable)"
+    detail = f"AUTH: the mail server mail.example.org refuses the username or password ({words})"
+    facts = [AttemptFact(1000.0 - i, f"m{i}", "deferred", "AUTH", 535, detail) for i in range(3)]
+    upstream = assess_upstream(facts)
+    assert upstream.failing and upstream.server_words == words
