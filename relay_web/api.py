@@ -90,9 +90,16 @@ def _over_limit(limit: int, quota: Quota) -> RateLimited:
                        f"sent in {_seconds(quota.retry_after)}.", retry_after=quota.retry_after, headers=quota.headers())
 
 
+def _body_too_big(cap: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than the relay accepts ({cap} bytes).")
+
+
 def _too_big(cap: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"The request body is larger than the relay accepts ({cap} bytes, from its "
-                           "attachment limit).")
+    """In the admin's terms: the MB they set, which the send cap follows from (Options.max_body_bytes)."""
+    attach_mb = round(max(0, cap - 4 - 1024 * 1024) * 3 / 4 / (1024 * 1024), 2)
+    return PayloadTooLarge(f"The request is larger than the relay accepts: attachments may total at most "
+                           f"{attach_mb:g} MB (the Max attachment size in the relay's settings), which is about "
+                           f"{cap / (1024 * 1024):.1f} MB of JSON once base64-encoded.")
 
 
 def declared_length(request: Request) -> int | None:
@@ -105,7 +112,8 @@ def declared_length(request: Request) -> int | None:
         raise BadRequest("The Content-Length header is not a number.") from None
 
 
-async def read_capped_body(request: Request, cap: int, fresh_cap: Callable[[], int] | None = None) -> bytearray:
+async def read_capped_body(request: Request, cap: int, fresh_cap: Callable[[], int] | None = None,
+                           too_big: Callable[[int], PayloadTooLarge] = _body_too_big) -> bytearray:
     """Read at most ``cap`` bytes; stop and refuse as soon as the body is bigger.
 
     The buffer grows with what arrives, never from the declared length: a
@@ -120,7 +128,7 @@ async def read_capped_body(request: Request, cap: int, fresh_cap: Callable[[], i
             if len(body) + len(chunk) > cap and fresh_cap is not None:
                 cap, fresh_cap = fresh_cap(), None
             if len(body) + len(chunk) > cap:
-                raise _too_big(cap)
+                raise too_big(cap)
             body += chunk
     except ClientDisconnect:
         raise BadRequest("The client closed the connection before its request body arrived.") from None
@@ -179,6 +187,21 @@ async def send_asgi(scope: Scope, receive: Receive, send: Send, answer_error: Er
     await send({"type": "http.response.body", "body": body})
 
 
+def _sender_and_recipients(payload: Any) -> tuple[str, str]:
+    """What a refused request's log row is searched by, as given (unchecked, bounded)."""
+    if not isinstance(payload, dict):
+        return "", ""
+    sender = payload.get("from_email")
+    listed: list[str] = []
+    for field in ("to", "cc", "bcc"):
+        value = payload.get(field)
+        if isinstance(value, str):
+            listed.append(value)
+        elif isinstance(value, list):
+            listed += [v for v in value if isinstance(v, str)]
+    return (sender if isinstance(sender, str) else "")[:320], ", ".join(listed)[:2000]
+
+
 class _Stale(NothingWritten):
     """The settings or keys changed after this request was checked against them."""
 
@@ -207,6 +230,7 @@ async def accept(request: Request) -> tuple[int, dict[str, Any], dict[str, str] 
             except _Stale:
                 pass
             except RelayError as exc:
+                exc.about = attempt.about  # for the refusal's log row, when the JSON could be read
                 # A key refusal was checked against the current revision already (authenticate), and a
                 # store that could not write does not depend on the settings (nor would it answer).
                 if exc.logged or isinstance(exc, StoreUnavailable) or state.store.revision() == snapshot[0]:
@@ -228,6 +252,7 @@ class _Accept:
         self.length = 0  # of the request itself (pack_stored appends to the buffer)
         self.claimed = 0  # bytes of the body budget this request holds until it is answered
         self.text: str | None = None  # the body decoded, while it is parsed (``body`` is None then)
+        self.about: tuple[str, str] = ("", "")  # sender and recipients as the JSON gave them
 
     async def read(self, key: ApiKey, limit: int, options: Options, rev: int, idempotency_key: str) -> bytearray:
         """The body, read once; before a byte of it, refused on its declared length (413), the key's
@@ -254,7 +279,7 @@ class _Accept:
         if limit and declared != 0:  # an empty POST is the portal's key check: 400 for any live key
             self.refuse_over_limit(key, limit, idempotency_key)
         self.claimed = self.state.bodies.claim(cap if declared is None else declared, cap)
-        self.body = await read_capped_body(self.request, cap, fresh_cap)
+        self.body = await read_capped_body(self.request, cap, fresh_cap, _too_big)
         self.length = len(self.body)
         return self.body
 
@@ -302,6 +327,7 @@ class _Accept:
             payload = box.pop()
         else:
             payload = _decode_json(self.text)
+        self.about = _sender_and_recipients(payload)
         if idempotency_key:
             # A repeat gets the first answer whatever has changed since (limits, settings).
             earlier = replay(state, key.id, idempotency_key, request_hash, time.time())
@@ -436,7 +462,9 @@ async def log_rejection(request: Request, exc: RelayError) -> None:
         state.refusals.counted(ip, exc.status, reason)
         return
     event = "unauthorized" if isinstance(exc, Unauthorized) else "rejected"
-    entry = LogEntry(event, "rejected", code=exc.status, detail=exc.message, source_ip=ip)
+    sender, recipients = getattr(exc, "about", ("", ""))
+    entry = LogEntry(event, "rejected", code=exc.status, detail=exc.message, source_ip=ip, sender=sender,
+                     recipients=recipients)
 
     def write(conn):  # type: ignore[no-untyped-def]
         insert_log(conn, entry)

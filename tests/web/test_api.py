@@ -277,6 +277,28 @@ def test_body_over_the_cap_is_413_with_or_without_content_length(settings: Setti
         assert queued(client) == (0, 0)
 
 
+def test_body_over_the_cap_names_the_admins_limit_in_mb(settings: Settings) -> None:
+    # The admin set "1" MB; a number of bytes they never set would not tell them what to change.
+    with running_client(settings, max_attach_mb="1") as client:
+        cap = client.app.state.relay.store.options().max_body_bytes
+        error = error_of(client.post("/api/send", content=b"{" + b" " * cap + b"}"), 413)
+        assert "1 MB" in error and "Max attachment size" in error and str(cap) not in error
+
+
+def test_refused_rows_keep_sender_and_recipients_when_the_json_was_read(settings: Settings) -> None:
+    with running_client(settings, allowed_from="example.org", max_attach_mb="0.001") as client:
+        error_of(client.post("/api/send", json=payload(from_email="x@other.example", to=["a@example.com"],
+                                                       cc=["c@example.com"])), 403)
+        big = [{"filename": "a.bin", "content_b64": base64.b64encode(b"a" * 2000).decode()}]
+        error_of(client.post("/api/send", json=payload(to="b@example.com", attachments=big)), 413)
+        error_of(client.post("/api/send", content=b"{not json"), 400)
+        rows = client.app.state.relay.store.conn().execute(
+            "SELECT code, sender, recipients FROM log ORDER BY id").fetchall()
+    assert [tuple(r) for r in rows] == [(403, "x@other.example", "a@example.com, c@example.com"),
+                                        (413, "noreply@example.org", "b@example.com"),
+                                        (400, "", "")]
+
+
 def test_not_configured_is_503(settings: Settings) -> None:
     with running_client(settings, smtp_host="") as client:
         assert "not configured" in error_of(client.post("/api/send", json=payload()), 503)
