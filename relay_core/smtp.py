@@ -209,6 +209,11 @@ def _tls_error(target: Target, exc: ssl.SSLError, stage: str) -> DeliveryError:
         text = (f"{stage}: TLS certificate verification failed for {target.host}: {detail}. "
                 "Fix the server's certificate, name its CA in smtp_ca_file (a PEM file), or set "
                 "smtp_tls_verify=false if you trust this network.")
+    elif stage == "connect" and exc.reason == "WRONG_VERSION_NUMBER":
+        # What an implicit-TLS client reads from a server that greets in plain text first.
+        text = (f"{stage}: {target.host}:{target.port} did not answer in TLS (WRONG_VERSION_NUMBER): it expects "
+                "plain SMTP first, as a STARTTLS port does. Set smtp_security=starttls (usually port 587), or "
+                "keep ssl with the server's implicit-TLS port (usually 465).")
     else:
         text = f"{stage}: TLS handshake with {target.host}:{target.port} failed: {exc.reason or exc}"
     return DeliveryError(text, stage=stage, permanent=False)

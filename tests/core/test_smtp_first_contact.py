@@ -59,3 +59,13 @@ def test_a_hostname_mismatch_reads_as_one_sentence(mailer: Mailer, certs: Certif
     assert "TLS certificate verification failed for 127.0.0.1" in text
     assert "not valid for '127.0.0.1'. Fix the server's certificate" in text
     assert ".." not in text and caught.value.stage == "STARTTLS" and not caught.value.permanent
+
+
+def test_ssl_against_a_starttls_port_names_the_likely_fix(mailer: Mailer, certs: Certificates) -> None:
+    with SmtpServer("starttls", certs) as server:
+        target = Target("127.0.0.1", server.port, "ssl", "", "", True, 10.0, "relay.example.net")
+        with pytest.raises(DeliveryError) as caught:
+            mailer.deliver(target, "a@example.org", ["b@example.com"], BODY)
+    text = caught.value.message
+    assert "smtp_security=starttls" in text and "587" in text and "465" in text
+    assert not caught.value.permanent
