@@ -219,6 +219,25 @@ def _tls_error(target: Target, exc: ssl.SSLError, stage: str) -> DeliveryError:
     return DeliveryError(text, stage=stage, permanent=False)
 
 
+def _login(client: smtplib.SMTP, username: str, password: str) -> None:
+    """``SMTP.login``, except that a 535 ends it: the credentials are wrong whatever the mechanism, and
+    trying the next one only doubles the failed logins the server counts against the account."""
+    offered = client.esmtp_features.get("auth", "").upper().split()
+    client.user, client.password = username, password
+    refused: smtplib.SMTPAuthenticationError | None = None
+    for mechanism in ("CRAM-MD5", "PLAIN", "LOGIN"):  # smtplib's own order of preference
+        if mechanism not in offered:
+            continue
+        try:
+            client.auth(mechanism, getattr(client, "auth_" + mechanism.lower().replace("-", "_")))
+            return
+        except smtplib.SMTPAuthenticationError as exc:
+            if exc.smtp_code == 535:
+                raise
+            refused = exc
+    raise refused or smtplib.SMTPException("No suitable authentication method found.")
+
+
 def connect(target: Target) -> smtplib.SMTP:
     """Open, secure and authenticate a connection. Raises ``DeliveryError``."""
     stage = "connect"
@@ -249,7 +268,7 @@ def connect(target: Target) -> smtplib.SMTP:
             if target.token:
                 _xoauth2(client, target)
             else:
-                client.login(target.username, target.password)
+                _login(client, target.username, target.password)
         return client
     except DeliveryError:
         _abandon(client)

@@ -12,7 +12,7 @@ import pytest
 
 from relay_core.options import Options
 from relay_core.smtp import DeliveryError, Mailer, Target, helo_name
-from support import Certificates, SmtpServer
+from support import SMTP_PASSWORD, SMTP_USER, Certificates, SmtpServer
 
 BODY = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: Hi\r\nMessage-ID: <m@example.org>\r\n\r\nHi.\r\n"
 
@@ -69,3 +69,24 @@ def test_ssl_against_a_starttls_port_names_the_likely_fix(mailer: Mailer, certs:
     text = caught.value.message
     assert "smtp_security=starttls" in text and "587" in text and "465" in text
     assert not caught.value.permanent
+
+
+def test_a_wrong_password_is_tried_with_one_mechanism_only(mailer: Mailer, certs: Certificates) -> None:
+    # A 535 says the credentials are wrong: trying LOGIN after PLAIN only doubles the failed logins the
+    # server counts against the account.
+    with SmtpServer("starttls", certs, auth=True) as server:
+        target = Target("127.0.0.1", server.port, "starttls", SMTP_USER, "wrong-password", True, 10.0,
+                        "relay.example.net")
+        with pytest.raises(DeliveryError) as caught:
+            mailer.deliver(target, "a@example.org", ["b@example.com"], BODY)
+    assert caught.value.code == 535 and caught.value.stage == "AUTH"
+    assert len(server.handler.auth_mechanisms) == 1
+
+
+def test_the_right_password_still_signs_in(mailer: Mailer, certs: Certificates) -> None:
+    with SmtpServer("starttls", certs, auth=True) as server:
+        target = Target("127.0.0.1", server.port, "starttls", SMTP_USER, SMTP_PASSWORD, True, 10.0,
+                        "relay.example.net")
+        mailer.deliver(target, "a@example.org", ["b@example.com"], BODY)
+        mailer.close()
+    assert [r.auth for r in server.received] == [SMTP_USER]
