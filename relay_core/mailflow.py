@@ -135,8 +135,8 @@ def assess(store: Store, now: float | None = None, window: int = UPSTREAM_WINDOW
     if revoked:
         problems.append(revoked + ".")
     if options.delivery_paused:
-        problems.append("Delivery is paused: mail is accepted and queued but not sent until an admin "
-                        "resumes it (`tspro-relay resume`).")
+        problems.append("Delivery is paused: mail is accepted and queued but not sent until an admin clicks the "
+                        "Resume delivery button on the relay's Queue page (or runs tspro-relay resume).")
     if not alive:
         if heartbeat is None:
             problems.append("No delivery worker is running, so queued mail is not being sent.")

@@ -68,6 +68,9 @@ def test_paused_is_not_ok(store: Store) -> None:
     health = assess(store)
     assert not health.ok and health.paused and health.configured
     assert "Delivery is paused" in str(health.error)
+    # The portal's admin reads this sentence: the relay's own button first, no shell command in backticks.
+    assert "Resume delivery button on the relay's Queue page" in str(health.error)
+    assert "`" not in str(health.error)
 
 
 def test_wrong_password_three_times_says_so_with_the_servers_words(
