@@ -11,7 +11,9 @@ show, whenever an accepted message would not go out now:
 - no worker has reported in the last minute;
 - the OAuth 2.0 connection to Microsoft 365 or Google was revoked;
 - the upstream server is failing: the last ``window`` attempts (3 by default)
-  since its settings last changed all failed at connect, TLS or AUTH.
+  since its settings last changed all failed at connect, TLS or AUTH; or,
+  before any attempt with the new settings, a worker's check of them
+  (``probe.check_new_settings``) failed.
 
 The facts behind the verdict are returned too, in plain words, so every
 place that shows them tells the same story.
@@ -23,16 +25,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import probe
 from .ledger import CONNECTION_STAGES, AttemptFact
 from .oauth import revoked_sentence
+from .probe import UPSTREAM_SETTINGS
 from .store import Store
 
 WORKER_STALE_SECONDS = 60
 UPSTREAM_WINDOW = 3
-# A change to any of these may have fixed the upstream: attempts before it say nothing.
-UPSTREAM_SETTINGS = ("smtp_host", "smtp_port", "smtp_security", "smtp_username", "smtp_password",
-                     "smtp_tls_verify", "smtp_helo_name", "smtp_ca_file", "smtp_auth", "oauth_tenant",
-                     "oauth_client_id", "oauth_client_secret", "oauth_authority", "oauth_google_authority")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class Upstream:
     code: int | None = None
     server_words: str | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)  # newest first: at, stage, code, detail
+    check: dict[str, Any] | None = None  # the check of the current settings, while no attempt replaced it
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,23 @@ def _server_words(detail: str, code: int | None) -> str | None:
     return words
 
 
-def assess_upstream(attempts: list[AttemptFact], window: int = UPSTREAM_WINDOW) -> Upstream:
-    """Failing when the newest ``window`` attempts all failed before any message was offered."""
+def _what(stage: str | None) -> str:
+    return {"connect": "connecting", "EHLO": "greeting the server", "STARTTLS": "STARTTLS",
+            "AUTH": "AUTH"}.get(stage or "", stage or "")
+
+
+def assess_upstream(attempts: list[AttemptFact], window: int = UPSTREAM_WINDOW,
+                    check: dict[str, Any] | None = None) -> Upstream:
+    """Failing when the newest ``window`` attempts all failed before any message was offered, or when
+    there is no attempt yet and ``check`` (of the same settings) failed."""
     facts = [{"at": a.at, "status": a.status, "stage": a.stage, "code": a.code, "detail": a.detail}
              for a in attempts[:window]]
+    if check is not None and not attempts:
+        if check["state"] != "failed":
+            return Upstream(False, None, check=check)
+        words = _strip_stage(check["detail"], check["stage"]).rstrip(".")
+        return Upstream(True, f"a check of the new SMTP settings failed at {_what(check['stage'])}: {words}",
+                        check["stage"], check["code"], _server_words(check["detail"], check["code"]), check=check)
     if len(attempts) < window:
         return Upstream(False, None, attempts=facts)
     recent = attempts[:window]
@@ -103,9 +117,7 @@ def assess_upstream(attempts: list[AttemptFact], window: int = UPSTREAM_WINDOW) 
         return Upstream(False, None, attempts=facts)
     newest = recent[0]
     words = _strip_stage(newest.detail, newest.stage).rstrip(".")
-    what = {"connect": "connecting", "EHLO": "greeting the server", "STARTTLS": "STARTTLS",
-            "AUTH": "AUTH"}.get(newest.stage or "", newest.stage or "")
-    sentence = f"the last {window} delivery attempts failed at {what}: {words}"
+    sentence = f"the last {window} delivery attempts failed at {_what(newest.stage)}: {words}"
     return Upstream(True, sentence, newest.stage, newest.code, _server_words(newest.detail, newest.code), facts)
 
 
@@ -121,7 +133,10 @@ def assess(store: Store, now: float | None = None, window: int = UPSTREAM_WINDOW
     heartbeat = store.last_heartbeat()
     alive = heartbeat is not None and now - heartbeat < WORKER_STALE_SECONDS
     since = store.settings_changed_at(UPSTREAM_SETTINGS)
-    upstream = assess_upstream(store.recent_attempts(window, since=since), window)
+    check = probe.latest(store)
+    if check is not None and check["for"] < since:
+        check = None  # of settings changed since
+    upstream = assess_upstream(store.recent_attempts(window, since=since), window, check)
 
     problems = []
     if not options.smtp_configured:

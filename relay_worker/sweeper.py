@@ -1,5 +1,5 @@
 """The sweeper: re-enqueue what the queue lost, prune what retention allows,
-and keep this worker's heartbeat fresh.
+keep this worker's heartbeat fresh, and check new SMTP settings at once.
 
 It runs once when the worker starts and then every ``sweep_seconds`` (a
 setting, so tests and impatient operators can shorten it). It is a thread of
@@ -20,6 +20,7 @@ from typing import Callable
 from relay_core import metrics
 from relay_core.logs import fields
 from relay_core.pausing import wake_waiting
+from relay_core.probe import UPSTREAM_SETTINGS, check_new_settings
 from relay_core.store import Store
 from relay_core.tasks import RelayQueue
 
@@ -37,6 +38,8 @@ class Sweeper:
         self._stop = threading.Event()
         self.dropped = dropped or threading.Event()  # wake-ups this worker dropped while paused
         self._thread = threading.Thread(target=self._run, name="relay-sweeper", daemon=True)
+        self._checked_for = 0.0  # the SMTP settings change this worker last had checked
+        self._checker: threading.Thread | None = None
 
     def start(self) -> None:
         self.sweep_once()
@@ -81,6 +84,25 @@ class Sweeper:
             logger.info("retention: %s", pruned, extra=fields("sweep.retention", count=sum(pruned.values())))
         return len(ids)
 
+    def check_settings(self) -> None:
+        """Check a change to the SMTP settings in a thread of its own: the check waits on the
+        server's timeouts, and the heartbeat must not."""
+        changed = self.store.settings_changed_at(UPSTREAM_SETTINGS)
+        if changed <= self._checked_for or (self._checker is not None and self._checker.is_alive()):
+            return
+        self._checked_for = changed
+
+        def check() -> None:
+            try:
+                check_new_settings(self.store)
+            except Exception:
+                logger.exception("checking the new SMTP settings failed", extra=fields("probe.error"))
+            finally:
+                self.store.close()
+
+        self._checker = threading.Thread(target=check, name="relay-settings-check", daemon=True)
+        self._checker.start()
+
     def _run(self) -> None:
         heartbeat_every = 5.0
         last_sweep = last_beat = time.monotonic()
@@ -88,6 +110,7 @@ class Sweeper:
         while not self._stop.wait(2.0):
             try:
                 options = self.store.options()
+                self.check_settings()
                 if self.dropped.is_set() and not options.delivery_paused:
                     # Resumed after this worker dropped wake-ups or skipped a sweep: wake everything now.
                     self.dropped.clear()

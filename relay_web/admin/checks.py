@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import smtplib
-from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from relay_core import oauth, smtp
+from relay_core import smtp
+from relay_core.probe import PROBE_TIMEOUT, probe
 from relay_core.errors import BadRequest, NotFound
 from relay_core.options import Options, is_address
 from relay_core.sending import enqueue_test_message
@@ -28,43 +27,6 @@ from .forms import FormState, read_form
 from .sessions import relay_state, require_admin
 from .settings_page import actor, describe_test, parse_smtp, render_settings
 from .templating import status_badge
-
-PROBE_TIMEOUT = 15.0  # per SMTP operation; the whole check is bounded at twice that
-
-
-def probe(options: Options, store: Any = None) -> str:
-    """Connect, secure, authenticate, and say what happened. Raises ``smtp.DeliveryError`` (blocking).
-
-    With OAuth 2.0 a new access token is fetched first (the check is of the grant as much as of the server)."""
-    token = ""
-    if options.uses_oauth:
-        try:
-            token = oauth.access_token(options, store, fresh=True)
-        except oauth.OAuthError as exc:
-            raise smtp.DeliveryError(f"AUTH: {exc.message}", stage="AUTH", permanent=False) from None
-    target = dataclasses.replace(smtp.Target.from_options(options, token),
-                                 timeout=min(float(options.smtp_timeout_seconds), PROBE_TIMEOUT))
-    client = smtp.connect(target)
-    try:
-        greeting = (client.ehlo_resp or b"").decode("utf-8", "replace").splitlines()
-        steps = [f"Connected to {target.host}:{target.port}"]
-        if target.security == "ssl":
-            steps.append("over SSL/TLS")
-        elif target.security == "starttls":
-            steps.append("and started TLS (STARTTLS)")
-        if target.token:
-            steps.append(f"and signed in as {target.username} with an access token from "
-                         f"{oauth.PROVIDER_NAMES[options.smtp_auth]} (XOAUTH2)")
-        elif target.username:
-            steps.append(f"and signed in as {target.username}")
-        answer = f" The server said: {greeting[0]}" if greeting else ""
-        return " ".join(steps) + "." + answer + " No mail was sent."
-    finally:
-        try:
-            client.quit()
-        except (smtplib.SMTPException, OSError):
-            client.close()
-
 
 @require_admin
 async def test_connection(request: Request) -> Response:

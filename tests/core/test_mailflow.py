@@ -15,8 +15,9 @@ import pytest
 from relay_core.delivery import Deliverer
 from relay_core.ledger import AttemptFact
 from relay_core.mailflow import assess, assess_upstream
+from relay_core.probe import check_new_settings
 from relay_core.store import Store
-from support import SMTP_USER, Certificates, SmtpServer, free_port, store_message
+from support import SMTP_PASSWORD, SMTP_USER, Certificates, SmtpServer, free_port, store_message
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -138,3 +139,31 @@ def test_server_words_keep_their_own_closing_bracket() -> None:
     facts = [AttemptFact(1000.0 - i, f"m{i}", "deferred", "AUTH", 535, detail) for i in range(3)]
     upstream = assess_upstream(facts)
     assert upstream.failing and upstream.server_words == words
+
+
+def test_new_settings_are_checked_at_once_until_real_attempts_replace_the_check(
+        store: Store, deliverer: Deliverer, certs: Certificates) -> None:
+    beat(store)
+    with SmtpServer("starttls", certs, auth=True) as server:
+        store.set_options({"smtp_host": "127.0.0.1", "smtp_port": server.port, "smtp_security": "starttls",
+                           "smtp_username": SMTP_USER, "smtp_password": "wrong-password"})
+        checked = check_new_settings(store)
+        assert checked is not None and checked["state"] == "failed"
+        assert check_new_settings(store) is None  # once per change
+        health = assess(store)
+        assert not health.ok and health.upstream.failing and health.upstream.stage == "AUTH"
+        assert "a check of the new SMTP settings failed at AUTH" in str(health.error)
+        assert health.upstream.check and health.upstream.check["state"] == "failed"
+
+        # Real attempts replace the check: one good delivery after the change says more than it.
+        store.set_options({"smtp_password": SMTP_PASSWORD})
+        assert check_new_settings(store)["state"] == "ok"  # type: ignore[index]
+        assert assess(store).ok
+        store.set_options({"smtp_password": "wrong-again"})
+        check_new_settings(store)
+        assert not assess(store).ok
+        store.set_options({"smtp_password": SMTP_PASSWORD})
+        store.set_options({"smtp_password": "wrong-once-more"})  # not yet checked: the attempts decide
+        outcome = deliverer.attempt(store_message(store, time.time()))
+        assert outcome is not None and outcome.status == "deferred"
+        assert assess(store).ok  # one failed attempt is not yet a pattern, and the old check is stale

@@ -149,6 +149,22 @@ def test_a_wrong_password_makes_health_say_so(relay: Relay, certs: Certificates)
             relay.configure("retry_base_seconds=30", "retry_max_seconds=60")
 
 
+def test_new_settings_are_checked_at_once_without_a_message(relay: Relay, certs: Certificates) -> None:
+    # Before: /api/health said ok until three real messages had failed with the new settings.
+    with SmtpServer("starttls", certs, auth=True) as server:
+        relay.configure(*server.settings(auth=True), "smtp_password=not-the-password")
+        answer = wait_until(lambda: (a := health(relay))["upstream"]["failing"] and a, timeout=30,
+                            what="the worker's check of the new settings")
+        assert answer["ok"] is False and "a check of the new SMTP settings failed at AUTH" in answer["error"]
+        assert answer["upstream"]["check"]["state"] == "failed" and answer["upstream"]["code"] == 535
+        relay.configure(f"smtp_password={SMTP_PASSWORD}")
+        answer = wait_until(lambda: (a := health(relay))["upstream"]["check"] and
+                            a["upstream"]["check"]["state"] == "ok" and a, timeout=30,
+                            what="the check of the fixed settings")
+        assert answer["ok"] is True and "signed in as" in answer["upstream"]["check"]["detail"]
+        assert server.received == []
+
+
 def test_partly_refused_recipients_end_partial(relay: Relay) -> None:
     with SmtpServer("none") as server:
         relay.configure(*server.settings())
@@ -182,7 +198,7 @@ def test_blank_from_name_empty_text_and_parameterised_types_arrive_as_meant(rela
             {"filename": "r.csv", "mime_type": "text/csv", "content_b64": base64.b64encode(csv).decode()}])
         relay.wait_status(message_id, "sent")
         msg = server.received[0].message
-        assert msg["From"] == "The Relay <noreply@example.org>"
+        assert msg["From"] == "noreply@example.org"  # a from_email keeps its own (empty) name
         assert msg.get_body(("plain",)).get_content().strip() == ""
         first, second = msg.iter_attachments()
         assert (first.get_content_charset(), first.get_param("format")) == ("utf-8", "flowed")
