@@ -106,6 +106,7 @@ def delivery_health(request: Request, now: float) -> dict[str, Any]:
         "last": last[0] if last else None,
         "upstream_problem": health.upstream.sentence if health.upstream.failing else None,
         "oauth_revoked": revoked_sentence(store),
+        "check": health.upstream.check,
     }
 
 
@@ -161,8 +162,7 @@ async def cancel(request: Request) -> Response:
 @require_admin
 async def pause_delivery(request: Request) -> Response:
     await run_in_threadpool(pause, relay_state(request).store, actor(request))
-    return redirect_with_note(request, "/", "Delivery is paused: mail is still accepted and queued, and nothing is "
-                                            "sent until you resume.")
+    return RedirectResponse("/", status_code=303)  # the page's paused banner says it: one message, not two
 
 
 @require_admin

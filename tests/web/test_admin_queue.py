@@ -10,7 +10,9 @@ change nothing.
 from __future__ import annotations
 
 import html
+import json
 import re
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,6 +20,7 @@ import httpx
 import pytest
 
 from admin_helpers import AdminClient, admin_client, admin_settings, token_in
+from relay_core.probe import UPSTREAM_SETTINGS
 from relay_core.store import ClaimedMessage, LogEntry, Store
 
 
@@ -184,9 +187,8 @@ def test_a_note_cannot_be_forged_or_replayed_by_another_session(client: AdminCli
 def test_pause_and_resume_are_audited_and_the_page_says_so(client: AdminClient) -> None:
     store = client.state.store
     response = client.post("/queue/pause", {}, token_from="/")
-    assert note(response, client).startswith("Delivery is paused")
-    assert store.options().delivery_paused is True
-    page = client.get("/").text
+    assert response.status_code == 303 and store.options().delivery_paused is True
+    page = client.get(response.headers["location"]).text
     assert 'id="paused-banner"' in page and "Delivery is paused." in page and "Resume delivery" in page
     key = store.reveal_api_key()
     health = client.client.get("/api/health", headers={"Authorization": f"Bearer {key}"}).json()
@@ -216,6 +218,51 @@ def test_a_failing_mail_server_is_named_in_plain_words(client: AdminClient) -> N
     text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", client.get("/").text)).split())
     assert ("The mail server is failing: the last 3 delivery attempts failed at AUTH: the mail server refuses "
             "the password (535 5.7.8 Authentication credentials invalid)") in text
+
+
+def page_text(client: AdminClient, path: str = "/") -> str:
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", client.get(path).text)).split())
+
+
+def test_the_check_of_new_settings_shows_until_an_attempt_replaces_it(client: AdminClient) -> None:
+    store = client.state.store
+    changed = store.settings_changed_at(UPSTREAM_SETTINGS)
+    row = {"for": changed, "at": changed + 1, "state": "checking", "stage": None, "code": None, "detail": ""}
+    store.conn().execute("INSERT INTO meta (name, value) VALUES ('upstream_probe', ?)", (json.dumps(row),))
+    store.conn().commit()
+    assert "Checking the new SMTP settings" in page_text(client)
+    detail = "AUTH: the mail server 127.0.0.1 refuses the username or password (535 5.7.8 Authentication failed)"
+    row.update(state="failed", stage="AUTH", code=535, detail=detail)
+    store.conn().execute("UPDATE meta SET value = ? WHERE name = 'upstream_probe'", (json.dumps(row),))
+    store.conn().commit()
+    assert ("The mail server is failing: a check of the new SMTP settings failed at AUTH: the mail server "
+            "127.0.0.1 refuses the username or password (535 5.7.8 Authentication failed)") in page_text(client)
+    attempt(store, send(client), "sent", code=250, reply="2.0.0 OK")
+    text = page_text(client)
+    assert "is failing" not in text and "Last delivery attempt" in text
+
+
+def test_a_message_being_sent_says_what_the_worker_is_doing(client: AdminClient) -> None:
+    # An attempt is counted when it ends: for the seconds a worker connects, secures and signs in, the
+    # message read "Sending" with 0 attempts and nothing else.
+    store = client.state.store
+    message_id = send(client)
+    assert isinstance(store.claim(message_id, "w1", 300), ClaimedMessage)
+    said = "A worker is handing it to the mail server now (connecting, securing the connection, signing in"
+    assert "1 message is being handed to the mail server now" in page_text(client)
+    assert said in page_text(client, f"/messages/{message_id}")
+
+
+def test_the_paused_queue_page_says_it_once_and_truly(client: AdminClient) -> None:
+    send(client)
+    client.state.store.heartbeat("w1", 1, "host", time.time())
+    response = client.post("/queue/pause", {}, token_from="/")
+    assert response.status_code == 303
+    page = client.get(response.headers["location"]).text
+    assert page.count("Delivery is paused") == 1
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+    assert "A worker is delivering" not in text and "as soon as a worker is free" not in text
+    assert "when delivery is resumed" in text
 
 
 FORMS = ["/queue/retry", "/queue/cancel", "/queue/pause", "/queue/resume", "/logs/clear", "/messages/{id}/body"]
