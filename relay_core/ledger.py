@@ -367,12 +367,21 @@ class Ledger:
             conn.executemany("UPDATE messages SET enqueued_at = ? WHERE id = ?", [(now, i) for i in message_ids])
 
     # -- reading -----------------------------------------------------------------
-    def message_status(self, message_id: str) -> dict[str, Any] | None:
-        """The contract's view of one message: state, attempts, per-recipient outcome."""
+    def message_status(self, message_id: str, sent_by: tuple[int, bool] | None = None) -> dict[str, Any] | None:
+        """The contract's view of one message: state, attempts, per-recipient outcome.
+
+        ``sent_by`` (key id, is the portal's key): None unless that key sent it. The portal's key
+        also sees what its replaced predecessors sent: replacing a leaked key must not make the
+        portal lose track of its mail.
+        """
         conn = self.conn()
         row = conn.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
         if row is None:
             return None
+        if sent_by is not None and row["api_key_id"] != sent_by[0]:
+            if not sent_by[1] or row["api_key_id"] is None or not conn.execute(
+                    "SELECT 1 FROM api_keys WHERE id = ? AND is_primary = 1", (row["api_key_id"],)).fetchone():
+                return None
         attempts = [
             {"at": r["ts"], "status": r["status"], "stage": r["stage"], "code": r["code"],
              "detail": r["detail"], "duration_ms": r["duration_ms"]}

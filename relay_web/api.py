@@ -404,9 +404,9 @@ def replay(state: AppState, key_id: int, idempotency_key: str, request_hash: str
 
 
 async def message_status(request: Request) -> JSONResponse:
-    authenticate(request)
+    key = authenticate(request)
     message_id = request.path_params["message_id"]
-    view = _state(request).store.message_status(message_id)
+    view = _state(request).store.message_status(message_id, sent_by=(key.id, key.is_primary))
     if view is None:
         raise NotFound(f"No message with id {message_id!r} is known to this relay.")
     return JSONResponse(view)

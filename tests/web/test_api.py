@@ -353,6 +353,24 @@ def test_every_api_answer_is_json(client: TestClient) -> None:
     error_of(client.get("/api/messages/0123abc", headers={"Authorization": "Bearer x"}), 401)
 
 
+def test_a_key_reads_only_the_messages_it_sent(client: TestClient) -> None:
+    # Another key's message answers as an unknown id does: its Bcc recipients are not that key's business.
+    store = client.app.state.relay.store
+    _, other_key = store.add_api_key("newsletter")
+    mine = client.post("/api/send", json=payload(bcc=["hidden@example.com"])).json()["id"]
+    theirs = client.post("/api/send", json=payload(), headers={"Authorization": f"Bearer {other_key}"}).json()["id"]
+    assert client.get(f"/api/messages/{mine}").status_code == 200
+    unknown = error_of(client.get("/api/messages/0123abc"), 404)
+    assert error_of(client.get(f"/api/messages/{theirs}"), 404) == unknown.replace("0123abc", theirs)
+    as_other = {"Authorization": f"Bearer {other_key}"}
+    assert client.get(f"/api/messages/{theirs}", headers=as_other).status_code == 200
+    assert client.get(f"/api/messages/{mine}", headers=as_other).status_code == 404
+    # The portal's key replaced (`api-key new`): the portal still follows what it sent before.
+    client.headers["Authorization"] = f"Bearer {store.new_primary_api_key()}"
+    assert client.get(f"/api/messages/{mine}").status_code == 200
+    assert client.get(f"/api/messages/{theirs}").status_code == 404
+
+
 def test_health_endpoints(client: TestClient) -> None:
     assert client.get("/healthz", headers={"Authorization": ""}).json() == {"ok": True, "configured": True}
     error_of(client.get("/api/health", headers={"Authorization": "Bearer wrong"}), 401)
