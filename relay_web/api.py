@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from typing import Any, Awaitable, Callable
 
@@ -144,10 +145,48 @@ def _decode_text(body: bytearray) -> str:
 
 def _decode_json(text: str) -> Any:
     try:
-        return json.loads(text)
+        payload = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON ({exc.msg} at line {exc.lineno}, "
                          f"column {exc.colno}).") from None
+    except RecursionError:
+        raise BadRequest("The request body nests deeper than the relay reads; send the message as a flat "
+                         "JSON object.") from None
+    except ValueError:  # Python's int() limit: a number of more than 4,300 digits
+        raise BadRequest("The request body holds a number too long to read (over 4,300 digits).") from None
+    if _SURROGATE_ESCAPE.search(text):
+        _refuse_lone_surrogates(payload)
+    return payload
+
+
+# UTF-8 cannot hold a surrogate: only a \uD800-\uDFFF escape can, so most bodies skip the walk.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _refuse_lone_surrogates(payload: Any) -> None:
+    """A lone surrogate (half of a UTF-16 pair) is no character: it could be neither stored nor sent."""
+    stack = [(payload, "")]
+    while stack:
+        value, field = stack.pop()
+        if isinstance(value, dict):
+            for name, item in value.items():
+                if not _is_text(name):
+                    raise BadRequest("A field name contains a lone surrogate (\\ud800-\\udfff), which is not "
+                                     "text: escape characters outside the BMP as surrogate pairs.")
+                stack.append((item, field or name))
+        elif isinstance(value, list):
+            stack += [(item, field) for item in value]
+        elif isinstance(value, str) and not _is_text(value):
+            raise BadRequest(f"'{field}' contains a lone surrogate (\\ud800-\\udfff), which is not text: "
+                             "escape characters outside the BMP as surrogate pairs.")
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _decode_json_in_place(box: list[Any]) -> None:

@@ -8,6 +8,8 @@ both the store and the queue.
 from __future__ import annotations
 
 import base64
+import json
+import logging
 import sqlite3
 import email
 from email import policy
@@ -463,3 +465,65 @@ def test_a_handler_failing_on_a_refused_send_is_answered_as_an_internal_error(
         response = client.post("/api/send", json={"to": "not an address"})
         assert response.status_code == 500 and "internal error" in response.json()["error"]
         assert response.headers["x-content-type-options"] == "nosniff"
+
+
+# -- hostile bodies: a clear 400 and one line, never a traceback ---------------------------------------------------
+HOSTILE = [
+    pytest.param(b'{"to": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nests deeper", id="deep-nesting"),
+    pytest.param(b'{"to": ["a@example.com"], "text": "x", "n": ' + b"9" * 5000 + b"}", "number", id="long-number"),
+]
+
+
+def tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("body,words", HOSTILE)
+def test_hostile_json_is_a_400_without_a_traceback(settings: Settings, caplog: pytest.LogCaptureFixture,
+                                                    body: bytes, words: str) -> None:
+    with running_client(settings, raise_server_exceptions=False) as client:
+        assert words in error_of(client.post("/api/send", content=body), 400)
+        rows = client.app.state.relay.store.conn().execute("SELECT code FROM log").fetchall()
+    assert [tuple(r) for r in rows] == [(400,)] and tracebacks(caplog) == []
+
+
+@pytest.mark.parametrize("field,value", [
+    ("text", "a\ud800b"), ("html", "<p>\udfff</p>"), ("from_name", "P\ud800"), ("subject", "\udc00"),
+    ("attachments", [{"filename": "a\ud800.txt", "content_b64": "aGk="}]),
+    ("attachments", [{"filename": "a.txt", "mime_type": "text/plain; name=\ud800", "content_b64": "aGk="}]),
+    ("x\ud800", "a field name"),
+])
+def test_lone_surrogates_are_refused_at_intake(client: TestClient, field: str, value: Any) -> None:
+    # Before: accepted, then failed "cannot be rendered" in the worker (or a 503 for a name or field name).
+    body = json.dumps(payload(**{field: value})).encode()  # ensure_ascii: "\ud800" escapes, as a client sends them
+    error = error_of(client.post("/api/send", content=body), 400)
+    assert "lone surrogate" in error
+    assert queued(client) == (0, 0)
+    # A real pair is one character, and welcome.
+    assert client.post("/api/send", content=json.dumps(payload(text="\U0001F600")).encode()).status_code == 202
+
+
+def test_a_client_hanging_up_mid_body_writes_one_line(settings: Settings,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="relay.web")
+    with running_client(settings, raise_server_exceptions=False) as client:
+        parts = [{"type": "http.request", "body": b'{"to": ["a@example.com"], "te', "more_body": True},
+                 {"type": "http.disconnect"}]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return parts.pop(0) if parts else {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/api/send", "raw_path": b"/api/send", "query_string": b"",
+                 "root_path": "", "client": ("203.0.113.7", 50000), "server": ("127.0.0.1", 8000),
+                 "headers": [(b"host", b"relay.test"), (b"content-length", b"1000"),
+                             (b"authorization", client.headers["Authorization"].encode()),
+                             (b"content-type", b"application/json")], "app": client.app}
+        client.portal.call(client.app, scope, receive, send)  # type: ignore[union-attr]
+        assert queued(client) == (0, 0)
+    assert tracebacks(caplog) == []
+    assert len([r for r in caplog.records if "hung up" in r.getMessage()]) == 1
