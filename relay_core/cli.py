@@ -30,6 +30,7 @@ from .config import ConfigError, Settings, is_shared_queue, load_settings
 from .db import StoreInUse
 from .errors import RelayError
 from .limits import effective_limit
+from .logs import ControlEscaping
 from .options import (HELP, OPTION_NAMES, SECRET_OPTIONS, Options, parse_allowlist, parse_option, parse_per_hour,
                       to_text)
 from .store import ApiKey, Store
@@ -568,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Text a client sent (a field name, a subject) is printed as it came: never its control characters.
+    if not isinstance(sys.stdout, ControlEscaping):
+        sys.stdout, sys.stderr = ControlEscaping(sys.stdout), ControlEscaping(sys.stderr)
     try:
         args = build_parser().parse_args(argv)  # inside: --help into a closed pipe too
         if not getattr(args, "needs_settings", True):

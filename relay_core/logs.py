@@ -14,14 +14,54 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from .config import Settings
 
 STRUCTURED_FIELDS = ("message_id", "status", "stage", "code", "duration_ms", "attempts", "count",
                      "worker", "threads", "method", "path")
+
+
+# C0 and C1 controls, DEL, line and paragraph separators, bidi overrides: what could drive an operator's
+# terminal, forge a log line or reorder what is shown, when text a client sent is printed as it came.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_controls(text: str, keep: str = "") -> str:
+    """``text`` with each control character (but those in ``keep``) written as its escape, ``\\x1b``."""
+    if not _CONTROLS.search(text):
+        return text
+    return _CONTROLS.sub(lambda m: m.group() if m.group() in keep else m.group().encode("unicode_escape").decode(),
+                         text)
+
+
+class ControlEscaping:
+    """A text stream that escapes control characters but line breaks and tabs: every CLI output."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(escape_controls(text, keep="\n\t"))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+class TextFormatter(logging.Formatter):
+    """The text log line; the message's control characters escaped, line breaks included (a traceback
+    after it keeps its lines)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
 
 
 def fields(event: str, **values: Any) -> dict[str, Any]:
@@ -38,7 +78,7 @@ class JsonFormatter(logging.Formatter):
             # Records from libraries (uvicorn, huey) carry no event: their logger names one.
             "event": getattr(record, "event", None) or record.name,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": escape_controls(record.getMessage()),
         }
         for name in STRUCTURED_FIELDS:
             value = getattr(record, name, None)
@@ -54,7 +94,7 @@ def setup_logging(settings: Settings) -> None:
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)

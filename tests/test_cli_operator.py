@@ -299,3 +299,37 @@ def test_send_test_before_smtp_is_configured_names_the_command(env: dict[str, st
     with sqlite3.connect(tmp_path / "data" / "relay.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
     conn.close()
+
+
+HOSTILE_TEXT = "\x1b]0;owned\x07\x1b[2J\rFAKE\x9b31m\u202e"
+
+
+def test_control_characters_are_escaped_in_cli_output(env: dict[str, str], tmp_path: Path) -> None:
+    # An unknown JSON field name is written into the log row as sent: printed raw, its ESC, BEL and CR
+    # would drive the operator's terminal.
+    from relay_core import crypto
+    from relay_core.config import load_settings
+    from relay_core.store import LogEntry, Store
+
+    configured(env, tmp_path)
+    settings = load_settings({k: v for k, v in env.items() if k.startswith("RELAY_")})
+    store = Store(settings.db_path, crypto.derive_keys(settings))
+    try:
+        store.log(LogEntry("accepted", "queued", message_id="01abc", sender=HOSTILE_TEXT, subject=HOSTILE_TEXT,
+                           detail="1 recipient(s); ignored unknown field(s): " + HOSTILE_TEXT))
+    finally:
+        store.close()
+    out = cli(env, "log", cwd=tmp_path).stdout
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202e]", out), repr(out)
+    assert "\\x1b]0;owned\\x07" in out and len(out.splitlines()) == 1
+
+
+def test_control_characters_are_escaped_in_log_lines() -> None:
+    import logging as stdlib_logging
+
+    from relay_core.logs import JsonFormatter, TextFormatter
+    record = stdlib_logging.LogRecord("relay.web", stdlib_logging.INFO, __file__, 1, "field %s\nFORGED LINE",
+                                      (HOSTILE_TEXT,), None)
+    for formatter in (TextFormatter(), JsonFormatter()):
+        line = formatter.format(record)
+        assert not re.search("[\x00-\x1f\x7f-\x9f\u202e]", line), repr(line)
