@@ -31,6 +31,7 @@ from .db import StoreInUse
 from .errors import RelayError
 from .limits import effective_limit
 from .logs import ControlEscaping
+from .passwords import password_problem
 from .options import (HELP, OPTION_NAMES, SECRET_OPTIONS, Options, parse_allowlist, parse_option, parse_per_hour,
                       to_text)
 from .store import ApiKey, Store
@@ -312,8 +313,10 @@ def cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
         password = getpass.getpass("New admin password: ")
         if password != getpass.getpass("Again: "):
             return _fail("The passwords do not match; nothing changed.")
-    if len(password) < 8:
-        return _fail("Use a password of at least 8 characters; nothing changed.")
+    seed = settings.admin_password
+    problem = password_problem(password, None if seed is None else str(seed))
+    if problem:
+        return _fail(f"{problem} Nothing changed.")
     store.set_admin_password(args.username or settings.admin_user, password)
     print("Admin password changed.")
     return 0

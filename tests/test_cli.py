@@ -292,6 +292,15 @@ def test_admin_set_password_refuses_a_short_one(env: dict[str, str], tmp_path: P
     assert store_of(env).check_admin("admin", "admin-pass-123")
 
 
+@pytest.mark.parametrize("common", ["password", "changeme", "12345678", "Password1", "qwertyuiop"])
+def test_admin_set_password_refuses_the_commonest_passwords(env: dict[str, str], tmp_path: Path, store_of: Any,
+                                                            common: str) -> None:
+    # One policy with the Admin account card, which refuses these too.
+    result = cli(env, "admin", "set-password", "--password-stdin", cwd=tmp_path, input=common + "\n", check=False)
+    assert result.returncode != 0 and "widely known" in result.stderr
+    assert store_of(env).check_admin("admin", "admin-pass-123")
+
+
 def test_backup_is_a_sqlite_copy_with_the_messages(env: dict[str, str], tmp_path: Path) -> None:
     cli(env, "config", "set", "smtp_host=127.0.0.1", "default_from=relay@example.org", cwd=tmp_path)
     message_id = only_line(cli(env, "send-test", "--to", "a@example.com", cwd=tmp_path).stdout)

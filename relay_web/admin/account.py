@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from relay_core.accounts import WELL_KNOWN_PASSWORDS
+from relay_core.passwords import password_problem
 from relay_core.sessions import LockedOut
 
 from .forms import FormState, read_form
@@ -22,7 +22,6 @@ from .settings_page import actor, render_settings
 from .signin import BUSY_MESSAGE, SignInBusy, _lockout_message, check_password
 from .templating import render
 
-MIN_PASSWORD = 8
 MAX_USERNAME = 64
 
 
@@ -47,10 +46,9 @@ def _check_new(request: Request, form: dict[str, str], shown: FormState, require
     if not new and not again and not required:
         return None
     seed = relay_state(request).settings.admin_password
-    if len(new) < MIN_PASSWORD:
-        shown.errors["new_password"] = f"Use at least {MIN_PASSWORD} characters."
-    elif new.lower() in WELL_KNOWN_PASSWORDS or (seed is not None and new == str(seed)):
-        shown.errors["new_password"] = "That password is in the setup files or widely known; choose another."
+    problem = password_problem(new, None if seed is None else str(seed))
+    if problem:
+        shown.errors["new_password"] = problem
     elif new == form.get("current_password"):
         shown.errors["new_password"] = "Choose a password different from the current one."
     if new != again:

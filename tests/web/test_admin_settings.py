@@ -100,6 +100,9 @@ ACCOUNT_BAD = [
     ({"new_password": "admin", "confirm_password": "admin"}, "new_password", "at least 8"),
     ({"new_password": "change-me-on-first-login", "confirm_password": "change-me-on-first-login"},
      "new_password", "choose another"),
+    ({"new_password": "12345678", "confirm_password": "12345678"}, "new_password", "widely known"),
+    ({"new_password": "Password1", "confirm_password": "Password1"}, "new_password", "widely known"),
+    ({"new_password": "qwertyuiop", "confirm_password": "qwertyuiop"}, "new_password", "widely known"),
 ]
 
 
