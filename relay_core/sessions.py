@@ -93,7 +93,8 @@ class Sessions:
         if row["last_seen"] + idle_seconds < now or row["created_at"] + SESSION_MAX_AGE_SECONDS < now:
             self.delete_session(session_id)
             return None
-        if touch and row["last_seen"] + SESSION_TOUCH_SECONDS < now:
+        # At most one write a minute, and never so seldom that an active session outlives its last write.
+        if touch and row["last_seen"] + min(SESSION_TOUCH_SECONDS, idle_seconds / 10) < now:
             with transaction(conn):
                 conn.execute("UPDATE admin_sessions SET last_seen = ? WHERE id_hash = ?", (now, id_hash))
         admin = Admin(int(row["id"]), row["username"], bool(row["must_change"]))

@@ -488,6 +488,17 @@ def test_pruning_drops_dead_sessions_and_stale_sign_in_failures(store: Store) ->
     assert store.prune_sessions(T0 + 3000 + 86401, idle_seconds=10**6) == 1
 
 
+def test_an_active_session_lives_with_a_one_minute_idle_limit(store: Store) -> None:
+    # The last visit was written at most once a minute: with session_idle_minutes=1 a page viewed every
+    # 50 s still expired. The granularity follows the setting.
+    admin = store.verify_admin("admin", "admin-pass-123")
+    assert admin is not None
+    store.create_session(admin.id, "busy", "192.0.2.1", "browser", now=T0)
+    for visit in range(1, 6):
+        assert store.find_session("busy", idle_seconds=60, now=T0 + 50 * visit) is not None, visit
+    assert store.find_session("busy", idle_seconds=60, now=T0 + 250 + 61) is None
+
+
 # -- what one writer at a time used to guarantee, across processes ---------------------------------------
 def test_pacing_is_counted_once_across_concurrent_claims(store: Store, other: Store) -> None:
     """Two 'processes' claim 16 due messages at once under a limit of 5 a minute: exactly
