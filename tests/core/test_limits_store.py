@@ -14,7 +14,7 @@ import pytest
 from relay_core.accounts import ApiKey
 from relay_core.limits import effective_limit
 from relay_core.options import Options
-from relay_core.refusals import DETAILED_PER_MINUTE, MISSING, WRONG, RefusalGate
+from relay_core.refusals import ADDRESS_ROWS_PER_MINUTE, DETAILED_PER_MINUTE, MISSING, WRONG, RefusalGate
 from relay_core.store import LogEntry, Store, transaction
 
 T0 = 1_700_000_000.0  # a whole minute (T0 % 60 == 20: some seconds into it)
@@ -197,3 +197,33 @@ def test_refusals_with_a_good_key_keep_detail_then_are_counted(store: Store) -> 
     assert row["detail"].startswith("5 more requests refused with 400 from 203.0.113.9")
     assert gate.detailed("203.0.113.9", T0 + 60)  # a new minute
     assert store.prune_refusals(T0 + 2 * 86400) == 1
+
+
+def test_a_flood_spread_over_many_addresses_adds_few_log_rows(store: Store) -> None:
+    # 1,500 keyless requests from 750 addresses once added 1,500 log rows, pushing the real history out.
+    for i in range(3):
+        store.log(LogEntry("accepted", "queued", message_id=f"m{i}", ts=T0 - 100 + i))
+    gate = RefusalGate(clock=lambda: T0)
+    addresses = [f"10.0.{i // 250}.{i % 250}" for i in range(750)]
+    for start in range(0, 750, 100):  # several flushes, as a web process makes about once a second
+        for ip in addresses[start:start + 100]:
+            for reason in (MISSING, WRONG):
+                assert gate.unauthenticated(ip, reason, 100, T0) == 0
+        flush(gate, store)
+    rows = log_rows(store)
+    assert [r["event"] for r in rows[:3]] == ["accepted"] * 3
+    refused = rows[3:]
+    assert len(refused) == 2 * (ADDRESS_ROWS_PER_MINUTE + 1)  # per reason: the first addresses, then one row
+    shared = [r for r in refused if r["source_ip"] is None]
+    assert sorted(r["detail"].split(" in the minute")[0] for r in shared) == [
+        f"{750 - ADDRESS_ROWS_PER_MINUTE} requests with a wrong API key from {750 - ADDRESS_ROWS_PER_MINUTE} "
+        "more addresses",
+        f"{750 - ADDRESS_ROWS_PER_MINUTE} requests with no API key from {750 - ADDRESS_ROWS_PER_MINUTE} "
+        "more addresses"]
+    # Each address keeps its own budget, whichever row it is counted in.
+    last = addresses[-1]
+    for _ in range(98):
+        assert gate.unauthenticated(last, WRONG, 100, T0 + 1) == 0
+    assert gate.unauthenticated(last, WRONG, 100, T0 + 1) > 0
+    flush(gate, store)
+    assert len(log_rows(store)) == len(rows)
