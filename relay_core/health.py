@@ -37,7 +37,12 @@ class Unhealthy(Exception):
 
 
 def marker_dir() -> Path:
-    return Path(tempfile.gettempdir())
+    """The temporary directory; /dev/shm when there is none, as in a container with a read-only root
+    filesystem (Docker mounts a tmpfs on /dev/shm whatever ``read_only`` says)."""
+    try:
+        return Path(tempfile.gettempdir())
+    except FileNotFoundError:  # "No usable temporary directory found"
+        return Path("/dev/shm")
 
 
 def _store_identity(settings: Settings) -> str:
