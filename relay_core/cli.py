@@ -30,7 +30,7 @@ from .config import ConfigError, Settings, is_shared_queue, load_settings
 from .db import StoreInUse
 from .errors import RelayError
 from .limits import effective_limit
-from .logs import ControlEscaping
+from .logs import ControlEscaping, setup_logging
 from .passwords import password_problem
 from .options import (HELP, OPTION_NAMES, SECRET_OPTIONS, Options, parse_allowlist, parse_option, parse_per_hour,
                       to_text)
@@ -139,6 +139,7 @@ def _supervise(args: argparse.Namespace, settings: Settings, with_worker: bool) 
         return _fail(sock)
     from .tasks import check_queue
     check_queue(settings)
+    setup_logging(settings)  # for the line saying which migrations ran, on an upgrade
     _open_store(settings).shutdown()  # migrate and seed once, before two processes race to
     stops = "Ctrl-C stops it" if sys.stderr.isatty() else "SIGTERM stops it"
     print(f"TS Pro Relay is {'running' if with_worker else 'serving'} on http://{args.host}:{args.port} "

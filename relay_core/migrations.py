@@ -18,9 +18,14 @@ second wait and then see the step done. Run by an explicit start-up step
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from typing import Any, NamedTuple
+
+from .logs import fields
+
+logger = logging.getLogger("relay.store")
 
 
 class PerBackend(NamedTuple):
@@ -307,6 +312,7 @@ def migrate(conn: Any, steps: list[tuple[str, str | PerBackend]] | None = None) 
     an earlier version left behind.
     """
     applied = []
+    before = current_version(conn)
     for version, (name, sql) in enumerate(MIGRATIONS if steps is None else steps, start=1):
         # A SQLite table rebuild runs with foreign keys off (a pragma that does nothing
         # inside a transaction): dropping the old table would otherwise cascade.
@@ -330,5 +336,8 @@ def migrate(conn: Any, steps: list[tuple[str, str | PerBackend]] | None = None) 
             if rebuild:
                 conn.execute("PRAGMA foreign_keys = ON")
         applied.append(name)
+    if applied:  # an upgrade says what it did to the store, once
+        logger.info("migrated the store from version %d to %d: %s", before, current_version(conn),
+                    ", ".join(applied), extra=fields("store.migrated", count=len(applied)))
     return applied
 

@@ -10,6 +10,7 @@ and check nothing was lost or loosened.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Iterator
 
@@ -105,3 +106,16 @@ def test_previous_store_migrates_with_every_row_and_foreign_key_intact(conn: Any
     assert "foreign key" in refused(
         conn, "INSERT INTO recipients (message_id, position, address) VALUES ('nope', 0, 'x@example.com')")
     assert migrations.migrate(conn) == []  # idempotent
+
+
+def test_migrations_at_start_say_which_ran_from_which_version_to_which(
+        conn: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    migrations.migrate(conn, PREVIOUS)
+    caplog.clear()
+    applied = migrations.migrate(conn)
+    lines = [r.getMessage() for r in caplog.records if "migrat" in r.getMessage()]
+    last = len(migrations.MIGRATIONS)
+    assert lines == [f"migrated the store from version 4 to {last}: {', '.join(applied)}"]
+    caplog.clear()
+    assert migrations.migrate(conn) == [] and not [r for r in caplog.records if "migrat" in r.getMessage()]
