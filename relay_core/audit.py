@@ -33,6 +33,9 @@ def insert_audit(conn: Connection, actor: str, ip: str, action: str, detail: str
                  (time.time() if ts is None else ts, actor, ip or "", action, detail))
 
 
+COMMAND_LINE = ("command line", "")  # who and from where, for changes made with `tspro-relay`
+
+
 class Audit:
     """Mixed into ``Store``, which provides the connection."""
 

@@ -30,10 +30,11 @@ from .config import ConfigError, Settings, is_shared_queue, load_settings
 from .db import StoreInUse
 from .errors import RelayError
 from .limits import effective_limit
+from .audit import COMMAND_LINE
 from .logs import ControlEscaping, setup_logging
 from .passwords import password_problem
-from .options import (HELP, OPTION_NAMES, SECRET_OPTIONS, Options, parse_allowlist, parse_option, parse_per_hour,
-                      to_text)
+from .options import (HELP, OPTION_NAMES, SECRET_OPTIONS, Options, describe_changes, parse_allowlist, parse_option,
+                      parse_per_hour, to_text)
 from .store import ApiKey, Store
 
 
@@ -210,8 +211,9 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
                 values[name.strip()] = parse_option(name.strip(), value)
             except RelayError as exc:
                 return _fail(exc.message)
+        detail = describe_changes(store.options(), values)
         try:
-            store.set_options(values)
+            store.set_options(values, (*COMMAND_LINE, "settings.cli", detail) if detail else None)
         except RelayError as exc:
             return _fail(exc.message)
         print(f"Saved {', '.join(values)}.")
@@ -235,6 +237,7 @@ def cmd_api_key(args: argparse.Namespace, settings: Settings) -> int:
         print(store.reveal_api_key())
     elif args.action == "new":
         print(store.new_primary_api_key())
+        store.record_audit(*COMMAND_LINE, "api_key.new", "generated a new portal key (the old one stopped working)")
     elif args.action == "add":
         try:
             per_hour, allowed = _key_limits(args)
@@ -243,6 +246,7 @@ def cmd_api_key(args: argparse.Namespace, settings: Settings) -> int:
         key_id, secret = store.add_api_key(args.label, per_hour if isinstance(per_hour, int) else None, allowed or "")
         print(secret)
         print(f"Added key {key_id} ({args.label}).", file=sys.stderr)
+        store.record_audit(*COMMAND_LINE, "api_key.add", f"added the API key “{args.label}”")
     elif args.action == "set":
         try:
             per_hour, allowed = _key_limits(args)
@@ -262,8 +266,10 @@ def cmd_api_key(args: argparse.Namespace, settings: Settings) -> int:
             created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(key.created_at))
             print(f"{key.id}\t{key.label}\t{kind}\t{state}\t{created}\t{_describe_limits(key, options, settings)}")
     elif args.action == "revoke":
+        label = next((k.label for k in store.api_keys() if k.id == args.id), "")
         if not store.revoke_api_key(args.id):
             return _fail(f"No active API key with id {args.id}.")
+        store.record_audit(*COMMAND_LINE, "api_key.revoke", f"revoked the API key “{label}”")
         print(f"Revoked key {args.id}.")
     return 0
 

@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable
 
 from . import crypto
+from .audit import COMMAND_LINE
 from .config import Settings
 from .mailflow import assess
 from .pausing import pause, resume
@@ -103,7 +104,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
-    pause(_store(settings))
+    pause(_store(settings), COMMAND_LINE)
     print("Delivery paused: the relay still accepts and queues mail but sends nothing until "
           "`tspro-relay resume`.")
     return 0
@@ -112,7 +113,7 @@ def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
     store = _store(settings)
     from .tasks import build_queue  # the queue's libraries only for the command that uses them
-    woken = resume(store, build_queue(settings))
+    woken = resume(store, build_queue(settings), COMMAND_LINE)
     print(f"Delivery resumed; woke {woken} waiting message(s).")
     health = assess(store)
     if not health.ok:

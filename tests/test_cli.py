@@ -277,6 +277,22 @@ def test_send_test_refuses_a_bad_address(env: dict[str, str], tmp_path: Path) ->
     assert result.returncode != 0 and "not-an-address" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_changes_from_the_command_line_appear_in_recent_changes(env: dict[str, str], tmp_path: Path,
+                                                                 store_of: Any) -> None:
+    # Settings changed with the CLI never reached the Settings page's Recent changes.
+    cli(env, "config", "set", "smtp_host=mail.example.org", "smtp_port=2525", cwd=tmp_path)
+    cli(env, "pause", cwd=tmp_path)
+    cli(env, "resume", cwd=tmp_path)
+    cli(env, "api-key", "add", "--label", "newsletter", cwd=tmp_path)
+    cli(env, "api-key", "revoke", "2", cwd=tmp_path)
+    cli(env, "api-key", "new", cwd=tmp_path)
+    entries = store_of(env).audit_entries()
+    assert {e.actor for e in entries} == {"command line"}
+    assert [e.action for e in reversed(entries)] == ["settings.cli", "delivery.pause", "delivery.resume",
+                                                     "api_key.add", "api_key.revoke", "api_key.new"]
+    assert "smtp_port: 587 → 2525" in entries[-1].detail and "smtp_host" in entries[-1].detail
+
+
 # -- admin, backup, healthcheck ---------------------------------------------------------------------------
 def test_admin_set_password_from_stdin(env: dict[str, str], tmp_path: Path, store_of: Any) -> None:
     result = cli(env, "admin", "set-password", "--password-stdin", cwd=tmp_path, input="a-new-Password-42\n")
