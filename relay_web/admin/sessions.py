@@ -45,6 +45,10 @@ FOREIGN_ORIGIN = ("This request did not come from the relay's own pages, so it w
 BAD_TOKEN = ("This form has expired or did not come from the relay's own pages, so nothing changed. "
              "Reload the page and try again.")
 
+PLAIN_HTTP = ("Your browser did not send back the relay's sign-in cookie: it is marked Secure, and this page was "
+              "opened over plain HTTP, where browsers keep Secure cookies to themselves. Open the relay over "
+              "HTTPS, or, on a network you trust, start it with RELAY_INSECURE_COOKIES=1.")
+
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
@@ -156,6 +160,9 @@ def check_login_token(request: Request, form: dict[str, str]) -> None:
     nonce = _unsign(request, "login", request.cookies.get(LOGIN_COOKIE))
     sent = form.get(CSRF_FIELD, "")
     if nonce is None or not sent or not hmac.compare_digest(sent, _token(request, "login", nonce)):
+        if (LOGIN_COOKIE not in request.cookies and not relay_state(request).settings.insecure_cookies
+                and request.headers.get("origin", "").startswith("http://")):
+            raise Forbidden(PLAIN_HTTP)  # the form is fine: the browser held the cookie back
         raise Forbidden(BAD_TOKEN)
 
 

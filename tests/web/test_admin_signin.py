@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import html
 import hashlib
 import logging
 import os
@@ -585,3 +586,18 @@ def test_an_attempt_beyond_the_running_checks_is_refused_at_once(
         gate.release()
         assert client.post("/settings/account", fields).headers["location"] == "/settings?saved=account#account"
         assert checks.calls == 3
+
+
+def test_signing_in_over_plain_http_with_secure_cookies_names_the_cause(tmp_path: Path) -> None:
+    # The guide's LAN test (http://relay.lan:8000): the browser keeps the Secure sign-in cookie to itself
+    # over plain HTTP, and the refusal used to blame an expired form.
+    with admin_client(admin_settings(tmp_path, RELAY_INSECURE_COOKIES="0"), sign_in=False) as client:
+        page = client.client.get("/login")
+        assert "secure" in page.headers["set-cookie"].lower()
+        response = client.client.post("/login", data={"username": "admin", "password": "x",
+                                                       "csrf_token": token_in(page.text)},
+                                      headers={"Origin": ORIGIN})
+        assert response.status_code == 403
+        text = html.unescape(response.text)
+        assert "RELAY_INSECURE_COOKIES=1" in text and "HTTPS" in text and "Secure" in text
+        assert "has expired" not in text
