@@ -33,7 +33,7 @@ def insert_logs(conn: Connection, entries: list[LogEntry]) -> None:
         rows.append((entry.ts, entry.event, entry.message_id, entry.status, entry.stage, entry.code,
                      entry.detail, entry.duration_ms, entry.source_ip, entry.sender, entry.recipients,
                      entry.subject, entry.attachments, kind,
-                     search_terms(entry.sender, entry.recipients, entry.subject)))
+                     search_terms(entry.message_id or "", entry.sender, entry.recipients, entry.subject)))
         counted.append((kind, entry.ts))
     first = next_log_id(conn)
     conn.insert_rows(_INSERT_LOG, rows)

@@ -152,7 +152,7 @@ class ClaimedMessage:
 def insert_log(conn: Connection, entry: LogEntry) -> int:
     """Write one log row, counted and searchable in the same transaction (see logbook.py); its id."""
     kind = log_kind(entry.event, entry.status, entry.code)
-    terms = search_terms(entry.sender, entry.recipients, entry.subject)
+    terms = search_terms(entry.message_id or "", entry.sender, entry.recipients, entry.subject)
     log_id = int(conn.execute(
         "INSERT INTO log (ts, event, message_id, status, stage, code, detail, duration_ms,"
         " source_ip, sender, recipients, subject, attachments, kind, terms)"

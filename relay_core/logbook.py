@@ -14,7 +14,7 @@ the whole table to answer a page:
   counters and the dashboard's chart add up at most a few thousand of these
   instead of counting rows; only the partial hours at the ends of a time
   range are counted from the log itself, through the (ts, kind) index.
-- Search is word-prefix search over sender, recipients and subject. Each row
+- Search is word-prefix search over message id, sender, recipients and subject. Each row
   stores ``terms``: those fields lower-cased and cut into words (``alice
   example com``), by one Python function, so both backends see the same
   words. SQLite indexes them with FTS5 (an external-content table,

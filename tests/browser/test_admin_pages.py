@@ -250,7 +250,7 @@ def test_readable_on_a_phone_and_usable_without_javascript(open_page: Callable[.
     phone.get_by_role("button", name="Resume delivery").click()
     expect(phone.locator("#paused-banner")).to_have_count(0)
     phone.get_by_role("link", name="Transaction Log").click()
-    phone.get_by_label("Search recipient, sender or subject").fill("waiting@example.com")
+    phone.get_by_label("Search message id, recipient, sender or subject").fill("waiting@example.com")
     phone.get_by_role("button", name="Apply").click()
     expect(phone.locator("#log-rows tbody tr").first).to_contain_text("waiting@example.com")
     assert "q=waiting" in phone.url

@@ -126,7 +126,7 @@ def test_log_search_filter_and_csv_export(page: Page, relay: BrowserRelay) -> No
         minutes = page.locator("#log-rows tbody tr", has_text="Minutes of the meeting").last
         expect(minutes.locator("td.num")).to_have_text("1")  # the attachment count
 
-        page.get_by_label("Search recipient, sender or subject").fill("bob@example.org")
+        page.get_by_label("Search message id, recipient, sender or subject").fill("bob@example.org")
         page.get_by_role("button", name="Apply").click()
         rows = page.locator("#log-rows tbody tr")
         expect(rows).to_have_count(2)

@@ -86,6 +86,16 @@ def test_every_kind_of_event_with_its_columns_and_the_counters(client: AdminClie
     assert "1 request with a wrong API key from 198.51.100.20 in the minute from" in page.text
 
 
+def test_the_log_is_searchable_by_the_message_id_the_api_returned(client: AdminClient) -> None:
+    key = client.state.store.reveal_api_key()
+    ids = [client.client.post("/api/send", json={"to": ["ann@example.com"], "subject": subject, "text": "hi"},
+                              headers={"Authorization": f"Bearer {key}"}).json()["id"] for subject in ("One", "Two")]
+    deliver(client, "sent", 250, "OK")
+    page = client.get("/logs", params={"q": ids[0]})
+    assert rows(page.text) == [("Sent", "One"), ("Accepted", "One")]
+    assert f'href="/messages/{ids[0]}"' in page.text and ids[1] not in page.text
+
+
 def test_filter_by_status_time_and_search(client: AdminClient) -> None:
     for subject in ("Reset your password", "Welcome aboard", "Your invoice"):
         assert api_send(client, subject=subject, to=[f"{subject.split()[-1].lower()}@example.com"]) == 202
