@@ -36,8 +36,8 @@ EXPORT_CHUNK = 2000
 RANGES = {"": ("Any time", None), "hour": ("Last hour", 3600), "day": ("Last 24 hours", 86400),
           "week": ("Last 7 days", 7 * 86400), "month": ("Last 30 days", 30 * 86400),
           "custom": ("Between the dates below", None)}
-COUNTERS = [("total", "Total"), ("sent", "Sent"), ("failed", "Failed"), ("deferred", "Deferred"),
-            ("unauthorized", "Unauthorized")]
+# Every kind, so the tiles add up to Total.
+COUNTERS = [("total", "Total"), *KINDS.items()]
 CSV_COLUMNS = ["time_utc", "status", "message_id", "sender", "recipients", "subject", "attachments", "source_ip",
                "stage", "code", "detail", "duration_ms", "row_id"]
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")

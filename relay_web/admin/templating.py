@@ -29,10 +29,11 @@ from relay_core.resources import templates_dir
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
-# Message and log states, as words a volunteer reads at a glance.
+# Message and log states, as words a volunteer reads at a glance: the same word as the filters, counters
+# and the API's state (one word per state).
 STATUS_LABELS = {
     "queued": "Queued", "sending": "Sending", "sent": "Sent", "partial": "Partly sent",
-    "deferred": "Waiting to retry", "failed": "Failed", "cancelled": "Cancelled",
+    "deferred": "Deferred", "failed": "Failed", "cancelled": "Cancelled",
     "rejected": "Rejected", "unauthorized": "Unauthorized", "accepted": "Accepted",
     "rate_limited": "Rate limited", "retried": "Retried", "cleared": "Log cleared", "pending": "Pending",
 }

@@ -56,7 +56,7 @@ def test_a_message_failing_while_the_server_is_down_is_retried_from_the_dashboar
 
     sign_in(page, relay)
     row = page.locator(f"#waiting #row-{message_id}")
-    expect(row).to_contain_text("Waiting to retry")
+    expect(row).to_contain_text("Deferred")
     expect(row).to_contain_text("volunteer@example.com")
     expect(page.locator("#upstream-state")).to_contain_text("connect")
     expect(page.locator("#queue-summary .count-deferred .count")).to_have_text("1")
@@ -77,7 +77,7 @@ def test_a_message_failing_while_the_server_is_down_is_retried_from_the_dashboar
     timeline = page.locator("#timeline tbody tr")
     expect(timeline).to_have_count(4)
     expect(timeline.nth(0)).to_contain_text("Accepted")
-    expect(timeline.nth(1)).to_contain_text("Waiting to retry")
+    expect(timeline.nth(1)).to_contain_text("Deferred")
     expect(timeline.nth(1)).to_contain_text("connect")
     expect(timeline.nth(2)).to_contain_text("Retried")
     expect(timeline.nth(2)).to_contain_text("retry now by admin (it was deferred)")
@@ -244,7 +244,7 @@ def test_tour_for_the_readme(open_page: Callable[..., Page], relay: BrowserRelay
         page.screenshot(path=str(tour / "transaction-log.png"))
         # Every kind of event the relay logs, as the real processes wrote them, is on the page.
         shown = {label.strip() for label in page.locator("#log-rows tbody tr .badge").all_inner_texts()}
-        assert shown >= {"Accepted", "Rejected", "Unauthorized", "Sent", "Partly sent", "Waiting to retry",
+        assert shown >= {"Accepted", "Rejected", "Unauthorized", "Sent", "Partly sent", "Deferred",
                          "Failed"}, shown
         partial_row = page.locator("#log-rows tbody tr", has=page.locator(".badge-partial"))
         expect(partial_row).to_contain_text("gone@example.com")

@@ -76,9 +76,14 @@ def test_every_kind_of_event_with_its_columns_and_the_counters(client: AdminClie
     page = client.get("/logs")
     assert page.status_code == 200
     labels = [label for label, _ in rows(page.text)]
-    assert labels == ["Failed", "Waiting to retry", "Sent", "Rate limited", "Accepted", "Rejected", "Unauthorized",
+    # One word per state: the badge says what the filter and the counter say.
+    assert labels == ["Failed", "Deferred", "Sent", "Rate limited", "Accepted", "Rejected", "Unauthorized",
                       "Accepted", "Accepted"]
-    assert counters(page.text) == {"total": 9, "sent": 1, "failed": 1, "deferred": 1, "unauthorized": 1}
+    # Every kind is counted, so the tiles add up to Total (Total 113 once stood over tiles adding up to 57).
+    shown = counters(page.text)
+    assert shown == {"total": 9, "accepted": 3, "sent": 1, "partial": 0, "deferred": 1, "failed": 1, "rejected": 1,
+                     "rate_limited": 1, "unauthorized": 1, "retried": 0, "cancelled": 0, "cleared": 0}
+    assert sum(n for name, n in shown.items() if name != "total") == shown["total"]
     at = page.text.rindex("With two files")  # its accepted row, the oldest
     first = page.text[at - 600:at + 200]
     assert '<td data-label="Attachments" class="num">2</td>' in first and "198.51.100.20" in first and "noreply@example.org" in first
