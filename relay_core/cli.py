@@ -307,9 +307,35 @@ def cmd_send_test(args: argparse.Namespace, settings: Settings) -> int:
     except RelayError as exc:
         return _fail(exc.message)
     print(message_id)
-    print(f"Queued a test email to {args.to}; the worker delivers it and the transaction log shows the "
-          "outcome.", file=sys.stderr)
-    return 0
+    sys.stdout.flush()
+    return _await_test(store, message_id, args.to, args.wait)
+
+
+def _await_test(store: Store, message_id: str, to: str, wait: float) -> int:
+    """Wait for the test email's first attempt and say how it went, with the server's words."""
+    heartbeat = store.last_heartbeat()
+    if wait <= 0 or heartbeat is None or time.time() - heartbeat > health.HEARTBEAT_STALE_SECONDS:
+        print(f"Queued a test email to {to}; no worker is running, so it waits in the queue until one "
+              "starts (`tspro-relay log` shows the outcome).", file=sys.stderr)
+        return 0
+    print(f"Queued a test email to {to}; waiting for the worker (up to {wait:g} s)...", file=sys.stderr)
+    deadline = time.monotonic() + wait
+    while True:
+        view = store.message_status(message_id) or {}
+        status = view.get("status")
+        if status in ("sent", "partial", "deferred", "failed"):
+            break
+        if time.monotonic() > deadline:
+            print(f"No outcome after {wait:g} s (the message is {status}); `tspro-relay status {message_id}` "
+                  "shows it later.", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    if status == "sent":
+        reply = next((f"{r['code']} {r['reply'] or ''}".strip() for r in view["recipients"] if r["code"]), "")
+        print(f"Sent: the mail server answered {reply}.", file=sys.stderr)
+        return 0
+    print(f"{status.capitalize()}: {view.get('last_error') or 'no reason recorded'}", file=sys.stderr)
+    return 1
 
 
 def cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
@@ -514,9 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_api_key)
 
     p = add_command(sub, "send-test", "queue a test email",
-                    "Queue a test email from the Default From; a running worker delivers it and the "
-                    "transaction log (`tspro-relay log`) shows the outcome.")
+                    "Queue a test email from the Default From and, when a worker is running, wait for its "
+                    "outcome (sent, or deferred or failed with the mail server's words).")
     p.add_argument("--to", required=True, help="recipient address")
+    p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                   help="how long to wait for the outcome when a worker is running (0: do not wait)")
     p.set_defaults(handler=cmd_send_test)
 
     p = add_command(sub, "admin", "administer the admin login")

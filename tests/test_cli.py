@@ -21,7 +21,7 @@ from relay_core import crypto
 from relay_core.config import load_settings, read_dotenv
 from relay_core.health import Unhealthy, main_process_role
 from relay_core.store import Store
-from support import SECRET, RelayProcess, cli, free_port, relay_env, wait_until
+from support import SECRET, RelayProcess, SmtpServer, cli, free_port, relay_env, wait_until
 
 KEY_RE = re.compile(r"tsr_[A-Za-z0-9_-]{43}")
 
@@ -269,6 +269,26 @@ def test_send_test_queues_a_message(env: dict[str, str], tmp_path: Path, store_o
     assert status is not None and status["status"] == "queued"
     assert status["from"] == "relay@example.org" and status["message_id"] == f"<{message_id}@example.org>"
     assert [r["address"] for r in status["recipients"]] == ["a@example.com"]
+
+
+def test_send_test_waits_for_the_outcome_with_the_servers_words(env: dict[str, str], tmp_path: Path) -> None:
+    # It returned at once, before the worker had tried: the operator had to go and read the log.
+    with SmtpServer("none") as server:
+        cli(env, "config", "set", *server.settings(), "default_from=relay@example.org", "retry_base_seconds=3600",
+            cwd=tmp_path)
+        worker = RelayProcess("worker", env, tmp_path).start()
+        try:
+            wait_until(lambda: cli(env, "healthcheck", "--worker", cwd=tmp_path, check=False).returncode == 0,
+                       timeout=30, interval=0.5, what="the worker's heartbeat")
+            result = cli(env, "send-test", "--to", "a@example.com", cwd=tmp_path)
+            assert re.fullmatch(r"[0-9a-f]{22}", only_line(result.stdout))
+            assert "Sent: the mail server answered 250" in result.stderr and len(server.received) == 1
+            server.behaviour.data_replies = ["451 4.3.0 Greylisted, try later"]
+            result = cli(env, "send-test", "--to", "a@example.com", cwd=tmp_path, check=False)
+            assert result.returncode == 1
+            assert "Deferred" in result.stderr and "451 4.3.0 Greylisted, try later" in result.stderr
+        finally:
+            worker.stop()
 
 
 def test_send_test_refuses_a_bad_address(env: dict[str, str], tmp_path: Path) -> None:
