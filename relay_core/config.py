@@ -147,9 +147,13 @@ def _read_secret(env: Mapping[str, str]) -> str:
                 f"RELAY_SECRET_KEY_FILE points to {secret_file}, which cannot be read ({exc.strerror})."
             ) from None
     if not secret:
+        dotenv = Path.cwd() / ".env"
+        where = f"{dotenv} (there is none)" if not dotenv.exists() else f"{dotenv} (it does not set it)"
         raise ConfigError(
-            f"RELAY_SECRET_KEY is not set: put a long random value in the environment or in "
-            f"{Path.cwd() / '.env'} (run `tspro-relay init` in that directory to write one)."
+            f"RELAY_SECRET_KEY is not set: looked in the environment and in {where}. If this relay already "
+            "has a .env, run the command from the folder that holds it (or export its variables); "
+            "`tspro-relay init` writes a new .env for a new relay, and run here it would start a second, "
+            "empty relay."
         )
     if len(secret) < MIN_SECRET_LENGTH:
         raise ConfigError(

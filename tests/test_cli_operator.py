@@ -333,3 +333,15 @@ def test_control_characters_are_escaped_in_log_lines() -> None:
     for formatter in (TextFormatter(), JsonFormatter()):
         line = formatter.format(record)
         assert not re.search("[\x00-\x1f\x7f-\x9f\u202e]", line), repr(line)
+
+
+def test_outside_the_env_folder_the_cli_says_where_it_looked(tmp_path: Path) -> None:
+    # Suggesting `tspro-relay init` there would make a second, empty relay beside the real one.
+    env = {k: v for k, v in relay_env(tmp_path / "data").items() if k not in ("RELAY_SECRET_KEY", "RELAY_DATA_DIR")}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = cli(env, "config", "show", cwd=elsewhere, check=False)
+    assert result.returncode == 2
+    assert f"{elsewhere / '.env'} (there is none)" in result.stderr
+    assert "run the command from the folder that holds it" in result.stderr
+    assert "a second, empty relay" in result.stderr
