@@ -72,6 +72,8 @@ NOTICES = {
     "limits": "The key's limits were saved.",
     "oauth": "The account is connected: the relay signs in to the mail server with it from now on.",
 }
+# The card each notice is shown on: the page opens at that card, so the notice must be there too.
+NOTICE_CARDS = {"revoked": "keys", "generated": "keys", "added": "keys", "limits": "keys"}
 SHOW_KEY = "show-key"  # the purpose of the token that asks this page to show one API key
 FINISHED = ("sent", "partial", "failed", "cancelled")
 
@@ -145,6 +147,8 @@ def render_settings(request: Request, forms: dict[str, FormState] | None = None,
     return render(request, "settings.html", {
         "forms_state": state,
         "notice": notice or NOTICES.get(request.query_params.get("saved", ""), ""),
+        "notice_card": "" if notice else NOTICE_CARDS.get(request.query_params.get("saved", ""),
+                                                          request.query_params.get("saved", "")),
         "security_choices": SECURITY_CHOICES,
         "auth_choices": AUTH_CHOICES,
         "oauth": _oauth_state(request, options),

@@ -299,3 +299,18 @@ def test_a_test_email_without_smtp_says_what_is_missing(tmp_path: Path) -> None:
         assert "SMTP delivery is not configured yet" in response.text
         assert field_value(response.text, "test_to") == "me@example.org"
         assert fresh.state.store.counts() == {}
+
+
+@pytest.mark.parametrize("card,path,form", [
+    ("smtp", "/settings/smtp", SMTP),
+    ("keys", "/settings/api-keys", {"label": "newsletter"}),
+])
+def test_the_saved_message_shows_on_the_card_it_belongs_to(client: AdminClient, card: str, path: str,
+                                                           form: dict[str, str]) -> None:
+    # The page jumps to the card (#smtp): a message at the top of the page was out of sight.
+    response = client.post(path, form)
+    page = client.get(response.headers["location"] if response.status_code == 303 else "/settings").text \
+        if response.status_code == 303 else response.text
+    notice = page.index('class="card-result ok" role="status"')
+    section = page.index(f'<section class="card" id="{card}"')
+    assert section < notice < page.index("</section>", section)
