@@ -314,3 +314,16 @@ def test_the_saved_message_shows_on_the_card_it_belongs_to(client: AdminClient, 
     notice = page.index('class="card-result ok" role="status"')
     section = page.index(f'<section class="card" id="{card}"')
     assert section < notice < page.index("</section>", section)
+
+
+def test_the_keys_card_tells_keys_apart_and_has_no_copyable_mask(client: AdminClient) -> None:
+    # Both the current and a replaced portal key read "portal [portal]"; the masked key was an input
+    # that could be focused and copied (bullets).
+    client.state.store.new_primary_api_key()
+    page = client.get("/settings").text
+    keys = page[page.index('id="keys"'):page.index("</section>", page.index('id="keys"'))]
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", keys, flags=re.S)
+    words = [" ".join(re.sub(r"<[^>]+>", " ", row).split()) for row in rows[1:]]
+    assert any(w.startswith("portal in use by the portal") for w in words), words
+    assert any(w.startswith("portal former portal key") for w in words), words
+    assert not re.search(r"<input[^>]*value=\"tsr_•", keys)
