@@ -95,6 +95,13 @@ def filesize(size: int | None) -> str:
 
 
 @functools.lru_cache(maxsize=64)  # a few states, drawn once per row of every list
+def without_stage(detail: str | None, stage: str | None) -> str:
+    """A detail shown beside its stage, without the "stage: " it starts with ("connect connect: ...")."""
+    detail = detail or ""
+    prefix = f"{stage}: " if stage else ""
+    return detail[len(prefix):] if prefix and detail.startswith(prefix) else detail
+
+
 def status_badge(status: str | None) -> Markup:
     """A coloured label for a message or log state (colours in app.css, .badge-<state>)."""
     key = (status or "").lower()
@@ -110,7 +117,8 @@ def build_environment() -> jinja2.Environment:
         trim_blocks=True, lstrip_blocks=True,
     )
     env.globals.update(url_for=url_for, static_url=static_url)
-    env.filters.update(datetime=format_datetime, timeago=timeago, status_badge=status_badge, filesize=filesize)
+    env.filters.update(datetime=format_datetime, timeago=timeago, status_badge=status_badge, filesize=filesize,
+                       without_stage=without_stage)
     return env
 
 

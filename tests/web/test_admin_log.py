@@ -193,3 +193,18 @@ def test_clear_log_is_confirmed_and_audited(client: AdminClient) -> None:
     assert rows(page.text) == [("Log cleared", "—")] and "log cleared by admin" in page.text
     [audit] = client.state.store.audit_entries(action_prefix="log.")
     assert (audit.actor, audit.ip, audit.detail) == ("admin", "198.51.100.20", "cleared the transaction log (3 rows)")
+
+
+def test_a_detail_does_not_repeat_its_stage(client: AdminClient) -> None:
+    assert api_send(client, subject="Unreachable") == 202
+    store = client.state.store
+    message = next(m for m in store.waiting_messages() if m.status == "queued")
+    claimed = store.claim(message.id, "w1", 300)
+    assert isinstance(claimed, ClaimedMessage)
+    detail = "connect: cannot connect to 127.0.0.1:2525: Connection refused"
+    store.record_attempt(claimed, "deferred", next_attempt_at=4e9, last_error=detail,
+                         recipient_updates={r.position: ("deferred", None, None) for r in claimed.recipients},
+                         entry=LogEntry("attempt", "deferred", message_id=claimed.id, stage="connect", detail=detail))
+    for path in ("/logs", f"/messages/{claimed.id}"):
+        text = " ".join(re.sub(r"<[^>]+>", " ", client.get(path).text).split())
+        assert "connect connect:" not in text and "cannot connect to 127.0.0.1:2525" in text, path
