@@ -65,6 +65,21 @@ def violations(page: Page) -> list[str]:
             for v in result["violations"]]
 
 
+# What must stay on one line: a log row's time (it wrapped onto 3 lines at 1280 px), a message id in a
+# page title (6 lines on a phone), an address in Recent changes ("127.0.0. / 1").
+ONE_LINE = ['.log-table td[data-label="Time (UTC)"]', "h1 .mono", "#audit td.mono"]
+
+
+def cramped(page: Page) -> list[str]:
+    lines = page.evaluate("""(selectors) => selectors.flatMap(selector =>
+        Array.from(document.querySelectorAll(selector)).map(el => {
+          const range = document.createRange(); range.selectNodeContents(el);
+          const tops = new Set(Array.from(range.getClientRects()).map(r => Math.round(r.top)));
+          return [selector, tops.size, el.textContent.trim()];
+        }))""", ONE_LINE)
+    return [f"{page.url}: {selector} takes {n} lines: {text!r}" for selector, n, text in lines if n > 1]
+
+
 @pytest.mark.parametrize("width", WIDTHS)
 def test_every_page_has_no_axe_violations(open_page: Any, watch: Any, busy_relay: tuple[BrowserRelay, str],
                                           width: int) -> None:
@@ -84,6 +99,7 @@ def test_every_page_has_no_axe_violations(open_page: Any, watch: Any, busy_relay
         page.goto(f"{relay.url}{path}")
         page.wait_for_load_state()
         found += violations(page)
+        found += cramped(page)
     # The error page's own 404 is meant (the browser reports every 404 as a console error).
     watch.problems[:] = [p for p in watch.problems if "/no-such-page" not in p]
     # A confirmation page: cancel the deferred message, asked first.
