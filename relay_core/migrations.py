@@ -312,7 +312,6 @@ def migrate(conn: Any, steps: list[tuple[str, str | PerBackend]] | None = None) 
     an earlier version left behind.
     """
     applied = []
-    before = current_version(conn)
     for version, (name, sql) in enumerate(MIGRATIONS if steps is None else steps, start=1):
         # A SQLite table rebuild runs with foreign keys off (a pragma that does nothing
         # inside a transaction): dropping the old table would otherwise cascade.
@@ -337,7 +336,8 @@ def migrate(conn: Any, steps: list[tuple[str, str | PerBackend]] | None = None) 
                 conn.execute("PRAGMA foreign_keys = ON")
         applied.append(name)
     if applied:  # an upgrade says what it did to the store, once
-        logger.info("migrated the store from version %d to %d: %s", before, current_version(conn),
-                    ", ".join(applied), extra=fields("store.migrated", count=len(applied)))
+        versions = {name: version for version, (name, _) in enumerate(MIGRATIONS if steps is None else steps, 1)}
+        logger.info("migrated the store from version %d to %d: %s", versions[applied[0]] - 1,
+                    versions[applied[-1]], ", ".join(applied), extra=fields("store.migrated", count=len(applied)))
     return applied
 

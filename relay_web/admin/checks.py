@@ -18,9 +18,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from relay_core import smtp
-from relay_core.probe import PROBE_TIMEOUT, probe
 from relay_core.errors import BadRequest, NotFound
-from relay_core.options import Options, is_address
+from relay_core.options import is_address
+from relay_core.probe import PROBE_TIMEOUT, probe
 from relay_core.sending import enqueue_test_message
 
 from .forms import FormState, read_form

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import html
 import hashlib
+import html
 import logging
 import os
 import sqlite3
