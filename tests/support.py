@@ -378,13 +378,16 @@ class Relay:
         return self.http.post("/api/send", json=payload,
                               headers={"Authorization": f"Bearer {self.key}", **headers})
 
-    def status(self, message_id: str) -> dict[str, Any]:
-        response = self.http.get(f"/api/messages/{message_id}", headers={"Authorization": f"Bearer {self.key}"})
+    def status(self, message_id: str, key: str | None = None) -> dict[str, Any]:
+        """As the key that sent it sees it (``key``; the portal's by default): no other key is answered."""
+        response = self.http.get(f"/api/messages/{message_id}",
+                                 headers={"Authorization": f"Bearer {key or self.key}"})
         assert response.status_code == 200, response.text
         return response.json()
 
-    def wait_status(self, message_id: str, *statuses: str, timeout: float = 30) -> dict[str, Any]:
-        return wait_until(lambda: (s := self.status(message_id))["status"] in statuses and s,
+    def wait_status(self, message_id: str, *statuses: str, timeout: float = 30,
+                    key: str | None = None) -> dict[str, Any]:
+        return wait_until(lambda: (s := self.status(message_id, key))["status"] in statuses and s,
                           timeout=timeout, what=f"{message_id} to become {statuses}")
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
