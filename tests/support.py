@@ -307,9 +307,11 @@ def store_message(store: Store, created: float, to: list[str] | None = None) -> 
     message_id = new_message_id()
     document = pack_stored(bytearray(json.dumps(payload).encode()), message)
     sealed = store.keys.encrypt_body(document, message_id)
+    # As the portal's key sent it (the API answers a message's own key only).
+    portal = next((k.id for k in store.api_keys() if k.is_primary and k.revoked_at is None), None)
     conn = store.conn()
     with transaction(conn):
-        insert_message(conn, NewMessage.accepted(message, message_id, sealed, created, Options(), "api", None))
+        insert_message(conn, NewMessage.accepted(message, message_id, sealed, created, Options(), "api", portal))
     return message_id
 
 
