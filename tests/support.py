@@ -84,7 +84,7 @@ class Handler:
         self.behaviour = Behaviour()
         self.lock = threading.Lock()
         self.attempt_times: list[float] = []
-        self.auth_mechanisms: list[str] = []  # one per AUTH command the server answered
+        self.sasl_tried: list[str] = []  # one per AUTH answered (auth_* names are mechanisms to aiosmtpd)
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):  # type: ignore[no-untyped-def]
         with self.lock:
@@ -116,7 +116,7 @@ class Handler:
 
 
 def authenticator(server, session, envelope, mechanism, auth_data):  # type: ignore[no-untyped-def]
-    server.event_handler.auth_mechanisms.append(mechanism)
+    server.event_handler.sasl_tried.append(mechanism)
     ok = (isinstance(auth_data, LoginPassword) and auth_data.login == SMTP_USER.encode()
           and auth_data.password == SMTP_PASSWORD.encode())
     return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)

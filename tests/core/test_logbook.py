@@ -84,7 +84,7 @@ def test_the_row_records_kind_words_and_attachments(store: Store) -> None:
     row = store.log_row(log_id)
     assert row is not None and (row.kind, row.attachments, row.source_ip) == ("accepted", 1, "203.0.113.9")
     terms = store.conn().execute("SELECT terms FROM log WHERE id = ?", (log_id,)).fetchone()[0]
-    assert terms == "noreply portal org ann example com reset your password"
+    assert terms == "m noreply portal org ann example com reset your password"  # the message id first
 
 
 # -- keyset pages ------------------------------------------------------------------------------------
