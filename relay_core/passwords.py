@@ -30,8 +30,8 @@ def password_problem(password: str, seed: str | None = None) -> str | None:
 
     ``seed``: the first-boot password from the environment, which sits in setup files.
     """
-    if len(password) < MIN_LENGTH:
-        return f"Use at least {MIN_LENGTH} characters."
+    if len(password) < MIN_LENGTH:  # what is wrong, not the field's hint ("At least 8 characters") again
+        return f"Too short: {len(password)} character{'s' if len(password) != 1 else ''}, fewer than {MIN_LENGTH}."
     if password.lower() in COMMONEST or (seed is not None and password == seed):
         return "That password is in the setup files or widely known; choose another."
     return None
