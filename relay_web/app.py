@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -95,14 +95,6 @@ async def store_error(request: Request, exc: Exception) -> Response:
     if _is_api(request):
         return api.error_response(request, unavailable)
     return error_page(request, unavailable.status, unavailable.message)
-
-
-async def client_gone(request: Request, exc: Exception) -> Response:
-    """The client hung up before its body ended: nothing was done, and nobody is left to answer."""
-    logger.info("the client hung up before the end of its request body on %s %s; nothing was done",
-                request.method, request.url.path,
-                extra=fields("web.client_gone", method=request.method, path=request.url.path))
-    return Response(status_code=400)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
@@ -226,7 +218,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
 
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         RelayError: relay_error, HTTPException: http_error, sqlite3.Error: store_error,
-        DecryptionError: store_error, ClientDisconnect: client_gone, Exception: internal_error,
+        DecryptionError: store_error, Exception: internal_error,
     }
     if settings.database_url:
         import psycopg  # imported only where PostgreSQL is the store
