@@ -143,14 +143,17 @@ def _supervise(args: argparse.Namespace, settings: Settings, with_worker: bool) 
     setup_logging(settings)  # for the line saying which migrations ran, on an upgrade
     _open_store(settings).shutdown()  # migrate and seed once, before two processes race to
     stops = "Ctrl-C stops it" if sys.stderr.isatty() else "SIGTERM stops it"
-    print(f"TS Pro Relay is {'running' if with_worker else 'serving'} on http://{args.host}:{args.port} "
-          f"({stops}; `tspro-relay reload` reloads it).", file=sys.stderr, flush=True)
+    from relay_web import supervisor
+    supervisor.JSON_LOGS = settings.log_format == "json"
+    supervisor.say(f"TS Pro Relay is {'running' if with_worker else 'serving'} on http://{args.host}:{args.port} "
+                   f"({stops}; `tspro-relay reload` reloads it).", "supervisor.started")
     sock.set_inheritable(True)
     # exec, not a child: the parent that stays for the relay's lifetime then holds none of this
     # process's imports (the store, the queue), only the socket.
     # Its command line keeps the role and port (`healthcheck --auto` and `reload` read them).
     os.execv(sys.executable, [sys.executable, "-m", "relay_web.supervisor", "run" if with_worker else "web",
-                              "--port", str(args.port), "--fd", str(sock.fileno())])
+                              "--port", str(args.port), "--fd", str(sock.fileno()),
+                              *(["--json-logs"] if settings.log_format == "json" else [])])
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

@@ -143,7 +143,16 @@ def _decode_text(body: bytearray) -> str:
         raise BadRequest("The request body is not UTF-8 encoded JSON.") from None
 
 
+# A bound on the JSON values a body may hold, counted from above as its commas and openers (a
+# comma inside a string counts too). Decoded, each value is an object of 30-60 bytes, so a body of
+# nothing but `{},` grows ~25-fold (a 34 MB one took 855 MiB); a message is a few long strings.
+MAX_JSON_VALUES = 500_000
+
+
 def _decode_json(text: str) -> Any:
+    if text.count(",") + text.count("{") + text.count("[") > MAX_JSON_VALUES:
+        raise BadRequest(f"The request body holds more than {MAX_JSON_VALUES:,} JSON values; a message is a few "
+                         "fields and long strings (its text and its attachments' base64).")
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:

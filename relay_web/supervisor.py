@@ -27,9 +27,20 @@ import time
 READY_TIMEOUT = 30.0  # seconds a new web process has to say it serves
 
 
-def say(text: str) -> None:
+JSON_LOGS = False  # RELAY_LOG_FORMAT=json: every line the relay writes is one JSON object
+
+
+def say(text: str, event: str = "supervisor") -> None:
+    if JSON_LOGS:
+        import json
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        line = json.dumps({"time": f"{stamp}.{int(now % 1 * 1000):03d}Z", "level": "INFO", "event": event,
+                           "logger": "relay.supervisor", "message": text})
+    else:
+        line = f"tspro-relay: {text}"
     try:
-        os.write(2, f"tspro-relay: {text}\n".encode())
+        os.write(2, f"{line}\n".encode())
     except OSError:
         pass  # no terminal any more: nothing to tell
 
@@ -217,8 +228,10 @@ def find_supervisors(port: int | None = None) -> list[tuple[int, int]]:
 
 
 def main(argv: list[str]) -> int:
-    """``run|web --port P --fd N``: the role, the port it serves (for `reload`) and the socket."""
+    """``run|web --port P --fd N [--json-logs]``: the role, the port it serves (for `reload`), the socket."""
+    global JSON_LOGS
     listen_fd = int(argv[argv.index("--fd") + 1])
+    JSON_LOGS = "--json-logs" in argv
     return Supervisor(listen_fd, with_worker=argv[0] == "run").run()
 
 

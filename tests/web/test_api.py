@@ -471,6 +471,9 @@ def test_a_handler_failing_on_a_refused_send_is_answered_as_an_internal_error(
 HOSTILE = [
     pytest.param(b'{"to": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nests deeper", id="deep-nesting"),
     pytest.param(b'{"to": ["a@example.com"], "text": "x", "n": ' + b"9" * 5000 + b"}", "number", id="long-number"),
+    # ~25-fold once decoded: 34 MB of this took the web process to 855 MiB
+    pytest.param(b'{"to": ["a@example.com"], "text": "x", "attachments": [' + b"{}," * 600_000 + b"{}]}",
+                 "JSON values", id="fragmented"),
 ]
 
 
@@ -485,6 +488,16 @@ def test_hostile_json_is_a_400_without_a_traceback(settings: Settings, caplog: p
         assert words in error_of(client.post("/api/send", content=body), 400)
         rows = client.app.state.relay.store.conn().execute("SELECT code FROM log").fetchall()
     assert [tuple(r) for r in rows] == [(400,)] and tracebacks(caplog) == []
+
+
+def test_a_body_of_many_json_values_passes_just_under_the_bound_and_is_400_just_over(client: TestClient) -> None:
+    from relay_web.api import MAX_JSON_VALUES
+    base = json.dumps(payload(text=""))
+    structure = base.count(",") + base.count("{") + base.count("[")
+    under = json.dumps(payload(text="," * (MAX_JSON_VALUES - structure)))
+    over = json.dumps(payload(text="," * (MAX_JSON_VALUES - structure + 1)))
+    assert client.post("/api/send", content=under.encode()).status_code == 202
+    assert "JSON values" in error_of(client.post("/api/send", content=over.encode()), 400)
 
 
 @pytest.mark.parametrize("field,value", [
