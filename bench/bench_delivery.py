@@ -1,26 +1,45 @@
-"""Benchmark delivery: connection reuse, slow sinks, STARTTLS, several workers, /healthz under load.
+"""Benchmark delivery: the backlog drain, slow sinks, several workers, reuse, STARTTLS, /healthz.
 
-    python bench/bench_delivery.py [--quick]
+    python bench/bench_delivery.py drain  [--count 10000] [--backend sqlite|postgresql|both] [--threads N]
+    python bench/bench_delivery.py slow   [--count 800]      200 ms sink, 32 threads (bound 160/s)
+    python bench/bench_delivery.py scale  [--count 800]      200 ms sink, 3 workers against 1 (8 threads each)
+    python bench/bench_delivery.py threads [--count 4000]    instant sink, the drain for 4, 8, 16, 32 threads
+    python bench/bench_delivery.py reuse  [--count 3000]     instant sink and STARTTLS, connections reused or not
+    python bench/bench_delivery.py health [--count 3000]     /healthz latency while a worker drains
 
 Each figure queues N messages with the worker stopped, then times the drain
-from the worker's start to the last `sent` in the store (end to end: claim,
-render, SMTP, record). Talks to 127.0.0.1 only.
+from the first delivery to the last `sent` in the store (end to end: claim,
+render, SMTP, record). PostgreSQL (with Redis as the queue) is a throwaway
+cluster started here, as bench_backends.py does. Prints the machine's load
+average beside each figure: the box is shared, so read them with it. Talks
+to 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import trustme
 
 from bench_send import delivery_rate
-from common import Relay, free_port, post_many, start_sink, stop
+from common import Relay, post_many, start_sink, stop, free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from services import PostgresCluster, RedisServer  # noqa: E402  (the tests' throwaway servers)
+
+
+def load() -> str:
+    return "load %.1f %.1f %.1f" % os.getloadavg()
 
 
 def tls_files() -> tuple[str, str, str]:
@@ -62,28 +81,80 @@ def healthz_while_draining(count: int, probes: int = 400) -> tuple[float, float,
         stop(sink)
 
 
+def backends(stack: ExitStack, which: str) -> list[tuple[str, Callable[[], dict[str, str]]]]:
+    """(label, environment maker) for each backend asked for; PostgreSQL starts here, once."""
+    chosen: list[tuple[str, Callable[[], dict[str, str]]]] = []
+    if which in ("sqlite", "both"):
+        chosen.append(("SQLite", dict))
+    if which in ("postgresql", "both"):
+        cluster = PostgresCluster().start()
+        stack.callback(cluster.stop)
+        redis = RedisServer()
+        stack.callback(redis.stop)
+
+        def postgres() -> dict[str, str]:
+            name, url = cluster.create_database()
+            stack.callback(cluster.drop_database, name)
+            return {"RELAY_DATABASE_URL": url, "RELAY_QUEUE_URL": redis.fresh_url()}
+
+        chosen.append(("PostgreSQL", postgres))
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("what", choices=("drain", "slow", "scale", "threads", "reuse", "health"))
+    parser.add_argument("--count", type=int, help="messages per figure")
+    parser.add_argument("--backend", choices=("sqlite", "postgresql", "both"), default="sqlite")
+    parser.add_argument("--threads", type=int, help="delivery threads per worker (default 8)")
+    parser.add_argument("--runs", type=int, default=1, help="repeat each figure")
     args = parser.parse_args()
-    n = 1000 if args.quick else 3000
-    n_slow = 300 if args.quick else 800
 
-    reuse = delivery_rate(n, 0.0, threads=8, reuse=True)
-    fresh = delivery_rate(n, 0.0, threads=8, reuse=False)
-    print(f"instant sink, 8 threads : reuse {reuse:7.0f} msg/s   new connection each {fresh:7.0f} msg/s")
-    cert, key, ca = tls_files()
-    tls_reuse = delivery_rate(n, 0.0, threads=8, reuse=True, starttls=(cert, key, ca))
-    tls_fresh = delivery_rate(n // 2, 0.0, threads=8, reuse=False, starttls=(cert, key, ca))
-    print(f"STARTTLS,     8 threads : reuse {tls_reuse:7.0f} msg/s   new connection each {tls_fresh:7.0f} msg/s")
-    slow32 = delivery_rate(n_slow, 0.2, threads=32)
-    print(f"200 ms sink, 32 threads : {slow32:7.1f} msg/s  ({slow32 / 160:.0%} of the 160 msg/s bound)")
-    one = delivery_rate(n_slow // 2, 0.2, threads=8, workers=1)
-    three = delivery_rate(n_slow, 0.2, threads=8, workers=3)
-    print(f"200 ms sink, 8 threads  : 1 worker {one:6.1f} msg/s   3 workers {three:6.1f} msg/s"
-          f"   ({three / one:.2f}x)")
-    p50, p99, progress = healthz_while_draining(n)
-    print(f"/healthz while draining : p50 {p50:5.2f} ms  p99 {p99:5.2f} ms  ({progress:.0%} drained by the end)")
+    with ExitStack() as stack:
+        for label, env in backends(stack, args.backend):
+            for _ in range(args.runs):
+                if args.what == "drain":
+                    n = args.count or 10_000
+                    per = args.threads or 8
+                    rate = delivery_rate(n, 0.0, threads=per, env=env())
+                    print(f"{label:<10} drain, instant sink, {n} messages, {per} threads:"
+                          f" {rate:6.0f} msg/s   ({load()})", flush=True)
+                elif args.what == "slow":
+                    n = args.count or 800
+                    rate = delivery_rate(n, 0.2, threads=32, env=env())
+                    print(f"{label:<10} 200 ms sink, 32 threads, {n} messages: {rate:6.1f} msg/s"
+                          f"  ({rate / 160:.3f} of the 160 msg/s bound)   ({load()})", flush=True)
+                elif args.what == "scale":
+                    n = args.count or 800
+                    per = args.threads or 8
+                    one = delivery_rate(n // 3, 0.2, threads=per, workers=1, env=env())
+                    three = delivery_rate(n, 0.2, threads=per, workers=3, env=env())
+                    print(f"{label:<10} 200 ms sink, {per} threads each: 1 worker {one:6.1f} msg/s,"
+                          f" 3 workers {three:6.1f} msg/s  ({three / one:.2f}x)   ({load()})", flush=True)
+                elif args.what == "threads":
+                    n = args.count or 4000
+                    for count in (4, 8, 16, 32):
+                        rate = delivery_rate(n, 0.0, threads=count, env=env())
+                        print(f"{label:<10} drain, instant sink, {n} messages, {count:2d} threads: {rate:6.0f} msg/s"
+                              f"   ({load()})", flush=True)
+                elif args.what == "reuse":
+                    n = args.count or 3000
+                    per = args.threads or 8
+                    reuse = delivery_rate(n, 0.0, threads=per, reuse=True, env=env())
+                    fresh = delivery_rate(n, 0.0, threads=per, reuse=False, env=env())
+                    print(f"{label:<10} instant sink, {per} threads: reuse {reuse:6.0f} msg/s,"
+                          f" new connection each {fresh:6.0f} msg/s   ({load()})", flush=True)
+                    cert, key, ca = tls_files()
+                    reuse = delivery_rate(n, 0.0, threads=per, reuse=True, starttls=(cert, key, ca), env=env())
+                    fresh = delivery_rate(n // 2, 0.0, threads=per, reuse=False, starttls=(cert, key, ca),
+                                          env=env())
+                    print(f"{label:<10} STARTTLS, {per} threads: reuse {reuse:6.0f} msg/s,"
+                          f" new connection each {fresh:6.0f} msg/s   ({load()})", flush=True)
+                else:
+                    n = args.count or 3000
+                    p50, p99, progress = healthz_while_draining(n)
+                    print(f"/healthz while draining: p50 {p50:5.2f} ms  p99 {p99:5.2f} ms"
+                          f"  ({progress:.0%} drained by the end)   ({load()})", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,16 @@
 call any number of times for the same id: only a successful claim leads to
 SMTP, and only the lease holder may record the outcome.
 
+The worker's delivery threads write through one group commit
+(``DeliveryWrites``, the accept path's ``Intake``): claims and outcomes that
+arrive together share one transaction and one flush, instead of a
+transaction each taken one thread at a time. A thread waits for its batch's
+commit, so a claim is committed before its SMTP transaction begins and an
+outcome before anything that depends on it (the retry's wake-up); a job that
+fails (its message's row cannot be written) is undone alone and only its
+thread sees the error. The settings are read once per batch, and again only
+when their revision moved.
+
 Policy: recipients refused with 5xx fail for good; 4xx, timeouts,
 connection, TLS and AUTH errors defer them. Deferred recipients are retried
 with exponential backoff and jitter (``retry_base_seconds`` doubling up to
@@ -20,13 +30,18 @@ import random
 import socket
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from . import oauth
+from . import metrics, oauth
+from .acceptance import insert_logs
 from .crypto import DecryptionError
+from .db import Connection
 from .errors import RelayError
+from .intake import Intake
+from .ledger import AttemptOutcome, claim_message, record_outcome
 from .logs import fields
 from .message import build_mime, is_rendered_mime, parse_stored, read_stored
 from .options import Options
@@ -55,6 +70,66 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+PAUSED = "paused"  # what a claim returns while delivery is paused: nothing was claimed
+
+
+def _write_attempt_logs(conn: Connection, entries: list[LogEntry]) -> None:
+    """A batch's attempt log rows and their counts in the metrics, a few statements for all."""
+    insert_logs(conn, entries)
+    deltas: Counter[tuple[str, str]] = Counter((metrics.ATTEMPTS, e.status) for e in entries)
+    deltas.update(metrics.observations("delivery_duration_seconds",
+                                       [e.duration_ms / 1000.0 for e in entries if e.duration_ms is not None]))
+    metrics.add(conn, dict(deltas), max(e.ts for e in entries))
+
+
+class DeliveryWrites:
+    """The worker's claims and outcomes, group-committed by one writer thread (``Intake``).
+
+    Each call waits for the commit of the batch its write went into. The
+    settings are the batch's (read when it begins, re-read only when their
+    revision moved), so a claim and the settings it was made under agree.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.intake = Intake(store, None, at_begin=lambda conn: store.fresh_snapshot()[1],
+                             writers={"attempt": _write_attempt_logs})
+        self._start_lock = threading.Lock()
+        self._started = False
+
+    def _submit(self, job: Callable[[Connection], object]) -> object:
+        if not self._started:
+            with self._start_lock:
+                if not self._started:
+                    self.intake.start()
+                    self._started = True
+        # Both jobs' first write is their UPDATE and nothing raises before it: no savepoint each.
+        return self.intake.submit(lambda conn: (job(conn), []), isolated=False).result()
+
+    def claim(self, message_id: str, owner: str, now: float) -> tuple[Options, ClaimedMessage | Paced | str | None]:
+        """The batch's settings, and the claimed message (``PAUSED``, ``Paced`` or None: nothing to send)."""
+
+        def job(conn: Connection) -> tuple[Options, ClaimedMessage | Paced | str | None]:
+            options: Options = self.intake.batch_value
+            if options.delivery_paused:
+                return options, PAUSED
+            return options, claim_message(conn, self.store.keys, message_id, owner, options.lease_seconds, now,
+                                          options.pacing_limits)
+
+        return self._submit(job)  # type: ignore[return-value]
+
+    def record(self, outcome: AttemptOutcome) -> bool:
+        """Whether the outcome was stored (False: the lease was lost to another worker)."""
+
+        def job(conn: Connection) -> bool:
+            return record_outcome(conn, outcome, log=lambda entry: self.intake.write(conn, "attempt", entry))
+
+        return bool(self._submit(job))
+
+    def close(self) -> None:
+        self.intake.stop()
+
+
 class Deliverer:
     """Runs attempts for one worker process; each thread keeps its own ``Mailer``."""
 
@@ -71,6 +146,8 @@ class Deliverer:
         self._mailers: list[Mailer] = []
         self._mailers_lock = threading.Lock()
         self.leases = LeaseKeeper(store, self.clock)
+        self.writes = DeliveryWrites(store)
+        self._target: tuple[Options, Target] | None = None  # made once per settings, not per message
         # Set when a wake-up was dropped because delivery was paused: the sweeper
         # wakes the waiting messages again as soon as the pause is lifted.
         self.dropped_while_paused = threading.Event()
@@ -89,20 +166,28 @@ class Deliverer:
             mailers, self._mailers = self._mailers, []
         for mailer in mailers:
             mailer.close()
+        self.writes.close()
+
+    def target(self, options: Options, token: str = "") -> Target:
+        """Where to deliver under these settings (the same object until they or the token change)."""
+        made = self._target
+        if made is None or made[0] is not options or made[1].token != token:
+            made = self._target = (options, Target.from_options(options, token))
+        return made[1]
 
     def attempt(self, message_id: str) -> Outcome | None:
         """Deliver the message if it can be claimed now; None when there was nothing to do."""
-        options = self.store.options()
-        if options.delivery_paused:
+        owner = f"{self.identity}:{threading.get_ident()}"
+        # The budget is sized from the settings as last read (by the writer, for the last batch):
+        # the claim reads them again, but only once it is admitted.
+        with self.render_budget.reserve(self.store.cached_snapshot()[1]) as reservation:
+            options, claimed = self.writes.claim(message_id, owner, self.clock())
+            held = reservation.keep(len(claimed.sealed or b"") if isinstance(claimed, ClaimedMessage) else 0)
+        if claimed is PAUSED:
             # Nothing is claimed: the message stays as it is in the store, and the
             # sweeper (or `tspro-relay resume`) wakes it again once delivery resumes.
             self.dropped_while_paused.set()
             return None
-        owner = f"{self.identity}:{threading.get_ident()}"
-        with self.render_budget.reserve(options) as reservation:
-            claimed = self.store.claim(message_id, owner, options.lease_seconds, now=self.clock(),
-                                       limits=options.pacing_limits)
-            held = reservation.keep(len(claimed.sealed or b"") if isinstance(claimed, ClaimedMessage) else 0)
         if claimed is None:
             return None
         if isinstance(claimed, Paced):
@@ -165,7 +250,7 @@ class Deliverer:
             except oauth.OAuthError as exc:
                 # Transient by policy, as a refused password is: mail waits until the account is reconnected.
                 raise DeliveryError(f"AUTH: {exc.message}", stage="AUTH", permanent=False) from None
-        return self.mailer().deliver(Target.from_options(options, token), claimed.envelope_from,
+        return self.mailer().deliver(self.target(options, token), claimed.envelope_from,
                                      [r.address for r in pending], mime,
                                      idle_limit=float(options.connection_idle_seconds))
 
@@ -232,9 +317,8 @@ class Deliverer:
             recipients=", ".join(r.address for r in pending), subject=claimed.subject, ts=now,
             attachments=claimed.attachments,
         )
-        if not self.store.record_attempt(claimed, status, next_attempt_at=next_attempt_at,
-                                         last_error=last_error, recipient_updates=updates,
-                                         entry=entry, now=now):
+        if not self.writes.record(AttemptOutcome(claimed.id, claimed.lease_owner, status, next_attempt_at,
+                                                 last_error, updates, entry, now)):
             logger.warning("lease on %s was lost before its outcome was recorded", claimed.id,
                            extra=fields("delivery.lease_lost", message_id=claimed.id))
         # One line per outcome, for whoever watches the console: never a body, key or password

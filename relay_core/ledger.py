@@ -14,7 +14,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from . import crypto, metrics
 from .crypto import KeySet
@@ -228,6 +228,103 @@ def _fail_interrupted(conn: Connection, message_id: str, interrupted: int, now: 
                               attachments=row["attachments"]))
 
 
+def claim_message(conn: Connection, keys: KeySet, message_id: str, owner: str, lease_seconds: float,
+                  now: float, limits: tuple[tuple[int, float], ...] = ()) -> ClaimedMessage | Paced | None:
+    """Inside a transaction: queued/deferred and due (or sending with an expired lease) -> sending,
+    leased to ``owner``.
+
+    Returns None when another worker got there first, the message is not
+    due yet, or it is finished: a duplicate wake-up is a harmless no-op.
+    ``limits`` are (deliveries, per seconds) pairs; when one is reached the
+    message goes back to deferred until a slot frees (``Paced``). The
+    count is taken under the write lock (an advisory lock on PostgreSQL),
+    so every worker process shares it. The UPDATE is the first write.
+    """
+    row = conn.execute(
+        "UPDATE messages SET status = 'sending', lease_owner = ?, lease_expires_at = ?,"
+        " updated_at = ?, claims = claims + 1"
+        " WHERE id = ? AND ((status IN ('queued', 'deferred') AND next_attempt_at <= ?)"
+        " OR (status = 'sending' AND lease_expires_at < ?)) RETURNING *",
+        (owner, now + lease_seconds, now, message_id, now, now),
+    ).fetchone()
+    if row is None:
+        return None
+    if row["claims"] - row["attempts"] > MAX_UNRECORDED_CLAIMS:
+        _fail_interrupted(conn, message_id, row["claims"] - row["attempts"] - 1, now)
+        return None
+    if limits:
+        serialize(conn, "tspro-relay pacing")  # one count at a time across all workers
+        paced = _pacing_wait(conn, now, limits)
+        if paced is not None:
+            conn.execute(
+                "UPDATE messages SET status = 'deferred', lease_owner = NULL, lease_expires_at = NULL,"
+                " next_attempt_at = ?, enqueued_at = ?, last_error = ?, claims = claims - 1 WHERE id = ?",
+                (paced.until, paced.until, paced.reason, message_id))
+            return paced
+        conn.execute("INSERT INTO pacing (ts) VALUES (?)", (now,))
+    recipients = [
+        Recipient(r["position"], r["address"], r["status"], r["code"], r["reply"])
+        for r in conn.execute("SELECT position, address, status, code, reply FROM recipients"
+                              " WHERE message_id = ? ORDER BY position", (message_id,))
+    ]
+    return ClaimedMessage(row["id"], row["envelope_from"], row["from_addr"], row["subject"], row["body"],
+                          row["created_at"], row["attempts"], recipients, owner, keys, row["attachments"])
+
+
+@dataclass
+class AttemptOutcome:
+    """What one attempt changes: the message's next state, its recipients', and the log row."""
+
+    message_id: str
+    lease_owner: str
+    status: str
+    next_attempt_at: float | None
+    last_error: str | None
+    recipient_updates: dict[int, tuple[str, int | None, str | None]]
+    entry: LogEntry
+    now: float
+
+
+def write_attempt_log(conn: Connection, entry: LogEntry, now: float) -> None:
+    """The attempt's log row and its count in the metrics, at once."""
+    insert_log(conn, entry)
+    metrics.count_attempt(conn, entry.status, entry.duration_ms, now)
+
+
+def record_outcome(conn: Connection, outcome: AttemptOutcome,
+                   log: Callable[[LogEntry], None] | None = None) -> bool:
+    """Inside a transaction: store one attempt's outcome, if its worker still holds the lease.
+
+    ``log`` writes the log row (default: now, with ``write_attempt_log``); the
+    worker's group commit passes one that writes the batch's rows together.
+    The UPDATE is the first write.
+    """
+    now = outcome.now
+    finished = now if outcome.status in FINAL_STATES else None
+    cur = conn.execute(
+        "UPDATE messages SET status = ?, attempts = attempts + 1, last_error = ?,"
+        " next_attempt_at = COALESCE(?, next_attempt_at), enqueued_at = COALESCE(?, enqueued_at),"
+        " lease_owner = NULL, lease_expires_at = NULL, updated_at = ?, finished_at = ?"
+        " WHERE id = ? AND status = 'sending' AND lease_owner = ?",
+        # A retry's wake-up is scheduled for when it falls due: that is its enqueue time.
+        (outcome.status, outcome.last_error, outcome.next_attempt_at, outcome.next_attempt_at, now, finished,
+         outcome.message_id, outcome.lease_owner),
+    )
+    if cur.rowcount != 1:
+        return False
+    conn.executemany(
+        "UPDATE recipients SET status = ?, code = ?, reply = ?, updated_at = ?"
+        " WHERE message_id = ? AND position = ?",
+        [(st, code, reply, now, outcome.message_id, pos)
+         for pos, (st, code, reply) in outcome.recipient_updates.items()],
+    )
+    if log is None:
+        write_attempt_log(conn, outcome.entry, now)
+    else:
+        log(outcome.entry)
+    return True
+
+
 class Ledger:
     """Message operations; mixed into ``Store``, which provides the connection and keys."""
 
@@ -270,53 +367,13 @@ class Ledger:
     # -- messages: the delivery side -------------------------------------------
     def claim(self, message_id: str, owner: str, lease_seconds: float, now: float | None = None,
               limits: tuple[tuple[int, float], ...] = ()) -> ClaimedMessage | Paced | None:
-        """queued/deferred and due (or sending with an expired lease) -> sending, leased to owner.
-
-        Returns None when another worker got there first, the message is not
-        due yet, or it is finished: a duplicate wake-up is a harmless no-op.
-        ``limits`` are (deliveries, per seconds) pairs; when one is reached the
-        message goes back to deferred until a slot frees (``Paced``). The
-        count is taken under the write lock (an advisory lock on PostgreSQL),
-        so every worker process shares it.
-        """
+        """``claim_message`` in a transaction of its own (the worker's group commit shares one)."""
         now = time.time() if now is None else now
         conn = self.conn()
         # A claim lost to a power cut only means the message is claimed again;
         # the outcome recorded afterwards is committed with a full fsync.
         with transaction(conn, durable=False):
-            cur = conn.execute(
-                "UPDATE messages SET status = 'sending', lease_owner = ?, lease_expires_at = ?,"
-                " updated_at = ?, claims = claims + 1"
-                " WHERE id = ? AND ((status IN ('queued', 'deferred') AND next_attempt_at <= ?)"
-                " OR (status = 'sending' AND lease_expires_at < ?))",
-                (owner, now + lease_seconds, now, message_id, now, now),
-            )
-            if cur.rowcount != 1:
-                return None
-            counts = conn.execute("SELECT claims, attempts FROM messages WHERE id = ?", (message_id,)).fetchone()
-            if counts["claims"] - counts["attempts"] > MAX_UNRECORDED_CLAIMS:
-                _fail_interrupted(conn, message_id, counts["claims"] - counts["attempts"] - 1, now)
-                return None
-            if limits:
-                serialize(conn, "tspro-relay pacing")  # one count at a time across all workers
-            paced = _pacing_wait(conn, now, limits)
-            if paced is not None:
-                conn.execute(
-                    "UPDATE messages SET status = 'deferred', lease_owner = NULL, lease_expires_at = NULL,"
-                    " next_attempt_at = ?, enqueued_at = ?, last_error = ?, claims = claims - 1 WHERE id = ?",
-                    (paced.until, paced.until, paced.reason, message_id))
-                return paced
-            if limits:
-                conn.execute("INSERT INTO pacing (ts) VALUES (?)", (now,))
-            row = conn.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
-            recipients = [
-                Recipient(r["position"], r["address"], r["status"], r["code"], r["reply"])
-                for r in conn.execute("SELECT * FROM recipients WHERE message_id = ? ORDER BY position",
-                                      (message_id,))
-            ]
-        return ClaimedMessage(row["id"], row["envelope_from"], row["from_addr"], row["subject"], row["body"],
-                              row["created_at"], row["attempts"], recipients, owner, self.keys,
-                              row["attachments"])
+            return claim_message(conn, self.keys, message_id, owner, lease_seconds, now, limits)
 
     def renew_leases(self, held: list[tuple[str, str]], until: float) -> None:
         """Extend the leases of deliveries still in progress (id, owner)."""
@@ -328,30 +385,12 @@ class Ledger:
     def record_attempt(self, claimed: ClaimedMessage, status: str, *, next_attempt_at: float | None,
                        last_error: str | None, recipient_updates: dict[int, tuple[str, int | None, str | None]],
                        entry: LogEntry, now: float | None = None) -> bool:
-        """Store one attempt's outcome, if this worker still holds the lease."""
-        now = time.time() if now is None else now
+        """``record_outcome`` in a transaction of its own (the worker's group commit shares one)."""
+        outcome = AttemptOutcome(claimed.id, claimed.lease_owner, status, next_attempt_at, last_error,
+                                 recipient_updates, entry, time.time() if now is None else now)
         conn = self.conn()
         with transaction(conn):
-            finished = now if status in FINAL_STATES else None
-            cur = conn.execute(
-                "UPDATE messages SET status = ?, attempts = attempts + 1, last_error = ?,"
-                " next_attempt_at = COALESCE(?, next_attempt_at), enqueued_at = COALESCE(?, enqueued_at),"
-                " lease_owner = NULL, lease_expires_at = NULL, updated_at = ?, finished_at = ?"
-                " WHERE id = ? AND status = 'sending' AND lease_owner = ?",
-                # A retry's wake-up is scheduled for when it falls due: that is its enqueue time.
-                (status, last_error, next_attempt_at, next_attempt_at, now, finished, claimed.id,
-                 claimed.lease_owner),
-            )
-            if cur.rowcount != 1:
-                return False
-            conn.executemany(
-                "UPDATE recipients SET status = ?, code = ?, reply = ?, updated_at = ?"
-                " WHERE message_id = ? AND position = ?",
-                [(st, code, reply, now, claimed.id, pos) for pos, (st, code, reply) in recipient_updates.items()],
-            )
-            insert_log(conn, entry)
-            metrics.count_attempt(conn, entry.status, entry.duration_ms, now)
-        return True
+            return record_outcome(conn, outcome)
 
     def waiting_until(self, message_id: str, now: float) -> float | None:
         """When a queued or deferred message falls due, if that is still in the future."""

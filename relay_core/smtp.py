@@ -22,6 +22,7 @@ pays the TCP, TLS and AUTH handshakes once.
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 import json
 import re
@@ -69,13 +70,19 @@ def helo_name(options: Options, fqdn: str | None = None) -> str:
     the host has no name, and public servers score a literal against the sender."""
     if options.smtp_helo_name:
         return options.smtp_helo_name
-    name = socket.getfqdn() if fqdn is None else fqdn
+    name = host_fqdn() if fqdn is None else fqdn
     if "." in name and not _is_ip(name) and not name.startswith("localhost"):
         return name
     if options.default_from:
         return options.default_from.rpartition("@")[2]
     short = socket.gethostname()
     return short if short and not _is_ip(short) else "localhost"
+
+
+@functools.cache
+def host_fqdn() -> str:
+    """This host's FQDN, looked up once per process (``socket.getfqdn`` asks the resolver each time)."""
+    return socket.getfqdn()
 
 
 def _is_ip(name: str) -> bool:
