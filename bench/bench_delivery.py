@@ -108,7 +108,9 @@ def main() -> None:
     parser.add_argument("--backend", choices=("sqlite", "postgresql", "both"), default="sqlite")
     parser.add_argument("--threads", type=int, help="delivery threads per worker (default 8)")
     parser.add_argument("--runs", type=int, default=1, help="repeat each figure")
+    parser.add_argument("--bare", action="store_true", help="drain and threads: the bare instant sink (sink.py)")
     args = parser.parse_args()
+    sink = "bare instant" if args.bare else "instant"
 
     with ExitStack() as stack:
         for label, env in backends(stack, args.backend):
@@ -116,8 +118,8 @@ def main() -> None:
                 if args.what == "drain":
                     n = args.count or 10_000
                     per = args.threads or 8
-                    rate = delivery_rate(n, 0.0, threads=per, env=env())
-                    print(f"{label:<10} drain, instant sink, {n} messages, {per} threads:"
+                    rate = delivery_rate(n, 0.0, threads=per, env=env(), bare=args.bare)
+                    print(f"{label:<10} drain, {sink} sink, {n} messages, {per} threads:"
                           f" {rate:6.0f} msg/s   ({load()})", flush=True)
                 elif args.what == "slow":
                     n = args.count or 800
@@ -134,8 +136,8 @@ def main() -> None:
                 elif args.what == "threads":
                     n = args.count or 4000
                     for count in (4, 8, 16, 32):
-                        rate = delivery_rate(n, 0.0, threads=count, env=env())
-                        print(f"{label:<10} drain, instant sink, {n} messages, {count:2d} threads: {rate:6.0f} msg/s"
+                        rate = delivery_rate(n, 0.0, threads=count, env=env(), bare=args.bare)
+                        print(f"{label:<10} drain, {sink} sink, {n} messages, {count:2d} threads: {rate:6.0f} msg/s"
                               f"   ({load()})", flush=True)
                 elif args.what == "reuse":
                     n = args.count or 3000

@@ -54,7 +54,8 @@ def bare_rate(seconds: int) -> dict[str, float]:
 
 
 def delivery_rate(count: int, delay: float, threads: int, workers: int = 1, reuse: bool = True,
-                  starttls: tuple[str, str, str] | None = None, env: dict[str, str] | None = None) -> float:
+                  starttls: tuple[str, str, str] | None = None, env: dict[str, str] | None = None,
+                  bare: bool = False) -> float:
     """Queue ``count`` messages with the worker stopped, then time the drain.
 
     The clock starts when the first delivery began (its finish time less the

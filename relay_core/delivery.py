@@ -24,6 +24,7 @@ with exponential backoff and jitter (``retry_base_seconds`` doubling up to
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import random
@@ -31,6 +32,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -58,6 +60,24 @@ class Outcome:
     status: str  # sent, partial, deferred, failed
     next_attempt_at: float | None
     detail: str
+    stored: Future[bool] | None = None  # its commit, when attempt() returned before it (None: stored)
+
+    def then(self, action: Callable[[], object]) -> None:
+        """Run ``action`` once the outcome is stored (now, if it is): what depends on it waits for it.
+        Never, if it could not be stored: the message's lease runs out and it is taken again."""
+        if self.stored is None:
+            action()
+            return
+
+        def run(stored: Future[bool]) -> None:
+            if stored.exception() is None and stored.result():
+                try:
+                    action()
+                except Exception:
+                    logger.exception("the step after storing %s's outcome failed", self.message_id,
+                                     extra=fields("delivery.after_error", message_id=self.message_id))
+
+        self.stored.add_done_callback(run)
 
 
 def backoff_delay(attempt: int, options: Options, rng: random.Random) -> float:
@@ -97,14 +117,18 @@ class DeliveryWrites:
         self._start_lock = threading.Lock()
         self._started = False
 
-    def _submit(self, job: Callable[[Connection], object]) -> object:
+    def start(self) -> None:
+        """Start the writer thread (the first write does it, if nobody did before)."""
+        with self._start_lock:
+            if not self._started:
+                self.intake.start()
+                self._started = True
+
+    def _submit(self, job: Callable[[Connection], object]) -> Future:
         if not self._started:
-            with self._start_lock:
-                if not self._started:
-                    self.intake.start()
-                    self._started = True
+            self.start()
         # Both jobs' first write is their UPDATE and nothing raises before it: no savepoint each.
-        return self.intake.submit(lambda conn: (job(conn), []), isolated=False).result()
+        return self.intake.submit(lambda conn: (job(conn), []), isolated=False)
 
     def claim(self, message_id: str, owner: str, now: float) -> tuple[Options, ClaimedMessage | Paced | str | None]:
         """The batch's settings, and the claimed message (``PAUSED``, ``Paced`` or None: nothing to send)."""
@@ -116,15 +140,15 @@ class DeliveryWrites:
             return options, claim_message(conn, self.store.keys, message_id, owner, options.lease_seconds, now,
                                           options.pacing_limits)
 
-        return self._submit(job)  # type: ignore[return-value]
+        return self._submit(job).result()  # type: ignore[no-any-return]
 
-    def record(self, outcome: AttemptOutcome) -> bool:
-        """Whether the outcome was stored (False: the lease was lost to another worker)."""
+    def record(self, outcome: AttemptOutcome) -> Future[bool]:
+        """The outcome's commit: True once stored, False if the lease was lost to another worker."""
 
         def job(conn: Connection) -> bool:
             return record_outcome(conn, outcome, log=lambda entry: self.intake.write(conn, "attempt", entry))
 
-        return bool(self._submit(job))
+        return self._submit(job)  # type: ignore[return-value]
 
     def close(self) -> None:
         self.intake.stop()
@@ -135,8 +159,13 @@ class Deliverer:
 
     def __init__(self, store: Store, *, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None, identity: str | None = None,
-                 render_budget: int | None = None) -> None:
+                 render_budget: int | None = None, overlap: bool = False) -> None:
+        """``overlap``: a thread goes on to its next message while its last outcome commits (the
+        worker's threads: the next claim then shares that batch). ``attempt`` returns before the
+        outcome is stored (``Outcome.then`` waits for it); a thread waits for its previous outcome
+        before it hands over the next, so at most one per thread is ever in flight."""
         self.store = store
+        self.overlap = overlap
         self.render_budget = RenderBudget(render_budget)
         return_freed_buffers()
         self.clock = clock
@@ -317,17 +346,40 @@ class Deliverer:
             recipients=", ".join(r.address for r in pending), subject=claimed.subject, ts=now,
             attachments=claimed.attachments,
         )
-        if not self.writes.record(AttemptOutcome(claimed.id, claimed.lease_owner, status, next_attempt_at,
-                                                 last_error, updates, entry, now)):
-            logger.warning("lease on %s was lost before its outcome was recorded", claimed.id,
-                           extra=fields("delivery.lease_lost", message_id=claimed.id))
+        if self.overlap:
+            self.wait_for_last_outcome()
+        stored = self.writes.record(AttemptOutcome(claimed.id, claimed.lease_owner, status, next_attempt_at,
+                                                   last_error, updates, entry, now))
+        stored.add_done_callback(functools.partial(self._stored, claimed.id))
+        if self.overlap:
+            self._local.stored = stored
+        else:
+            stored.result()  # (raises what the store raised)
         # One line per outcome, for whoever watches the console: never a body, key or password
         # (the detail is the server's reply or the relay's own sentence).
         logger.info("message %s %s at %s%s: %s", claimed.id, status, stage, f" ({code})" if code else "",
                     _short(detail),
                     extra=fields("delivery.attempt", message_id=claimed.id, status=status, stage=stage,
                                  code=code, duration_ms=duration_ms, attempts=claimed.attempts + 1))
-        return Outcome(claimed.id, status, next_attempt_at, detail)
+        return Outcome(claimed.id, status, next_attempt_at, detail, stored if self.overlap else None)
+
+    def wait_for_last_outcome(self) -> None:
+        """Until this thread's last outcome is committed (or failed: ``_stored`` said so)."""
+        stored = getattr(self._local, "stored", None)
+        if stored is not None:
+            self._local.stored = None
+            wait([stored])
+
+    def _stored(self, message_id: str, stored: Future[bool]) -> None:
+        exc = stored.exception()
+        if exc is not None:
+            if self.overlap:  # (otherwise attempt() raises it to its caller)
+                logger.error("the outcome of %s could not be stored (%s); it is delivered again when its "
+                             "lease runs out", message_id, exc, extra=fields("delivery.record_error",
+                                                                              message_id=message_id))
+        elif not stored.result():
+            logger.warning("lease on %s was lost before its outcome was recorded", message_id,
+                           extra=fields("delivery.lease_lost", message_id=message_id))
 
 
 def return_freed_buffers() -> None:

@@ -40,6 +40,26 @@ class RelaySqliteStorage(SqliteStorage):
                 cursor.execute(statement, params)
 
 
+class Unrevoked:
+    """Huey without task revocation, which the relay never uses (a wake-up no longer wanted fails
+    its claim in the store): huey would look for a revocation before every task and clear it
+    after, a read and a write of the queue per message."""
+
+    def is_revoked(self, task: object, timestamp: object = None, peek: bool = True) -> bool:
+        return False
+
+    def delete(self, key: str) -> bool:
+        return False  # (huey deletes only revocations and results here; the relay keeps no results)
+
+
+class RelayHuey(Unrevoked, Huey):
+    pass
+
+
+class RelayRedisHuey(Unrevoked, RedisHuey):
+    pass
+
+
 class RelayQueue:
     """The queue both processes share; the worker binds the handler that runs tasks."""
 
@@ -115,13 +135,13 @@ def build_queue(settings: Settings) -> RelayQueue:
     check_queue(settings)
     url = settings.queue_url
     if is_shared_queue(url):
-        huey: Huey = RedisHuey("tspro-relay", url=url, results=False, utc=True)
+        huey: Huey = RelayRedisHuey("tspro-relay", url=url, results=False, utc=True)
     else:
         if url and not url.startswith("sqlite:"):
             raise ConfigError(f"RELAY_QUEUE_URL must start with redis:// or sqlite:, not {url!r}.")
         path = url.removeprefix("sqlite:///").removeprefix("sqlite:") if url else str(settings.queue_path)
         files.private_dir(Path(path).parent)
         files.private_database(Path(path))
-        huey = Huey("tspro-relay", results=False, utc=True, storage_class=RelaySqliteStorage,
+        huey = RelayHuey("tspro-relay", results=False, utc=True, storage_class=RelaySqliteStorage,
                     filename=path, cache_mb=4)
     return RelayQueue(huey)

@@ -34,7 +34,7 @@ def main(settings: Settings) -> int:
     store = Store.open(settings, crypto.derive_keys(settings))
     store.bootstrap(settings)
     relay_queue = build_queue(settings)
-    deliverer = Deliverer(store)
+    deliverer = Deliverer(store, overlap=True)  # a thread's next claim shares the batch of its last outcome
 
     def handle(message_id: str) -> None:
         try:
@@ -49,7 +49,9 @@ def main(settings: Settings) -> int:
             if due is not None:
                 relay_queue.enqueue(message_id, eta=due)
         elif outcome.status == "deferred" and outcome.next_attempt_at is not None:
-            relay_queue.enqueue(outcome.message_id, eta=outcome.next_attempt_at)
+            # Only once the outcome is stored: a wake-up before that would find the message still sending.
+            due = outcome.next_attempt_at
+            outcome.then(lambda: relay_queue.enqueue(outcome.message_id, eta=due))
 
     relay_queue.bind(handle)
     name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
