@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import logging
 import os
 import random
@@ -90,6 +91,8 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+# Writer threads on PostgreSQL (see DeliveryWrites), from bench/bench_delivery.py's drain.
+POSTGRES_WRITERS = 3
 PAUSED = "paused"  # what a claim returns while delivery is paused: nothing was claimed
 
 
@@ -110,18 +113,32 @@ class DeliveryWrites:
     revision moved), so a claim and the settings it was made under agree.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, writers: int = 1) -> None:
+        """``writers``: writer threads, each a group commit of its own, the delivery threads shared
+        out between them (PostgreSQL, where batches of different transactions can be written at
+        once; on SQLite one at a time, so one is best)."""
         self.store = store
-        self.intake = Intake(store, None, at_begin=lambda conn: store.fresh_snapshot()[1],
-                             writers={"attempt": _write_attempt_logs})
+        self.intakes = [Intake(store, None, at_begin=lambda conn: store.fresh_snapshot()[1],
+                               writers={"attempt": _write_attempt_logs}) for _ in range(writers)]
         self._start_lock = threading.Lock()
         self._started = False
+        self._local = threading.local()
+        self._turns = itertools.count()
+
+    @property
+    def intake(self) -> Intake:
+        """The calling thread's writer."""
+        intake = getattr(self._local, "intake", None)
+        if intake is None:
+            intake = self._local.intake = self.intakes[next(self._turns) % len(self.intakes)]
+        return intake
 
     def start(self) -> None:
-        """Start the writer thread (the first write does it, if nobody did before)."""
+        """Start the writer threads (the first write does it, if nobody did before)."""
         with self._start_lock:
             if not self._started:
-                self.intake.start()
+                for intake in self.intakes:
+                    intake.start()
                 self._started = True
 
     def _submit(self, job: Callable[[Connection], object]) -> Future:
@@ -133,8 +150,10 @@ class DeliveryWrites:
     def claim(self, message_id: str, owner: str, now: float) -> tuple[Options, ClaimedMessage | Paced | str | None]:
         """The batch's settings, and the claimed message (``PAUSED``, ``Paced`` or None: nothing to send)."""
 
+        intake = self.intake
+
         def job(conn: Connection) -> tuple[Options, ClaimedMessage | Paced | str | None]:
-            options: Options = self.intake.batch_value
+            options: Options = intake.batch_value
             if options.delivery_paused:
                 return options, PAUSED
             return options, claim_message(conn, self.store.keys, message_id, owner, options.lease_seconds, now,
@@ -145,13 +164,16 @@ class DeliveryWrites:
     def record(self, outcome: AttemptOutcome) -> Future[bool]:
         """The outcome's commit: True once stored, False if the lease was lost to another worker."""
 
+        intake = self.intake
+
         def job(conn: Connection) -> bool:
-            return record_outcome(conn, outcome, log=lambda entry: self.intake.write(conn, "attempt", entry))
+            return record_outcome(conn, outcome, log=lambda entry: intake.write(conn, "attempt", entry))
 
         return self._submit(job)  # type: ignore[return-value]
 
     def close(self) -> None:
-        self.intake.stop()
+        for intake in self.intakes:
+            intake.stop()
 
 
 class Deliverer:
@@ -175,7 +197,7 @@ class Deliverer:
         self._mailers: list[Mailer] = []
         self._mailers_lock = threading.Lock()
         self.leases = LeaseKeeper(store, self.clock)
-        self.writes = DeliveryWrites(store)
+        self.writes = DeliveryWrites(store, 1 if store.database.dialect == "sqlite" else POSTGRES_WRITERS)
         self._target: tuple[Options, Target] | None = None  # made once per settings, not per message
         # Set when a wake-up was dropped because delivery was paused: the sweeper
         # wakes the waiting messages again as soon as the pause is lifted.
