@@ -143,5 +143,5 @@ def build_queue(settings: Settings) -> RelayQueue:
         files.private_dir(Path(path).parent)
         files.private_database(Path(path))
         huey = RelayHuey("tspro-relay", results=False, utc=True, storage_class=RelaySqliteStorage,
-                    filename=path, cache_mb=4)
+                         filename=path, cache_mb=4)
     return RelayQueue(huey)

@@ -129,7 +129,8 @@ def test_claims_and_outcomes_together_and_a_refused_claim_costs_only_its_message
         thread.join(30)
     assert outcome.result(30) is True
     assert "this row cannot be written" in str(results[refused])
-    assert isinstance(results[fresh], ClaimedMessage) and results[fresh].lease_owner == "worker-2"  # type: ignore[union-attr]
+    taken = results[fresh]
+    assert isinstance(taken, ClaimedMessage) and taken.lease_owner == "worker-2"
     assert results[done] is None  # sent already, or still leased to worker-1: either way not taken twice
     assert [store.message_status(i)["status"] for i in (done, refused, fresh)] \
         == ["sent", "queued", "sending"]  # type: ignore[index]
