@@ -42,11 +42,14 @@ logger = logging.getLogger("relay.web")
 HEAD_LIMIT = 32 * 1024  # bytes of request line and headers; browsers send 1-8 KiB
 HEAD_SECONDS = 10.0
 BODY_IDLE_SECONDS = 30.0
-MAX_CONNECTIONS = 1000  # uvicorn's limit_concurrency: past it, 503 (900 full heads held 35 MiB)
+MAX_CONNECTIONS = 1000  # open at once; past it, 503 at connect (900 full heads held 35 MiB)
+BUSY_RETRY_SECONDS = 2
 
 _HEAD, _BODY, _IDLE = "head", "body", "idle"  # what the connection waits for; idle: between requests
 _REFUSALS = {431: "The request's headers are larger than the relay accepts ({limit} bytes).",
-             408: "The request's headers did not arrive within {seconds:g} seconds."}
+             408: "The request's headers did not arrive within {seconds:g} seconds.",
+             503: "The relay has as many connections open as it serves at once ({connections}); try again in "
+                  "a few seconds."}
 
 
 class LogBudget:
@@ -80,6 +83,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     head_limit = HEAD_LIMIT
     head_seconds = HEAD_SECONDS
     body_idle_seconds = BODY_IDLE_SECONDS
+    max_connections = MAX_CONNECTIONS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -91,6 +95,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
+        if len(self.connections) > self.max_connections:
+            self._refuse(503)  # before reading a byte: this connection holds nothing but its socket
+            return
         self._enter(_HEAD)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -169,19 +176,22 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         return self.client[0] if self.client else ""
 
     def _refuse(self, status: int) -> None:
-        """Answer 431 or 408 in the contract's shape, with the security headers, and hang up."""
-        text = _REFUSALS[status].format(limit=self.head_limit, seconds=self.head_seconds)
+        """Answer 431, 408 or 503 in the contract's shape, with the security headers, and hang up."""
+        text = _REFUSALS[status].format(limit=self.head_limit, seconds=self.head_seconds,
+                                        connections=self.max_connections)
         refusal_log.warn("refused a request from %s with %d: %s", self._peer(), status, text,
                        **fields("web.head_refused", client=self._peer(), status=status))
         if self.cycle is not None and not self.cycle.response_complete:
             self.transport.close()  # a pipelined head while the app still answers: no room for ours
             return
-        url = getattr(self, "url", b"")  # set once a request began
-        if url.startswith((b"/api/", b"/healthz")):
+        url = getattr(self, "url", b"")  # set once a request began; at connect, the portal is the likely one
+        if url.startswith((b"/api/", b"/healthz")) or status == 503:
             body, kind = json.dumps({"ok": False, "error": text}).encode(), b"application/json"
         else:
             body, kind = text.encode(), b"text/plain"
         raw = [(b"content-type", kind), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        if status == 503:
+            raw.append((b"retry-after", str(BUSY_RETRY_SECONDS).encode()))
         head = b"".join(name + b": " + value + b"\r\n" for name, value in api_headers(raw, status))
         self.transport.write(STATUS_LINE[status] + head + b"\r\n" + body)
         self.transport.close()

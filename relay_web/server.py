@@ -21,7 +21,7 @@ from relay_core.store import Store
 from relay_core.tasks import check_queue
 
 from .app import create_app
-from .http_limits import MAX_CONNECTIONS, LimitedHttpToolsProtocol
+from .http_limits import LimitedHttpToolsProtocol
 
 M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 
@@ -94,7 +94,6 @@ def serve(settings: Settings, sock: socket.socket, ready_fd: int | None = None) 
     store = Store.open(settings)
     config = uvicorn.Config(
         create_app(settings, store), loop="uvloop", http=LimitedHttpToolsProtocol,
-        limit_concurrency=MAX_CONNECTIONS,
         access_log=False, log_config=None, log_level=settings.log_level.lower(),
         proxy_headers=False, server_header=False, timeout_graceful_shutdown=10,
     )

@@ -141,6 +141,41 @@ def only_line(caplog: pytest.LogCaptureFixture, event: str) -> logging.LogRecord
     return records[0]
 
 
+class FewConnections(QuickDeadlines):
+    max_connections = 3
+
+
+def test_connections_up_to_the_cap_are_served_and_one_more_is_503_at_once(settings: Settings,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    with serving(settings, protocol=FewConnections) as relay:
+        idle = [relay.connect(), relay.connect()]  # held open, nothing sent
+        try:
+            time.sleep(0.2)  # accepted by the server before the next arrives
+            with relay.connect() as third:  # the third of three: served
+                third.sendall(head_of(200))
+                assert read_answer(third).status == 200
+            assert relay_records(caplog) == []
+            time.sleep(0.2)
+            third = relay.connect()
+            time.sleep(0.2)
+            fourth = relay.connect()  # while three are open: refused before a byte is read
+            try:
+                answer = read_answer(fourth)
+            finally:
+                third.close()
+                fourth.close()
+            assert answer.status == 503 and answer.closed and answer.headers["retry-after"] == "2"
+            assert "as many connections open as it serves at once (3)" in answer.json()["error"]
+            assert only_line(caplog, "web.head_refused").status == 503  # type: ignore[attr-defined]
+        finally:
+            for sock in idle:
+                sock.close()
+        time.sleep(0.2)
+        with relay.connect() as sock:  # room again once they closed
+            sock.sendall(head_of(200))
+            assert read_answer(sock).status == 200
+
+
 def test_a_head_at_the_limit_passes_and_one_byte_more_is_431(settings: Settings,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     with serving(settings) as relay:
