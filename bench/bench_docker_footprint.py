@@ -1,7 +1,7 @@
 """Memory of the containers as `docker stats` shows it: the guide's one container and the two-service
-compose file, idle and after 1,000 deliveries.
+compose file, idle and after 1,000 deliveries; and the guide's container's start-up to its first answer.
 
-    python bench/bench_docker_footprint.py [--deliveries N]
+    python bench/bench_docker_footprint.py [--deliveries N] [--startup-rounds N]
 
 Uses the tests' Docker engine (tests/docker/setup.sh: Debian's dockerd with host networking and a
 local python:3.11-slim built from Debian's packages, cached under /var/cache/tspro-relay-ci) and the
@@ -54,9 +54,29 @@ def measure(project: Project, service: str, port: int, healthy: int, deliveries:
     print(f"  after {deliveries} deliveries: {stats(project)}")
 
 
+def first_answer(project: Project, port: int, rounds: int) -> None:
+    """`docker compose stop`, then from `docker compose start` to the first 200 of /healthz."""
+    times = []
+    for _ in range(rounds):
+        project.compose("stop")
+        started = time.monotonic()
+        project.compose("start")
+        while time.monotonic() - started < 60:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.01)
+        times.append(time.monotonic() - started)
+    print(f"  start-up to the first /healthz answer: median {sorted(times)[len(times) // 2]:.2f} s "
+          f"(rounds: {', '.join(f'{t:.2f}' for t in times)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--deliveries", type=int, default=1000)
+    parser.add_argument("--startup-rounds", type=int, default=5)
     args = parser.parse_args()
     engine = Engine.start()
     try:
@@ -69,6 +89,7 @@ def main() -> None:
             print("The guide's one container (`tspro-relay run`)")
             try:
                 measure(project, "relay", port, 1, args.deliveries)
+                first_answer(project, port, args.startup_rounds)
             finally:
                 project.down()
 
