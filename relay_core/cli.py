@@ -74,6 +74,9 @@ def _open_store(settings: Settings) -> Store:
 
 
 # -- processes -------------------------------------------------------------------
+LISTEN_BACKLOG = 1024  # connections that wait for a web process while one is (re)starting
+
+
 def listen(host: str, port: int) -> socket.socket | str:
     """The listening socket for host:port, or why there can be none.
 
@@ -96,9 +99,6 @@ def listen(host: str, port: int) -> socket.socket | str:
             return f"port {port} is in use; pass --port to choose another."
         return f"cannot listen on {host}:{port}: {exc.strerror}."
     return sock
-
-
-LISTEN_BACKLOG = 1024  # connections that wait for a web process while one is (re)starting
 
 
 def leave_out_unused_drivers(settings: Settings) -> None:
@@ -134,7 +134,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _supervise(args: argparse.Namespace, settings: Settings, with_worker: bool) -> int:
-    """Check and migrate once, bind the socket, then become the supervisor (relay_web/supervisor.py)."""
+    """Bind the socket, check the queue and migrate once, then become the supervisor (relay_web/supervisor.py)."""
     sock = listen(args.host, args.port)
     if isinstance(sock, str):  # before anything starts: no worker without its web process
         return _fail(sock)
