@@ -25,8 +25,10 @@ MOUNT = "/mnt"  # where the test's data directory is seen inside the namespace (
 
 
 def read_only(tmp_path: Path, command: list[str]) -> list[str]:
-    script = (f"mount --bind {shlex.quote(str(tmp_path))} {MOUNT} && mount -t tmpfs -o ro tmpfs /tmp"
-              f" && mount -t tmpfs -o ro tmpfs /var/tmp && cd /var/tmp && exec {shlex.join(command)}")
+    # /tmp and /var/tmp stay visible but read-only (the checkout and its virtualenv may live under /tmp).
+    read_only = " && ".join(f"mount --bind {d} {d} && mount -o remount,bind,ro {d}" for d in ("/tmp", "/var/tmp"))
+    script = (f"mount --bind {shlex.quote(str(tmp_path))} {MOUNT} && {read_only}"
+              f" && cd /var/tmp && exec {shlex.join(command)}")
     return ["unshare", "-m", "sh", "-c", script]
 
 

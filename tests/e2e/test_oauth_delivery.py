@@ -80,7 +80,8 @@ def test_connect_send_refresh_rotate_revoke_reconnect(tmp_path: Path, certs: Cer
                    what="every access token to expire")
         second = relay.wait_status(send(relay, "two"), "sent")
         assert [a["status"] for a in first["attempts"] + second["attempts"]] == ["sent", "sent"]
-        assert authority.grants.count("refresh_token") == refreshes + 1
+        # At least one refresh (the worker's check of new settings may fetch a token of its own meanwhile).
+        assert authority.grants.count("refresh_token") >= refreshes + 1
         assert all(e["ok"] for e in smtp.handler.exchanges)  # no token was ever refused
 
         # Two workers, each with its own token in memory, refresh at the same time.
