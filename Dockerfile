@@ -25,6 +25,7 @@ print("\n".join(p["build-system"]["requires"] + p["project"]["dependencies"]))' 
     && pip install --no-compile -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
+COPY relay_cli ./relay_cli
 COPY relay_core ./relay_core
 COPY relay_web ./relay_web
 COPY relay_worker ./relay_worker

@@ -238,7 +238,7 @@ def main() -> None:
           f"messages; filled in {fill_seconds:.0f} s")
 
     port = free_port()
-    web = subprocess.Popen([sys.executable, "-m", "relay_core.cli", "web", "--host", "127.0.0.1", "--port", str(port)],
+    web = subprocess.Popen([sys.executable, "-m", "relay_cli", "web", "--host", "127.0.0.1", "--port", str(port)],
                            env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=120)

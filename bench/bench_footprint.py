@@ -84,7 +84,7 @@ def configure(relay: Relay, sink_port: int) -> None:
 def measure_run(sink_port: int, deliveries: int) -> None:
     relay = Relay()
     configure(relay, sink_port)
-    proc = subprocess.Popen([sys.executable, "-m", "relay_core.cli", "run", "--host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "relay_cli", "run", "--host", "127.0.0.1",
                              "--port", str(relay.port)], env=relay.env, cwd=relay.dir,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -123,11 +123,11 @@ def count_modules() -> None:
     """What each role imports, as its process does (web and worker leave out unused drivers first)."""
     here = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(here), "RELAY_SECRET_KEY": "x" * 40}
-    prologue = ("import sys; from relay_core.config import load_settings; from relay_core import cli; "
+    prologue = ("import sys; from relay_core.config import load_settings; import relay_cli.main as cli; "
                 "cli.leave_out_unused_drivers(load_settings()); ")
     for what, code in [
         ("the supervisor (python -m relay_web.supervisor)", "import relay_web.supervisor"),
-        ("the command line (import relay_core.cli)", "import relay_core.cli"),
+        ("the command line (import relay_cli.main)", "import relay_cli.main"),
         ("the web process", prologue + "import relay_web.server"),
         ("the worker", prologue + "import relay_worker.consumer"),
     ]:

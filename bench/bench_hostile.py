@@ -242,7 +242,7 @@ def run(seconds: float, cpus: set[int] | None, code: str | None, signins: bool) 
         relay.env["PYTHONPATH"] = code
     relay.cli("config", "set", "smtp_host=127.0.0.1", "smtp_port=2", "smtp_security=none")
     # Set by the CLI, the password needs no change at the first sign-in (the seeded one would).
-    subprocess.run([sys.executable, "-m", "relay_core.cli", "admin", "set-password", "--password-stdin"],
+    subprocess.run([sys.executable, "-m", "relay_cli", "admin", "set-password", "--password-stdin"],
                    input=PASSWORD + "\n", text=True, env=relay.env, cwd=relay.dir, check=True, capture_output=True)
     limited = relay.cli("api-key", "add", "--label", "over its limit", "--per-hour", "1").split()[-1]
     attacker = None

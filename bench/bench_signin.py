@@ -36,7 +36,7 @@ _TOKEN = re.compile(r'name="csrf_token" value="([^"]*)"')
 
 
 def set_password(relay: Relay) -> None:
-    subprocess.run([sys.executable, "-m", "relay_core.cli", "admin", "set-password", "--password-stdin"],
+    subprocess.run([sys.executable, "-m", "relay_cli", "admin", "set-password", "--password-stdin"],
                    input=PASSWORD + "\n", env=relay.env, cwd=relay.dir, capture_output=True, text=True, check=True)
 
 

@@ -24,7 +24,7 @@ from common import Relay
 
 def first_answer(relay: Relay, command: str, timeout: float = 30.0) -> float:
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "relay_core.cli", command, "--host", "127.0.0.1", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "relay_cli", command, "--host", "127.0.0.1", "--port",
                              str(relay.port)], env=relay.env, cwd=relay.dir, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -68,7 +68,7 @@ class Relay:
         self.port = free_port()
 
     def cli(self, *args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "relay_core.cli", *args], env=self.env, cwd=self.dir,
+        out = subprocess.run([sys.executable, "-m", "relay_cli", *args], env=self.env, cwd=self.dir,
                              capture_output=True, text=True, check=True)
         return out.stdout.strip()
 
@@ -89,7 +89,7 @@ class Relay:
 
     def start_web(self) -> int:
         with self._log("web") as log:
-            self.web = subprocess.Popen([sys.executable, "-m", "relay_core.cli", "web", "--host", "127.0.0.1",
+            self.web = subprocess.Popen([sys.executable, "-m", "relay_cli", "web", "--host", "127.0.0.1",
                                          "--port", str(self.port)], env=self.env, cwd=self.dir, stdout=log,
                                         stderr=subprocess.STDOUT)
         wait_http(self.url + "/healthz")
@@ -97,7 +97,7 @@ class Relay:
 
     def start_worker(self) -> None:
         with self._log("worker") as log:
-            self.workers.append(subprocess.Popen([sys.executable, "-m", "relay_core.cli", "worker"],
+            self.workers.append(subprocess.Popen([sys.executable, "-m", "relay_cli", "worker"],
                                                  env=self.env, cwd=self.dir, stdout=log, stderr=subprocess.STDOUT))
 
     def leaks(self, *secrets: str) -> list[str]:

@@ -70,7 +70,7 @@ def spawn(role: str, *args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.P
     # second SIGINT could turn a graceful stop into an immediate one.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        return subprocess.Popen([sys.executable, "-m", "relay_core.cli", role, *args], pass_fds=pass_fds,
+        return subprocess.Popen([sys.executable, "-m", "relay_cli", role, *args], pass_fds=pass_fds,
                                 start_new_session=True, preexec_fn=_as_a_child)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)

@@ -2,6 +2,6 @@
 
 import sys
 
-from relay_core.cli import main
+from relay_cli.main import main
 
 sys.exit(main(["worker", *sys.argv[1:]]))

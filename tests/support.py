@@ -228,7 +228,7 @@ def relay_env(data_dir: Path, **extra: str) -> dict[str, str]:
 
 def cli(env: dict[str, str], *args: str, cwd: Path | None = None, input: str | None = None,
         check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "relay_core.cli", *args], env=env, cwd=cwd,
+    result = subprocess.run([sys.executable, "-m", "relay_cli", *args], env=env, cwd=cwd,
                             capture_output=True, text=True, timeout=60, input=input)
     captured_logs.remember_keys_in(result.stdout)  # a key printed on purpose must never reach a log
     captured_logs.remember(*(a.partition("=")[2] for a in args if a.startswith("smtp_password=")))
@@ -248,7 +248,7 @@ class RelayProcess:
         captured_logs.register(self.log_path)
 
     def start(self) -> "RelayProcess":
-        args = [sys.executable, "-m", "relay_core.cli", self.role]
+        args = [sys.executable, "-m", "relay_cli", self.role]
         serves = self.role in ("web", "run")
         if serves:
             args += ["--host", "127.0.0.1", "--port", str(self.port)]

@@ -401,7 +401,7 @@ def test_healthcheck_worker_reads_this_workers_heartbeat_and_needs_no_web(env: d
 @pytest.mark.parametrize("cmdline,expected", [
     (["/usr/bin/python3", "/usr/local/bin/tspro-relay", "worker"], ("worker", 8000)),
     (["tspro-relay", "web", "--host", "0.0.0.0", "--port", "8123"], ("web", 8123)),
-    (["python", "-m", "relay_core.cli", "run", "--port=9000"], ("run", 9000)),
+    (["python", "-m", "relay_cli", "run", "--port=9000"], ("run", 9000)),
     (["tini", "--", "tspro-relay", "run"], ("run", 8000)),
 ])
 def test_healthcheck_auto_reads_the_role_of_the_main_process(cmdline: list[str],

@@ -101,7 +101,7 @@ def listening_addresses(port: int) -> set[str]:
 
 def test_web_listens_on_127_0_0_1_by_default(env: dict[str, str], tmp_path: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "relay_core.cli", "web", "--port", str(port)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "relay_cli", "web", "--port", str(port)], env=env,
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_until(lambda: listening_addresses(port), timeout=30, what="web to listen") == {"127.0.0.1"}
@@ -162,7 +162,7 @@ def test_log_and_status_read_the_store_directly(env: dict[str, str], tmp_path: P
 def test_log_follow_prints_new_rows_until_ctrl_c(env: dict[str, str], tmp_path: Path, signum: int) -> None:
     configured(env, tmp_path)
     cli(env, "send-test", "--to", "ann@example.com", cwd=tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "relay_core.cli", "log", "--follow", "--interval", "0.2"],
+    proc = subprocess.Popen([sys.executable, "-m", "relay_cli", "log", "--follow", "--interval", "0.2"],
                             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -190,7 +190,7 @@ def test_a_closed_stdout_never_prints_a_traceback(env: dict[str, str], tmp_path:
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        result = subprocess.run([sys.executable, "-m", "relay_core.cli", *args], env=env, cwd=tmp_path,
+        result = subprocess.run([sys.executable, "-m", "relay_cli", *args], env=env, cwd=tmp_path,
                                 stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
     finally:
         os.close(write_end)

@@ -37,7 +37,7 @@ def test_run_and_its_health_checks_work_on_a_read_only_root(tmp_path: Path) -> N
     cli(env, "config", "set", "smtp_host=127.0.0.1", "smtp_port=2525", cwd=tmp_path)
     inside = {**env, "RELAY_DATA_DIR": f"{MOUNT}/data"}
     port = free_port()
-    proc = subprocess.Popen(read_only(tmp_path, [sys.executable, "-m", "relay_core.cli", "run", "--host",
+    proc = subprocess.Popen(read_only(tmp_path, [sys.executable, "-m", "relay_cli", "run", "--host",
                                                  "127.0.0.1", "--port", str(port)]),
                             env=inside, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -50,7 +50,7 @@ def test_run_and_its_health_checks_work_on_a_read_only_root(tmp_path: Path) -> N
                 return False
 
         wait_until(healthy, timeout=30, what="the relay to answer")
-        check = [sys.executable, "-m", "relay_core.cli", "healthcheck", "--worker"]
+        check = [sys.executable, "-m", "relay_cli", "healthcheck", "--worker"]
 
         def worker_healthy() -> bool:
             return subprocess.run(read_only(tmp_path, check), env=inside, capture_output=True,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from relay_core.cli import build_parser
+from relay_cli.main import build_parser
 from relay_core.options import OPTION_NAMES
 from support import REPO
 

@@ -23,7 +23,7 @@ def test_run_serves_delivers_and_stops_both_on_ctrl_c(tmp_path: Path) -> None:
         cli(env, "config", "set", *server.settings(), cwd=tmp_path)
         key = cli(env, "api-key", "show", cwd=tmp_path).stdout.strip()
         # A new session stands in for the terminal's foreground process group.
-        proc = subprocess.Popen([sys.executable, "-m", "relay_core.cli", "run", "--host", "127.0.0.1",
+        proc = subprocess.Popen([sys.executable, "-m", "relay_cli", "run", "--host", "127.0.0.1",
                                  "--port", str(port)], env=env, cwd=tmp_path, start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
@@ -63,7 +63,7 @@ def test_a_stop_as_soon_as_run_answers_stops_the_worker_it_is_starting(tmp_path:
     cli(env, "config", "show", cwd=tmp_path)  # the first boot, done: this is a restart
     for _ in range(3):
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "relay_core.cli", "run", "--host", "127.0.0.1", "--port",
+        proc = subprocess.Popen([sys.executable, "-m", "relay_cli", "run", "--host", "127.0.0.1", "--port",
                                  str(port)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         try:

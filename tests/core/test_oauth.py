@@ -244,7 +244,7 @@ def test_client_credentials_refused_secret_is_named(store: Store, smtp: XOAuth2S
 def test_msal_and_google_auth_are_not_loaded_for_password_relays() -> None:
     import subprocess
     import sys
-    code = ("import json, sys, relay_core.delivery, relay_core.mailflow, relay_core.cli; "
+    code = ("import json, sys, relay_core.delivery, relay_core.mailflow, relay_cli.main; "
             "heavy = ('msal', 'requests', 'jwt', 'google'); "
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

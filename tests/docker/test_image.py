@@ -49,7 +49,7 @@ def test_the_build_context_holds_no_data_secrets_or_history(engine: Engine, tmp_
     engine.docker("build", "-q", "-f", str(tmp_path / "Dockerfile.probe"), "-t", "context-probe", str(context))
     listing = engine.docker("run", "--rm", "context-probe", "ls", "-A", "/context").stdout.split()
     engine.docker("rmi", "context-probe")
-    assert {"relay_core", "relay_web", "relay_worker", "pyproject.toml"} <= set(listing)
+    assert {"relay_cli", "relay_core", "relay_web", "relay_worker", "pyproject.toml"} <= set(listing)
     assert not {"data", ".env", ".git", ".venv", "tests"} & set(listing), listing
 
 

@@ -35,7 +35,7 @@ def stand_ins(certs: Certificates) -> Iterator[tuple[AuthorizationServer, XOAuth
 
 def connect(relay: Relay, authority: AuthorizationServer) -> str:
     """`tspro-relay smtp connect microsoft`, the person signing in once the code is printed."""
-    proc = subprocess.Popen([sys.executable, "-m", "relay_core.cli", "smtp", "connect", "microsoft"], env=relay.env,
+    proc = subprocess.Popen([sys.executable, "-m", "relay_cli", "smtp", "connect", "microsoft"], env=relay.env,
                             cwd=relay.cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     first = proc.stdout.readline()

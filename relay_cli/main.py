@@ -25,17 +25,17 @@ import time
 from pathlib import Path
 from typing import Sequence, cast
 
-from . import __version__, backup, cli_inspect, cli_oauth, crypto, health
-from .config import ConfigError, Settings, is_shared_queue, load_settings
-from .db import StoreInUse
-from .errors import RelayError
-from .limits import effective_limit
-from .audit import COMMAND_LINE
-from .logs import ControlEscaping, setup_logging
-from .passwords import password_problem
-from .options import (HELP, OPTION_NAMES, SECRET_OPTIONS, Options, describe_changes, parse_allowlist, parse_option,
-                      parse_per_hour, to_text)
-from .store import ApiKey, Store
+from relay_core import __version__, backup, cli_inspect, cli_oauth, crypto, health
+from relay_core.config import ConfigError, Settings, is_shared_queue, load_settings
+from relay_core.db import StoreInUse
+from relay_core.errors import RelayError
+from relay_core.limits import effective_limit
+from relay_core.audit import COMMAND_LINE
+from relay_core.logs import ControlEscaping, setup_logging
+from relay_core.passwords import password_problem
+from relay_core.options import (HELP, OPTION_NAMES, SECRET_OPTIONS, Options, describe_changes, parse_allowlist,
+                                parse_option, parse_per_hour, to_text)
+from relay_core.store import ApiKey, Store
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -138,7 +138,7 @@ def _supervise(args: argparse.Namespace, settings: Settings, with_worker: bool) 
     sock = listen(args.host, args.port)
     if isinstance(sock, str):  # before anything starts: no worker without its web process
         return _fail(sock)
-    from .tasks import check_queue
+    from relay_core.tasks import check_queue
     check_queue(settings)
     setup_logging(settings)  # for the line saying which migrations ran, on an upgrade
     _open_store(settings).shutdown()  # migrate and seed once, before two processes race to
@@ -295,7 +295,7 @@ def _describe_limits(key: ApiKey, options: Options, settings: Settings) -> str:
 
 
 def cmd_send_test(args: argparse.Namespace, settings: Settings) -> int:
-    from .sending import enqueue_test_message
+    from relay_core.sending import enqueue_test_message
     store = _open_store(settings)
     options = store.options()
     if not options.smtp_configured:
@@ -396,7 +396,7 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_rotate_secret(args: argparse.Namespace, settings: Settings) -> int:
-    from .rotation import RotationError, rotate_secret
+    from relay_core.rotation import RotationError, rotate_secret
     store = _open_store(settings)
     try:
         report = rotate_secret(settings, store)
@@ -411,8 +411,8 @@ def cmd_rotate_secret(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_migrate_store(args: argparse.Namespace, settings: Settings) -> int:
-    from .config import parse_database_url
-    from .transfer import TransferRefused, copy_store
+    from relay_core.config import parse_database_url
+    from relay_core.transfer import TransferRefused, copy_store
     target = parse_database_url(args.to, "--to")
     assert target is not None
     try:
