@@ -16,8 +16,8 @@ from __future__ import annotations
 from .crypto import KeySet
 from .db import Connection, pipelined
 from .db_sqlite import BLOB_STREAM_THRESHOLD
-from .ledger import INSERT_MESSAGE, LogEntry, NewMessage, insert_message
-from .logbook import count_log_rows, log_kind, next_log_id, search_terms
+from .ledger import INSERT_MESSAGE, NewMessage, insert_message
+from .logbook import LogEntry, count_log_rows, log_kind, next_log_id, search_terms
 
 _INSERT_LOG = ("INSERT INTO log (ts, event, message_id, status, stage, code, detail, duration_ms,"
                " source_ip, sender, recipients, subject, attachments, kind, terms)"

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from .audit import insert_audit
 from .db import Connection, transaction
-from .ledger import LogEntry, insert_log
+from .logbook import LogEntry, insert_log
 
 MAX_IDS_IN_AUDIT = 20
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from . import crypto, metrics
 from .crypto import KeySet
 from .db import Connection, insert_blob, serialize, transaction
-from .logbook import HOUR, count_log_row, forget_log_rows, log_kind, search_terms
+from .logbook import HOUR, LogEntry, forget_log_rows, insert_log
 from .message import OutgoingMessage, message_id_header
 from .options import Options
 
@@ -70,23 +70,6 @@ class NewMessage:
             kinds=[k for _, k in envelope],
             attachments=len(message.attachments) if attachments is None else attachments,
         )
-
-
-@dataclass
-class LogEntry:
-    event: str
-    status: str
-    message_id: str | None = None
-    stage: str | None = None
-    code: int | None = None
-    detail: str = ""
-    duration_ms: int | None = None
-    source_ip: str | None = None
-    sender: str = ""
-    recipients: str = ""
-    subject: str = ""
-    ts: float = field(default_factory=time.time)
-    attachments: int | None = None
 
 
 @dataclass(frozen=True)
@@ -147,22 +130,6 @@ class ClaimedMessage:
         if self.sealed is None or self.keys is None:
             return b""
         return self.keys.decrypt_body(self.sealed, self.id)
-
-
-def insert_log(conn: Connection, entry: LogEntry) -> int:
-    """Write one log row, counted and searchable in the same transaction (see logbook.py); its id."""
-    kind = log_kind(entry.event, entry.status, entry.code)
-    terms = search_terms(entry.message_id or "", entry.sender, entry.recipients, entry.subject)
-    log_id = int(conn.execute(
-        "INSERT INTO log (ts, event, message_id, status, stage, code, detail, duration_ms,"
-        " source_ip, sender, recipients, subject, attachments, kind, terms)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
-        (entry.ts, entry.event, entry.message_id, entry.status, entry.stage, entry.code,
-         entry.detail, entry.duration_ms, entry.source_ip, entry.sender, entry.recipients,
-         entry.subject, entry.attachments, kind, terms),
-    ).fetchone()[0])
-    count_log_row(conn, log_id, kind, entry.ts, terms)
-    return log_id
 
 
 INSERT_MESSAGE = (

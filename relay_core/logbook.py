@@ -97,6 +97,39 @@ def _dialect(conn: Any) -> str:
     return str(getattr(conn, "dialect", "sqlite"))
 
 
+@dataclass
+class LogEntry:
+    event: str
+    status: str
+    message_id: str | None = None
+    stage: str | None = None
+    code: int | None = None
+    detail: str = ""
+    duration_ms: int | None = None
+    source_ip: str | None = None
+    sender: str = ""
+    recipients: str = ""
+    subject: str = ""
+    ts: float = field(default_factory=time.time)
+    attachments: int | None = None
+
+
+def insert_log(conn: Connection, entry: LogEntry) -> int:
+    """Write one log row, counted and searchable in the same transaction (below); its id."""
+    kind = log_kind(entry.event, entry.status, entry.code)
+    terms = search_terms(entry.message_id or "", entry.sender, entry.recipients, entry.subject)
+    log_id = int(conn.execute(
+        "INSERT INTO log (ts, event, message_id, status, stage, code, detail, duration_ms,"
+        " source_ip, sender, recipients, subject, attachments, kind, terms)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+        (entry.ts, entry.event, entry.message_id, entry.status, entry.stage, entry.code,
+         entry.detail, entry.duration_ms, entry.source_ip, entry.sender, entry.recipients,
+         entry.subject, entry.attachments, kind, terms),
+    ).fetchone()[0])
+    count_log_row(conn, log_id, kind, entry.ts, terms)
+    return log_id
+
+
 # -- kept in step with every write (called by the ledger inside its transactions) ------------------
 def count_log_row(conn: Any, log_id: int, kind: str, ts: float, terms: str) -> None:
     """A row was inserted: count it in its hour and make it searchable."""
@@ -518,8 +551,6 @@ class Logbook:
     # -- clearing ---------------------------------------------------------------------------------------
     def clear_log(self, actor: str, ip: str, now: float | None = None) -> int:
         """Delete every log row; one row says it was cleared, and the audit trail (kept) says by whom."""
-        from .ledger import LogEntry, insert_log  # the ledger writes rows; it imports this module
-
         now = time.time() if now is None else now
         conn = self.conn()
         with transaction(conn):

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 from . import metrics
 from .db import Connection, transaction
-from .ledger import LogEntry, insert_log
+from .logbook import LogEntry, insert_log
 
 MINUTE = 60
 MISSING, WRONG = "missing key", "wrong key"

@@ -31,10 +31,10 @@ from .db import (Connection, Database, SqliteDatabase, connect, for_share, inser
                  require, serialize, transaction, write_lock, written_yet)
 from .interventions import ActionReport, Interventions  # noqa: F401  (re-exported)
 from .ledger import (FINAL_STATES, MAX_UNRECORDED_CLAIMS, AttemptFact, ClaimedMessage, Ledger,  # noqa: F401
-                     LogEntry, LoggedRow, NewMessage, Paced, Recipient, insert_log, insert_message)
+                     LoggedRow, NewMessage, Paced, Recipient, insert_message)
 from .limits import SendLimits
 from .logs import fields
-from .logbook import Logbook, backfill
+from .logbook import LogEntry, Logbook, backfill, insert_log  # noqa: F401  (re-exported)
 from .options import SECRET_OPTIONS, Options, build_options, check_consistency, to_text
 from .queueview import QueueView
 from .refusals import Refusals
