@@ -1,7 +1,10 @@
-"""`python -m relay_worker`: the same as `tspro-relay worker`."""
+"""`python -m relay_worker`: the same as `tspro-relay worker`.
 
+It becomes that command (exec) rather than importing the command line, which
+sits above this package and starts the web process too.
+"""
+
+import os
 import sys
 
-from relay_cli.main import main
-
-sys.exit(main(["worker", *sys.argv[1:]]))
+os.execv(sys.executable, [sys.executable, "-m", "relay_cli", "worker", *sys.argv[1:]])
