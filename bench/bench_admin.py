@@ -42,7 +42,7 @@ from common import SECRET, free_port, wait_http  # noqa: E402
 
 from relay_core import crypto  # noqa: E402
 from relay_core.config import load_settings  # noqa: E402
-from relay_core.logbook import hour_of, log_kind, search_terms  # noqa: E402
+from relay_core.store.logbook import hour_of, log_kind, search_terms  # noqa: E402
 from relay_core.store import Store, transaction  # noqa: E402
 
 PASSWORD = "bench-admin-password-1"

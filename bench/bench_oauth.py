@@ -23,8 +23,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 STEP = """
 import json, sys
 sys.path[:0] = {paths!r}
-import relay_core.delivery
-from relay_core import oauth
+import relay_core.delivery.attempt
+from relay_core.delivery import oauth
 from relay_core.options import Options
 options = Options(**json.loads({options!r}))
 class Store:  # what access_token reads of the store: no refresh token, nothing to save
@@ -61,7 +61,7 @@ def measure(options: dict[str, object]) -> tuple[float, int]:
 
 def main() -> None:
     from oauth_server import CLIENT_ID, CLIENT_SECRET, SERVICE_ACCOUNT, TENANT, AuthorizationServer
-    from relay_core import oauth
+    from relay_core.delivery import oauth
     from relay_core.options import Options
     from support import Certificates
 

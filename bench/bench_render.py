@@ -59,7 +59,7 @@ def one(case: str, mode: str, port: int) -> dict:
     """In a fresh interpreter: store the case's message, deliver it once, measure that attempt."""
     from relay_core.config import load_settings
     from relay_core.crypto import derive_keys
-    from relay_core.delivery import Deliverer
+    from relay_core.delivery.attempt import Deliverer
     from relay_core.message import build_mime, new_message_id, pack_stored, parse_payload
     from relay_core.store import NewMessage, Store, insert_message, transaction
 

@@ -25,12 +25,14 @@ import time
 from pathlib import Path
 from typing import Sequence, cast
 
-from relay_core import __version__, backup, cli_inspect, cli_oauth, crypto, health
+from relay_core import __version__, crypto, health
+from relay_core.maintenance import backup
+from relay_cli import inspect_commands as cli_inspect, smtp_commands as cli_oauth
 from relay_core.config import ConfigError, Settings, is_shared_queue, load_settings
 from relay_core.db import StoreInUse
 from relay_core.errors import RelayError
-from relay_core.limits import effective_limit
-from relay_core.audit import COMMAND_LINE
+from relay_core.store.limits import effective_limit
+from relay_core.store.audit import COMMAND_LINE
 from relay_core.logs import ControlEscaping, setup_logging
 from relay_core.passwords import password_problem
 from relay_core.options import (HELP, OPTION_NAMES, SECRET_OPTIONS, Options, describe_changes, parse_allowlist,
@@ -295,7 +297,7 @@ def _describe_limits(key: ApiKey, options: Options, settings: Settings) -> str:
 
 
 def cmd_send_test(args: argparse.Namespace, settings: Settings) -> int:
-    from relay_core.sending import enqueue_test_message
+    from relay_core.intake.sending import enqueue_test_message
     store = _open_store(settings)
     options = store.options()
     if not options.smtp_configured:
@@ -396,7 +398,7 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_rotate_secret(args: argparse.Namespace, settings: Settings) -> int:
-    from relay_core.rotation import RotationError, rotate_secret
+    from relay_core.maintenance.rotation import RotationError, rotate_secret
     store = _open_store(settings)
     try:
         report = rotate_secret(settings, store)
@@ -412,7 +414,7 @@ def cmd_rotate_secret(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_migrate_store(args: argparse.Namespace, settings: Settings) -> int:
     from relay_core.config import parse_database_url
-    from relay_core.transfer import TransferRefused, copy_store
+    from relay_core.maintenance.transfer import TransferRefused, copy_store
     target = parse_database_url(args.to, "--to")
     assert target is not None
     try:

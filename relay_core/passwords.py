@@ -10,7 +10,7 @@ first guesses of an online attack, which the sign-in lockout then slows.
 
 from __future__ import annotations
 
-from .accounts import WELL_KNOWN_PASSWORDS
+from .store.accounts import WELL_KNOWN_PASSWORDS
 
 MIN_LENGTH = 8
 

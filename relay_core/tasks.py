@@ -21,7 +21,7 @@ from huey.storage import RedisStorage, SqliteStorage
 
 from . import files
 from .config import ConfigError, Settings, is_shared_queue
-from .db_sqlite import multi_row_inserts
+from .db.sqlite import multi_row_inserts
 
 DELIVER = "relay.deliver"
 

@@ -4,7 +4,7 @@ An accept reads: key -> capped body -> parse_payload -> encrypt -> group
 commit (with the key's send count) -> 202. The key is checked before a byte
 of the body is read, so an empty POST tells a valid key (400) from a bad one
 (401). A missing or wrong key counts against its address's budget
-(``relay_core.refusals``): past it, 429 instead of 401, and no log row of
+(``relay_core.store.refusals``): past it, 429 instead of 401, and no log row of
 its own either way.
 
 POST /api/send is the one hot route: ``send_asgi`` serves it as a plain ASGI
@@ -27,14 +27,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from relay_core import __version__, metrics
+from relay_core import __version__
+from relay_core.store import metrics
 from relay_core.errors import (BadRequest, Conflict, NotConfigured, NotFound, PayloadTooLarge,
                                RateLimited, RelayError, StoreUnavailable, Unauthorized)
-from relay_core.intake import NothingWritten
-from relay_core.limits import Quota, effective_limit
-from relay_core.mailflow import assess
+from relay_core.intake.group_commit import NothingWritten
+from relay_core.store.limits import Quota, effective_limit
+from relay_core.delivery.mailflow import assess
 from relay_core.options import Options
-from relay_core.refusals import MISSING, WRONG
+from relay_core.store.refusals import MISSING, WRONG
 from relay_core.message import ignored_fields, new_message_id, pack_stored, parse_payload
 from relay_core.store import ApiKey, LogEntry, NewMessage, insert_log
 
@@ -502,7 +503,7 @@ def rejection_reason(exc: RelayError) -> str:
 
 async def log_rejection(request: Request, exc: RelayError) -> None:
     """A refused send with a good key is in the transaction log with the source IP: a row of its own
-    for the first few of a minute from one address, then counted into one row (``relay_core.refusals``)."""
+    for the first few of a minute from one address, then counted into one row (``relay_core.store.refusals``)."""
     state = _state(request)
     ip = client_ip(request, state.settings)
     reason = rejection_reason(exc)

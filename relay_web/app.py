@@ -27,10 +27,10 @@ from relay_core.config import Settings
 from relay_core.crypto import DecryptionError
 from relay_core.db import Connection, is_database_error
 from relay_core.errors import RelayError, StoreUnavailable
-from relay_core import metrics as relay_metrics
-from relay_core.intake import Intake
+from relay_core.store import metrics as relay_metrics
+from relay_core.intake.group_commit import Intake
 from relay_core.logs import fields
-from relay_core.acceptance import insert_accepted
+from relay_core.intake.acceptance import insert_accepted
 from relay_core.store import Store
 from relay_core.tasks import build_queue
 

@@ -2,7 +2,7 @@
 
 Off (404) unless RELAY_METRICS=1. With RELAY_METRICS_TOKEN set, a scraper
 must send ``Authorization: Bearer <token>`` (401 otherwise). The numbers are
-the store's (``relay_core.metrics``), so any web process of a relay answers
+the store's (``relay_core.store.metrics``), so any web process of a relay answers
 for all of them; this process first writes the accept latencies it still
 holds, so a scrape right after a burst already counts them.
 """

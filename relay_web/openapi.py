@@ -20,7 +20,7 @@ import json
 from typing import Any
 
 from relay_core import __version__
-from relay_core.ledger import MESSAGE_STATES, RECIPIENT_STATES
+from relay_core.store.ledger import MESSAGE_STATES, RECIPIENT_STATES
 from relay_core.message import (MAX_ATTACHMENTS, MAX_MIME_TYPE, MAX_NAME, MAX_RECIPIENTS, MAX_SUBJECT,
                                  RECIPIENT_KINDS)
 

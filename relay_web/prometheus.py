@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from relay_core.metrics import (ACCEPTED, ATTEMPTS, HISTOGRAMS, OUTCOMES, PREFIX, REJECTED, WORKER_ALIVE_SECONDS,
+from relay_core.store.metrics import (ACCEPTED, ATTEMPTS, HISTOGRAMS, OUTCOMES, PREFIX, REJECTED, WORKER_ALIVE_SECONDS,
                                 message_states, oldest_waiting, totals, worker_heartbeats)
 
 __all__ = ["CONTENT_TYPE", "render"]

@@ -11,9 +11,9 @@ from typing import Any
 
 from relay_core.config import Settings
 from relay_core.db import Connection
-from relay_core.intake import Intake, Job
-from relay_core.metrics import LatencyBuffer
-from relay_core.refusals import RefusalGate
+from relay_core.intake.group_commit import Intake, Job
+from relay_core.store.metrics import LatencyBuffer
+from relay_core.store.refusals import RefusalGate
 from relay_core.store import Store
 from relay_core.tasks import RelayQueue
 

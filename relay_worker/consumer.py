@@ -16,7 +16,7 @@ import uuid
 
 from relay_core import crypto
 from relay_core.config import Settings
-from relay_core.delivery import Deliverer
+from relay_core.delivery.attempt import Deliverer
 from relay_core.health import mark_worker, unmark_worker
 from relay_core.logs import fields, setup_logging
 from relay_core.store import Store

@@ -17,10 +17,10 @@ import threading
 import time
 from typing import Callable
 
-from relay_core import metrics
+from relay_core.store import metrics
 from relay_core.logs import fields
-from relay_core.pausing import wake_waiting
-from relay_core.probe import UPSTREAM_SETTINGS, check_new_settings
+from relay_core.delivery.pausing import wake_waiting
+from relay_core.delivery.probe import UPSTREAM_SETTINGS, check_new_settings
 from relay_core.store import Store
 from relay_core.tasks import RelayQueue
 

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from relay_core.passwords import password_problem
-from relay_core.sessions import LockedOut
+from relay_core.store.sessions import LockedOut
 
 from .forms import FormState, read_form
 from .sessions import relay_state, require_admin, safe_next, start_session

@@ -4,7 +4,7 @@ Test connection takes the SMTP card as typed (not yet saved; an empty
 password means the stored one), connects, does STARTTLS and AUTH with the
 delivery code's own ``connect`` in a worker thread under a time limit, and
 reports the server's answer; it sends no mail. The test email goes through
-the queue like any message (``relay_core.sending``): the card links to the
+the queue like any message (``relay_core.intake.sending``): the card links to the
 message and polls its state until it is final.
 """
 
@@ -17,11 +17,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from relay_core import smtp
+from relay_core.delivery import smtp
 from relay_core.errors import BadRequest, NotFound
 from relay_core.options import is_address
-from relay_core.probe import PROBE_TIMEOUT, probe
-from relay_core.sending import enqueue_test_message
+from relay_core.delivery.probe import PROBE_TIMEOUT, probe
+from relay_core.intake.sending import enqueue_test_message
 
 from .forms import FormState, read_form
 from .sessions import relay_state, require_admin

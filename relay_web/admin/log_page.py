@@ -2,7 +2,7 @@
 
 Filters travel in the query string (status, time range, search words), so a
 filtered page can be bookmarked, reloaded and exported as it is. Pages are
-keyset pages (``before``/``after`` a row id, see ``relay_core.logbook``):
+keyset pages (``before``/``after`` a row id, see ``relay_core.store.logbook``):
 "Older" and "Newer" stay right while new rows arrive. The export streams the
 current filter a chunk of rows at a time, never holding the log in memory,
 and defuses cells a spreadsheet would run as a formula. Clearing is
@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 
-from relay_core.logbook import KINDS, LogFilter, LogRow, query_words
+from relay_core.store.logbook import KINDS, LogFilter, LogRow, query_words
 
 from .forms import FormState, confirmed, read_form
 from .keys import confirm_page

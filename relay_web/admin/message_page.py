@@ -21,7 +21,7 @@ from starlette.responses import RedirectResponse, Response
 from relay_core.crypto import DecryptionError
 from relay_core.errors import NotFound
 from relay_core.message import OutgoingMessage
-from relay_core.queueview import MessageRecord
+from relay_core.store.queueview import MessageRecord
 
 from .queue_page import read_note
 from .sessions import relay_state, require_admin, sign_for_session, unsign_for_session

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from relay_core import oauth
+from relay_core.delivery import oauth
 
 from .forms import FormState
 from .sessions import relay_state, require_admin

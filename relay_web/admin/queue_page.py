@@ -21,9 +21,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from relay_core.mailflow import assess
-from relay_core.oauth import revoked_sentence
-from relay_core.pausing import pause, resume
+from relay_core.delivery.mailflow import assess
+from relay_core.delivery.oauth import revoked_sentence
+from relay_core.delivery.pausing import pause, resume
 from relay_core.store import ActionReport
 
 from .chart import build_chart
@@ -94,7 +94,7 @@ def dashboard_context(request: Request, now: float | None = None) -> dict[str, A
 
 
 def delivery_health(request: Request, now: float) -> dict[str, Any]:
-    """Whether mail flows (relay_core.mailflow, the judgement /api/health gives), and the last attempt."""
+    """Whether mail flows (relay_core.delivery.mailflow, the judgement /api/health gives), and the last attempt."""
     store = relay_state(request).store
     health = assess(store, now, counts=False)
     last = store.last_attempts(1)

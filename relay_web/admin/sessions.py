@@ -1,7 +1,7 @@
 """The admin's session cookie, CSRF tokens, the Origin check and the sign-in guard.
 
 - The cookie holds a random session id signed with the HKDF session key
-  (itsdangerous); the row it names is in the store (``relay_core.sessions``),
+  (itsdangerous); the row it names is in the store (``relay_core.store.sessions``),
   so deleting the row is signing out, whatever the browser still holds.
   HttpOnly, SameSite=Lax, Secure unless RELAY_INSECURE_COOKIES=1.
 - A CSRF token is an HMAC of the session id: nothing more to store, and it
@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from relay_core.errors import Forbidden
-from relay_core.sessions import AdminSession, session_hash
+from relay_core.store.sessions import AdminSession, session_hash
 
 from ..auth import client_ip
 from ..state import AppState

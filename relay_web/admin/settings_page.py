@@ -17,9 +17,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from relay_core import oauth
+from relay_core.delivery import oauth
 from relay_core.errors import BadRequest
-from relay_core.limits import effective_limit
+from relay_core.store.limits import effective_limit
 from relay_core.options import describe_changes, parse_option
 from relay_core.store import ApiKey
 

@@ -24,8 +24,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from relay_core.accounts import WELL_KNOWN_PASSWORDS, Admin
-from relay_core.sessions import LockedOut
+from relay_core.store.accounts import WELL_KNOWN_PASSWORDS, Admin
+from relay_core.store.sessions import LockedOut
 
 from ..auth import client_ip
 from ..headers import allow_turnstile

@@ -12,8 +12,8 @@ import pytest
 
 from relay_core.config import ConfigError, load_settings
 from relay_core.db import ConditionFailed, is_database_error, require, transaction
-from relay_core.db_postgres import Row, _row_class, mask_url, translate, unnest_insert
-from relay_core.migrations import MIGRATIONS, PerBackend, postgres_ddl, statements
+from relay_core.db.postgres import Row, _row_class, mask_url, translate, unnest_insert
+from relay_core.db.migrations import MIGRATIONS, PerBackend, postgres_ddl, statements
 from relay_core.tasks import build_queue, check_queue
 from support import SECRET
 
@@ -81,7 +81,7 @@ def test_postgresql_with_a_local_queue_is_refused_at_start(queue_url: str) -> No
 
 
 def test_insert_rows_become_a_few_multi_row_statements_within_the_parameter_limit() -> None:
-    from relay_core.db_sqlite import MAX_PARAMETERS, multi_row_inserts
+    from relay_core.db.sqlite import MAX_PARAMETERS, multi_row_inserts
 
     sql = "INSERT INTO t (a, b) VALUES (?, ?) ON CONFLICT (a) DO NOTHING"
     rows = [(i, f"v{i}") for i in range(13)]
@@ -138,8 +138,8 @@ def test_insert_rows_keeps_every_value_and_type_on_both_backends(store) -> None:
     assert [tuple(r) for r in rows] == [(1.0, "accepted", "test", None, None, "first", 7),
                                         (2.5, "sent", "test", "m-9", 250, None, None)]
     if conn.dialect == "postgresql":  # the accept path's statements are among those it rewrites
-        from relay_core.acceptance import _INSERT_LOG, _INSERT_RECIPIENT
-        from relay_core.ledger import INSERT_MESSAGE
+        from relay_core.intake.acceptance import _INSERT_LOG, _INSERT_RECIPIENT
+        from relay_core.store.ledger import INSERT_MESSAGE
         for sql in (upsert, INSERT_MESSAGE, _INSERT_LOG, _INSERT_RECIPIENT):
             assert store.database.unnest_form(sql) is not None, sql
 
@@ -203,7 +203,7 @@ def test_a_pipelined_transaction_reads_in_order_and_a_failed_row_keeps_nothing(s
 @contextlib.contextmanager
 def own_cluster(max_size: int) -> Iterator[tuple[Any, Any]]:
     """A PostgreSQL cluster of the test's own (it stops and starts it) and a pool on a database there."""
-    from relay_core.db_postgres import PostgresDatabase
+    from relay_core.db.postgres import PostgresDatabase
     from services import PostgresCluster
 
     cluster = PostgresCluster().start()
@@ -245,7 +245,7 @@ def test_connections_on_descriptors_past_1024_are_checked_like_the_others(pg_url
     descriptors select() cannot take (live_connection polls instead)."""
     import os
 
-    from relay_core.db_postgres import PostgresDatabase
+    from relay_core.db.postgres import PostgresDatabase
 
     held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
     database = PostgresDatabase(pg_url, max_size=2)

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from relay_core.delivery import Deliverer, backoff_delay
+from relay_core.delivery.attempt import Deliverer, backoff_delay
 from relay_core.message import pack_stored, parse_payload
 from relay_core.options import Options
 from relay_core.store import NewMessage, Paced, Store, insert_message, transaction
@@ -195,7 +195,7 @@ def test_leases_are_renewed_while_a_slow_delivery_runs(store: Store, server: Smt
 
 
 def test_the_writer_answers_around_a_cancelled_request(store: Store, settings: object) -> None:
-    from relay_core.intake import Intake
+    from relay_core.intake.group_commit import Intake
     from relay_core.tasks import build_queue
     queue = build_queue(settings)  # type: ignore[arg-type]
     intake = Intake(store, queue)

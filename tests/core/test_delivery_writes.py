@@ -16,8 +16,8 @@ from typing import Iterator
 
 import pytest
 
-from relay_core.delivery import Deliverer, DeliveryWrites
-from relay_core.ledger import AttemptOutcome, ClaimedMessage
+from relay_core.delivery.attempt import Deliverer, DeliveryWrites
+from relay_core.store.ledger import AttemptOutcome, ClaimedMessage
 from relay_core.store import LogEntry, Store, transaction
 from support import SmtpServer, store_message
 

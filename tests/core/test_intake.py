@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import pytest
 
-from relay_core.intake import Intake, NothingWritten
+from relay_core.intake.group_commit import Intake, NothingWritten
 from relay_core.store import LogEntry, NewMessage, Store
 
 
@@ -211,7 +211,7 @@ def test_a_batch_write_that_fails_is_retried_row_by_row_and_fails_only_its_job(s
 def test_accepted_messages_written_together_and_a_duplicate_fails_only_its_own(store: Store) -> None:
     """acceptance.insert_accepted as the web's writer (one pipeline on PostgreSQL): a row the database
     refuses (here a message id taken twice) costs only its job once the batch runs again isolated."""
-    from relay_core.acceptance import insert_accepted
+    from relay_core.intake.acceptance import insert_accepted
 
     holder: list[Intake] = []
 

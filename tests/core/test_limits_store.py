@@ -11,10 +11,10 @@ import threading
 
 import pytest
 
-from relay_core.accounts import ApiKey
-from relay_core.limits import effective_limit
+from relay_core.store.accounts import ApiKey
+from relay_core.store.limits import effective_limit
 from relay_core.options import Options
-from relay_core.refusals import ADDRESS_ROWS_PER_MINUTE, DETAILED_PER_MINUTE, MISSING, WRONG, RefusalGate
+from relay_core.store.refusals import ADDRESS_ROWS_PER_MINUTE, DETAILED_PER_MINUTE, MISSING, WRONG, RefusalGate
 from relay_core.store import LogEntry, Store, transaction
 
 T0 = 1_700_000_000.0  # a whole minute (T0 % 60 == 20: some seconds into it)

@@ -1,4 +1,4 @@
-"""relay_core.logbook on both backends: kinds, keyset pages, filters, search, hourly counts, prune, clear.
+"""relay_core.store.logbook on both backends: kinds, keyset pages, filters, search, hourly counts, prune, clear.
 
 Every count the counters table gives is checked against a COUNT(*) over the
 log itself, after inserts, prunes and a clear: the table is only worth having
@@ -13,8 +13,8 @@ from collections import Counter
 
 import pytest
 
-from relay_core import logbook
-from relay_core.logbook import HOUR, LogFilter, log_kind, query_words, search_terms
+from relay_core.store import logbook
+from relay_core.store.logbook import HOUR, LogFilter, log_kind, query_words, search_terms
 from relay_core.store import LogEntry, Store, insert_log, transaction
 
 T0 = 1_700_000_000.0  # 22:13:20 UTC: not on an hour boundary
@@ -258,7 +258,7 @@ def test_last_attempts_newest_first(store: Store) -> None:
 def test_migrate_store_carries_the_log_its_counts_and_its_search(tmp_path: Path, pg_url: str) -> None:
     from relay_core import crypto
     from relay_core.config import load_settings
-    from relay_core.transfer import copy_store
+    from relay_core.maintenance.transfer import copy_store
     from support import SECRET
 
     settings = load_settings({"RELAY_SECRET_KEY": SECRET, "RELAY_DATA_DIR": str(tmp_path / "data")})

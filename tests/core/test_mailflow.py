@@ -1,4 +1,4 @@
-"""relay_core.mailflow: would mail flow now? Judged from real attempts at a real server.
+"""relay_core.delivery.mailflow: would mail flow now? Judged from real attempts at a real server.
 
 Each upstream failure is produced by aiosmtpd for real (a wrong password, an
 untrusted certificate, a closed port) through the Deliverer, so the sentence
@@ -12,10 +12,10 @@ from typing import Iterator
 
 import pytest
 
-from relay_core.delivery import Deliverer
-from relay_core.ledger import AttemptFact
-from relay_core.mailflow import assess, assess_upstream
-from relay_core.probe import check_new_settings
+from relay_core.delivery.attempt import Deliverer
+from relay_core.store.ledger import AttemptFact
+from relay_core.delivery.mailflow import assess, assess_upstream
+from relay_core.delivery.probe import check_new_settings
 from relay_core.store import Store
 from support import SMTP_PASSWORD, SMTP_USER, Certificates, SmtpServer, free_port, store_message
 

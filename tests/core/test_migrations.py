@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from relay_core import migrations
+from relay_core.db import migrations
 from relay_core.config import Settings
 from relay_core.store import open_database, transaction
 

@@ -15,14 +15,15 @@ from typing import Iterator
 
 import pytest
 
-from relay_core import crypto, mailflow, oauth
+from relay_core import crypto
+from relay_core.delivery import mailflow, oauth
 from relay_core.config import Secret, Settings
 from relay_core.db import open_database
-from relay_core.rotation import rotate
-from relay_core.delivery import Deliverer
+from relay_core.maintenance.rotation import rotate
+from relay_core.delivery.attempt import Deliverer
 from relay_core.errors import BadRequest
 from relay_core.options import parse_option
-from relay_core.smtp import DeliveryError, Mailer, Target, connect, xoauth2_response
+from relay_core.delivery.smtp import DeliveryError, Mailer, Target, connect, xoauth2_response
 from relay_core.store import Store
 from oauth_server import (APP_MAILBOX, CLIENT_ID, CLIENT_SECRET, MAILBOX, SERVICE_ACCOUNT, TENANT,
                           AuthorizationServer, XOAuth2SmtpServer)
@@ -244,7 +245,7 @@ def test_client_credentials_refused_secret_is_named(store: Store, smtp: XOAuth2S
 def test_msal_and_google_auth_are_not_loaded_for_password_relays() -> None:
     import subprocess
     import sys
-    code = ("import json, sys, relay_core.delivery, relay_core.mailflow, relay_cli.main; "
+    code = ("import json, sys, relay_core.delivery.attempt, relay_core.delivery.mailflow, relay_cli.main; "
             "heavy = ('msal', 'requests', 'jwt', 'google'); "
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from relay_core.delivery import Deliverer
+from relay_core.delivery.attempt import Deliverer
 from relay_core.store import Store
 from support import SmtpServer, store_message
 

@@ -1,4 +1,4 @@
-"""relay_core.smtp against a real aiosmtpd server in each security mode.
+"""relay_core.delivery.smtp against a real aiosmtpd server in each security mode.
 
 Every failure the worker can meet is produced by the server for real (refused
 recipients, 4xx/5xx replies, a wrong password, an untrusted certificate, a
@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from relay_core.smtp import DeliveryError, Mailer, Target, retry_hint
+from relay_core.delivery.smtp import DeliveryError, Mailer, Target, retry_hint
 from support import SMTP_PASSWORD, SMTP_USER, Certificates, SmtpServer, free_port, wait_until
 
 BODY = (b"From: noreply@example.org\r\nTo: a@example.com\r\nSubject: Hi\r\n"

@@ -11,7 +11,7 @@ from typing import Iterator
 import pytest
 
 from relay_core.options import Options
-from relay_core.smtp import DeliveryError, Mailer, Target, helo_name
+from relay_core.delivery.smtp import DeliveryError, Mailer, Target, helo_name
 from support import SMTP_PASSWORD, SMTP_USER, Certificates, SmtpServer
 
 BODY = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: Hi\r\nMessage-ID: <m@example.org>\r\n\r\nHi.\r\n"

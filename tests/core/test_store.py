@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 
-from relay_core import crypto, migrations
+from relay_core import crypto
+from relay_core.db import migrations
 from relay_core.config import Secret, Settings, load_settings
 from relay_core.errors import BadRequest
-from relay_core.migrations import MIGRATIONS
+from relay_core.db.migrations import MIGRATIONS
 from relay_core.options import Options, parse_option
 from relay_core.store import (ClaimedMessage, LogEntry, NewMessage, SqliteDatabase, Store, insert_message,
                               open_database, transaction)
@@ -568,7 +569,7 @@ def test_both_backends_end_with_the_same_schema(tmp_path: Path, pg_url: str) -> 
         migrations.migrate(lite)
         migrations.migrate(pg)
         # Plain tables: the log's search index is each backend's own (FTS5's virtual and shadow
-        # tables on SQLite, a GIN index, log_terms, on PostgreSQL; see relay_core/logbook.py).
+        # tables on SQLite, a GIN index, log_terms, on PostgreSQL; see relay_core/store/logbook.py).
         tables = {r["name"] for r in lite.execute("PRAGMA table_list")
                   if r["type"] == "table" and r["schema"] == "main" and not r["name"].startswith("sqlite_")}
         lite_schema = {
@@ -598,7 +599,7 @@ def test_both_backends_end_with_the_same_schema(tmp_path: Path, pg_url: str) -> 
 def test_metric_rows_folded_by_two_sweepers_at_once_are_counted_once(store: Store, other: Store) -> None:
     """Each round leaves three quiet processes' rows; two sweepers fold at the same moment.
     Every row is folded by exactly one of them, and the total never counts a row twice."""
-    from relay_core import metrics
+    from relay_core.store import metrics
     rounds = 12
     start, done = threading.Barrier(3), threading.Barrier(3)
     folded: list[int] = []
@@ -734,7 +735,7 @@ def test_rotate_secret_beside_a_group_commit_of_a_keyed_send_neither_deadlocks(s
     inserts a message naming its key, which waits for a rewritten key row. The rotation takes the
     revision before the key rows, so it waits for the group instead of the two waiting on each
     other (PostgreSQL would kill the rotation as a deadlock)."""
-    from relay_core.rotation import rotate
+    from relay_core.maintenance.rotation import rotate
 
     key_id, _ = store.add_api_key("portal-2")
     checked = store.revision()

@@ -14,10 +14,10 @@ import pytest
 
 from relay_core import crypto
 from relay_core.config import Settings, load_settings
-from relay_core.delivery import Deliverer
-from relay_core.mailflow import assess
+from relay_core.delivery.attempt import Deliverer
+from relay_core.delivery.mailflow import assess
 from relay_core.options import parse_option
-from relay_core.sending import enqueue_test_message
+from relay_core.intake.sending import enqueue_test_message
 from relay_core.store import Store, transaction
 from support import SECRET
 

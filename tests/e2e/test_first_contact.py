@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import pytest
 
 from relay_core.options import Options
-from relay_core.smtp import helo_name
+from relay_core.delivery.smtp import helo_name
 from support import SMTP_PASSWORD, Certificates, Relay, SmtpServer, cli, wait_until
 
 BODY_TEXT = "Your temporary password is Zx9-body-never-logged"

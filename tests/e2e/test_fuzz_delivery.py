@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from starlette.testclient import TestClient
 
 from relay_core.config import load_settings
-from relay_core.delivery import Deliverer
+from relay_core.delivery.attempt import Deliverer
 from relay_core.options import parse_option
 from relay_web.app import create_app
 from support import SECRET, free_port

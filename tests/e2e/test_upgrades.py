@@ -25,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from relay_core import crypto, migrations
+from relay_core import crypto
+from relay_core.db import migrations
 from relay_core.config import load_settings
 from relay_core.store import Store
 from support import REPO, Relay, SmtpServer, wait_until

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from relay_core import oauth
+from relay_core.delivery import oauth
 from relay_core.options import parse_option
 from admin_helpers import AdminClient, admin_client, admin_settings, field_error
 from oauth_server import (CLIENT_ID, CLIENT_SECRET, GOOGLE_CLIENT_ID, GOOGLE_CLIENT_SECRET, MAILBOX, TENANT,

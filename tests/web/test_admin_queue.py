@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from admin_helpers import AdminClient, admin_client, admin_settings, token_in
-from relay_core.probe import UPSTREAM_SETTINGS
+from relay_core.delivery.probe import UPSTREAM_SETTINGS
 from relay_core.store import ClaimedMessage, LogEntry, Store
 
 

@@ -26,7 +26,7 @@ from relay_core import crypto
 from relay_core.config import Settings
 from relay_core.db import transaction
 from relay_core.options import parse_option
-from relay_core.sessions import LOGIN_FAILURE_LIMIT
+from relay_core.store.sessions import LOGIN_FAILURE_LIMIT
 from relay_web.admin.sessions import safe_next
 from relay_web.app import create_app
 from relay_web.state import PASSWORD_CHECKS_AT_ONCE, AppState

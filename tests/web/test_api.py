@@ -20,7 +20,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from relay_core.config import Settings, load_settings
-from relay_core.delivery import render
+from relay_core.delivery.attempt import render
 from relay_core.options import parse_option
 from relay_web.app import create_app
 from support import SECRET
@@ -436,7 +436,7 @@ def test_a_store_that_could_not_write_is_answered_at_once_without_asking_it_agai
     they are before a refusal): that read would wait on the same store (PostgreSQL down: the pool's
     whole timeout again) and then answer less precisely."""
     from relay_core.errors import StoreUnavailable
-    from relay_core.intake import STORE_DOWN
+    from relay_core.intake.group_commit import STORE_DOWN
     from relay_web import api
 
     async def store_down(*args: Any, **kwargs: Any) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay_core import metrics
+from relay_core.store import metrics
 from relay_core.store import transaction
 from test_api import flush_refusals, payload, running_client, settings_with
 

@@ -11,8 +11,8 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from relay_core import errors
-from relay_core.ledger import FINAL_STATES, MESSAGE_STATES
-from relay_core.mailflow import Health, Upstream
+from relay_core.store.ledger import FINAL_STATES, MESSAGE_STATES
+from relay_core.delivery.mailflow import Health, Upstream
 from relay_core.message import KNOWN_FIELDS, MAX_RECIPIENTS, RECIPIENT_KINDS, _no_breaks, parse_payload
 from relay_core.options import Options, parse_option
 from relay_web import api, openapi

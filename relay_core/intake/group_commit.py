@@ -1,0 +1,285 @@
+"""Group commit for the accept path.
+
+With ``synchronous=FULL`` (SQLite) or ``synchronous_commit=on``
+(PostgreSQL) every commit waits for a flush to disk, and SQLite serialises
+writers anyway. So the web process hands each write (an accepted message, a
+rejection for the log) to one writer thread, which takes everything waiting,
+runs each job in its own SAVEPOINT inside one transaction, commits once and
+then answers them all. Under load, one fsync covers many messages; alone, a
+job waits for nobody. Only after the commit does the caller answer 202, and
+only then are the ids enqueued (a lost enqueue is repaired by the sweeper).
+
+A job submitted with ``isolated=False`` runs without its savepoint (two
+statements, and on PostgreSQL two round trips, fewer per message): it
+promises to raise only ``NothingWritten`` errors before its first write. Any
+other error from it rolls the batch back and the batch runs again with a
+savepoint around every job, so one job's failure still costs only that job.
+Such a job hands its rows to ``write(conn, kind, row)``: in that first pass
+they are kept and written with all the batch's others at its end (one
+``executemany`` per table; on PostgreSQL one round trip for the batch
+instead of several per message); anywhere else, at once.
+``at_begin`` runs first in each batch's transaction; its value is
+``batch_value`` for that batch's jobs (the web reads the settings' revision
+there once per batch).
+
+A caller on an event loop (``submit_async``) gets an asyncio future that
+the writer settles, with every other one of the batch, in a single call into
+that loop: one wake-up of the loop per batch instead of one per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..db import Connection, is_database_error, pipelined, transaction
+from ..errors import StoreUnavailable
+from ..logs import fields
+from ..store import Store
+from ..tasks import RelayQueue
+
+logger = logging.getLogger("relay.intake")
+
+Job = Callable[[Connection], tuple[Any, list[str]]]
+
+# What a send that was not stored is told.
+STORE_DOWN = "The relay's message store is unavailable; nothing was queued. Try again."
+NOT_STORED = "The relay could not store this message; nothing was queued. Try again."
+
+
+class NothingWritten(Exception):
+    """A job's refusal raised before it wrote anything: no rollback is needed for it."""
+
+
+class _Rerun(Exception):
+    """A job without a savepoint failed: roll the batch back and run it again, each job isolated."""
+
+
+@dataclass
+class _Pending:
+    job: Job
+    future: Future | None = None  # submit's; submit_async's callers wait on ``waiter`` instead
+    isolated: bool = True
+    # Set by submit_async: the future is settled in this loop instead.
+    loop: asyncio.AbstractEventLoop | None = None
+    waiter: asyncio.Future[Any] | None = None
+
+
+def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    """In the event loop: answer a batch's awaiting requests (a cancelled one is skipped)."""
+    for waiter, value, exc in results:
+        if waiter.done():
+            continue
+        if exc is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(value)
+
+
+class Intake:
+    def __init__(self, store: Store, relay_queue: RelayQueue | None, max_batch: int = 512,
+                 before_commit: Callable[[Connection, int], None] | None = None,
+                 at_begin: Callable[[Connection], Any] | None = None,
+                 writers: dict[str, Callable[[Connection, list[Any]], None]] | None = None) -> None:
+        self.store = store
+        self.queue = relay_queue
+        self.max_batch = max_batch
+        self.at_begin = at_begin
+        self.batch_value: Any = None  # what at_begin returned for the batch being written
+        self.writers = writers or {}  # kind -> writes a list of rows of that kind (see write)
+        self._deferring = False
+        self._deferred: dict[str, list[Any]] = {}
+        # Runs last in every batch's transaction with the number of messages it accepted.
+        self.before_commit = before_commit
+        self._jobs: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="relay-intake", daemon=True)
+        self.batches = 0
+        self.jobs_done = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish what is waiting, then end the writer thread."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join(timeout)
+
+    def submit(self, job: Job, isolated: bool = True) -> Future:
+        """Run ``job(conn)`` in the next batch; the future holds its first return value."""
+        future: Future = Future()
+        self._jobs.put(_Pending(job, future, isolated=isolated))
+        return future
+
+    def submit_async(self, job: Job, isolated: bool = True,
+                     loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future[Any]:
+        """``submit`` for a caller on a running event loop (``loop``, when the caller knows it): await
+        the result.
+
+        ``isolated=False``: the job raises nothing but ``NothingWritten`` before
+        its first write, so it needs no savepoint (see the module docstring).
+        """
+        loop = loop or asyncio.get_running_loop()  # (which asks the system for the process id)
+        waiter = loop.create_future()
+        self._jobs.put(_Pending(job, isolated=isolated, loop=loop, waiter=waiter))
+        return waiter
+
+    def _take_batch(self, first: _Pending) -> tuple[list[_Pending], bool]:
+        batch, stopping = [first], False
+        while len(batch) < self.max_batch:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                stopping = True
+                break
+            batch.append(item)
+        return batch, stopping
+
+    def _run(self) -> None:
+        conn = self.store.conn()
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                break
+            batch, stopping = self._take_batch(first)
+            try:
+                self._commit(conn, batch)
+            except Exception:
+                # Never let the writer die: every later send would wait forever.
+                logger.exception("the writer failed on a batch of %d writes", len(batch),
+                                 extra=fields("intake.error", count=len(batch)))
+                error = StoreUnavailable(NOT_STORED)
+                self._settle([(pending, None, error) for pending in batch])
+            if stopping:
+                break
+        self.store.close()
+
+    def _commit(self, conn: Connection, batch: list[_Pending]) -> None:
+        try:
+            outcomes = self._run_batch(conn, batch)
+        except Exception as exc:
+            if not is_database_error(exc):
+                raise
+            logger.error("the store refused a batch of %d writes: %s", len(batch), exc,
+                         extra=fields("intake.store_refused", count=len(batch)))
+            error = StoreUnavailable(STORE_DOWN)
+            self._settle([(pending, None, error) for pending in batch])
+            return
+        self._answer(outcomes)
+
+    def write(self, conn: Connection, kind: str, row: Any) -> None:
+        """From a job: write ``row`` with ``writers[kind]``, now or with the batch's others at its end."""
+        if self._deferring:
+            self._deferred.setdefault(kind, []).append(row)
+        else:
+            self.writers[kind](conn, [row])
+
+    def _run_batch(self, conn: Connection, batch: list[_Pending]) -> list:
+        """One transaction; a job's error undoes only that job (see the module docstring)."""
+        try:
+            return self._run_jobs(conn, batch, isolate_all=False)
+        except _Rerun:
+            return self._run_jobs(conn, batch, isolate_all=True)
+
+    def _run_jobs(self, conn: Connection, batch: list[_Pending], isolate_all: bool) -> list:
+        outcomes: list[tuple[_Pending, Any, list[str], BaseException | None]] = []
+        self._deferred = {}
+        with transaction(conn):
+            self.batch_value = self.at_begin(conn) if self.at_begin is not None else None
+            for pending in batch:
+                if not (pending.isolated or isolate_all):
+                    self._deferring = True
+                    try:
+                        value, ids = pending.job(conn)
+                    except NothingWritten as exc:
+                        outcomes.append((pending, None, [], exc))
+                    except Exception as exc:
+                        raise _Rerun() from exc  # it may have written part of itself: undo the batch
+                    else:
+                        outcomes.append((pending, value, ids, None))
+                    finally:
+                        self._deferring = False
+                    continue
+                conn.execute("SAVEPOINT job")
+                try:
+                    value, ids = pending.job(conn)
+                except Exception as exc:  # the job's own error goes back to its caller
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    outcomes.append((pending, None, [], exc))
+                else:
+                    conn.execute("RELEASE job")
+                    outcomes.append((pending, value, ids, None))
+            deferred, self._deferred = self._deferred, {}
+            accepted = sum(len(ids) for _, _, ids, exc in outcomes if exc is None)
+            hook_now = self.before_commit is not None and not isolate_all
+            try:
+                # On PostgreSQL the batch's rows and its hook go in one round trip; an error
+                # anywhere in it runs the batch again, each job and then the hook on its own.
+                with pipelined(conn):
+                    for kind, rows in deferred.items():
+                        self.writers[kind](conn, rows)
+                    if hook_now:
+                        self._before_commit(conn, accepted)
+            except Exception as exc:
+                raise _Rerun() from exc  # which job's row failed is not known: each on its own, then
+            if self.before_commit is not None and not hook_now:
+                self._before_commit(conn, accepted)
+        return outcomes
+
+    def _before_commit(self, conn: Connection, accepted: int) -> None:
+        """The batch hook (the metrics of the batch): its failure never costs a message."""
+        assert self.before_commit is not None
+        conn.execute("SAVEPOINT hook")
+        try:
+            self.before_commit(conn, accepted)
+        except Exception:
+            conn.execute("ROLLBACK TO hook")
+            logger.exception("the writer's end-of-batch step failed; the batch is committed without it",
+                             extra=fields("intake.hook_error"))
+        conn.execute("RELEASE hook")
+
+    @staticmethod
+    def _settle(results: list[tuple[_Pending, Any, BaseException | None]]) -> None:
+        """Answer each caller; a cancelled request is skipped (its row, if committed, stands)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+        for pending, value, exc in results:
+            if pending.waiter is not None and pending.loop is not None:
+                by_loop.setdefault(pending.loop, []).append((pending.waiter, value, exc))
+            elif pending.future is None or pending.future.done():
+                continue
+            elif exc is not None:
+                pending.future.set_exception(exc)
+            else:
+                pending.future.set_result(value)
+        for loop, waiting in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, waiting)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is waiting any more
+
+    def _answer(self, outcomes: list) -> None:
+        self.batches += 1
+        self.jobs_done += len(outcomes)
+        to_enqueue: list[str] = []
+        for pending, value, ids, exc in outcomes:
+            if exc is None:
+                to_enqueue.extend(ids)  # committed: wake a worker even if nobody awaits the answer
+        self._settle([(pending, value, exc) for pending, value, ids, exc in outcomes])
+        if self.queue is not None and to_enqueue:
+            try:
+                self.queue.enqueue_many(to_enqueue)
+            except Exception:  # the sweeper re-enqueues whatever this misses
+                logger.exception("could not enqueue %d message(s); the sweeper will pick them up",
+                                 len(to_enqueue), extra=fields("intake.enqueue_error", count=len(to_enqueue)))

@@ -1,0 +1,1 @@
+"""The operator's whole-store jobs: backup and restore, moving to PostgreSQL, rotating the secret."""
