@@ -6,7 +6,7 @@ store initialises a fresh data directory first (migrations, first-boot
 seeds), so `config set` works before `web` has ever run.
 
 Adding a command: a sub-parser in ``build_parser`` (or a ``register``
-function in another module, as ``cli_inspect`` does) whose
+function in another module, as ``inspect_commands`` does) whose
 ``set_defaults(handler=...)`` names a function taking ``(args, settings)``;
 ``needs_settings=False`` for one that must run without a secret.
 """
@@ -27,7 +27,6 @@ from typing import Sequence, cast
 
 from relay_core import __version__, crypto, health
 from relay_core.maintenance import backup
-from relay_cli import inspect_commands as cli_inspect, smtp_commands as cli_oauth
 from relay_core.config import ConfigError, Settings, is_shared_queue, load_settings
 from relay_core.db import StoreInUse
 from relay_core.errors import RelayError
@@ -38,6 +37,8 @@ from relay_core.passwords import password_problem
 from relay_core.options import (HELP, OPTION_NAMES, SECRET_OPTIONS, Options, describe_changes, parse_allowlist,
                                 parse_option, parse_per_hour, to_text)
 from relay_core.store import ApiKey, Store
+
+from . import inspect_commands, smtp_commands
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -606,8 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="only the relay serving this port")
     p.set_defaults(handler=cmd_reload, needs_settings=False)
 
-    cli_inspect.register(sub, add_command)
-    cli_oauth.register(sub, add_command)
+    inspect_commands.register(sub, add_command)
+    smtp_commands.register(sub, add_command)
     return parser
 
 

@@ -107,7 +107,7 @@ def setup_logging(settings: Settings) -> None:
 
 def quiet_pool_retries() -> None:
     """While the database is down, each pool retries about once a second for every connection
-    it lost (db_postgres), and each try logs a warning: one every half minute says as much."""
+    it lost (db/postgres.py), and each try logs a warning: one every half minute says as much."""
     logging.getLogger("psycopg.pool").filters[:] = [EveryFewSeconds("error connecting", 30.0)]
 
 

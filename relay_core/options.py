@@ -3,7 +3,7 @@
 They live in the database (edited with `tspro-relay config set` or the admin
 UI) so that a change takes effect in every running process without a
 restart. This module owns their names, defaults, parsing and validation;
-``store.py`` owns where they are kept.
+``store/`` owns where they are kept.
 """
 
 from __future__ import annotations

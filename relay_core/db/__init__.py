@@ -2,10 +2,10 @@
 
 Store modules hold every SQL text, written once for both backends (``?``
 placeholders, ``ON CONFLICT``, ``RETURNING``). What differs lives behind
-this module, in ``db_sqlite.py`` and ``db_postgres.py``:
+this module, in ``sqlite.py`` and ``postgres.py``:
 
 - ``conn.execute(sql, params)`` / ``executemany`` with rows readable by name
-  and by index (``sqlite3.Row`` on SQLite, ``db_postgres.Row`` on PostgreSQL);
+  and by index (``sqlite3.Row`` on SQLite, ``postgres.Row`` on PostgreSQL);
 - ``transaction(conn, durable=True)``: BEGIN IMMEDIATE under the write lock
   on SQLite, BEGIN on a pooled connection on PostgreSQL; ``durable=False``
   for writes whose loss to a power cut repeats work but loses nothing;
@@ -25,7 +25,7 @@ this module, in ``db_sqlite.py`` and ``db_postgres.py``:
   SQLite);
 - ``conn.insert_rows(sql, rows)``: ``executemany`` of a plain
   ``INSERT ... VALUES (...)``; SQLite writes the rows with a few multi-row
-  statements (each statement step lets go of the GIL, see db_sqlite),
+  statements (each statement step lets go of the GIL, see sqlite.py),
   PostgreSQL with one statement taking an array per column (``unnest``);
 - ``is_database_error(exc)``: either driver's errors.
 """

@@ -1,7 +1,7 @@
 """The store of record (relay.db, or PostgreSQL), its settings, and the two halves mixed in.
 
 Every process opens its own connections (one per thread; on PostgreSQL each
-borrows from the process's pool, see ``db.py``).
+borrows from the process's pool, see ``relay_core/db``).
 Settings and API keys are cached per process and re-read only when the
 revision counter moves, so a change made by the CLI or another process takes
 effect everywhere without a restart. ``accounts.py`` holds the API keys and

@@ -5,7 +5,7 @@ answers 202; a worker claims a message with a conditional UPDATE checked by
 rowcount, so only one claimer ever delivers it (huey's ``dequeue`` and
 healthchecks' ``sendalerts`` use the same pattern), and only the lease holder
 records the outcome. Functions return dataclasses; raw rows stay in here.
-The SQL runs on both backends (see ``db.py``).
+The SQL runs on both backends (see ``relay_core/db``).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ INSERT_MESSAGE = (
 
 
 def insert_message(conn: Connection, msg: NewMessage) -> None:
-    # The body last: a large one is streamed into SQLite rather than bound (see db_sqlite).
+    # The body last: a large one is streamed into SQLite rather than bound (see db/sqlite.py).
     insert_blob(conn, INSERT_MESSAGE, (
         msg.id, msg.source, msg.api_key_id, msg.created_at, msg.created_at, msg.created_at, msg.created_at,
         msg.from_addr, msg.from_name, msg.envelope_from, msg.subject, msg.message_id_header, msg.size,
