@@ -53,14 +53,14 @@ def portal_message(i: int = 0, size: int = 2048) -> dict[str, Any]:
 class Relay:
     """A relay data directory plus its web and worker processes."""
 
-    def __init__(self, workdir: Path | None = None, threads: int = 8, **env: str) -> None:
+    def __init__(self, workdir: Path | None = None, threads: int = 8, code: Path = HERE.parent, **env: str) -> None:
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="relay-bench-"))
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
         self.env.update({"RELAY_SECRET_KEY": SECRET, "RELAY_DATA_DIR": str(self.dir / "data"),
                          "RELAY_ADMIN_PASSWORD": "bench-admin", "RELAY_LOG_LEVEL": "WARNING",
                          "RELAY_WORKER_THREADS": str(threads), **env})
-        # Measure this checkout, not whatever copy of the relay the venv has installed.
-        self.env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]).rstrip(
+        # Measure this checkout (or ``code``), not whatever copy of the relay the venv has installed.
+        self.env["PYTHONPATH"] = os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")]).rstrip(
             os.pathsep)
         self.web: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
