@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from relay_core import crypto
 from relay_core.config import Settings
@@ -127,56 +127,11 @@ async def flush_refusals_now(state: AppState) -> None:
             await asyncio.wait_for(asyncio.wrap_future(future) if future else asyncio.sleep(0.2), 5)
 
 
-def _route_path(scope: Scope) -> str:
-    """The path as the routes see it (without a root path the server was given)."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
-
-
 class RelayApp(Starlette):
-    """Starlette with the security headers outside everything, its own error middleware included,
-    and POST /api/send served before all of it.
-
-    The portal's sends are nearly all the traffic: ``api.send_asgi`` answers
-    them without the middleware stack and route matching (it sets the security
-    headers itself, and ``answer_error`` answers its errors as the error
-    middleware would). The route table still lists /api/send (its 405 for
-    other methods, the OpenAPI document).
-    """
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and _route_path(scope) == "/api/send":
-            scope["app"] = self
-            await api.send_asgi(scope, receive, send, self.answer_error)
-            return
-        await super().__call__(scope, receive, send)
+    """Starlette with the security headers outside everything, its own error middleware included."""
 
     def build_middleware_stack(self) -> ASGIApp:
         return SecurityHeaders(super().build_middleware_stack())
-
-    async def answer_error(self, request: Request, exc: Exception, send: Send) -> None:
-        """Answer ``exc`` from a route as Starlette's error middleware would (nothing sent yet).
-
-        The handler of its nearest class; an error only the catch-all
-        ``Exception`` handler takes (or one raised by a handler) is answered
-        by it and raised again to the server, as ServerErrorMiddleware does.
-        """
-        for cls in type(exc).__mro__:
-            if cls is Exception:
-                break
-            handler = self.exception_handlers.get(cls)
-            if handler is not None:
-                try:
-                    response = await handler(request, exc)
-                except Exception as failed:  # the handler's own error is the unhandled one now
-                    exc = failed
-                    break
-                await response(request.scope, request.receive, send)
-                return
-        catch_all = self.exception_handlers.get(Exception, internal_error)
-        await (await catch_all(request, exc))(request.scope, request.receive, send)
-        raise exc
 
 
 def create_app(settings: Settings, store: Store | None = None) -> Starlette:
