@@ -19,7 +19,7 @@ this module, in ``sqlite.py`` and ``postgres.py``:
   parameter is a body; SQLite streams a large one through its blob API,
   PostgreSQL binds the bytes;
 - ``for_share(conn)``: the clause that keeps a read row unchanged until
-  the transaction ends (a ``require`` over a row another writer may change);
+  the transaction ends;
 - ``pipelined(conn)``: inside a transaction, let the ``executemany`` calls
   of a block share one round trip (PostgreSQL's pipeline mode; nothing on
   SQLite);
@@ -38,8 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Iterator, Protocol, Sequence
 
 from .. import files
-from .sqlite import (ConditionFailed, RelayConnection, SqliteDatabase, StoreInUse, WriteLock,  # noqa: F401
-                        connect)
+from .sqlite import RelayConnection, SqliteDatabase, StoreInUse, WriteLock, connect  # noqa: F401
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -59,7 +58,7 @@ class Connection(Protocol):
     """What the store modules may use of a connection, on either backend."""
 
     dialect: str
-    share_lock: str
+    for_share: str
 
     @property
     def in_transaction(self) -> bool: ...
@@ -79,8 +78,6 @@ class Connection(Protocol):
     def insert_rows(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
 
     def pipeline(self) -> ContextManager[Any]: ...
-
-    def require(self, condition: str, params: Sequence[Any]) -> None: ...
 
     def written_yet(self) -> bool: ...
 
@@ -140,18 +137,11 @@ def insert_blob(conn: Any, sql: str, params: Sequence[Any], table: str, column: 
     conn.insert_blob(sql, params, table, column)
 
 
-def require(conn: Any, condition: str, params: Sequence[Any] = ()) -> None:
-    """Inside a transaction: commit it only if ``condition`` (an SQL boolean expression) is true now,
-    else it fails with ``ConditionFailed``. In a pipelined transaction on PostgreSQL, without
-    waiting for the answer (the check travels with the writes)."""
-    conn.require(condition, params)
-
-
 def for_share(conn: Any) -> str:
     """The clause that keeps the rows a SELECT reads as they were read until the transaction ends
     (a writer changing one waits for it; one that changed it first makes it read the change): FOR
     SHARE on PostgreSQL, nothing on SQLite, where a write transaction excludes every other writer."""
-    return str(conn.share_lock)
+    return str(conn.for_share)
 
 
 def written_yet(conn: Any) -> bool:

@@ -35,7 +35,6 @@ import psycopg_pool.base
 from psycopg_pool import ConnectionPool
 
 from ..config import ConfigError
-from .sqlite import ConditionFailed
 
 CONNECT_TIMEOUT = 10
 POOL_TIMEOUT = 5.0  # how long a caller waits for a connection (the server down: then an error)
@@ -225,14 +224,6 @@ class Result:
         return iter(self.fetchall())
 
 
-_UNMET = "relay: required condition is false"  # the failed cast's text, as require() writes it
-
-
-def _unmet(exc: BaseException) -> bool:
-    """Whether ``exc`` is require()'s failed cast."""
-    return isinstance(exc, psycopg.errors.InvalidTextRepresentation) and _UNMET in str(exc)
-
-
 def _run(raw: psycopg.Connection[Any], query: str, params: Sequence[Any],
          sync: Callable[[], None] | None = None) -> Result:
     cur = raw.execute(query, params)  # type: ignore[call-overload]
@@ -248,7 +239,7 @@ class PgConnection:
     """One thread's handle on the pool, with the sqlite3-like surface the store modules use."""
 
     dialect = "postgresql"
-    share_lock = " FOR SHARE"
+    for_share = " FOR SHARE"  # (db.for_share)
 
     def __init__(self, database: "PostgresDatabase") -> None:
         self._database = database
@@ -356,28 +347,13 @@ class PgConnection:
                     self._raw, self._sync = raw, pipeline.sync
                     yield
                     raw.execute("COMMIT")  # sent, with what is still queued, as the pipeline ends
-            except BaseException as exc:
+            except BaseException:
                 if raw.info.transaction_status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
                     with contextlib.suppress(psycopg.Error):
                         raw.execute("ROLLBACK")  # (a failed statement skipped the COMMIT queued after it)
-                if _unmet(exc):
-                    raise ConditionFailed(str(exc)) from exc
                 raise
             finally:
                 self._raw, self._sync = None, None
-
-    def require(self, condition: str, params: Sequence[Any]) -> None:
-        """See ``db.require``. A false condition makes the statement fail (a failed cast), which
-        aborts the transaction: in a pipeline, its COMMIT then rolls back."""
-        if self._raw is None:
-            raise RuntimeError("require() needs an open transaction")
-        try:
-            self._raw.execute(translate(f"SELECT CAST(CASE WHEN {condition} THEN '1' ELSE '{_UNMET}' END"
-                                        " AS INTEGER)"), params)  # type: ignore[call-overload]
-        except psycopg.Error as exc:  # (outside a pipeline, a false condition fails here)
-            if _unmet(exc):
-                raise ConditionFailed(str(exc)) from exc
-            raise
 
     def written_yet(self) -> bool:
         """See ``db.written_yet``: a transaction gets its id at its first row written or locked."""

@@ -34,10 +34,6 @@ MAX_PARAMETERS = 999
 _VALUES = re.compile(r"\bVALUES\s*(\([^()]*\))", re.IGNORECASE)
 
 
-class ConditionFailed(Exception):
-    """A transaction's ``require`` did not hold: nothing it wrote was committed (db.require)."""
-
-
 class StoreInUse(Exception):
     """Another process holds the SQLite store in a way that excludes this one."""
 
@@ -93,13 +89,8 @@ class RelayConnection(sqlite3.Connection):
 
     dialect = "sqlite"
     writer: WriteLock | None = None
-    share_lock = ""  # (db.for_share: the write lock already keeps what a writer read)
+    for_share = ""  # the write lock already keeps what a writer read
     _changes_at_begin = -1
-
-    def require(self, condition: str, params: Sequence[Any]) -> None:
-        """See ``db.require``: under the write lock, checking it now is checking it at the commit."""
-        if not self.execute(f"SELECT {condition}", params).fetchone()[0]:
-            raise ConditionFailed(condition)
 
     def written_yet(self) -> bool:
         """See ``db.written_yet``: rows changed since this transaction began."""

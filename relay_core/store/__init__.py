@@ -29,7 +29,7 @@ from .audit import Audit, AuditEntry, insert_audit  # noqa: F401  (re-exported)
 from ..config import ConfigError, Settings
 from ..crypto import KeySet
 from ..db import (Connection, Database, SqliteDatabase, connect, for_share, insert_blob, open_database,  # noqa: F401
-                 require, serialize, transaction, write_lock, written_yet)
+                 serialize, transaction, write_lock, written_yet)
 from .interventions import ActionReport, Interventions  # noqa: F401  (re-exported)
 from .ledger import (FINAL_STATES, MAX_UNRECORDED_CLAIMS, AttemptFact, ClaimedMessage, Ledger,  # noqa: F401
                      LoggedRow, NewMessage, Paced, Recipient, insert_message)
@@ -176,15 +176,10 @@ class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions
     def _bump_rev(self, conn: Connection) -> None:
         """Move the settings' revision: every process re-reads its settings and keys.
 
-        The first write of its transaction, always. The writers of sends hold
-        the revision (FOR SHARE, on PostgreSQL) from their check to their commit,
-        and on the way update or lock rows a settings or key change also
-        updates (a key's last use, the key a message names); a change that
-        took such a row first and then waited for the revision would wait for a
-        writer waiting for it. Taking the revision first, it waits for the
-        writers before it touches anything they need. A transaction that wrote
-        (or locked) a row before is refused here, so a change breaking the rule
-        fails in every test that makes it, not in a deadlock under load.
+        The first write of its transaction, always (a transaction that wrote before is refused):
+        the web's writer holds the revision until its batch commits and meanwhile updates key rows
+        a change also updates, so a change taking such a row first would deadlock with it on
+        PostgreSQL (test_a_key_change_beside_a_batch_recording_that_keys_use_neither_deadlocks).
         """
         if written_yet(conn):
             raise RuntimeError("the settings' revision moves first in its transaction (Store._bump_rev)")
@@ -233,17 +228,13 @@ class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions
     def revision(self, conn: Connection | None = None, hold: bool = False) -> int:
         """The settings' revision counter: it moves with every change to settings or keys.
 
-        ``hold``: inside a write transaction that relies on it, keep it so until the commit, as
-        ``require_revision`` does (a settings change waits for the transaction)."""
+        ``hold``: inside a write transaction that relies on it (the web's batch, create_app's
+        at_begin), keep it so until the commit: a settings change then waits for the transaction,
+        so once it returns nothing checked against the settings it replaced is stored later
+        (test_once_a_revoke_returns_no_send_checked_against_the_key_is_stored_later)."""
         conn = conn or self.conn()
         row = conn.execute(self._REVISION + (for_share(conn) if hold else "")).fetchone()
         return int(row[0]) if row else 0
-
-    def require_revision(self, conn: Connection, revision: int) -> None:
-        """Inside a transaction: commit it only if the revision is still ``revision`` (db.require), and
-        keep it so until the commit: a settings change waits for this transaction, or, made first,
-        fails it (on PostgreSQL under READ COMMITTED, the row is read FOR SHARE for that)."""
-        require(conn, f"COALESCE(({self._REVISION}{for_share(conn)}), '0') = ?", (str(revision),))
 
     def cached_snapshot(self) -> tuple[int, Options, list[ApiKey]]:
         """(revision, settings, keys) as last read, without asking the database.

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from relay_core.config import ConfigError, load_settings
-from relay_core.db import ConditionFailed, is_database_error, require, transaction
+from relay_core.db import is_database_error, transaction
 from relay_core.db.postgres import Row, _row_class, mask_url, translate, unnest_insert
 from relay_core.db.migrations import MIGRATIONS, PerBackend, postgres_ddl, statements
 from relay_core.tasks import build_queue, check_queue
@@ -161,25 +161,6 @@ def test_insert_rows_writes_every_row_on_both_backends(store, count: int) -> Non
 
 def meta_names(conn, prefix: str) -> set[str]:  # type: ignore[no-untyped-def]
     return {r[0] for r in conn.execute("SELECT name FROM meta WHERE name LIKE ?", (prefix + "%",))}
-
-
-@pytest.mark.parametrize("pipelined", [False, True])
-def test_a_transaction_commits_only_when_its_required_condition_holds(store, pipelined: bool) -> None:  # type: ignore[no-untyped-def]
-    """db.require: on PostgreSQL in a pipelined transaction the check travels with the writes and a
-    false one turns the COMMIT into a rollback; either way nothing is kept and the connection works on."""
-    conn = store.conn()
-    row = "INSERT INTO meta (name, value) VALUES (?, ?)"
-    with transaction(conn, pipelined=pipelined):
-        conn.insert_rows(row, [("req-a", "1")])
-        require(conn, "? = 1", (1,))
-    with pytest.raises(ConditionFailed):
-        with transaction(conn, pipelined=pipelined):
-            conn.insert_rows(row, [("req-b", "1")])
-            require(conn, "(SELECT COUNT(*) FROM meta WHERE name = 'req-a') = ?", (2,))
-            conn.insert_rows(row, [("req-c", "1")])
-    with transaction(conn, pipelined=pipelined):
-        conn.insert_rows(row, [("req-d", "1")])
-    assert meta_names(conn, "req-") == {"req-a", "req-d"}
 
 
 def test_a_pipelined_transaction_reads_in_order_and_a_failed_row_keeps_nothing(store) -> None:  # type: ignore[no-untyped-def]
