@@ -405,10 +405,10 @@ def test_new_api_key_stops_the_old_one_at_once(client: TestClient) -> None:
     (RuntimeError("a bug"), 500, "internal error"),
     (sqlite3.OperationalError("disk I/O error"), 503, "store is unavailable"),
 ])
-def test_an_error_inside_the_send_path_is_answered_as_the_error_middleware_would(
+def test_an_error_inside_the_send_path_is_answered_by_the_error_middleware(
         settings: Settings, monkeypatch: pytest.MonkeyPatch, raised: Exception, status: int, words: str) -> None:
-    """POST /api/send runs before the middleware stack: its unexpected errors still get the app's handlers
-    (the contract's JSON, the security headers), and a bug still reaches the server, as from any route."""
+    """POST /api/send's unexpected errors get the app's handlers (the contract's JSON, the security
+    headers), and a bug still reaches the server, as from any route."""
     from relay_web import api
 
     def broken(*args: Any, **kwargs: Any) -> Any:
