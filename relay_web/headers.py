@@ -80,21 +80,8 @@ def _secured(raw: Any, status: int, static: bool, turnstile: bool) -> list[tuple
     return headers
 
 
-def secured(scope: Scope, send: Send) -> Send:
-    """``send`` with our headers set on the response's start."""
-    static = scope["path"].startswith(STATIC_PREFIX)
-
-    async def send_with_headers(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message["headers"] = _secured(message.get("headers", ()), message["status"], static,
-                                          bool(scope.get("state", {}).get(_STATE_KEY)))
-        await send(message)
-
-    return send_with_headers
-
-
 def api_headers(raw: list[tuple[bytes, bytes]], status: int) -> list[tuple[bytes, bytes]]:
-    """An API answer's headers with ours set (what ``secured`` does, for a caller sending its own start)."""
+    """An API answer's headers with ours set, for an answer written below the app (http_limits)."""
     return _secured(raw, status, False, False)
 
 
@@ -106,4 +93,12 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, secured(scope, send))
+        static = scope["path"].startswith(STATIC_PREFIX)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = _secured(message.get("headers", ()), message["status"], static,
+                                              bool(scope.get("state", {}).get(_STATE_KEY)))
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
