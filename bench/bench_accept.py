@@ -17,7 +17,8 @@ Talks to 127.0.0.1 only.
 
 ``--versus DIR``: a third server in every round, the relay of another
 checkout (a change to the accept path measured against the code before it,
-in the same sitting), with its rate over this checkout's per round.
+in the same sitting; one started as ``python -m relay_cli``), with its
+rate and CPU per request over this checkout's per round.
 """
 
 from __future__ import annotations
