@@ -1,33 +1,8 @@
 """The store's database layer: one interface, two backends (SQLite, PostgreSQL).
 
-Store modules hold every SQL text, written once for both backends (``?``
-placeholders, ``ON CONFLICT``, ``RETURNING``). What differs lives behind
-this module, in ``sqlite.py`` and ``postgres.py``:
-
-- ``conn.execute(sql, params)`` / ``executemany`` with rows readable by name
-  and by index (``sqlite3.Row`` on SQLite, ``postgres.Row`` on PostgreSQL);
-- ``transaction(conn, durable=True)``: BEGIN IMMEDIATE under the write lock
-  on SQLite, BEGIN on a pooled connection on PostgreSQL; ``durable=False``
-  for writes whose loss to a power cut repeats work but loses nothing;
-- ``write_lock(conn)``: the SQLite cross-process writer lock (nothing on
-  PostgreSQL, where MVCC and row locks order writers);
-- ``serialize(conn, name)``: inside a transaction, wait until no other
-  transaction holds ``name`` (an advisory lock on PostgreSQL; nothing to do on
-  SQLite, whose writers already take turns) — for check-then-write code that
-  relied on that, such as the pacing count or first-boot seeding;
-- ``insert_blob(conn, sql, params, table, column)``: an INSERT whose last
-  parameter is a body; SQLite streams a large one through its blob API,
-  PostgreSQL binds the bytes;
-- ``for_share(conn)``: the clause that keeps a read row unchanged until
-  the transaction ends;
-- ``pipelined(conn)``: inside a transaction, let the ``executemany`` calls
-  of a block share one round trip (PostgreSQL's pipeline mode; nothing on
-  SQLite);
-- ``conn.insert_rows(sql, rows)``: ``executemany`` of a plain
-  ``INSERT ... VALUES (...)``; SQLite writes the rows with a few multi-row
-  statements (each statement step lets go of the GIL, see sqlite.py),
-  PostgreSQL with one statement taking an array per column (``unnest``);
-- ``is_database_error(exc)``: either driver's errors.
+Store modules write every SQL text once for both backends (``?`` placeholders,
+``ON CONFLICT``, ``RETURNING``); the few operations whose SQL or cost differs
+are the functions below, implemented in ``sqlite.py`` and ``postgres.py``.
 """
 
 from __future__ import annotations
@@ -71,13 +46,13 @@ class Connection(Protocol):
 
     def exclusive(self) -> ContextManager[None]: ...
 
-    def take_turn(self, name: str) -> None: ...
+    def serialize(self, name: str) -> None: ...
 
     def insert_blob(self, sql: str, params: Sequence[Any], table: str, column: str) -> None: ...
 
     def insert_rows(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
 
-    def pipeline(self) -> ContextManager[Any]: ...
+    def pipelined(self) -> ContextManager[Any]: ...
 
     def written_yet(self) -> bool: ...
 
@@ -112,12 +87,10 @@ def open_database(settings: "Settings") -> Database:
 def transaction(conn: Any, durable: bool = True, pipelined: bool = False) -> ContextManager[Any]:
     """A write transaction, committed on success and rolled back on error.
 
-    ``pipelined``: on PostgreSQL the whole transaction is one pipeline: BEGIN
-    goes with its first ``execute`` (which waits for its answer, as every
-    ``execute`` does), ``executemany`` and ``insert_rows`` wait for nothing,
-    and COMMIT goes with whatever followed the last ``execute``; an error in
-    those surfaces when the block ends. A transaction that reads, then
-    writes, costs two round trips.
+    ``durable=False``: for writes whose loss to a power cut repeats work but
+    loses no mail (a claim). ``pipelined``: on PostgreSQL only the ``execute``
+    calls wait for an answer; the rest travel with the COMMIT, and their
+    errors surface when the block ends.
     """
     return conn.transaction(durable, pipelined)  # type: ignore[no-any-return]
 
@@ -128,12 +101,13 @@ def write_lock(conn: Any) -> ContextManager[None]:
 
 
 def serialize(conn: Any, name: str) -> None:
-    """Inside a transaction: one transaction at a time past this point, per ``name``."""
-    conn.take_turn(name)
+    """Inside a transaction: one transaction at a time past this point, per ``name``, for
+    check-then-write code (the pacing count, first-boot seeding)."""
+    conn.serialize(name)
 
 
 def insert_blob(conn: Any, sql: str, params: Sequence[Any], table: str, column: str) -> None:
-    """Run an INSERT whose last parameter is the (possibly large) blob for ``table.column``."""
+    """An INSERT whose last parameter is a body: SQLite streams a large one through its blob API."""
     conn.insert_blob(sql, params, table, column)
 
 
@@ -151,7 +125,7 @@ def written_yet(conn: Any) -> bool:
 
 def pipelined(conn: Any) -> ContextManager[Any]:
     """Inside a transaction: the block's ``executemany`` calls in one round trip where that helps."""
-    return conn.pipeline()  # type: ignore[no-any-return]
+    return conn.pipelined()  # type: ignore[no-any-return]
 
 
 def is_database_error(exc: BaseException) -> bool:

@@ -1,19 +1,9 @@
 """Schema migrations for both backends: one ordered list of named steps.
 
-A step is ``(name, sql)``. ``sql`` is plain DDL (TEXT, INTEGER, REAL, BLOB,
-PRIMARY KEY, REFERENCES, CHECK, CREATE INDEX, ALTER TABLE ... ADD COLUMN),
-run as written on SQLite and with its types mapped on PostgreSQL
-(``postgres_ddl``: REAL -> DOUBLE PRECISION, INTEGER -> BIGINT, BLOB ->
-BYTEA, INTEGER PRIMARY KEY -> an identity column). A step whose SQLite form
-has no direct twin (a table rebuild to change a CHECK, say) gives both:
-``(name, PerBackend(sqlite="...", postgres="..."))``. Never edit a step
-that has landed; append.
-
-Each step runs in its own transaction, recorded in ``schema_migrations``
-(plus ``PRAGMA user_version`` on SQLite). Two processes starting at once
-migrate once: SQLite's write lock, or a PostgreSQL advisory lock, makes the
-second wait and then see the step done. Run by an explicit start-up step
-(``Store.migrate``), never at import.
+A step's SQL is SQLite DDL, its types mapped for PostgreSQL by ``postgres_ddl``;
+a step with no direct twin (a table rebuild) gives ``PerBackend``. Never edit a
+step that has landed; append. Two processes starting at once migrate once: the
+SQLite write lock or a PostgreSQL advisory lock makes the second wait.
 """
 
 from __future__ import annotations
@@ -278,7 +268,6 @@ def postgres_ddl(sql: str) -> str:
 
 
 def statements(sql: str | PerBackend, dialect: str) -> list[str]:
-    """A step's statements for one backend."""
     if isinstance(sql, PerBackend):
         text = sql.postgres if dialect == "postgresql" else sql.sqlite
     else:
@@ -287,7 +276,6 @@ def statements(sql: str | PerBackend, dialect: str) -> list[str]:
 
 
 def current_version(conn: Any) -> int:
-    """How many steps have been applied to this database."""
     if conn.dialect == "sqlite":
         return int(conn.execute("PRAGMA user_version").fetchone()[0])
     if conn.execute("SELECT to_regclass('schema_migrations')").fetchone()[0] is None:
@@ -296,7 +284,6 @@ def current_version(conn: Any) -> int:
 
 
 def apply_step(conn: Any, version: int, name: str, sql: str | PerBackend) -> None:
-    """Run one step inside the caller's transaction and record it."""
     for statement in statements(sql, conn.dialect):
         conn.execute(statement)
     conn.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
@@ -306,11 +293,7 @@ def apply_step(conn: Any, version: int, name: str, sql: str | PerBackend) -> Non
 
 
 def migrate(conn: Any, steps: list[tuple[str, str | PerBackend]] | None = None) -> list[str]:
-    """Apply every pending step, each in its own transaction. Returns their names.
-
-    ``steps`` defaults to all of them; tests pass a prefix to build the store
-    an earlier version left behind.
-    """
+    """Apply every pending step, each in its own transaction; tests pass a prefix as ``steps``."""
     applied = []
     for version, (name, sql) in enumerate(MIGRATIONS if steps is None else steps, start=1):
         # A SQLite table rebuild runs with foreign keys off (a pragma that does nothing
@@ -323,7 +306,7 @@ def migrate(conn: Any, steps: list[tuple[str, str | PerBackend]] | None = None) 
         try:
             with conn.transaction():
                 # Re-read under the lock: another process may have migrated meanwhile.
-                conn.take_turn("tspro-relay migrations")
+                conn.serialize("tspro-relay migrations")
                 if current_version(conn) >= version:
                     continue
                 apply_step(conn, version, name, sql)

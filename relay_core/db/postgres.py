@@ -1,19 +1,10 @@
 """The PostgreSQL backend (``RELAY_DATABASE_URL=postgresql://...``): psycopg 3 and a pool.
 
-The store modules write one SQL text for both backends (``?`` placeholders,
-``ON CONFLICT``, ``RETURNING``); ``PgConnection`` is what lets that text run
-here. It translates placeholders for psycopg, returns rows readable by name
-and by index as ``sqlite3.Row`` is, and borrows a pooled connection for one
-statement, or for the length of a ``transaction()``. So the number of
-server connections follows the work in flight, not the number of threads.
-
-Durability as on SQLite: every commit waits for its WAL flush
-(``synchronous_commit = on`` is set on every connection, whatever the
-server's default), except transactions opened with ``durable=False``.
-There is no process-wide write lock: MVCC and row locks order concurrent
-writers, and where the relay relies on one writer at a time (the pacing
-count, first-boot seeding, migrations) ``serialize(name)`` takes a
-transaction-scoped advisory lock.
+A pooled connection is borrowed for one statement or one transaction, so the
+number of server connections follows the work in flight, not the threads.
+Durability as on SQLite: ``synchronous_commit = on`` on every connection,
+whatever the server's default. No process-wide write lock: MVCC and row
+locks order writers, and ``serialize(name)`` is an advisory lock.
 """
 
 from __future__ import annotations
@@ -119,19 +110,9 @@ def _names(listed: str) -> list[str]:
 
 
 def unnest_insert(sql: str, types: dict[str, str]) -> tuple[str, list[int]] | None:
-    """``sql`` (``INSERT INTO t (a, b, c) VALUES (?, 'x', ?)``) as one statement taking a
-    column of values per placeholder, cast to the array of its column's type in ``types``
-    (column -> type):
-
-        INSERT INTO t (a, b, c) SELECT u.p0, 'x', u.p1 FROM unnest(%b::text[], %b::bigint[]) AS u(p0, p1)
-
-    and which of those parameters are floating point. None for a shape it
-    does not know (a VALUES with expressions in it, or more than one row, or
-    a placeholder after it). The arrays go in binary format (``%b``): in
-    text, every body would be hex-escaped. Each column's values must be of
-    one Python type, as in an array (the ints of a float column are made
-    floats; an int among the floats of an integer column is refused).
-    """
+    """``sql`` (``INSERT ... VALUES (?, 'x', ?)``) as ``INSERT ... SELECT u.p0, 'x', u.p1 FROM
+    unnest(%b::text[], ...)``, and which parameters are floats; None for a shape it does not know.
+    Binary (``%b``) because in text every body would be hex-escaped."""
     match = _INSERT_VALUES.fullmatch(sql)
     if match is None:
         return None
@@ -248,7 +229,6 @@ class PgConnection:
 
     @classmethod
     def pinned(cls, raw: psycopg.Connection[Any]) -> "PgConnection":
-        """A handle on one connection outside any pool, inside its caller's transaction."""
         conn = cls.__new__(cls)
         conn._database, conn._raw, conn._sync = None, raw, None  # type: ignore[assignment]
         return conn
@@ -272,9 +252,7 @@ class PgConnection:
                         raise
         raise AssertionError("unreachable")
 
-    def pipeline(self) -> ContextManager[Any]:
-        """Inside a transaction: the ``executemany`` calls within go to the server in one
-        round trip (psycopg's pipeline mode; an error surfaces when the block ends)."""
+    def pipelined(self) -> ContextManager[Any]:
         if self._raw is None or self._raw.pgconn.pipeline_status != pq.PipelineStatus.OFF:
             return contextlib.nullcontext()  # (a block inside another: the outer one sends it all)
         return self._raw.pipeline()
@@ -300,7 +278,6 @@ class PgConnection:
 
     @contextmanager
     def transaction(self, durable: bool = True, pipelined: bool = False) -> Iterator["PgConnection"]:
-        """BEGIN ... COMMIT on one pooled connection; roll back on error (``pipelined``: see db.transaction)."""
         if self._raw is not None:
             raise RuntimeError("a transaction is already open on this connection")
         if pipelined:
@@ -356,7 +333,7 @@ class PgConnection:
                 self._raw, self._sync = None, None
 
     def written_yet(self) -> bool:
-        """See ``db.written_yet``: a transaction gets its id at its first row written or locked."""
+        """A transaction gets its id at its first row written or locked."""
         if self._raw is None:
             raise RuntimeError("written_yet() needs an open transaction")
         return bool(self.execute("SELECT txid_current_if_assigned() IS NOT NULL").fetchone()[0])
@@ -364,18 +341,15 @@ class PgConnection:
     def exclusive(self) -> contextlib.nullcontext[None]:
         return contextlib.nullcontext()
 
-    def take_turn(self, name: str) -> None:
+    def serialize(self, name: str) -> None:
         """Wait for, then hold until this transaction ends, the lock called ``name``."""
         if self._raw is None:
-            raise RuntimeError("take_turn() needs an open transaction")
+            raise RuntimeError("serialize() needs an open transaction")
         self._raw.execute("SELECT pg_advisory_xact_lock(%s)", (_advisory_key(name),))
 
     def insert_rows(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """``executemany`` of an ``INSERT ... VALUES (...)``, as one statement whatever the number of
-        rows: each column's values go as one array (``unnest_insert``). psycopg's ``executemany``
-        makes every row a statement of its own, which the server parses, binds and executes, and
-        which in a pipeline costs a write to the socket each. (Rows must not collide with each
-        other on an ``ON CONFLICT ... DO UPDATE`` key: one statement may not update a row twice.)"""
+        """One statement for all rows (``unnest_insert``): psycopg's ``executemany`` makes each row
+        a statement, a socket write each. Rows must not share an ``ON CONFLICT`` key."""
         form = self._database.unnest_form(sql) if len(rows) > 1 and self._database is not None else None
         if form is None:
             self.executemany(sql, rows)  # (inside ``pipeline``, still one round trip for the block)
@@ -388,7 +362,7 @@ class PgConnection:
             raw.execute(statement, columns)  # type: ignore[call-overload]
 
     def insert_blob(self, sql: str, params: Sequence[Any], table: str, column: str) -> None:
-        """Run an INSERT whose last parameter is a blob: psycopg sends bytes as they are."""
+        # psycopg sends bytes as they are: nothing to stream
         self.execute(sql, params)
 
     def close(self) -> None:
@@ -422,7 +396,6 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
 
 
 def connect_once(url: str) -> psycopg.Connection[Any]:
-    """One connection outside any pool (migrate-store, tests), set up like the pool's."""
     try:
         conn = psycopg.connect(url, autocommit=True, row_factory=_row_factory, connect_timeout=CONNECT_TIMEOUT)
     except psycopg.Error as exc:
@@ -470,17 +443,8 @@ class PostgresDatabase:
         return PgConnection(self)
 
     def live_connection(self) -> psycopg.Connection[Any]:
-        """A pooled connection the server has not closed, as far as can be told without a round trip.
-
-        After a restart of PostgreSQL the pool still holds the connections it
-        had: the server told each it was closing and hung up, and nothing on
-        this side has read that yet. One drawn from the pool is checked for
-        such an unread ending before anything is sent on it (a ``poll``
-        with no wait, then reading what arrived); a dead one goes back to the
-        pool, which drops it, and the next is drawn. So the first transaction
-        after a restart runs on a live connection instead of failing: nothing
-        was sent on the dead ones, so nothing can have been written twice.
-        """
+        """A pooled connection the server has not closed, checked without a round trip: after a
+        PostgreSQL restart the first transaction then runs on a live one instead of failing."""
         for _ in range(self.pool.max_size):
             raw = self.pool.getconn()
             try:
@@ -495,7 +459,6 @@ class PostgresDatabase:
 
     @contextmanager
     def borrowed(self) -> Iterator[psycopg.Connection[Any]]:
-        """``live_connection()`` for the length of the block, then back to the pool."""
         raw = self.live_connection()
         try:
             yield raw

@@ -1,14 +1,9 @@
 """The SQLite backend: relay.db in the data directory.
 
-Every connection runs in WAL mode with a busy timeout, foreign keys on,
-``synchronous=FULL`` and manual transactions; writers take ``WriteLock``
-before ``BEGIN IMMEDIATE``, so every write transaction is serialised across
-threads and processes (which is what makes a plain SELECT-then-write safe
-here, and why ``serialize`` has nothing to do).
-
-Every process that opens the store also holds a shared ``flock`` on
-``relay.db-inuse`` for as long as it may use it, so a command that must have
-the file to itself (``migrate-store``) can tell that a relay is running.
+Writers take ``WriteLock`` before ``BEGIN IMMEDIATE``, so write transactions
+are one at a time across threads and processes: a SELECT-then-write is safe
+here. A shared ``flock`` on ``relay.db-inuse`` lets ``migrate-store`` tell
+that a relay is running.
 """
 
 from __future__ import annotations
@@ -41,11 +36,9 @@ class StoreInUse(Exception):
 class WriteLock:
     """One writer at a time across threads and processes, handed over without polling.
 
-    SQLite makes a writer that finds the database locked sleep and retry, with
-    sleeps growing to 100 ms, so under contention a web request could wait
-    behind a worker for a quarter of a second. Taking this lock (a thread lock,
-    then flock on a file beside the database) before BEGIN IMMEDIATE means the
-    next writer is woken the moment the previous one commits.
+    SQLite's own busy wait sleeps up to 100 ms between retries, so a request
+    could wait a quarter of a second behind a worker; this lock wakes the next
+    writer the moment the previous one commits.
     """
 
     _registry: dict[str, "WriteLock"] = {}
@@ -93,16 +86,11 @@ class RelayConnection(sqlite3.Connection):
     _changes_at_begin = -1
 
     def written_yet(self) -> bool:
-        """See ``db.written_yet``: rows changed since this transaction began."""
         return self.total_changes != self._changes_at_begin
 
     @contextmanager
     def transaction(self, durable: bool = True, pipelined: bool = False) -> Iterator["RelayConnection"]:
-        """BEGIN IMMEDIATE under the write lock; roll back on error (``pipelined`` changes nothing here).
-
-        ``durable=False`` commits with ``synchronous=NORMAL``: for writes whose
-        loss to a power cut only repeats work (a claim), never loses mail.
-        """
+        """BEGIN IMMEDIATE under the write lock; ``durable=False`` commits with ``synchronous=NORMAL``."""
         if not durable:
             self.execute("PRAGMA synchronous = NORMAL")
         try:
@@ -127,15 +115,14 @@ class RelayConnection(sqlite3.Connection):
     def exclusive(self) -> WriteLock | contextlib.nullcontext[None]:
         return self.writer if self.writer is not None else contextlib.nullcontext()
 
-    def take_turn(self, name: str) -> None:
+    def serialize(self, name: str) -> None:
         """Nothing to do: write transactions here are already one at a time."""
 
-    def pipeline(self) -> contextlib.nullcontext[None]:
+    def pipelined(self) -> contextlib.nullcontext[None]:
         """Nothing to do: a statement here costs no round trip."""
         return contextlib.nullcontext()
 
     def insert_rows(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """``executemany`` of an ``INSERT ... VALUES (...)``, as a few multi-row statements."""
         for statement, params in multi_row_inserts(sql, rows):
             self.execute(statement, params)
 
@@ -151,14 +138,9 @@ class RelayConnection(sqlite3.Connection):
 
 
 def multi_row_inserts(sql: str, rows: Sequence[Sequence[Any]]) -> Iterator[tuple[str, list[Any]]]:
-    """``rows`` for ``sql`` (an INSERT with one ``VALUES (...)`` group) as a few multi-row statements.
-
-    sqlite3 lets go of the GIL around every step of every row of an
-    ``executemany``; a thread doing that a few times per message makes the
-    event loop wait for the GIL about as often. One statement of many rows
-    steps once. The row counts are powers of two, so few statement texts are
-    ever prepared (each stays in the statement cache).
-    """
+    """``rows`` for ``sql`` as a few multi-row statements: sqlite3 lets go of the GIL at every row
+    of an ``executemany``, and the event loop waits for it as often. Row counts are powers of
+    two, so few statement texts are prepared."""
     if not rows:
         return
     most = MAX_ROWS_PER_INSERT
@@ -173,7 +155,6 @@ def multi_row_inserts(sql: str, rows: Sequence[Sequence[Any]]) -> Iterator[tuple
 
 @functools.lru_cache(maxsize=256)
 def _multi_row(sql: str, count: int) -> str:
-    """``sql`` (an INSERT with one ``VALUES (...)`` group) inserting ``count`` rows."""
     match = _VALUES.search(sql)
     if match is None:
         raise ValueError(f"not an INSERT ... VALUES (...): {sql!r}")
@@ -181,7 +162,6 @@ def _multi_row(sql: str, count: int) -> str:
 
 
 def connect(path: Path | str) -> RelayConnection:
-    """A connection with WAL, a busy timeout, foreign keys and manual transactions."""
     conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False,
                            factory=RelayConnection)
     assert isinstance(conn, RelayConnection)
@@ -248,11 +228,7 @@ def release(db_path: Path) -> None:
 
 @contextmanager
 def hold_exclusive(db_path: Path) -> Iterator[None]:
-    """Have the store to this process alone, or raise ``StoreInUse`` at once.
-
-    Fails while any other process (web, worker, another command) has it open.
-    While held, relay processes refuse to start on this store.
-    """
+    """Have the store to this process alone, or raise ``StoreInUse`` at once."""
     key = _inuse_path(db_path)
     with _holds.lock:
         entry = _holds.entries.get(key)

@@ -1,13 +1,9 @@
 """Moving a SQLite store into an empty PostgreSQL database (`tspro-relay migrate-store`).
 
-Every table of relay.db is copied as it is (the encrypted bodies and
-secrets stay encrypted: the same RELAY_SECRET_KEY reads them there), inside
-one PostgreSQL transaction that also creates the schema, so a failure leaves
-the target as empty as it was. The copy refuses to start while any relay
-process has relay.db open (and keeps new ones from opening it until it is
-done), and refuses a target that already holds tables. Afterwards relay.db
-is marked as moved: a process started without RELAY_DATABASE_URL refuses it
-instead of delivering the same waiting mail a second time.
+One PostgreSQL transaction creates the schema and copies every table as it is
+(still encrypted), so a failure leaves the target empty. relay.db is then marked
+as moved, so a process started without RELAY_DATABASE_URL refuses it instead of
+delivering the same waiting mail twice.
 """
 
 from __future__ import annotations
@@ -108,7 +104,7 @@ def _copy(store: Store, target_url: str, report: TransferReport) -> None:
         with raw.transaction():
             target = PgConnection.pinned(raw)
             # A relay starting on the target meanwhile waits here, then finds the schema made.
-            target.take_turn("tspro-relay migrations")
+            target.serialize("tspro-relay migrations")
             existing = [r[0] for r in raw.execute(
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
                 " ORDER BY table_name")]
