@@ -1,19 +1,8 @@
-"""Backups and restores of the SQLite store (relay.db).
+"""Backups and restores of the SQLite store (relay.db); docs/operating.md says what each guarantees.
 
-``backup`` copies the live database with SQLite's online backup API: one
-read transaction, so the copy is the store as it was at one instant —
-every message answered 202 before it began is in it — while the web keeps
-accepting. The copy is a single self-contained file (rollback journal, not
-WAL), private (0600: subjects and addresses are in clear), and checked.
-
-``restore`` puts such a copy in place of relay.db, only when no relay
-process has the store open (``hold_exclusive``) and only after the copy
-has proved itself: intact (``PRAGMA integrity_check``), a relay store, of a
-schema this code knows, readable with this RELAY_SECRET_KEY. Messages that
-were being delivered when the backup was taken go back to waiting (their
-worker is gone); the old database is kept beside it, and the queue is
-dropped — it held wake-ups for the old store, and every worker's sweeper
-re-enqueues whatever the restored store says is waiting.
+The backup is SQLite's online backup API, so the copy is the store at one instant
+while the web keeps accepting. A restore drops the queue: it held wake-ups for the
+old store, and the sweepers re-enqueue whatever the restored one says is waiting.
 """
 
 from __future__ import annotations
@@ -115,7 +104,6 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def restore(settings: Settings, source: Path, now: float | None = None) -> Restored:
-    """Replace the data directory's relay.db with the backup at ``source``."""
     now = time.time() if now is None else now
     try:
         with open(source, "rb") as handle:

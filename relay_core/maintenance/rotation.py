@@ -1,31 +1,10 @@
 """`tspro-relay rotate-secret`: re-encrypt everything from RELAY_SECRET_KEY_OLD to RELAY_SECRET_KEY.
 
-What the secret protects in the store, and so what is rotated:
-
-- the secret settings (``smtp_password``, ``turnstile_secret``, ``oauth_client_secret``,
-  ``oauth_refresh_token``, ``oauth_service_account``): Fernet;
-- each API key's Reveal copy (Fernet) and its lookup hash (an HMAC of the
-  key: the key is decrypted and hashed again with the new secret);
-- the key check in ``meta`` that tells a process it was given the right
-  secret (Fernet);
-- every message body still stored, queued or finished (AES-256-GCM bound to
-  the message id).
-
-(Admin sessions and CSRF tokens are signed with a key derived from the
-secret but not stored: after the switch admins sign in again.)
-
-All of it in one transaction: either every item is under the new secret or
-none changed. It is safe while the relay runs, provided its processes were
-restarted with the new secret as RELAY_SECRET_KEY and the old one as
-RELAY_SECRET_KEY_OLD first (as the steps in docs/operating.md say): such a process
-reads both, writes with the new one, and re-reads its cached settings and
-keys when the rotation bumps the revision counter. A worker delivering a
-message meanwhile holds the body it read when it claimed the message and
-never writes it back, so the delivery is neither corrupted nor repeated;
-if it is retried, it reads the re-encrypted body. On SQLite the rotation
-holds the write lock while it runs (accepts wait for it); on PostgreSQL it
-locks only the rows it rewrites. An item neither secret decrypts stops the
-rotation, changing nothing, and the error names it.
+One transaction, so either every item is under the new secret or none changed
+(docs/operating.md lists the items and the steps). Safe while the relay runs: its
+processes, restarted with both secrets, read either and re-read their caches when
+the rotation bumps the revision; a worker mid-delivery holds the body it claimed
+and never writes it back, so nothing is corrupted or sent twice.
 """
 
 from __future__ import annotations
@@ -158,7 +137,6 @@ def rotate(store: Store) -> RotationReport:
 
 
 def rotate_secret(settings: Settings, store: Store) -> RotationReport:
-    """The command's checks, then ``rotate``."""
     if not settings.secret_key_old:
         raise ConfigError("rotate-secret needs the previous secret as RELAY_SECRET_KEY_OLD (and the new one as "
                           "RELAY_SECRET_KEY); nothing was changed.")
