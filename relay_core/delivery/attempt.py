@@ -1,24 +1,8 @@
 """One delivery attempt: claim, send, record — and decide what happens next.
 
-``Deliverer.attempt(message_id)`` is what a queue task runs. It is safe to
-call any number of times for the same id: only a successful claim leads to
-SMTP, and only the lease holder may record the outcome.
-
-The worker's delivery threads write through one group commit
-(``DeliveryWrites``, the accept path's ``Intake``): claims and outcomes that
-arrive together share one transaction and one flush, instead of a
-transaction each taken one thread at a time. A thread waits for its batch's
-commit, so a claim is committed before its SMTP transaction begins and an
-outcome before anything that depends on it (the retry's wake-up); a job that
-fails (its message's row cannot be written) is undone alone and only its
-thread sees the error. The settings are read once per batch, and again only
-when their revision moved.
-
-Policy: recipients refused with 5xx fail for good; 4xx, timeouts,
-connection, TLS and AUTH errors defer them. Deferred recipients are retried
-with exponential backoff and jitter (``retry_base_seconds`` doubling up to
-``retry_max_seconds``, or later if the server said so) until the message is
-``max_age_hours`` old; then it fails with its last error.
+``Deliverer.attempt(message_id)`` is safe to run any number of times for one
+id: only a successful claim leads to SMTP, and only the lease holder records
+the outcome. The retry policy is in docs/architecture.md (Retries).
 """
 
 from __future__ import annotations
@@ -107,11 +91,10 @@ def _write_attempt_logs(conn: Connection, entries: list[LogEntry]) -> None:
 
 
 class DeliveryWrites:
-    """The worker's claims and outcomes, group-committed by one writer thread (``Intake``).
+    """The worker's claims and outcomes, group-committed (``Intake``): one flush per batch.
 
-    Each call waits for the commit of the batch its write went into. The
-    settings are the batch's (read when it begins, re-read only when their
-    revision moved), so a claim and the settings it was made under agree.
+    Each call waits for its batch's commit, so a claim is committed before its SMTP
+    transaction; the settings are the batch's, so a claim and its settings agree.
     """
 
     def __init__(self, store: Store, writers: int = 1) -> None:
@@ -128,14 +111,12 @@ class DeliveryWrites:
 
     @property
     def intake(self) -> Intake:
-        """The calling thread's writer."""
         intake = getattr(self._local, "intake", None)
         if intake is None:
             intake = self._local.intake = self.intakes[next(self._turns) % len(self.intakes)]
         return intake
 
     def start(self) -> None:
-        """Start the writer threads (the first write does it, if nobody did before)."""
         with self._start_lock:
             if not self._started:
                 for intake in self.intakes:
@@ -184,9 +165,7 @@ class Deliverer:
                  rng: random.Random | None = None, identity: str | None = None,
                  render_budget: int | None = None, overlap: bool = False) -> None:
         """``overlap``: a thread goes on to its next message while its last outcome commits (the
-        worker's threads: the next claim then shares that batch). ``attempt`` returns before the
-        outcome is stored (``Outcome.then`` waits for it); a thread waits for its previous outcome
-        before it hands over the next, so at most one per thread is ever in flight."""
+        next claim shares that batch); at most one outcome per thread is ever in flight."""
         self.store = store
         self.overlap = overlap
         self.render_budget = RenderBudget(render_budget)
@@ -308,7 +287,6 @@ class Deliverer:
 
     def _conclude(self, claimed: ClaimedMessage, options: Options, pending: list[Recipient],
                   result: DeliveryResult | None, error: DeliveryError | None, started: float) -> Outcome:
-        """Turn one attempt's result into recipient states, the message's next state and a log row."""
         results: list[RecipientResult]
         duration_ms = int((time.monotonic() - started) * 1000)
         now = self.clock()
@@ -408,11 +386,9 @@ class Deliverer:
 def return_freed_buffers() -> None:
     """Have glibc's malloc hand large buffers back to the system when they are freed.
 
-    glibc raises its mmap threshold each time a large mapped block is freed
-    (up to 32 MiB); after that a message's buffers come from per-thread
-    heaps, which keep what they held. Eight delivery threads on 20 MiB
-    attachments grew the worker by 531 MiB where 109 MiB were in use at
-    once; with the threshold fixed at its default, by 127 MiB.
+    glibc raises its mmap threshold each time a large block is freed, after which
+    per-thread heaps keep what they held: eight threads on 20 MiB attachments grew
+    the worker by 531 MiB, by 127 MiB with the threshold fixed.
     """
     try:
         ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
@@ -423,12 +399,9 @@ def return_freed_buffers() -> None:
 class RenderBudget:
     """Stored bytes claimed, rendered and sent at once by one worker's threads.
 
-    A delivery holds about twice its stored message (see ``render``), so
-    eight threads taking eight of the largest messages at once would hold
-    over 500 MiB. A thread claims only once the largest message the settings
-    admit fits in the budget, then keeps what its message needs until its
-    attempt ends. By default the budget is two of those largest messages; a
-    message larger than the budget goes alone.
+    A delivery holds about twice its stored message, so eight threads on the
+    largest messages would hold over 500 MiB. A thread claims only once the
+    largest admissible message fits (by default the budget is two of them).
     """
 
     def __init__(self, limit: int | None = None) -> None:
@@ -476,8 +449,7 @@ class LeaseKeeper:
     """Renews the leases of deliveries in progress, so a slow server (100 slow RCPT
     replies, a large DATA) never lets another worker take a message mid-send.
 
-    A delivery stuck for longer than ``MAX_ATTEMPT_SECONDS`` is no longer
-    renewed: its lease runs out and the message can be taken again.
+    Past ``MAX_ATTEMPT_SECONDS`` a stuck delivery is no longer renewed.
     """
 
     MAX_ATTEMPT_SECONDS = 3600.0

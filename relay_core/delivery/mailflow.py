@@ -1,21 +1,9 @@
 """Would mail flow now? One judgement, shared by /api/health, the CLI and the admin UI.
 
-(Container liveness checks, `tspro-relay healthcheck`, are ``health.py``'s.)
-
 The portal's "test connection" reads only ``ok``, ``configured`` and ``error``
-from /api/health, so ``ok`` must be false, with a sentence the portal can
-show, whenever an accepted message would not go out now:
-
-- SMTP delivery is not configured (or no API key exists);
-- delivery is paused (`tspro-relay pause`);
-- no worker has reported in the last minute;
-- the OAuth 2.0 connection to Microsoft 365 or Google was revoked;
-- the upstream server is failing: the last ``window`` attempts (3 by default)
-  since its settings last changed all failed at connect, TLS or AUTH; or,
-  before any attempt with the new settings, a worker's check of them
-  (``probe.check_new_settings``) failed.
-
-The facts behind the verdict are returned too, in plain words, so every
+from /api/health, so ``ok`` must be false, with a sentence the portal can show,
+whenever an accepted message would not go out now (not configured, paused, no
+worker, OAuth revoked, the upstream failing). The facts come back too, so every
 place that shows them tells the same story.
 """
 
@@ -122,11 +110,7 @@ def assess_upstream(attempts: list[AttemptFact], window: int = UPSTREAM_WINDOW,
 
 
 def assess(store: Store, now: float | None = None, window: int = UPSTREAM_WINDOW, counts: bool = True) -> Health:
-    """Read the store and judge whether mail would flow now.
-
-    ``counts=False`` leaves out the messages per state (a scan of the whole
-    messages table) for callers that count what they need themselves.
-    """
+    """Judge whether mail would flow now; ``counts=False`` skips the scan counting messages per state."""
     now = time.time() if now is None else now
     options = store.options()
     has_key = any(key.revoked_at is None for key in store.api_keys())

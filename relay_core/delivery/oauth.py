@@ -1,32 +1,11 @@
 """OAuth 2.0 access tokens for SMTP XOAUTH2: Microsoft 365 (through msal) and Google.
 
-Where each token comes from (``smtp_auth``):
-
-- ``microsoft``: with a connected account (a refresh token, from the device
-  code sign-in), the refresh-token grant with scope SMTP.Send; otherwise,
-  with a client secret or certificate, the client-credentials grant for
-  https://outlook.office365.com/.default (the application way, SMTP.SendAsApp).
-  The endpoints come from ``{oauth_authority}/{oauth_tenant}``'s OpenID
-  configuration.
-- ``google``: the refresh-token grant at the token endpoint named by
-  ``oauth_google_authority``'s OpenID configuration (the account is connected
-  with the authorization code flow and PKCE through the Settings page; the
-  exchange is a plain form POST, so it needs no library); or, for a Workspace
-  admin, a service account with domain-wide delegation (google-auth signs the
-  JWT naming the mailbox).
-
-Access tokens are kept in memory in each process and fetched again a little
-before they expire. A refresh token the server rotates is written back at
-once, under a compare-and-set (``_save_rotated``): of two workers refreshing
-at the same moment, the later answer is kept, and a worker whose answer
-arrives after the account was connected again never overwrites the new
-connection. A refused grant (revoked, password changed, consent withdrawn:
-``invalid_grant``) is marked in the store: delivery waits (deferred, never
-failed) and /api/health, the dashboard and the log say one sentence naming
-the fix, until the account is connected again.
-
-msal and google-auth are imported only when a token needs them: a relay
-that signs in with a password never loads either.
+The grants for each provider and account kind are in docs/oauth.md. A refresh
+token the server rotates is written back under a compare-and-set
+(``_save_rotated``), so a worker whose answer arrives after the account was
+connected again never overwrites the new connection. A refused grant is marked
+in the store: delivery waits and the health check names the fix. msal and
+google-auth are imported only when a token needs them.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """Pausing delivery: accept and queue, deliver nothing, lose nothing.
 
-While ``delivery_paused`` is set, workers claim nothing (see
-``Deliverer.attempt``): a wake-up they take is simply dropped, because the
-store, not the queue, is the truth. Resuming therefore has to wake every
-waiting message again; ``resume`` does that at once, and each worker's
-sweeper does it too when it sees the setting go back (a resume from the
-admin UI or `config set`).
+A paused worker drops the wake-ups it takes (the store, not the queue, is the
+truth), so resuming must wake every waiting message again: ``resume`` does,
+and each sweeper does when it sees the setting cleared elsewhere.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ def pause(store: Store, audit: tuple[str, str] | None = None) -> None:
 
 
 def resume(store: Store, relay_queue: RelayQueue | None, audit: tuple[str, str] | None = None) -> int:
-    """Clear the pause and re-enqueue every message waiting now. Returns how many."""
+    """Clear the pause and re-enqueue every message waiting now; how many."""
     store.set_options({"delivery_paused": False},
                       (*audit, "delivery.resume", "resumed delivery") if audit else None)
     return wake_waiting(store, relay_queue)

@@ -1,14 +1,9 @@
 """The connection check: connect, secure and sign in at the mail server without sending mail.
 
-The admin's Test connection button runs it on the settings as typed. A worker
-runs it too, once, as soon as the saved SMTP settings change: until real
-delivery attempts have been made with the new settings, its outcome is what
-/api/health and the dashboard judge the mail server by (``mailflow``), so a
-wrong password shows at once rather than after three messages have failed.
-
-One worker checks each change: the outcome lives in the ``meta`` row
-``upstream_probe`` (JSON), and a worker claims a change by replacing the
-row's old text with a "checking" one only if no other worker did first.
+A worker also runs it once after each change of the saved SMTP settings, so a
+wrong password shows in /api/health at once rather than after three failed
+messages. One worker checks each change: it claims it by a compare-and-set on
+the ``meta`` row ``upstream_probe``.
 """
 
 from __future__ import annotations

@@ -1,22 +1,9 @@
 """SMTP delivery with every failure classified.
 
-``Mailer.deliver`` runs one SMTP transaction (MAIL, RCPT per recipient,
-DATA) and returns each recipient's outcome. Whole-transaction failures raise
-``DeliveryError`` naming the stage (connect, STARTTLS, AUTH, MAIL, RCPT,
-DATA) and whether retrying can help: 5xx replies are permanent; 4xx
-replies, timeouts, connection, TLS and AUTH errors are transient. Error text
-never carries a secret.
-
-AUTH is a password (smtplib's PLAIN or LOGIN) or, for Microsoft 365 and
-Google, an OAuth 2.0 access token through SASL XOAUTH2: the client sends
-``user={mailbox}^Aauth=Bearer {token}^A^A`` in base64; a server refusing it
-first sends a 334 challenge (base64 JSON naming the error), which the client
-answers with an empty line, and then its 535 or 454. The token itself comes
-from ``oauth.py``; this module only carries it.
-
-A ``Mailer`` belongs to one worker thread and keeps its connection open for
-``connection_idle_seconds`` between messages (RSET before reuse), so a burst
-pays the TCP, TLS and AUTH handshakes once.
+Whole-transaction failures raise ``DeliveryError`` naming the stage and whether
+retrying can help (5xx permanent; 4xx, timeouts, connection, TLS and AUTH
+transient); error text never carries a secret. A ``Mailer`` keeps its thread's
+connection between messages, so a burst pays the TCP, TLS and AUTH handshakes once.
 """
 
 from __future__ import annotations
@@ -142,10 +129,8 @@ def _reply_text(raw: bytes | str) -> str:
 
 
 def tls_context(verify: bool = True, ca_file: str = "") -> ssl.SSLContext:
-    """The system's trust store (SSL_CERT_FILE honoured) plus ``ca_file`` when set.
-
-    Raises ``DeliveryError`` when ``ca_file`` cannot be read: a private CA named
-    but missing must not quietly fall back to trusting fewer servers' names."""
+    """The system's trust store plus ``ca_file``; a named CA that cannot be read raises rather than
+    quietly trusting less."""
     context = ssl.create_default_context()
     if ca_file:
         try:
@@ -166,7 +151,8 @@ def xoauth2_response(mailbox: str, token: str) -> str:
 
 
 class _XOAuth2:
-    """smtplib's authobject: the initial response, then an empty line to the error challenge."""
+    """smtplib's authobject: the initial response; a refusing server first sends a 334
+    challenge (base64 JSON naming the error), answered with an empty line."""
 
     def __init__(self, mailbox: str, token: str) -> None:
         self.initial = xoauth2_response(mailbox, token)
@@ -246,7 +232,6 @@ def _login(client: smtplib.SMTP, username: str, password: str) -> None:
 
 
 def connect(target: Target) -> smtplib.SMTP:
-    """Open, secure and authenticate a connection. Raises ``DeliveryError``."""
     stage = "connect"
     client: smtplib.SMTP | None = None
     try:
@@ -322,7 +307,6 @@ def _abandon(client: smtplib.SMTP | None) -> None:
 
 def transact(client: smtplib.SMTP, envelope_from: str, recipients: list[str],
              body: bytes | bytearray) -> DeliveryResult:
-    """MAIL, RCPT for each recipient, DATA. Raises ``DeliveryError`` for whole failures."""
     stage = "MAIL"
     try:
         code, reply = client.mail(envelope_from)
@@ -363,12 +347,7 @@ def transact(client: smtplib.SMTP, envelope_from: str, recipients: list[str],
 
 
 def _data(client: smtplib.SMTP, body: bytes | bytearray) -> tuple[int, bytes]:
-    """DATA, the message sent a piece at a time.
-
-    ``smtplib.SMTP.data`` builds three whole copies of the message (the
-    dot-stuffed one, then two concatenations for the ending) before sending a
-    byte; here the worker holds the rendered message and one piece.
-    """
+    """DATA a piece at a time: ``smtplib.SMTP.data`` builds three whole copies first."""
     client.putcmd("data")
     code, reply = client.getreply()
     if code != 354:
@@ -379,10 +358,8 @@ def _data(client: smtplib.SMTP, body: bytes | bytearray) -> tuple[int, bytes]:
 
 
 def _data_pieces(body: bytes | bytearray) -> Iterator[bytes]:
-    """The message in pieces of about ``_DATA_PIECE`` bytes, cut after a line end, with a
-    second dot before every line that begins with one (RFC 5321 section 4.5.2), and the
-    ending (CRLF . CRLF) on the last piece: sent alone, Nagle's algorithm held it until the
-    server's delayed ACK of the piece before (40 ms on Linux), which halved the delivery rate."""
+    """The message dot-stuffed in pieces cut after a line end, the ending (CRLF . CRLF) on the
+    last: sent alone, Nagle held it for the server's delayed ACK (40 ms), halving the rate."""
     start, line_start = 0, True
     while True:
         end = min(start + _DATA_PIECE, len(body))
