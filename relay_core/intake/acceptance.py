@@ -1,14 +1,9 @@
 """Accepted messages written many at a time: the web's group commit hands a batch's rows here.
 
-``ledger.insert_message`` and ``insert_log`` write one message or log row
-with a statement each; a batch of accepts written that way costs, on
-PostgreSQL, four round trips per message, and on SQLite a release and
-re-acquisition of the GIL per row and table (which the event loop, wanting
-the GIL for the next requests, pays for). These write a batch's messages,
-recipients, log rows, their counts and search index with a few statements
-per table (``conn.insert_rows``): on PostgreSQL one statement of arrays per
-table, all in one pipeline (one round trip), on SQLite multi-row INSERTs.
-Same rows, same counts, as the one-at-a-time functions would write.
+The same rows and counts as ``ledger.insert_message`` and ``insert_log``, with a
+few statements per table instead of one per row: one at a time cost four round
+trips per message on PostgreSQL, and on SQLite a GIL hand-over per row that the
+event loop pays for.
 """
 
 from __future__ import annotations
@@ -61,9 +56,7 @@ def insert_accepted(conn: Connection, accepted: list[tuple[NewMessage, LogEntry,
                     keys: KeySet) -> None:
     """Accepted messages with their log rows, many at once (the web's group commit writes these).
 
-    Each comes with its document, sealed here into the message's body (the
-    writer thread encrypts, so the event loop never lets go of the GIL for it);
-    a batch written again (``Intake``'s isolated rerun) seals it again.
+    Sealed here, in the writer thread, so the event loop never waits on encryption.
     """
     for msg, _, document in accepted:
         msg.body = keys.encrypt_body(document, msg.id)

@@ -1,30 +1,15 @@
 """Group commit for the accept path.
 
-With ``synchronous=FULL`` (SQLite) or ``synchronous_commit=on``
-(PostgreSQL) every commit waits for a flush to disk, and SQLite serialises
-writers anyway. So the web process hands each write (an accepted message, a
-rejection for the log) to one writer thread, which takes everything waiting,
-runs each job in its own SAVEPOINT inside one transaction, commits once and
-then answers them all. Under load, one fsync covers many messages; alone, a
-job waits for nobody. Only after the commit does the caller answer 202, and
-only then are the ids enqueued (a lost enqueue is repaired by the sweeper).
+Every commit waits for a flush to disk, so one writer thread takes everything
+waiting, runs each job in one transaction, commits once and answers them all:
+under load one fsync covers many messages; alone, a job waits for nobody.
 
-A job submitted with ``isolated=False`` runs without its savepoint (two
-statements, and on PostgreSQL two round trips, fewer per message): it
-promises to raise only ``NothingWritten`` errors before its first write. Any
-other error from it rolls the batch back and the batch runs again with a
-savepoint around every job, so one job's failure still costs only that job.
-Such a job hands its rows to ``write(conn, kind, row)``: in that first pass
-they are kept and written with all the batch's others at its end (one
-``executemany`` per table; on PostgreSQL one round trip for the batch
-instead of several per message); anywhere else, at once.
-``at_begin`` runs first in each batch's transaction; its value is
-``batch_value`` for that batch's jobs (the web reads the settings' revision
-there once per batch).
-
-A caller on an event loop (``submit_async``) gets an asyncio future that
-the writer settles, with every other one of the batch, in a single call into
-that loop: one wake-up of the loop per batch instead of one per request.
+A job with ``isolated=False`` skips its SAVEPOINT (two statements, on PostgreSQL
+two round trips) by promising to raise only ``NothingWritten`` before its first
+write; any other error reruns the batch with a savepoint around every job, so
+one job's failure still costs only that job. Its rows go through ``write`` and
+are written with the batch's others at its end. An event loop's futures are
+settled in one call per batch: one wake-up of the loop, not one per request.
 """
 
 from __future__ import annotations
@@ -109,7 +94,6 @@ class Intake:
         return self._thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish what is waiting, then end the writer thread."""
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join(timeout)
@@ -122,12 +106,7 @@ class Intake:
 
     def submit_async(self, job: Job, isolated: bool = True,
                      loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future[Any]:
-        """``submit`` for a caller on a running event loop (``loop``, when the caller knows it): await
-        the result.
-
-        ``isolated=False``: the job raises nothing but ``NothingWritten`` before
-        its first write, so it needs no savepoint (see the module docstring).
-        """
+        """``submit`` for a caller on a running event loop (``isolated``: see the module docstring)."""
         loop = loop or asyncio.get_running_loop()  # (which asks the system for the process id)
         waiter = loop.create_future()
         self._jobs.put(_Pending(job, isolated=isolated, loop=loop, waiter=waiter))
