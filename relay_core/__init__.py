@@ -1,7 +1,3 @@
-"""TS Pro Relay core: settings, crypto, the store, messages, SMTP and the queue.
-
-Nothing in this package knows about HTTP; both the web and the worker
-processes import it.
-"""
+"""TS Pro Relay core: what the web and the worker both stand on; nothing here knows HTTP."""
 
 __version__ = "0.1.0"

@@ -1,18 +1,10 @@
 """Keys derived from RELAY_SECRET_KEY, encryption at rest, password hashing.
 
-One secret, several purposes: HKDF gives each purpose its own key so that a
-session cookie signature can never be replayed as a ciphertext and so on.
-
-- small secrets (SMTP password, API keys for the Reveal button): Fernet;
-- message bodies: AES-256-GCM with the message id as associated data. A
-  20 MiB attachment makes a ~28 MiB body; Fernet would base64 it again and
-  hold four copies while doing so, GCM encrypts it in one pass and binds it
-  to its row (a body copied onto another message fails to decrypt);
-- API keys are looked up by an HMAC of the key, never stored in clear;
-- the admin password: Argon2id at OWASP's parameters (19 MiB, 2 passes, one
-  lane): about 30 ms and 19 MiB per check, so the sign-in page cannot be used
-  to run the box out of memory. Hashes made before (scrypt N=2^17, r=8: 128 MiB
-  each) still verify, one at a time, and are replaced at the next sign-in.
+HKDF gives each purpose its own key, so a cookie signature can never be
+replayed as a ciphertext. Bodies use AES-256-GCM bound to the message id rather
+than Fernet, which would base64 a 28 MiB body again and hold four copies; a body
+copied onto another row fails to decrypt. Argon2id's 19 MiB per check (scrypt's
+was 128 MiB) keeps the sign-in page from running the box out of memory.
 """
 
 from __future__ import annotations
@@ -103,13 +95,8 @@ class KeySet:
 
 
 class _RandomPool:
-    """Bytes from os.urandom, read 4 KiB at a time and each handed out once.
-
-    The accept path needs a few random bytes twice per message (the id, the
-    AES-GCM nonce); one system call per 4 KiB instead of two per message. A
-    forked child starts with an empty pool, so it never repeats its parent's
-    bytes (a repeated nonce under one key would break AES-GCM).
-    """
+    """Bytes from os.urandom, read 4 KiB at a time (one system call, not two per message) and
+    each handed out once; a forked child starts empty, since a repeated nonce breaks AES-GCM."""
 
     SIZE = 4096
 
@@ -136,7 +123,6 @@ os.register_at_fork(after_in_child=_POOL._reset)
 
 
 def random_bytes(count: int) -> bytes:
-    """``count`` bytes from the system's CSPRNG (os.urandom), never handed out twice."""
     return _POOL.take(count)
 
 

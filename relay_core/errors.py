@@ -1,8 +1,5 @@
-"""Errors that carry their HTTP status, so one handler can answer them all.
-
-The web layer turns any ``RelayError`` into ``{"ok": false, "error": ...}``
-with ``status``; the core raises them without knowing about HTTP.
-"""
+"""Errors that carry their HTTP status, so one web handler answers them all and the core
+raises them without knowing HTTP."""
 
 from __future__ import annotations
 

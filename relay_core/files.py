@@ -1,12 +1,9 @@
 """The data directory's permissions: what it holds is private to the relay's user.
 
-relay.db and queue.db hold addresses and subjects in clear (bodies and
-secrets are encrypted), so the directory is created 0700 and the database
-files 0600. SQLite creates a database's -wal and -shm files with the
-database file's own mode, so creating the file first, 0600, is enough for
-all three. A directory that already exists is the operator's: its mode is
-left alone (it may be shared on purpose), but the relay's own files in it
-are made private.
+The databases hold addresses and subjects in clear. SQLite gives -wal and -shm
+the database file's mode, so creating it 0600 first covers all three. An
+existing directory is the operator's (it may be shared on purpose): its mode is
+left alone.
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """Health checks for containers and supervisors: `tspro-relay healthcheck`.
 
-Three checks, one per role:
-
-- the web process answers ``/healthz`` (an HTTP request to its port);
-- a worker is alive: its heartbeat in the store is recent. A worker marks
-  itself in a small file in the temporary directory (its pid, its name in
-  the ``workers`` table and its store), so the check looks at the workers of
-  this store running *here* (in this container, or on this machine) and
-  needs no web process. When none runs here, any worker's heartbeat will
-  do: that answers "is mail being delivered at all?" from elsewhere;
-- ``--auto`` looks at what the container's main process (PID 1) runs and
-  checks that: web, worker, or both for ``run``. One image serves every role,
-  so its HEALTHCHECK cannot name the role itself.
+A worker marks itself in a file in the temporary directory, so the check judges
+the workers running *here* by their heartbeat, with no web process. ``--auto``
+reads PID 1's role: one image serves every role, so its HEALTHCHECK cannot name it.
 """
 
 from __future__ import annotations
@@ -154,7 +145,6 @@ def read_cmdline(pid: int = 1) -> list[str]:
 
 
 def check_auto(load: Callable[[], Settings], pid: int = 1) -> None:
-    """Check whatever role process ``pid`` runs: web, worker, or both."""
     try:
         role, port = main_process_role(read_cmdline(pid))
     except OSError as exc:

@@ -1,13 +1,8 @@
 """Process logging: text lines, or one JSON object per line, on stderr; never a secret.
 
-With ``RELAY_LOG_FORMAT=json`` every record becomes one JSON object with
-``time`` (UTC, ISO 8601), ``level``, ``event`` (a short dotted name such as
-``delivery.attempt``), ``logger`` and ``message``, plus the structured fields
-a call passes with ``extra=`` — the message id first of all. Only the fields
-named in ``STRUCTURED_FIELDS`` are copied: whatever else a record carries
-(arguments of a library's log call, say) stays out, so a body, a key or a
-password can reach the log only by being written into a message on purpose,
-and no call here does that.
+Only the fields named in ``STRUCTURED_FIELDS`` reach a JSON line: whatever else
+a record carries (a library's arguments, say) stays out, so a body, key or
+password reaches the log only if written into a message on purpose.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """The relay's own settings: SMTP, senders, limits and delivery policy.
 
-They live in the database (edited with `tspro-relay config set` or the admin
-UI) so that a change takes effect in every running process without a
-restart. This module owns their names, defaults, parsing and validation;
-``store/`` owns where they are kept.
+They live in the database, so a change takes effect in every running process
+without a restart; this module owns their names, defaults and validation.
 """
 
 from __future__ import annotations
@@ -369,11 +367,8 @@ assert set(PARSERS) == set(OPTION_NAMES) == set(HELP)
 
 
 def parse_option(name: str, value: str, label: str | None = None) -> Any:
-    """Validate one `key=value`; raises ``BadRequest`` with a clear sentence.
-
-    ``label`` is what the sentence calls the setting: the CLI names the key,
-    the admin UI the field's visible label; the rules are the same.
-    """
+    """Validate one `key=value`, or ``BadRequest`` with a sentence naming ``label`` (the CLI's key,
+    the admin UI's visible label: the same rules for both)."""
     if name not in PARSERS:
         raise BadRequest(f"Unknown setting {name!r}; known settings: {', '.join(OPTION_NAMES)}.")
     return PARSERS[name](label or name, value)

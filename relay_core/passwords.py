@@ -1,11 +1,7 @@
-"""One password policy for the admin account, shared by the Admin account card and
-`tspro-relay admin set-password`: both once accepted different passwords
-(`password` and `changeme` from the command line only).
+"""One password policy for the admin account, shared by the Admin account card and the CLI.
 
-At least 8 characters, and not one of the passwords guessed first: the relay's
-own setup values and the commonest passwords of that length in leaked-password
-lists (compared without case). The list is short on purpose: it stops the
-first guesses of an online attack, which the sign-in lockout then slows.
+The list of refused passwords is short on purpose: it stops an online attack's
+first guesses, which the sign-in lockout then slows.
 """
 
 from __future__ import annotations
@@ -27,9 +23,7 @@ monkey12 dragon12 michael1 jennifer computer internet shadow12 charlie1 jordan23
 
 def password_problem(password: str, seed: str | None = None) -> str | None:
     """What is wrong with ``password`` as a new admin password, in one sentence; None when nothing.
-
-    ``seed``: the first-boot password from the environment, which sits in setup files.
-    """
+    ``seed``: the first-boot password, which sits in setup files."""
     if len(password) < MIN_LENGTH:  # what is wrong, not the field's hint ("At least 8 characters") again
         return f"Too short: {len(password)} character{'s' if len(password) != 1 else ''}, fewer than {MIN_LENGTH}."
     if password.lower() in COMMONEST or (seed is not None and password == seed):

@@ -1,10 +1,8 @@
 """The Huey queue: a wake-up call carrying a message id, nothing more.
 
-Huey deletes a task when a consumer takes it, so a consumer killed mid-task
-loses it; the store is the truth and the sweeper re-enqueues anything that
-was dropped. That is also why queue.db runs with ``synchronous=NORMAL``: a
-lost enqueue costs a sweep interval, never a message, and the accept path
-saves an fsync.
+The store is the truth and the sweeper re-enqueues what the queue drops, so
+queue.db runs with ``synchronous=NORMAL``: a lost enqueue costs a sweep
+interval, never a message, and the accept path saves an fsync.
 """
 
 from __future__ import annotations
@@ -96,8 +94,7 @@ class RelayQueue:
             self._deliver.schedule((message_id,), eta=dt.datetime.fromtimestamp(eta, dt.timezone.utc))
 
     def wake_up(self, message_id: str) -> bytes:
-        """The serialized task for one message, as ``huey.serialize_task`` would make it
-        (a task id unique to this process and call, the message id as the argument)."""
+        """The task for one message, as ``huey.serialize_task`` would make it."""
         message = self._message((f"{self._id_prefix}{next(self._ids)}", *self._between, (message_id,), *self._after))
         return bytes(self.huey.serializer.serialize(message))
 
