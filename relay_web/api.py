@@ -1,11 +1,8 @@
 """The portal's JSON API: POST /api/send, GET /api/messages/{id}, health.
 
-An accept reads: key -> capped body -> parse_payload -> encrypt -> group
-commit (with the key's send count) -> 202. The key is checked before a byte
-of the body is read, so an empty POST tells a valid key (400) from a bad one
-(401). A missing or wrong key counts against its address's budget
-(``relay_core.store.refusals``): past it, 429 instead of 401, and no log row of
-its own either way.
+The key is checked before a byte of the body is read, so an empty POST tells
+a valid key (400) from a bad one (401); a wrong key counts against its
+address's budget (429 past it).
 """
 
 from __future__ import annotations
@@ -54,9 +51,7 @@ def authenticate(request: Request, keys: list[ApiKey] | None = None, options: Op
                  rev: int | None = None) -> ApiKey:
     """The live key of this request; else 401, or 429 once its address is over its budget.
 
-    ``rev``: the revision ``keys`` were read at, when they may be out of date
-    (the send path's cached snapshot): no refusal is given on them before
-    checking that they are still current (``_Stale`` otherwise).
+    ``rev``: the revision of a cached ``keys``; no refusal on them before checking it (``_Stale``).
     """
     state = _state(request)
     token = bearer_token(request)
@@ -109,14 +104,9 @@ def declared_length(request: Request) -> int | None:
 
 async def read_capped_body(request: Request, cap: int, fresh_cap: Callable[[], int] | None = None,
                            too_big: Callable[[int], PayloadTooLarge] = _body_too_big) -> bytearray:
-    """Read at most ``cap`` bytes; stop and refuse as soon as the body is bigger.
-
-    The buffer grows with what arrives, never from the declared length: a
-    client may declare 36 MB and send a byte a minute. (Large buffers are
-    mappings of their own, ``server._return_large_buffers_to_the_os``, so
-    growing one moves no bytes.) ``fresh_cap``: the cap as the settings say
-    now, asked once before refusing (``cap`` may be out of date).
-    """
+    """Read at most ``cap`` bytes, growing with what arrives, never from the declared length
+    (a client may declare 36 MB and send a byte a minute). ``fresh_cap``: asked once before
+    refusing, since ``cap`` may be out of date."""
     body = bytearray()
     try:
         async for chunk in request.stream():
@@ -245,12 +235,9 @@ STALE_RETRIES = 3
 async def accept(request: Request) -> tuple[int, dict[str, Any], dict[str, str] | None]:
     """Validate, store and answer one send: (status, JSON answer, extra headers); refusals raise.
 
-    The request is checked against the settings and keys this process last
-    read, without a database read of its own: the transaction that stores the
-    message first checks that their revision is still current, and a refusal
-    is given only after the same check. When they changed (a key revoked, the
-    SMTP host set, by this or another process) the request is checked again
-    against the new ones, so nothing is accepted or refused on stale settings.
+    Checked against the settings this process last read, without a read of its
+    own; the writer checks their revision before anything is answered
+    (docs/architecture.md, Settings without a read per send).
     """
     started = time.perf_counter()
     state = _state(request)
@@ -446,7 +433,6 @@ async def message_status(request: Request) -> JSONResponse:
 
 
 async def api_health(request: Request) -> JSONResponse:
-    """Whether mail would flow now; ``ok`` false with an ``error`` sentence when it would not."""
     authenticate(request)
     state = _state(request)
     health = await run_in_threadpool(assess, state.store)
@@ -480,14 +466,13 @@ def error_response(request: Request, exc: RelayError) -> JSONResponse:
 
 
 def rejection_reason(exc: RelayError) -> str:
-    """The metrics label of a refusal: its error class in snake case (bad_request, rate_limited...)."""
     name = type(exc).__name__
     return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
 
 
 async def log_rejection(request: Request, exc: RelayError) -> None:
-    """A refused send with a good key is in the transaction log with the source IP: a row of its own
-    for the first few of a minute from one address, then counted into one row (``relay_core.store.refusals``)."""
+    """A refused send with a good key: a log row of its own for the first few a minute from one
+    address, then counted into one row, so a flood cannot fill the log."""
     state = _state(request)
     ip = client_ip(request, state.settings)
     reason = rejection_reason(exc)

@@ -1,9 +1,7 @@
 """The web application factory: one route table, a lifespan that opens the store.
 
-The API (JSON under /api/ and /healthz) and the admin pages share one port
-and one route table. Errors answer in the shape of where they happened: the
-contract's JSON under /api/, an HTML error page elsewhere. The security
-headers middleware wraps everything, Starlette's own error answers included.
+Errors answer in the shape of where they happened: the contract's JSON under
+/api/, an HTML error page elsewhere.
 """
 
 from __future__ import annotations
@@ -85,9 +83,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
 async def store_error(request: Request, exc: Exception) -> Response:
     """The store failed (the database is down, a secret cannot be read): 503, no traceback.
 
-    Registered per exception class, so Starlette answers without re-raising:
-    a re-raised error makes uvicorn drop the connection, and a client that
-    was still sending its body could get a reset instead of this answer.
+    Registered per class so Starlette does not re-raise: uvicorn would drop the
+    connection, and a client still sending its body could get a reset.
     """
     logger.error("the store is unavailable on %s %s: %s", request.method, request.url.path, exc,
                  extra=fields("web.store_unavailable", method=request.method, path=request.url.path))

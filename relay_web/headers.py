@@ -1,15 +1,7 @@
 """Security headers on every response: one pure ASGI middleware, so no route can forget.
 
-It wraps the whole application, outside Starlette's own error middleware, so
-its 404, 405, 413 and 500 answers get the same headers as the API and the
-pages. The Content-Security-Policy forbids inline script and style (all
-behaviour is in /static/app.js); a page that needs more, as the sign-in
-page with Turnstile does, asks for it through ``allow_turnstile``.
-
-Every answer but a static file's is ``Cache-Control: no-store`` (API answers
-carry message ids and states; admin pages settings and addresses), and
-every textual type (text/*, JSON, JavaScript, SVG, XML) names its charset,
-so no browser guesses one. tests/web/test_headers.py walks every route.
+Outside Starlette's own error middleware, so its 404, 405, 413 and 500 get the
+same headers; which headers and why is docs/security.md's (Headers).
 """
 
 from __future__ import annotations
@@ -52,11 +44,8 @@ _TURNSTILE_CSP = (b"content-security-policy", (BASE_POLICY + TURNSTILE_POLICY).e
 
 
 def _secured(raw: Any, status: int, static: bool, turnstile: bool) -> list[tuple[bytes, bytes]]:
-    """The response's headers with ours set, each once, in one pass over them.
-
-    Ours replace any the app set (a static file's own Cache-Control excepted),
-    and a textual Content-Type without a charset gets ``charset=utf-8``.
-    """
+    """The response's headers with ours set, replacing the app's (a static file's Cache-Control
+    excepted), in one pass."""
     headers: list[tuple[bytes, bytes]] = []
     own_cache: bytes | None = None
     for name, value in raw:

@@ -1,25 +1,10 @@
 """What one HTTP request may make the web process hold, and for how long.
 
-uvicorn's httptools protocol, the one the relay runs, reads a request head of
-any size for as long as the client likes: httptools joins a header line's
-pieces until the line ends, so one endless header line grew the process by
-150 MiB, and a connection that sent half a head was held for good. (uvicorn's
-h11 protocol has a head limit, but serves about half as many requests.)
-``LimitedHttpToolsProtocol`` counts a head's bytes before the parser sees
-them and gives each phase of a request a deadline:
-
-- a head (request line and headers) over ``HEAD_LIMIT`` bytes: 431, close;
-- a head not complete ``HEAD_SECONDS`` after its first byte: 408, close (a
-  new connection that sends nothing that long is closed without a word);
-- a body that stops arriving for ``BODY_IDLE_SECONDS``: close (the app sees
-  the client go); a body still arriving once the app has answered (a 401,
-  413 or 429 before reading it) has that long in all to end.
-
-Each is one warning line, at most ``LogBudget.per_minute`` a minute (the
-rest counted into the next): an attacker reconnecting in a loop does not
-fill the disk.
-
-``BodyBudget`` bounds the bodies being read at once (``api.read_capped_body``).
+uvicorn's httptools protocol reads a request head of any size for as long as
+the client likes: one endless header line grew the process by 150 MiB, and half
+a head held a connection for good (h11 has a limit but serves half as many
+requests). The limits and their answers are in docs/security.md; warnings are
+rate-limited so a client reconnecting in a loop does not fill the disk.
 """
 
 from __future__ import annotations
@@ -211,14 +196,9 @@ SMALL_BODY = 64 * 1024  # claims nothing: a portal message without attachments (
 class BodyBudget:
     """Bytes of request bodies this process is reading or holding at once, claimed before reading.
 
-    A body claims its declared Content-Length (the cap when it declares
-    none) and gives it back when its request is answered. The claim is an
-    account, not memory: what is held is what has arrived. Judging by the
-    declared length refuses a request before a byte of its body is read,
-    never half-way through. A body of at most ``SMALL_BODY`` claims
-    nothing, so a key holder who fills the budget with slow large bodies
-    does not stop the portal's ordinary sends (those bodies are bounded by
-    the connections: 1,000 × 64 KiB).
+    A body claims its declared length, so a refusal comes before a byte is read,
+    never half-way. A body of at most ``SMALL_BODY`` claims nothing, so slow
+    large bodies filling the budget do not stop the portal's ordinary sends.
     """
 
     def __init__(self) -> None:

@@ -1,10 +1,8 @@
 """GET /metrics: the Prometheus text format, built from the store at scrape time.
 
-Off (404) unless RELAY_METRICS=1. With RELAY_METRICS_TOKEN set, a scraper
-must send ``Authorization: Bearer <token>`` (401 otherwise). The numbers are
-the store's (``relay_core.store.metrics``), so any web process of a relay answers
-for all of them; this process first writes the accept latencies it still
-holds, so a scrape right after a burst already counts them.
+The numbers are the store's, so any web process answers for the whole relay;
+it first writes the accept latencies it still holds, so a scrape right after a
+burst counts them.
 """
 
 from __future__ import annotations

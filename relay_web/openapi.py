@@ -1,16 +1,7 @@
 """The JSON API described as OpenAPI 3.1, served at GET /api/openapi.json.
 
-A Python data structure built from the code's own constants (the request's
-known fields, the recipient cap, the message and recipient states, the
-Idempotency-Key window), so the document moves when they do;
-tests/web/test_openapi.py checks the rest against real answers, and a
-Schemathesis run against a real web process (tests/e2e/test_schemathesis.py)
-checks that no answer breaks it.
-
-What is described: POST /api/send, GET /api/messages/{message_id},
-GET /api/health (Bearer key), GET /healthz and this document (no key). Not
-described: the admin pages (HTML behind a session cookie) and /metrics
-(Prometheus text for the operator's scraper, not part of the portal's API).
+Built from the code's own constants, so the document moves when they do; the
+admin pages and /metrics are not the portal's API and are left out.
 """
 
 from __future__ import annotations

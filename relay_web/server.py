@@ -27,13 +27,8 @@ M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 
 
 def _return_large_buffers_to_the_os() -> None:
-    """Keep glibc from caching freed multi-megabyte buffers on the heap.
-
-    glibc raises its mmap threshold after a large buffer is freed, so the next
-    20 MiB request body lands on the heap and stays in RSS after the request.
-    A fixed threshold keeps every large buffer in its own mapping, released
-    on free: peak RSS for one 20 MiB attachment drops by about 60 MiB.
-    """
+    """Keep glibc from caching freed multi-megabyte buffers on the heap (its mmap threshold
+    rises after a large free): peak RSS for one 20 MiB attachment drops by about 60 MiB."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
@@ -47,12 +42,9 @@ GC_YOUNG_THRESHOLD = 20_000  # allocations between collections of the youngest g
 def _collect_garbage_less_often() -> None:
     """Spend less of the accept path in the cyclic garbage collector.
 
-    A send allocates a few hundred short-lived containers, so with Python's
-    default thresholds a young collection ran every few requests and an old
-    one, walking every object the process holds, every few hundred. Call
-    after start-up: what exists then (modules, the app) is frozen out of the
-    collector's walks for good, and young collections run ~30x less often
-    (each still frees what a request left; sends make no reference cycles).
+    With the default thresholds a young collection ran every few requests and a
+    full one every few hundred. Called after start-up, so what exists then is
+    frozen out of the walks; sends make no reference cycles.
     """
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])

@@ -1,18 +1,10 @@
 """The parent of `tspro-relay run`: holds the listening socket and runs the web and worker processes.
 
-`tspro-relay run` checks the port, the queue and the store, binds the socket,
-then replaces itself with this module (exec), so the parent that stays for
-the relay's lifetime is a bare interpreter: it imports nothing of the relay
-and no library. The socket stays open here for good, so a web process that
-is replaced (SIGHUP) hands over to the next without a refused connection:
-connections wait in the listen backlog and are accepted by one or the other.
-
-Signals: SIGINT or SIGTERM stop both children gracefully (in-flight requests
-and deliveries finish); SIGHUP reloads: a new web process with the code and
-settings on disk starts on the same socket, the old one is stopped once the
-new one says it is serving, and the worker is replaced the same way. A new
-web process that fails to start leaves the old one serving. A child that
-dies on its own stops the other, so a container's restart policy applies.
+A bare interpreter (exec'd by `tspro-relay run` once the socket is bound) that
+imports nothing of the relay, so what stays for the relay's lifetime is small.
+The socket stays open here, so a web process replaced on SIGHUP hands over to the
+next without a refused connection; a new one that fails leaves the old serving.
+The signals are described in docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
 """The admin web interface: sign-in, the Queue page, Settings; served beside the API.
 
-``routes()`` is its part of the application's one route table. Modules:
-``sessions`` (cookie, CSRF, Origin, the ``require_admin`` guard), ``forms``
-(reading posts, per-field errors), ``templating`` (``render``, filters),
-``signin``, ``account``, ``settings_page``, ``oauth_connect``, ``keys``, ``checks``, ``pages``,
-``turnstile``; the Queue (``queue_page``, ``chart``), a message's page
-(``message_page``) and the Transaction Log (``log_page``).
+``routes()`` is its part of the application's one route table.
 
 A new page: an endpoint wrapped in ``sessions.require_admin`` (it checks
 the session, the forced password change, Origin and CSRF on POST, and sets

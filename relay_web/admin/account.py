@@ -1,10 +1,7 @@
 """The admin's own account: the forced password change and the Admin account card.
 
-Both ask for the current password (checked as at sign-in: counted toward
-the lockout when wrong, refused at once while too many checks run), want a
-new password of 8 or more characters typed twice, and refuse the well-known
-and first-boot passwords. A new password signs out every other session and
-gives this browser a new session id.
+The current password is checked as at sign-in (counted toward the lockout), and
+a new password signs out every other session and gives this browser a new id.
 """
 
 from __future__ import annotations

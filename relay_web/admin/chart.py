@@ -1,11 +1,7 @@
 """The dashboard's chart: sent, deferred and failed per hour over 24 hours, drawn as SVG on the server.
 
-No chart library and nothing from the network: this module turns the hourly
-counts (``Store.log_hourly``) into bar geometry, and ``_chart.html`` draws it
-as inline SVG styled by app.css (so the CSP's no-inline-style rule holds).
-The SVG has a title and description, each bar a tooltip, and the page
-carries the same numbers as a table, for screen readers and for anyone who
-wants the figures.
+No chart library and nothing from the network; styled by app.css, so the CSP's
+no-inline-style rule holds. The page carries the same numbers as a table.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """Proving the settings work: Test connection, and Send a test email.
 
-Test connection takes the SMTP card as typed (not yet saved; an empty
-password means the stored one), connects, does STARTTLS and AUTH with the
-delivery code's own ``connect`` in a worker thread under a time limit, and
-reports the server's answer; it sends no mail. The test email goes through
-the queue like any message (``relay_core.intake.sending``): the card links to the
-message and polls its state until it is final.
+Test connection takes the SMTP card as typed, not yet saved (an empty password
+means the stored one), and uses the delivery code's own ``connect``. The test
+email goes through the queue like any message.
 """
 
 from __future__ import annotations

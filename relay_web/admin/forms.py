@@ -1,20 +1,9 @@
 """Admin forms: reading a posted form safely, and carrying what was typed and what was wrong.
 
-A form body is read with a small cap (the admin forms are a few fields) and
-parsed as application/x-www-form-urlencoded only. ``FormState`` holds the
-values to show back and one message per field, so a page can re-render a
-card with the admin's input kept and each error next to its field;
-``_forms.html`` draws it.
-
-A form shown again with its messages is answered 200, like any page: the
-exchange worked, and the page says what to fix. (Browsers log a document
-answered 4xx as a console error; the 4xx statuses are kept for what is
-refused outright: a CSRF or Origin failure, an unknown page, a body too
-large.)
-
-``parse_fields`` validates through ``relay_core.options.parse_option``, the
-CLI's own parser, named with the field's visible label: the CLI and the UI
-refuse the same values with the same sentence.
+A form shown again with its errors is answered 200: the exchange worked, and
+browsers log a 4xx document as a console error (4xx is kept for what is refused
+outright). Fields are validated by the CLI's own parser, so both refuse the same
+values with the same sentence.
 """
 
 from __future__ import annotations

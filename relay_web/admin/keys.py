@@ -1,16 +1,8 @@
 """The API key card: Reveal, Generate new key, named keys (add, revoke) and each key's limits.
 
-A key's own limits (its send limit per hour and its own Allowed From list,
-on top of the relay's) are set in its row, or when it is added; the same
-rules as `tspro-relay api-key add/set`, and recorded in the audit trail.
-
-Revealing is a POST (it shows a secret, so it needs the CSRF token and is
-recorded in the audit trail). Reveal, Add and Generate answer with a
-redirect to the Settings page carrying a short-lived token that only this
-session can read (``sign_for_session``): the page then shows that key next
-to a Copy button, and reloading it repeats nothing. Replacing the portal's
-key and revoking a key are confirmed first (``confirm.html`` when
-JavaScript is off).
+Revealing is a POST (it shows a secret: CSRF token, audit trail). Reveal, Add
+and Generate redirect with a token only this session can read
+(``sign_for_session``), so reloading the page repeats nothing.
 """
 
 from __future__ import annotations

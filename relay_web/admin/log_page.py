@@ -1,13 +1,7 @@
 """The Transaction Log page, its CSV export, and Clear log.
 
-Filters travel in the query string (status, time range, search words), so a
-filtered page can be bookmarked, reloaded and exported as it is. Pages are
-keyset pages (``before``/``after`` a row id, see ``relay_core.store.logbook``):
-"Older" and "Newer" stay right while new rows arrive. The export streams the
-current filter a chunk of rows at a time, never holding the log in memory,
-and defuses cells a spreadsheet would run as a formula. Clearing is
-confirmed first and recorded in the audit trail; the log keeps one row
-saying it was cleared.
+Filters travel in the query string, so a filtered page can be bookmarked and
+exported as it is; keyset pages keep "Older" and "Newer" right while rows arrive.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """One message's page: envelope, headers, attachments, recipients, the timeline of attempts, the body.
 
-The body is not on the page until an admin asks for it: it may carry a
-password (the portal's welcome mails do). Showing it is a POST with the CSRF
-token, recorded in the audit trail (who, when, from which IP); it redirects
-to the page with a token only this session can use for a few minutes, so a
-reload shows the body again without a second POST. The text part is shown
-escaped, and the HTML part as its escaped source: never rendered as HTML.
+The body is shown only when an admin asks (a POST, audited): it may carry a
+password, as the portal's welcome mails do. HTML is shown as escaped source,
+never rendered.
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
 """Connecting the Microsoft 365 or Google mailbox from the SMTP card (OAuth 2.0).
 
-Microsoft, the device code flow: "Connect Microsoft 365 account" asks for a
-code and the card shows it with the address to enter it at; the card then
-polls ``/settings/oauth/microsoft/status``, which asks the token endpoint at
-most once per the interval Microsoft gave, until the admin has signed in.
-
-Google, the authorization code flow with PKCE: "Connect Google account" is
-a link (a form's redirect to another origin would break the page's CSP
-``form-action 'self'``) to ``/settings/oauth/google``, which sends the browser
-to Google; Google sends it back to ``/settings/oauth/google/callback`` on the
-relay's own address with a code and the state, and the code is exchanged with
-the PKCE verifier.
-
-The sign-in under way is kept in the store, encrypted, so that any web
-process can finish it.
+Microsoft by device code (the card polls); Google by authorization code with
+PKCE, started from a link because a form's redirect to another origin would
+break the CSP's ``form-action 'self'``. The sign-in under way is kept in the
+store, encrypted, so any web process can finish it.
 """
 
 from __future__ import annotations

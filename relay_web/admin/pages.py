@@ -1,8 +1,4 @@
-"""The error pages every admin URL shares (the Queue page is ``queue_page``).
-
-Error pages render ``error.html``; if even that fails, plain text, so an
-error is never hidden behind another.
-"""
+"""The error pages every admin URL shares: ``error.html``, or plain text if even that fails."""
 
 from __future__ import annotations
 

@@ -1,14 +1,8 @@
 """The Queue page (the home page) and what it does: Retry now, Cancel, Pause / Resume delivery.
 
-The page shows the counts by state, the oldest waiting message, whether a
-worker is alive, how the mail server answered lately, a chart of the last 24
-hours, and the waiting and failed messages. app.js reloads its live region
-every few seconds (the page works without it: a reload does the same).
-
-Retry now and Cancel take the ticked messages in one POST (or one message,
-from its own button or its page); each answers with a redirect carrying a
-short note of what was done and what was left alone and why, signed for this
-session so a reload repeats nothing and no link can put words on the page.
+Retry now and Cancel redirect with a note of what was done and left alone,
+signed for this session, so a reload repeats nothing and no link can put words
+on the page.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """The admin's session cookie, CSRF tokens, the Origin check and the sign-in guard.
 
-- The cookie holds a random session id signed with the HKDF session key
-  (itsdangerous); the row it names is in the store (``relay_core.store.sessions``),
-  so deleting the row is signing out, whatever the browser still holds.
-  HttpOnly, SameSite=Lax, Secure unless RELAY_INSECURE_COOKIES=1.
-- A CSRF token is an HMAC of the session id: nothing more to store, and it
-  dies with the session. Before sign-in, a signed random nonce in its own
-  cookie plays that part for the sign-in form.
-- Every state-changing request must come from this site: its Origin (or,
-  without one, its Referer) names the Host it was sent to.
-- ``require_admin`` wraps an endpoint: no session → the sign-in page; a
-  password that must change → the change page; a POST → Origin, then CSRF.
+The session lives in the store, so deleting its row is signing out whatever
+the browser holds. A CSRF token is an HMAC of the session id: nothing more to
+store, and it dies with the session. ``require_admin`` checks, in order: a
+session, a password that must change, then on POST Origin and CSRF.
 """
 
 from __future__ import annotations
@@ -124,11 +117,8 @@ async def end_session(request: Request, response: Response) -> None:
 
 # -- short-lived values for this session, safe to put in a redirect URL ------------------------
 def sign_for_session(request: Request, purpose: str, value: str) -> str:
-    """A token carrying ``value`` that only this session can read back, for a few minutes.
-
-    A POST that must show something once (a new API key) redirects to a GET
-    carrying this token, so reloading the page never repeats the POST.
-    """
+    """A token carrying ``value`` that only this session can read back, for a few minutes: a POST
+    that shows something once redirects to a GET carrying it, so a reload repeats nothing."""
     serializer = URLSafeTimedSerializer(relay_state(request).store.keys.session_key, salt=f"relay-admin-{purpose}")
     return serializer.dumps([value, request.state.session.id_hash])
 
@@ -239,11 +229,8 @@ PASSWORD_CHANGE_PATH = "/account/password"
 
 
 def require_admin(endpoint: Endpoint | None = None, *, during_password_change: bool = False) -> Any:
-    """Only a signed-in admin gets through; see the module docstring for the order of checks.
-
-    ``during_password_change``: the endpoint stays open while the admin's
-    password must still be changed (the change page itself, sign-out).
-    """
+    """Only a signed-in admin gets through; ``during_password_change``: also while the password
+    must still change (the change page itself, sign-out)."""
     def decorate(func: Endpoint) -> Endpoint:
         @functools.wraps(func)
         async def guarded(request: Request) -> Response:

@@ -1,11 +1,7 @@
 """The Settings page and its settings cards: SMTP delivery, retries and pacing, sign-in protection.
 
-Each card posts to its own endpoint. Bad input re-renders the page (200)
-with the card's fields as typed and each message next to its field, and
-saves nothing; a good post saves all of the card at once, records what
-changed in the audit trail (secrets as "changed", never their values), and
-redirects back with a notice. ``render_settings`` draws the whole page; the
-other card modules (keys, account, checks) use it too.
+A good post saves the whole card at once and audits what changed (secrets as
+"changed", never their values).
 """
 
 from __future__ import annotations
@@ -79,7 +75,6 @@ FINISHED = ("sent", "partial", "failed", "cancelled")
 
 
 def actor(request: Request) -> tuple[str, str]:
-    """Who is acting and from where, for the audit trail."""
     return request.state.admin.username, client_ip(request, relay_state(request).settings)
 
 

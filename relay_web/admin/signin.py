@@ -1,16 +1,9 @@
 """Signing in and out.
 
-POST /login runs, in order: the Origin check, the sign-in form's CSRF token,
-Turnstile when it is on, then ``check_password``: a free slot among this
-process's ``PASSWORD_CHECKS_AT_ONCE`` (else 429 at once, not queued: a crowd
-at this page leaves neither memory nor threads waiting that other pages
-need), the lockout (5 failures a minute per IP or per username, counted in
-the store), one Argon2id (19 MiB, ~30 ms of a CPU) in a worker thread. The
-attempt is recorded as a failure in the transaction that checks the
-lockout, before its hash is computed (``Sessions.claim_login_attempt``).
-Success deletes whatever session the browser held, starts a new one, and
-sends an admin whose password is still a seeded or well-known one to the
-change page first. The account forms check the current password the same way.
+A password check beyond ``PASSWORD_CHECKS_AT_ONCE`` is refused at once, not
+queued, so a crowd here leaves no memory or threads waiting; an attempt is
+recorded as a failure before its hash is computed, so a burst checks at most
+the lockout's five (docs/security.md).
 """
 
 from __future__ import annotations
@@ -59,12 +52,8 @@ class SignInBusy(Exception):
 
 
 async def check_password(request: Request, username: str, password: str) -> Admin | None:
-    """The admin whose username and password these are, or None (a failure, already recorded).
-
-    Raises ``SignInBusy`` at once when the process's password checks are
-    all running, and ``LockedOut`` without checking anything when sign-ins
-    for this IP or username are locked.
-    """
+    """The admin whose username and password these are, or None (a failure, already recorded);
+    ``SignInBusy`` or ``LockedOut`` without checking anything."""
     state = relay_state(request)
     ip = client_ip(request, state.settings)
     if not state.password_checks.acquire(blocking=False):

@@ -1,12 +1,5 @@
 """Rendering the admin pages: one Jinja environment, its globals and filters.
 
-Templates come from the installed package (``relay_core/templates`` in a
-wheel, the checkout's ``templates/`` otherwise); static files from
-``relay_web/static``, which ships inside the wheel as package data.
-Autoescaping is on for every .html template. ``render`` fills in what every
-page needs (the signed-in admin, the CSRF token, the active tab), so
-endpoints pass only their own context.
-
 Links are paths, never absolute URLs: behind a TLS-terminating proxy the app
 sees http:// while the browser is on https://, and an http:// form target
 would break the page (mixed content, CSP form-action).
@@ -127,11 +120,8 @@ templates = Jinja2Templates(env=build_environment())
 
 def render(request: Request, name: str, context: dict[str, Any] | None = None, status_code: int = 200,
            headers: Mapping[str, str] | None = None) -> _TemplateResponse:
-    """Render a page with the shared context: ``admin``, ``csrf_token``, ``active``.
-
-    ``active`` (which navigation tab is current) defaults to the template's
-    name without its extension.
-    """
+    """Render a page with the shared context: ``admin``, ``csrf_token``, ``active`` (the tab;
+    by default the template's name)."""
     state = request.state
     full = {
         "admin": getattr(state, "admin", None),

@@ -1,12 +1,7 @@
 """Cloudflare Turnstile on the sign-in page: the server-side check, failing closed.
 
-When a site key and secret are set, the sign-in form carries Turnstile's
-widget and every sign-in is verified with Cloudflare before the password is
-even looked at. Anything but a clear "success" — a failed challenge, an
-error answer, a verifier that cannot be reached — refuses the sign-in: a
-bot check that can be switched off by cutting the network would protect
-nothing. The verification URL is the setting ``turnstile_verify_url``, so
-tests point it at a small local server.
+Anything but a clear "success", an unreachable verifier included, refuses the
+sign-in: a bot check that cutting the network switches off protects nothing.
 """
 
 from __future__ import annotations
