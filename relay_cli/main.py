@@ -1,14 +1,8 @@
 """`tspro-relay`: run the processes and administer the relay from a shell.
 
-Every command reads RELAY_* from the environment and from `.env` in the
-working directory (the environment wins), and any command that touches the
-store initialises a fresh data directory first (migrations, first-boot
-seeds), so `config set` works before `web` has ever run.
-
-Adding a command: a sub-parser in ``build_parser`` (or a ``register``
-function in another module, as ``inspect_commands`` does) whose
-``set_defaults(handler=...)`` names a function taking ``(args, settings)``;
-``needs_settings=False`` for one that must run without a secret.
+Any command that touches the store initialises a fresh data directory first
+(migrations, first-boot seeds), so `config set` works before `web` has ever
+run. Adding a command: docs/contributing.md.
 """
 
 from __future__ import annotations
@@ -47,13 +41,8 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def _act_as_data_owner(settings: Settings) -> None:
-    """As root, act as the user who owns the data directory.
-
-    In the container the relay runs as an unprivileged user, while `docker
-    compose exec web tspro-relay ...` runs as root; a root-owned relay.db-wal,
-    queue.db or backup left in the data directory would lock the relay out of
-    its own files. Switching to the directory's owner first prevents that.
-    """
+    """As root, act as the user who owns the data directory: `docker compose exec` runs as root,
+    and a root-owned relay.db-wal or backup left there would lock the relay out of its files."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return
     try:
@@ -81,11 +70,7 @@ LISTEN_BACKLOG = 1024  # connections that wait for a web process while one is (r
 
 
 def listen(host: str, port: int) -> socket.socket | str:
-    """The listening socket for host:port, or why there can be none.
-
-    SO_REUSEADDR as uvicorn sets it: a port held only by closing connections
-    is free, one with a listener is not.
-    """
+    """The listening socket for host:port, or why there can be none (SO_REUSEADDR as uvicorn sets it)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -107,10 +92,8 @@ def listen(host: str, port: int) -> socket.socket | str:
 def leave_out_unused_drivers(settings: Settings) -> None:
     """Keep huey from loading the Redis and PostgreSQL clients a relay does not use.
 
-    huey.storage imports redis and psycopg whenever they are installed, for
-    storages of its own; on a relay with queue.db and relay.db that is about
-    25 MiB and 250 modules per process for nothing. Marking them absent for
-    the web and worker processes (only) makes huey skip them.
+    huey.storage imports them whenever they are installed: about 25 MiB and 250
+    modules per process for nothing on a relay with queue.db and relay.db.
     """
     if not is_shared_queue(settings.queue_url):
         sys.modules.setdefault("redis", None)  # type: ignore[arg-type]

@@ -1,10 +1,8 @@
 """`tspro-relay smtp connect microsoft` and `smtp test`: OAuth 2.0 sign-in for a server without a browser.
 
-The device code flow needs no browser on the relay's host: the command
-prints an address and a code, the volunteer signs in on any device, and the
-command stores the refresh token (encrypted) and the mailbox it belongs to.
-Google's device flow does not allow the Gmail scope, so a Google account is
-connected from the Settings page instead.
+The device code flow needs no browser on the relay's host. Google's device flow
+does not allow the Gmail scope, so a Google account is connected from the
+Settings page instead.
 """
 
 from __future__ import annotations
