@@ -1,11 +1,9 @@
 """The sweeper: re-enqueue what the queue lost, prune what retention allows,
 keep this worker's heartbeat fresh, and check new SMTP settings at once.
 
-It runs once when the worker starts and then every ``sweep_seconds`` (a
-setting, so tests and impatient operators can shorten it). It is a thread of
-the worker rather than a Huey periodic task because Huey schedules periodic
-tasks by the minute; several workers sweeping at once is harmless, as every
-wake-up it sends is an idempotent claim.
+A thread rather than a Huey periodic task, which is scheduled by the minute;
+several workers sweeping at once is harmless, as every wake-up is an
+idempotent claim.
 """
 
 from __future__ import annotations
