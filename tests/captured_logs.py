@@ -13,10 +13,17 @@ the stand-in authorization server (``oauth_server.py``) issued:
 printed, a relay's portal key and the test SMTP password). At the end of
 the session ``conftest.py`` runs ``scan()`` and fails the run when any log
 holds one of them, or anything shaped like an API key at all.
+
+Under pytest-xdist each worker is a process of its own: the controller hands
+every worker its directory (``use_directory``), each worker sends back the
+files it registered and the secrets it saw (``export``, through xdist's
+workeroutput), and the controller ``merge``s them before its one scan, so a
+secret one worker saw is looked for in every worker's logs.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 import threading
@@ -30,6 +37,9 @@ _files: list[Path] = []
 _secrets: set[str] = set()
 _directory: Path | None = None
 _kept = 0
+_missing: list[str] = []  # workers that sent nothing back (they died): their relay logs went unread
+# Kept files carry the worker's name: workers number theirs independently, in one directory.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 
 def directory() -> Path:
@@ -39,6 +49,13 @@ def directory() -> Path:
         if _directory is None:
             _directory = Path(tempfile.mkdtemp(prefix="relay-test-logs-"))
         return _directory
+
+
+def use_directory(path: Path) -> None:
+    """The controller's directory, in a pytest-xdist worker: all kept output lands in one place."""
+    global _directory
+    with _lock:
+        _directory = Path(path)
 
 
 def register(path: Path) -> None:
@@ -56,7 +73,7 @@ def keep(name: str, text: str) -> None:
         _kept += 1
         number = _kept
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name)[:60].strip("-") or "output"
-    (directory() / f"{number:05d}-{slug}.txt").write_text(text, errors="replace")
+    (directory() / f"{WORKER}-{number:05d}-{slug}.txt").write_text(text, errors="replace")
 
 
 def remember(*secrets: str) -> None:
@@ -82,6 +99,23 @@ def files() -> list[Path]:
     return registered + kept
 
 
+def export() -> dict[str, list[str]]:
+    """What a worker registered and remembered, for the controller's ``merge``."""
+    with _lock:
+        return {"files": [str(p) for p in _files], "secrets": sorted(_secrets)}
+
+
+def merge(worker: str, exported: dict[str, list[str]] | None) -> None:
+    """A worker's ``export``; None when the worker died without sending one."""
+    if exported is None:
+        with _lock:
+            _missing.append(worker)
+        return
+    for path in exported["files"]:
+        register(Path(path))
+    remember(*exported["secrets"])
+
+
 def find_leaks(paths: list[Path], wanted: set[str]) -> list[str]:
     """One line per (file, secret) found: the secret itself is never printed, only its start."""
     leaks = []
@@ -100,5 +134,8 @@ def find_leaks(paths: list[Path], wanted: set[str]) -> list[str]:
 
 def scan() -> tuple[int, list[str]]:
     """How many logs were read, and what leaked."""
-    paths = [p for p in files() if p.exists()]
-    return len(paths), find_leaks(paths, secrets())
+    paths = [p for p in dict.fromkeys(files()) if p.exists()]
+    with _lock:
+        unread = [f"{worker} sent no list of its logs (it died): its relay logs were not read"
+                  for worker in _missing]
+    return len(paths), unread + find_leaks(paths, secrets())

@@ -17,7 +17,14 @@ untouched.
 At the end of every run, every log the session captured (relay processes,
 CLI stderr, records logged in this process: see ``captured_logs.py``) is
 searched for the API keys and SMTP passwords the suite used; one found fails
-the run.
+the run. Under pytest-xdist (``-n 4 --dist loadgroup``, as .ci/run runs it)
+the controller does that scan once, over every worker's logs and secrets.
+
+Each xdist worker starts its own PostgreSQL cluster and redis-server (fresh
+directories, ports from its own block: ``services.free_port``). A module
+whose tests share a module-scoped fixture (a relay, a browser) runs on one
+worker, so it is set up once; the Docker tests share one engine and run on
+one worker together.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -46,17 +53,37 @@ _HANDLER = pytest.StashKey[logging.Handler]()
 
 def pytest_configure(config: pytest.Config) -> None:
     """Records logged inside the test process go to a file the final scan reads too."""
-    handler = logging.FileHandler(captured_logs.directory() / "in-process.log", encoding="utf-8")
+    workerinput = getattr(config, "workerinput", None)  # set in a pytest-xdist worker
+    if workerinput is not None:
+        captured_logs.use_directory(Path(workerinput["captured_logs"]))
+    handler = logging.FileHandler(captured_logs.directory() / f"in-process-{captured_logs.WORKER}.log",
+                                  encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     config.stash[_HANDLER] = handler
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """The controller's side of an xdist worker: the worker keeps its output in our directory."""
+    node.workerinput["captured_logs"] = str(captured_logs.directory())
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """A worker finished: its logs and secrets join the final scan."""
+    captured_logs.merge(node.workerinput["workerid"], getattr(node, "workeroutput", {}).get("captured_logs"))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the run when any captured log holds an API key or SMTP password the suite used."""
+    """Fail the run when any captured log holds an API key or SMTP password the suite used
+    (in an xdist worker: hand what it captured to the controller, which scans)."""
     handler = session.config.stash.get(_HANDLER, None)
     if handler is not None:
         handler.flush()
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["captured_logs"] = captured_logs.export()  # type: ignore[attr-defined]
+        return
     read, leaks = captured_logs.scan()
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
@@ -70,6 +97,30 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     elif reporter is not None:
         reporter.write_line(f"captured logs: {read} read, no API key or SMTP password in any "
                             f"({len(captured_logs.secrets())} secrets looked for)")
+
+
+# -- which tests share a worker --------------------------------------------------------------------
+DOCKER_TESTS = Path(__file__).parent / "docker"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """xdist groups (they count under ``--dist loadgroup``): the Docker tests together, and each module
+    whose tests share a module-scoped fixture on one worker; every other test goes wherever a worker
+    is free."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if DOCKER_TESTS in item.path.parents:
+            item.add_marker(pytest.mark.xdist_group("docker"))
+        elif _shares_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+def _shares_a_module_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(defs[-1].scope in ("module", "package", "class") for defs in info.name2fixturedefs.values())
 
 
 @pytest.fixture(scope="session", autouse=True)

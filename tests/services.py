@@ -13,22 +13,54 @@ import glob
 import itertools
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import psycopg
 
 
+# Ports for the servers the tests start, below Linux's ephemeral range (32768-60999): an outgoing
+# connection never takes one between its choice and the server's bind. Each pytest-xdist worker
+# has a block of its own, so two workers never hand out the same port; a random start keeps two
+# sessions on one machine apart too.
+PORTS_LOW, PORTS_PER_WORKER, WORKER_BLOCKS = 17000, 1000, 15
+
+
+def _ports() -> Iterator[int]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw3" in a worker, unset otherwise
+    block = (int(worker[2:]) + 1) % WORKER_BLOCKS if worker[2:].isdigit() else 0
+    first = PORTS_LOW + block * PORTS_PER_WORKER
+    offset = random.randrange(PORTS_PER_WORKER)
+    return itertools.cycle([*range(first + offset, first + PORTS_PER_WORKER), *range(first, first + offset)])
+
+
+_port_lock = threading.Lock()
+_next_ports: Iterator[int] | None = None
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port that nothing holds now and that this process has not handed out lately."""
+    global _next_ports
+    with _port_lock:
+        if _next_ports is None:
+            _next_ports = _ports()
+        for _ in range(PORTS_PER_WORKER):
+            port = next(_next_ports)
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue  # listening, or in TIME_WAIT: the next one
+                return port
+    raise RuntimeError(f"no free port in this worker's block of {PORTS_PER_WORKER}")
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[Any],

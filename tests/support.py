@@ -7,7 +7,6 @@ import email
 import json
 import os
 import signal
-import socket
 import sqlite3
 import ssl
 import subprocess
@@ -31,17 +30,12 @@ from relay_core.crypto import derive_keys
 from relay_core.message import new_message_id, pack_stored, parse_payload
 from relay_core.options import Options
 from relay_core.store import NewMessage, Store, insert_message, transaction
+from services import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz"
 SMTP_USER, SMTP_PASSWORD = "relayuser", "smtp-pass-Zq8!unique"
 captured_logs.remember(SMTP_PASSWORD)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,

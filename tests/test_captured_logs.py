@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -49,11 +50,19 @@ def inner_session(tmp_path: Path, name: str, line: str) -> subprocess.CompletedP
     ``line``: what the end-of-session scan makes of it, without touching this session's logs."""
     test_file = tmp_path / f"test_{name}.py"
     test_file.write_text(INNER.format(name=name, line=line))
+    return run_pytest(tmp_path, [test_file])
+
+
+def run_pytest(tmp_path: Path, files: list[Path], *options: str,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)]), "TMPDIR": str(tmp_path)}
+    # Not this session's worker: the inner session is a controller or a plain run of its own.
+    outer = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    env = {**outer, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)]), "TMPDIR": str(tmp_path),
+           **(env or {})}
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
-                           "--rootdir", str(tmp_path), "-c", os.devnull, str(test_file)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                           "--rootdir", str(tmp_path), "-c", os.devnull, *options, *map(str, files)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
 
 
 def test_the_end_of_session_scan_fails_a_run_whose_logs_hold_a_key(tmp_path: Path) -> None:
@@ -64,3 +73,47 @@ def test_the_end_of_session_scan_fails_a_run_whose_logs_hold_a_key(tmp_path: Pat
     clean = inner_session(tmp_path, "clean", "sent 01a2 to a@example.com")
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert "no API key or SMTP password in any" in clean.stdout
+
+
+# Two tests that meet: each waits (bounded) for the other to have started, so they run at the same time,
+# on two workers. One only registers the secret, the other only logs it.
+PAIR = '''
+import logging
+import os
+import time
+from pathlib import Path
+
+import captured_logs
+
+
+def test_{name}() -> None:
+    {action}
+    here = Path(os.environ["MEETING"])
+    (here / "{name}").write_text(os.environ["PYTEST_XDIST_WORKER"])
+    deadline = time.monotonic() + 90
+    while not (here / "{other}").exists():
+        assert time.monotonic() < deadline, "the other test never started: one worker ran both"
+        time.sleep(0.05)
+'''
+
+
+def test_a_secret_one_worker_saw_is_found_in_another_workers_log(tmp_path: Path) -> None:
+    planted = "planted-pass-" + secrets.token_hex(8)  # not key-shaped: only its registration finds it
+    meeting = tmp_path / "meeting"
+    meeting.mkdir()
+    files = []
+    for name, other, action in [("remembers", "logs", 'captured_logs.remember(os.environ["PLANTED"])'),
+                                ("logs", "remembers", 'logging.getLogger("relay.test").warning('
+                                                      '"auth with %s", os.environ["PLANTED"])')]:
+        files.append(tmp_path / f"test_{name}.py")
+        files[-1].write_text(PAIR.format(name=name, other=other, action=action))
+    run = run_pytest(tmp_path, files, "-n", "2", env={"PLANTED": planted, "MEETING": str(meeting)})
+    assert run.returncode == 1, run.stdout + run.stderr
+    workers = {(meeting / "remembers").read_text(), (meeting / "logs").read_text()}
+    assert len(workers) == 2, workers
+    assert "2 passed" in run.stdout and "SECRETS IN LOGS: 1 leak(s)" in run.stdout, run.stdout
+    logged_by = (meeting / "logs").read_text()
+    assert f"in-process-{logged_by}.log: holds a secret the suite used (plante…)" in run.stdout, run.stdout
+    assert planted not in run.stdout + run.stderr
+    clean = run_pytest(tmp_path, [files[0]], "-n", "2", env={"PLANTED": planted, "MEETING": str(meeting)})
+    assert clean.returncode == 0 and "no API key or SMTP password in any" in clean.stdout, clean.stdout
