@@ -17,14 +17,13 @@ untouched.
 At the end of every run, every log the session captured (relay processes,
 CLI stderr, records logged in this process: see ``captured_logs.py``) is
 searched for the API keys and SMTP passwords the suite used; one found fails
-the run. Under pytest-xdist (``-n 4 --dist loadgroup``, as .ci/run runs it)
+the run. Under pytest-xdist (``-n 4 --dist loadfile``, as .ci/run runs it)
 the controller does that scan once, over every worker's logs and secrets.
 
 Each xdist worker starts its own PostgreSQL cluster and redis-server (fresh
-directories, ports from its own block: ``services.free_port``). A module
-whose tests share a module-scoped fixture (a relay, a browser) runs on one
-worker, so it is set up once; the Docker tests share one engine and run on
-one worker together.
+directories, ports from its own block: ``services.free_port``). A test file
+runs on one worker, so its module-scoped relay or browser starts once; the
+Docker tests share one engine and run on one worker together.
 """
 
 from __future__ import annotations
@@ -100,27 +99,38 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 # -- which tests share a worker --------------------------------------------------------------------
-DOCKER_TESTS = Path(__file__).parent / "docker"
+IN_PROCESS = {"core", "web"}  # test directories whose tests seldom start a process: many and quick
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """xdist groups (they count under ``--dist loadgroup``): the Docker tests together, and each module
-    whose tests share a module-scoped fixture on one worker; every other test goes wherever a worker
-    is free."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        if DOCKER_TESTS in item.path.parents:
-            item.add_marker(pytest.mark.xdist_group("docker"))
-        elif _shares_a_module_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` with tests/docker as one file, and the slow files handed out first.
 
+    A file's tests stay on one worker, so its module-scoped relay or browser starts once; the Docker
+    tests share one engine (a second one would build its images from scratch). The Docker tests go
+    first (the longest unit), then the files that start relay processes, and the many quick
+    in-process files last, where they even out the workers' ends. (xdist_group marks cannot say
+    this: xdist 3.8 sets them through a node attribute that pytest 9.2 no longer reads.)
+    """
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
 
-def _shares_a_module_fixture(item: pytest.Item) -> bool:
-    info = getattr(item, "_fixtureinfo", None)
-    if info is None:
-        return False
-    return any(defs[-1].scope in ("module", "package", "class") for defs in info.name2fixturedefs.values())
+    class ByFile(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "tests/docker" if Path(path).parent.name == "docker" else path
+
+        def _assign_work_unit(self, node: Any) -> None:
+            def rank(scope: str) -> int:
+                folder = Path(scope).parent.name if scope != "tests/docker" else "docker"
+                return 0 if folder == "docker" else 2 if folder in IN_PROCESS else 1
+
+            first = min(self.workqueue, key=rank)  # the first of its rank: larger files before smaller
+            self.workqueue.move_to_end(first, last=False)
+            super()._assign_work_unit(node)
+
+    return ByFile(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
