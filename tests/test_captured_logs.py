@@ -115,5 +115,3 @@ def test_a_secret_one_worker_saw_is_found_in_another_workers_log(tmp_path: Path)
     logged_by = (meeting / "logs").read_text()
     assert f"in-process-{logged_by}.log: holds a secret the suite used (plante…)" in run.stdout, run.stdout
     assert planted not in run.stdout + run.stderr
-    clean = run_pytest(tmp_path, [files[0]], "-n", "2", env={"PLANTED": planted, "MEETING": str(meeting)})
-    assert clean.returncode == 0 and "no API key or SMTP password in any" in clean.stdout, clean.stdout
