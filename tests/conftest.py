@@ -1,11 +1,14 @@
 """Shared fixtures: settings from a dict, a store in tmp_path, test certificates,
 and the real servers the PostgreSQL backend runs against.
 
-``backend`` is "sqlite" unless a module overrides it with a parametrised
-fixture of the same name (see tests/core/test_store.py): then ``settings``
-and ``store`` point at a fresh PostgreSQL database in the session's
-throwaway cluster, and ``backend_env`` gives relay processes the
-RELAY_DATABASE_URL and RELAY_QUEUE_URL (Redis) they need.
+``backend`` is "sqlite"; a module marked ``pytestmark = pytest.mark.backends``
+runs each of its tests that uses it (through ``settings``, ``store``,
+``backend_env`` or itself) on "sqlite" and on "postgresql": then
+``settings`` and ``store`` point at a fresh PostgreSQL database in the
+session's throwaway cluster, and ``backend_env`` gives relay processes the
+RELAY_DATABASE_URL and RELAY_QUEUE_URL (Redis) they need. The module's
+tests run on SQLite first, then on PostgreSQL, so a module-scoped relay
+starts once per backend.
 
 Inside the test process, each admin password is hashed once per session and
 each (password, hash) pair verified once (``hash_once``): one Argon2id costs
@@ -206,6 +209,12 @@ def redis_server() -> Iterator[RedisServer]:
 def redis_url(redis_server: RedisServer) -> str:
     """An empty database of the session's redis-server, for this test."""
     return redis_server.fresh_url()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``pytest.mark.backends``: ``backend`` takes each of BACKENDS, module by module."""
+    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("backends"):
+        metafunc.parametrize("backend", BACKENDS, scope="module")
 
 
 @pytest.fixture(scope="session")

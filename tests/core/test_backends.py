@@ -17,6 +17,8 @@ from relay_core.db.migrations import MIGRATIONS, PerBackend, postgres_ddl, state
 from relay_core.tasks import build_queue, check_queue
 from support import SECRET
 
+pytestmark = pytest.mark.backends
+
 
 @pytest.mark.parametrize("sql, expected", [
     ("SELECT * FROM t WHERE a = ? AND b IN (?, ?)", "SELECT * FROM t WHERE a = %s AND b IN (%s, %s)"),
@@ -142,11 +144,6 @@ def test_insert_rows_keeps_every_value_and_type_on_both_backends(store) -> None:
         from relay_core.store.ledger import INSERT_MESSAGE
         for sql in (upsert, INSERT_MESSAGE, _INSERT_LOG, _INSERT_RECIPIENT):
             assert store.database.unnest_form(sql) is not None, sql
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.mark.parametrize("count", [1, 7, 300])

@@ -21,10 +21,7 @@ from relay_core.store.ledger import AttemptOutcome, ClaimedMessage
 from relay_core.store import LogEntry, Store, transaction
 from support import SmtpServer, store_message
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+pytestmark = pytest.mark.backends
 
 
 @pytest.fixture

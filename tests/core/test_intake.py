@@ -13,10 +13,7 @@ import pytest
 from relay_core.intake.group_commit import Intake, NothingWritten
 from relay_core.store import LogEntry, NewMessage, Store
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+pytestmark = pytest.mark.backends
 
 
 def note(name: str, calls: list[str], fail: BaseException | None = None) -> Callable[[Any], Any]:

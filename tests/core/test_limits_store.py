@@ -17,12 +17,9 @@ from relay_core.options import Options
 from relay_core.store.refusals import ADDRESS_ROWS_PER_MINUTE, DETAILED_PER_MINUTE, MISSING, WRONG, RefusalGate
 from relay_core.store import LogEntry, Store, transaction
 
+pytestmark = pytest.mark.backends
+
 T0 = 1_700_000_000.0  # a whole minute (T0 % 60 == 20: some seconds into it)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 

@@ -17,12 +17,9 @@ from relay_core.store import logbook
 from relay_core.store.logbook import HOUR, LogFilter, log_kind, query_words, search_terms
 from relay_core.store import LogEntry, Store, insert_log, transaction
 
+pytestmark = pytest.mark.backends
+
 T0 = 1_700_000_000.0  # 22:13:20 UTC: not on an hour boundary
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 def write(store: Store, *entries: LogEntry) -> list[int]:

@@ -19,10 +19,7 @@ from relay_core.delivery.probe import check_new_settings
 from relay_core.store import Store
 from support import SMTP_PASSWORD, SMTP_USER, Certificates, SmtpServer, free_port, store_message
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+pytestmark = pytest.mark.backends
 
 
 @pytest.fixture(autouse=True)

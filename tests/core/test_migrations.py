@@ -20,13 +20,10 @@ from relay_core.db import migrations
 from relay_core.config import Settings
 from relay_core.store import open_database, transaction
 
+pytestmark = pytest.mark.backends
+
 OLD_STATES = ("queued", "sending", "sent", "deferred", "failed", "cancelled")
 PREVIOUS = [step for step in migrations.MIGRATIONS if step[0] < "0005"]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.fixture

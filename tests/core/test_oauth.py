@@ -29,13 +29,10 @@ from oauth_server import (APP_MAILBOX, CLIENT_ID, CLIENT_SECRET, MAILBOX, SERVIC
                           AuthorizationServer, XOAuth2SmtpServer)
 from support import Certificates, store_message, wait_until
 
+# The compare-and-set of a rotated refresh token and the revocation mark are SQL: both backends.
+pytestmark = pytest.mark.backends
+
 BODY = b"From: portal@contoso.example\r\nTo: a@example.com\r\nSubject: Hi\r\n\r\nHello.\r\n"
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    """The compare-and-set of a rotated refresh token and the revocation mark are SQL: both backends."""
-    return str(request.param)
 
 
 @pytest.fixture(autouse=True)

@@ -16,10 +16,7 @@ from relay_core.delivery.attempt import Deliverer
 from relay_core.store import Store
 from support import SmtpServer, store_message
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+pytestmark = pytest.mark.backends
 
 
 @pytest.fixture

@@ -16,12 +16,9 @@ from relay_core.message import new_message_id, pack_stored, parse_payload
 from relay_core.options import Options
 from relay_core.store import ClaimedMessage, LogEntry, NewMessage, Store, insert_message, transaction
 
+pytestmark = pytest.mark.backends
+
 T0 = 1_700_000_000.0
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 def stored(store: Store, created: float, to: list[str] | None = None, subject: str = "Hello",

@@ -32,12 +32,9 @@ from relay_core.store import (ClaimedMessage, LogEntry, NewMessage, SqliteDataba
                               open_database, transaction)
 from support import SECRET
 
+pytestmark = pytest.mark.backends
+
 T0 = 1_700_000_000.0
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 

@@ -21,6 +21,8 @@ from relay_core.config import load_settings
 from relay_core.store import Store
 from support import Relay, SmtpServer, cli, store_message, wait_until
 
+pytestmark = pytest.mark.backends
+
 MESSAGE_ID = re.compile(rb"^Message-ID: <([0-9a-f]+)@", re.MULTILINE)
 
 
@@ -54,11 +56,6 @@ def leased_ids(relay: Relay) -> set[str]:
 
 def all_sent(relay: Relay, count: int) -> bool:
     return relay.counts() == {"sent": count}
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.fixture

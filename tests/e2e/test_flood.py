@@ -25,15 +25,10 @@ import pytest
 from loadgen import flood, request_bytes
 from support import Relay, SmtpServer, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.backends]
 FLOOD = 10_000
 GOOD = 40
 BUDGET = 100
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 def test_a_wrong_key_flood_leaves_the_log_and_the_good_key_alone(tmp_path: Path, backend_env: dict[str, str]) -> None:

@@ -31,14 +31,9 @@ from relay_core.config import load_settings
 from relay_core.store import Store, transaction
 from support import Relay, RelayProcess, SmtpServer, cli, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.backends]
 LIMIT = 5
 SOON_LIMIT = 2
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.fixture(scope="module")

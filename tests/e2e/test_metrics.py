@@ -19,13 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from support import Relay, RelayProcess, SmtpServer, free_port, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.backends]
 TOKEN = "metrics-token-for-the-test-0123456789"
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.fixture(scope="module")

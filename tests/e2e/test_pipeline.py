@@ -21,14 +21,11 @@ import pytest
 from support import (SMTP_PASSWORD, SMTP_USER, Certificates, Relay, RelayProcess, SmtpServer, cli, free_port,
                      relay_env)
 
+pytestmark = pytest.mark.backends
+
 PDF_BYTES = b"%PDF-1.4\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"
 CSV_BYTES = "name,city\nÅsa,Malmö\n".encode() * 50
 BODY_SECRET = "Welcome aboard! Your temporary password is Hx7-unique-body-text"
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.fixture(scope="module")

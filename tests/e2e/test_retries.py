@@ -14,10 +14,7 @@ import pytest
 
 from support import Relay, SmtpServer, wait_until
 
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+pytestmark = pytest.mark.backends
 
 
 @pytest.fixture(scope="module")

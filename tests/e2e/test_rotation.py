@@ -36,15 +36,10 @@ from relay_core.options import parse_option
 from relay_core.store import NewMessage, Store, insert_message, transaction
 from support import SMTP_PASSWORD, Relay, SmtpServer, cli, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.backends]
 OLD = "the-old-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 NEW = "the-new-secret-9876543210-zyxwvutsrqponmlkjihgfedcba"
 TURNSTILE = "0x4AAAAAAA-turnstile-secret-for-rotation"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.fixture

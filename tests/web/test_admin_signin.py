@@ -34,6 +34,8 @@ from admin_helpers import (ORIGIN, PASSWORD, SEED_PASSWORD, AdminClient, FakeTur
                            admin_settings, field_error, set_password, token_in)
 from support import free_port
 
+pytestmark = pytest.mark.backends
+
 
 def db(client: AdminClient) -> sqlite3.Connection:
     return sqlite3.connect(str(client.state.settings.db_path))
@@ -437,11 +439,6 @@ def test_sign_in_is_closed_while_the_turnstile_secret_cannot_be_read(tmp_path: P
 
 
 # -- a crowd at the sign-in page ------------------------------------------------------------------
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 class CountedChecks:
     """``crypto.verify_password`` as the relay calls it, counting the calls and the most at once."""
 
