@@ -25,6 +25,7 @@ from typing import Any, TextIO
 from support import REPO, SECRET, wait_until
 
 SETUP = REPO / "tests" / "docker" / "setup.sh"
+GUIDE_FILE = Path(__file__).with_name("guide-compose.yml")  # the operating guide's compose file
 CACHE = Path(os.environ.get("TSPRO_DOCKER_CACHE", "/var/cache/tspro-relay-ci"))
 RELAY_UID = 10001
 
@@ -174,4 +175,21 @@ def web_override(port: int, fast_health: bool = True) -> str:
         "  worker:\n"
         "    network_mode: host\n"
         f"{health}"
+    )
+
+
+def guide_override(port: int) -> str:
+    """The guide's compose file (tests/docker/guide-compose.yml) on the host network: relay on 127.0.0.1:port."""
+    check = ("import urllib.request,sys; sys.exit(0 if urllib.request.urlopen("
+             f"'http://127.0.0.1:{port}/healthz',timeout=5).status==200 else 1)")
+    return (
+        "services:\n"
+        "  relay:\n"
+        "    network_mode: host\n"
+        "    ports: !reset []\n"
+        "    build: {network: host}\n"
+        f'    command: ["tspro-relay", "run", "--host", "127.0.0.1", "--port", "{port}"]\n'
+        "    healthcheck:\n"
+        f'      test: ["CMD", "python", "-c", "{check}"]\n'
+        "      interval: 2s\n"
     )

@@ -15,27 +15,10 @@ from typing import Iterator
 import httpx
 import pytest
 
-from engine import RELAY_UID, Engine, Project, copy_repository
+from engine import GUIDE_FILE, RELAY_UID, Engine, Project, copy_repository, guide_override
 from support import SECRET, SmtpServer, free_port, wait_until
 
 pytestmark = pytest.mark.slow
-GUIDE_FILE = Path(__file__).with_name("guide-compose.yml")
-
-
-def guide_override(port: int) -> str:
-    check = ("import urllib.request,sys; sys.exit(0 if urllib.request.urlopen("
-             f"'http://127.0.0.1:{port}/healthz',timeout=5).status==200 else 1)")
-    return (
-        "services:\n"
-        "  relay:\n"
-        "    network_mode: host\n"
-        "    ports: !reset []\n"
-        "    build: {network: host}\n"
-        f'    command: ["tspro-relay", "run", "--host", "127.0.0.1", "--port", "{port}"]\n'
-        "    healthcheck:\n"
-        f'      test: ["CMD", "python", "-c", "{check}"]\n'
-        "      interval: 2s\n"
-    )
 
 
 @pytest.fixture

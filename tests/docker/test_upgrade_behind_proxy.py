@@ -20,10 +20,9 @@ from typing import Iterator
 import httpx
 import pytest
 
-from engine import Engine, Project, copy_repository
+from engine import GUIDE_FILE, Engine, Project, copy_repository, guide_override
 from portal import PortalSender
 from support import SECRET, SmtpServer, free_port, wait_until
-from test_guide import GUIDE_FILE, guide_override
 
 pytestmark = pytest.mark.slow
 CADDY = shutil.which("caddy") or "/usr/bin/caddy"

@@ -13,63 +13,20 @@ import logging
 import sqlite3
 import email
 from email import policy
-from contextlib import contextmanager
 from typing import Any, Iterator
 
 import pytest
 from starlette.testclient import TestClient
 
-from relay_core.config import Settings, load_settings
+from relay_core.config import Settings
 from relay_core.delivery.attempt import render
-from relay_core.options import parse_option
-from relay_web.app import create_app
-from support import SECRET
-
-
-@contextmanager
-def running_client(settings: Settings, raise_server_exceptions: bool = True, **options: str) -> Iterator[TestClient]:
-    """The app with its lifespan running, SMTP set (plus ``options``) and the key in the headers."""
-    with TestClient(create_app(settings), client=("203.0.113.7", 50000),
-                    raise_server_exceptions=raise_server_exceptions) as client:
-        store = client.app.state.relay.store
-        values = {"smtp_host": "127.0.0.1", "smtp_port": "2525", "smtp_security": "none", **options}
-        store.set_options({k: parse_option(k, v) for k, v in values.items() if v is not None})
-        client.headers["Authorization"] = f"Bearer {store.reveal_api_key()}"
-        yield client
-
-
-def settings_with(tmp_path: Any, **env: str) -> Settings:
-    return load_settings({"RELAY_SECRET_KEY": SECRET, "RELAY_DATA_DIR": str(tmp_path / "d"), **env})
+from api_helpers import error_of, flush_refusals, payload, queued, running_client, settings_with
 
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
     with running_client(settings) as client:
         yield client
-
-
-def payload(**overrides: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {"from_email": "noreply@example.org", "from_name": "Portal",
-                            "to": ["a@example.com"], "subject": "Hello", "text": "Body"}
-    data.update(overrides)
-    return data
-
-
-def queued(client: TestClient) -> tuple[int, int]:
-    state = client.app.state.relay
-    # The writer answers a batch, then enqueues its ids, then takes the next batch: once an empty
-    # job has run, every earlier 202's wake-up is in the queue (without this, a loaded machine
-    # sometimes read the queue between the answer and the enqueue).
-    state.intake.submit(lambda conn: (None, [])).result(10)
-    return sum(state.store.counts().values()), state.queue.pending()
-
-
-def error_of(response: Any, status: int) -> str:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["ok"] is False and isinstance(body["error"], str) and body["error"].endswith((".", ")"))
-    assert set(body) == {"ok", "error"}
-    return body["error"]
 
 
 def test_accepts_and_queues(client: TestClient) -> None:
@@ -99,13 +56,6 @@ def test_bad_key_is_refused_before_the_body_is_read(client: TestClient) -> None:
     # A body far over the cap, but the key is wrong: 401, not 413.
     huge = b"x" * (40 * 1024 * 1024)
     error_of(client.post("/api/send", content=huge, headers={"Authorization": "Bearer wrong"}), 401)
-
-
-def flush_refusals(client: TestClient) -> None:
-    """What the web process writes about once a second: the refusals counted since."""
-    future = client.app.state.relay.flush_refusals()  # type: ignore[attr-defined]
-    if future is not None:
-        future.result(10)
 
 
 def test_unauthorized_attempts_are_logged_with_source_ip(client: TestClient) -> None:

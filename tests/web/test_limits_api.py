@@ -7,13 +7,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import pytest
 from starlette.testclient import TestClient
 
+from relay_core.config import Settings
 from relay_core.options import parse_option
 from admin_helpers import admin_client, admin_settings, field_value
-from test_api import client, error_of, flush_refusals, payload, queued, running_client, settings_with  # noqa: F401
+from api_helpers import error_of, flush_refusals, payload, queued, running_client, settings_with
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with running_client(settings) as client:
+        yield client
 
 
 def bearer(key: str) -> dict[str, str]:

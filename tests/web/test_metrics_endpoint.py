@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay_core.store import metrics
 from relay_core.store import transaction
-from test_api import flush_refusals, payload, running_client, settings_with
+from api_helpers import flush_refusals, payload, running_client, settings_with
 
 
 def scrape_values(text: str) -> dict[str, float]:

@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 from relay_core.config import Settings
 from relay_core.delivery.attempt import render
 from relay_core.store import Store
-from test_api import error_of, payload, queued, running_client
+from api_helpers import error_of, payload, queued, running_client
 
 
 @pytest.fixture

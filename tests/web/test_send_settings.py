@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 from relay_core import crypto
 from relay_core.config import Settings
 from relay_core.store import Store
-from test_api import error_of, payload, queued, running_client
+from api_helpers import error_of, payload, queued, running_client
 
 
 @pytest.fixture
