@@ -18,7 +18,7 @@ class BrowserRelay:
     def __init__(self, cwd: Path, password: str | None, **env: str) -> None:
         self.cwd = cwd
         self.env = relay_env(cwd / "data", RELAY_ADMIN_PASSWORD=SEED_PASSWORD, RELAY_INSECURE_COOKIES="1", **env)
-        if password is not None:  # as `tspro-relay admin set-password` would (tests/test_cli.py runs it)
+        if password is not None:  # as `tspro-relay admin set-password` would (tests/cli/test_configure.py runs it)
             initialise_store(self.env, admin_password=password)
         self.process = RelayProcess("run", self.env, cwd, port=free_port())
 
