@@ -1,25 +1,24 @@
-"""What a new operator meets on the command line (issue 6), run as real subprocesses."""
+"""Setting the relay up from the command line, as a new operator does: help and version, `init` and
+the secret, `.env`, the data directory's permissions, and the errors met before anything runs.
+Real subprocesses and a real data directory.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import signal
-import socket
 import sqlite3
 import stat
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-import captured_logs
-from relay_core import __version__
+from relay_core import __version__, crypto
+from relay_core.config import load_settings, read_dotenv
 from relay_core.options import OPTION_NAMES
-from support import REPO, Relay, cli, free_port, relay_env, wait_until
+from relay_core.store import Store
+from cli_helpers import KEY_RE, config_json, configured, mode, only_line
+from support import SECRET, Relay, cli, relay_env
 
 # Every command and sub-command an operator can ask for help on.
 COMMANDS = [("run",), ("web",), ("worker",), ("init",), ("config",), ("config", "show"), ("config", "set"),
@@ -28,20 +27,7 @@ COMMANDS = [("run",), ("web",), ("worker",), ("init",), ("config",), ("config", 
             ("healthcheck",), ("migrate-store",), ("restore",), ("rotate-secret",), ("log",), ("status",), ("pause",), ("resume",)]
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    return relay_env(tmp_path / "data")
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
-
-def config_json(env: dict[str, str], cwd: Path) -> dict[str, object]:
-    return json.loads(cli(env, "config", "show", "--json", cwd=cwd).stdout)
-
-
-# -- help and version -----------------------------------------------------------------------------------------
+# -- help and version ------------------------------------------------------------------------------
 def test_version(env: dict[str, str], tmp_path: Path) -> None:
     result = cli(env, "--version", cwd=tmp_path)
     assert result.stdout.strip() == f"tspro-relay {__version__}"
@@ -87,156 +73,95 @@ def test_config_set_help_lists_every_key_with_a_line(env: dict[str, str], tmp_pa
         assert len(line.split()) > 2, line  # the key, then what it means and its default
 
 
-# -- where it listens -----------------------------------------------------------------------------------------------
-def listening_addresses(port: int) -> set[str]:
-    """Local addresses with a LISTEN socket on ``port``, from /proc/net/tcp."""
-    found = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        address, hex_port = local.split(":")
-        if state == "0A" and int(hex_port, 16) == port:
-            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
-    return found
-
-
-def test_web_listens_on_127_0_0_1_by_default(env: dict[str, str], tmp_path: Path) -> None:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "relay_cli", "web", "--port", str(port)], env=env,
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+# -- init and the secret ---------------------------------------------------------------------------
+def test_init_writes_a_private_env_file(tmp_path: Path) -> None:
+    env = relay_env(tmp_path / "data")
+    del env["RELAY_SECRET_KEY"], env["RELAY_ADMIN_PASSWORD"]
+    result = cli(env, "init", cwd=tmp_path)
+    path = tmp_path / ".env"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    values = read_dotenv(path)
+    assert len(values["RELAY_SECRET_KEY"]) >= 32
+    assert values["RELAY_ADMIN_USER"] == "admin" and len(values["RELAY_ADMIN_PASSWORD"]) >= 12
+    assert values["RELAY_ADMIN_PASSWORD"] in result.stdout
+    # The file is enough for every other command, and its password is the admin's.
+    assert KEY_RE.fullmatch(only_line(cli(env, "api-key", "show", cwd=tmp_path).stdout))
+    settings = load_settings({**values, "RELAY_DATA_DIR": str(tmp_path / "data")})
+    store = Store(settings.db_path, crypto.derive_keys(settings))
     try:
-        assert wait_until(lambda: listening_addresses(port), timeout=30, what="web to listen") == {"127.0.0.1"}
+        assert store.check_admin("admin", values["RELAY_ADMIN_PASSWORD"])
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+        store.close()
 
 
-def test_the_container_files_pass_host_0_0_0_0_explicitly() -> None:
-    compose = (REPO / "docker-compose.yml").read_text()
-    dockerfile = (REPO / "Dockerfile").read_text()
-    assert '"web", "--host", "0.0.0.0"' in compose
-    assert '"--host", "0.0.0.0"' in dockerfile.split("CMD", 1)[1]
+def test_init_gives_a_fresh_secret_each_time(tmp_path: Path) -> None:
+    env = relay_env(tmp_path / "data")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    cli(env, "init", cwd=tmp_path / "one")
+    cli(env, "init", cwd=tmp_path / "two")
+    first, second = (read_dotenv(tmp_path / d / ".env") for d in ("one", "two"))
+    assert first["RELAY_SECRET_KEY"] != second["RELAY_SECRET_KEY"]
+    assert first["RELAY_ADMIN_PASSWORD"] != second["RELAY_ADMIN_PASSWORD"]
 
 
-@pytest.mark.parametrize("command", ["run", "web"])
-def test_a_busy_port_is_refused_before_anything_starts(env: dict[str, str], tmp_path: Path, command: str) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        result = cli(env, command, "--port", str(port), cwd=tmp_path, check=False)
+def test_init_never_overwrites(tmp_path: Path) -> None:
+    env = relay_env(tmp_path / "data")
+    path = tmp_path / ".env"
+    path.write_text("RELAY_SECRET_KEY=keep-me-keep-me-keep-me-keep-me-keep-me\n")
+    result = cli(env, "init", cwd=tmp_path, check=False)
     assert result.returncode != 0
-    assert f"port {port} is in use; pass --port" in result.stderr
-    assert "running on" not in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "data").exists()  # no store opened, so no worker either
+    assert "already exists" in result.stderr and "Traceback" not in result.stderr
+    assert path.read_text() == "RELAY_SECRET_KEY=keep-me-keep-me-keep-me-keep-me-keep-me\n"
 
 
-# -- reading the log and a message without the web process -----------------------------------------------------
-def configured(env: dict[str, str], tmp_path: Path) -> None:
-    cli(env, "config", "set", "smtp_host=127.0.0.1", "smtp_port=2525", "smtp_security=none",
-        "default_from=relay@example.org", cwd=tmp_path)
+@pytest.mark.parametrize("args", [("config", "show"), ("api-key", "show"), ("send-test", "--to", "a@example.com"),
+                                  ("backup", "copy.db"), ("healthcheck", "--worker"),
+                                  ("admin", "set-password", "--password-stdin")])
+def test_without_a_secret_every_command_exits_2_with_one_sentence(tmp_path: Path, args: tuple[str, ...]) -> None:
+    env = relay_env(tmp_path / "data")
+    del env["RELAY_SECRET_KEY"]
+    result = cli(env, *args, cwd=tmp_path, check=False, input="whatever-password\n")
+    assert result.returncode == 2
+    line = only_line(result.stderr)
+    assert "RELAY_SECRET_KEY" in line and "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert not (tmp_path / "data").exists() and not (tmp_path / "copy.db").exists()
 
 
-def test_log_and_status_read_the_store_directly(env: dict[str, str], tmp_path: Path) -> None:
-    configured(env, tmp_path)
-    first = cli(env, "send-test", "--to", "ann@example.com", cwd=tmp_path).stdout.strip()
-    second = cli(env, "send-test", "--to", "bob@example.com", cwd=tmp_path).stdout.strip()
-    lines = cli(env, "log", cwd=tmp_path).stdout.splitlines()
-    assert len(lines) == 2 and first in lines[0] and second in lines[1]  # oldest first
-    assert "queued" in lines[0] and "ann@example.com" in lines[0] and "TS Pro Relay test email" in lines[0]
-    assert cli(env, "log", "--limit", "1", cwd=tmp_path).stdout.splitlines() == lines[1:]
-    assert cli(env, "log", "--status", "sent", cwd=tmp_path).stdout == ""
-    assert len(cli(env, "log", "--status", "queued", cwd=tmp_path).stdout.splitlines()) == 2
-
-    text = cli(env, "status", first, cwd=tmp_path).stdout
-    assert f"id            {first}" in text and "status        queued" in text
-    assert "ann@example.com (to)  pending" in text
-    view = json.loads(cli(env, "status", first, "--json", cwd=tmp_path).stdout)
-    assert view["id"] == first and view["recipients"][0]["address"] == "ann@example.com"
-    missing = cli(env, "status", "0000nope", cwd=tmp_path, check=False)
-    assert missing.returncode == 1 and "0000nope" in missing.stderr and missing.stdout == ""
-    refused = cli(env, "log", "--status", "bogus", cwd=tmp_path, check=False)
-    assert refused.returncode == 2 and "invalid choice" in refused.stderr
+def test_a_short_secret_exits_2(tmp_path: Path) -> None:
+    env = relay_env(tmp_path / "data", RELAY_SECRET_KEY="short")
+    result = cli(env, "config", "show", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "32" in only_line(result.stderr)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_log_follow_prints_new_rows_until_ctrl_c(env: dict[str, str], tmp_path: Path, signum: int) -> None:
-    configured(env, tmp_path)
-    cli(env, "send-test", "--to", "ann@example.com", cwd=tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "relay_cli", "log", "--follow", "--interval", "0.2"],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_dotenv_in_the_working_directory_is_read(tmp_path: Path) -> None:
+    env = relay_env(tmp_path / "ignored")
+    del env["RELAY_SECRET_KEY"], env["RELAY_DATA_DIR"]
+    (tmp_path / ".env").write_text(f'# written by hand\nexport RELAY_SECRET_KEY="{SECRET}"\n'
+                                   f"RELAY_DATA_DIR={tmp_path / 'from-dotenv'}\n")
+    cli(env, "config", "set", "smtp_host=mail.example.org", cwd=tmp_path)
+    assert (tmp_path / "from-dotenv" / "relay.db").exists()
+    assert config_json(env, tmp_path)["smtp_host"] == "mail.example.org"
+
+
+def test_the_environment_wins_over_dotenv(tmp_path: Path) -> None:
+    env = relay_env(tmp_path / "from-env", RELAY_WORKER_THREADS="2")
+    (tmp_path / ".env").write_text(f"RELAY_SECRET_KEY=dotenv-secret-dotenv-secret-dotenv-secret\n"
+                                   f"RELAY_DATA_DIR={tmp_path / 'from-dotenv'}\n"
+                                   "RELAY_WORKER_THREADS=not-a-number\n")
+    key = only_line(cli(env, "api-key", "show", cwd=tmp_path).stdout)
+    assert (tmp_path / "from-env" / "relay.db").exists() and not (tmp_path / "from-dotenv").exists()
+    # The key was encrypted with the environment's secret, not the .env's.
+    settings = load_settings({"RELAY_SECRET_KEY": SECRET, "RELAY_DATA_DIR": str(tmp_path / "from-env")})
+    store = Store(settings.db_path, crypto.derive_keys(settings))
     try:
-        assert proc.stdout is not None
-        assert "ann@example.com" in proc.stdout.readline()
-        later = cli(env, "send-test", "--to", "later@example.com", cwd=tmp_path).stdout.strip()
-        line = proc.stdout.readline()  # blocks until the follower prints it (the test's timeout bounds it)
-        assert later in line and "later@example.com" in line
-        proc.send_signal(signum)
-        out, err = proc.communicate(timeout=30)
-        captured_logs.keep("tspro-relay log --follow", err)
+        assert store.reveal_api_key() == key
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0 and "Traceback" not in err
+        store.close()
 
 
-@pytest.mark.parametrize("args", [("config", "show"), ("log",), ("api-key", "list"), ("--help",)])
-def test_a_closed_stdout_never_prints_a_traceback(env: dict[str, str], tmp_path: Path,
-                                                  args: tuple[str, ...]) -> None:
-    configured(env, tmp_path)
-    for i in range(3):
-        cli(env, "send-test", "--to", f"m{i}@example.com", cwd=tmp_path)
-    # The reader is gone before the command writes a byte: what `| head -0` does.
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    try:
-        result = subprocess.run([sys.executable, "-m", "relay_cli", *args], env=env, cwd=tmp_path,
-                                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
-    finally:
-        os.close(write_end)
-    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
-    assert "Exception ignored" not in result.stderr
-
-
-# -- settings the operator types -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("value", ["tls", "plain", "", "SSL/TLS", "starttls ssl"])
-def test_smtp_security_accepts_only_three_words_and_saves_nothing_else(env: dict[str, str], tmp_path: Path,
-                                                                       value: str) -> None:
-    cli(env, "config", "set", "smtp_security=ssl", cwd=tmp_path)
-    result = cli(env, "config", "set", "smtp_host=mail.example.org", f"smtp_security={value}", cwd=tmp_path,
-                 check=False)
-    assert result.returncode != 0
-    assert "did you mean starttls (port 587) or ssl (port 465)?" in result.stderr
-    shown = config_json(env, tmp_path)
-    assert (shown["smtp_security"], shown["smtp_host"]) == ("ssl", "")
-
-
-@pytest.mark.parametrize("value", ["starttls", "ssl", "none", "STARTTLS"])
-def test_smtp_security_takes_the_three_modes(env: dict[str, str], tmp_path: Path, value: str) -> None:
-    cli(env, "config", "set", f"smtp_security={value}", cwd=tmp_path)
-    assert config_json(env, tmp_path)["smtp_security"] == value.lower()
-
-
-def test_new_settings_are_set_and_checked(env: dict[str, str], tmp_path: Path) -> None:
-    shown = config_json(env, tmp_path)
-    assert (shown["delivery_paused"], shown["smtp_helo_name"]) == (False, "")
-    cli(env, "config", "set", "delivery_paused=true", "smtp_helo_name=relay.example.org", cwd=tmp_path)
-    shown = config_json(env, tmp_path)
-    assert (shown["delivery_paused"], shown["smtp_helo_name"]) == (True, "relay.example.org")
-    for bad in ("192.0.2.1", "[127.0.0.1]", "bad_name.example.org", "-x.example.org", "a..b"):
-        result = cli(env, "config", "set", f"smtp_helo_name={bad}", cwd=tmp_path, check=False)
-        assert result.returncode != 0 and "host name" in result.stderr
-    assert config_json(env, tmp_path)["smtp_helo_name"] == "relay.example.org"
-
-
-def test_pause_and_resume_commands(env: dict[str, str], tmp_path: Path) -> None:
-    assert "paused" in cli(env, "pause", cwd=tmp_path).stdout
-    assert config_json(env, tmp_path)["delivery_paused"] is True
-    result = cli(env, "resume", cwd=tmp_path)
-    assert "resumed" in result.stdout and config_json(env, tmp_path)["delivery_paused"] is False
-
-
-# -- the data directory --------------------------------------------------------------------------------------------
+# -- the data directory ----------------------------------------------------------------------------
 def private_files(data: Path) -> dict[str, int]:
     return {p.name: mode(p) for p in data.iterdir() if p.name.startswith(("relay.db", "queue.db"))}
 
@@ -273,7 +198,7 @@ def test_an_existing_directory_is_left_alone_but_old_files_are_made_private(tmp_
     assert files["relay.db"] == files["queue.db"] == 0o600 and set(files.values()) == {0o600}
 
 
-# -- error messages -------------------------------------------------------------------------------------------------
+# -- error messages --------------------------------------------------------------------------------
 def test_the_wrong_secret_error_quotes_the_data_directory(tmp_path: Path) -> None:
     env = relay_env(tmp_path / "data")
     cli(env, "config", "show", cwd=tmp_path)

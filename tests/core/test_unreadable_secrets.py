@@ -19,7 +19,6 @@ from relay_core.delivery.mailflow import assess
 from relay_core.options import parse_option
 from relay_core.intake.sending import enqueue_test_message
 from relay_core.store import Store, transaction
-from support import SECRET
 
 OTHER = "another-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 

@@ -10,7 +10,6 @@ processes of which one has already exited.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Iterator
 
 import httpx

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

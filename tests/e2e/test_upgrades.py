@@ -29,7 +29,7 @@ from relay_core import crypto
 from relay_core.db import migrations
 from relay_core.config import load_settings
 from relay_core.store import Store
-from support import REPO, Relay, SmtpServer, wait_until
+from support import REPO, Relay, SmtpServer
 
 pytestmark = pytest.mark.slow
 FIXTURES = REPO / "tests" / "fixtures" / "stores"
@@ -40,7 +40,7 @@ APPEND_ONLY = {"schema_migrations", "meta", "log", "workers", "pacing", "metric_
 
 
 def test_every_earlier_schema_version_has_a_fixture() -> None:
-    assert set(range(1, CURRENT)) <= set(VERSIONS), f"make one with: python tests/fixtures/make_store.py N"
+    assert set(range(1, CURRENT)) <= set(VERSIONS), "make one with: python tests/fixtures/make_store.py N"
 
 
 def table_rows(db: Path) -> dict[str, list[dict[str, Any]]]:

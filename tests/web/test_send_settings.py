@@ -10,7 +10,6 @@ run through Starlette's TestClient; nothing is mocked.
 from __future__ import annotations
 
 import base64
-import dataclasses
 from typing import Iterator
 
 import pytest
