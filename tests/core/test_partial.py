@@ -1,4 +1,4 @@
-"""The 'partial' state (issue 6): some recipients delivered, the rest refused for good.
+"""The 'partial' state: some recipients delivered, the rest refused for good.
 
 A real aiosmtpd server refuses one recipient with 550; the Deliverer records
 the outcome in the store, on both backends, and retention treats the result

@@ -1,4 +1,4 @@
-"""First contact with the real portal (issue 6), end to end with real processes.
+"""The real portal's messages and health checks, end to end with real processes.
 
 `tspro-relay web` and `tspro-relay worker` run as subprocesses against
 aiosmtpd on loopback; what the portal reads (/api/health, /api/messages) and

@@ -1,4 +1,4 @@
-"""What the real portal sends and reads (issue 6), through the real app.
+"""What the real portal sends and reads, through the real app.
 
 The app runs with its lifespan (real store, real SqliteHuey queue in
 tmp_path) under Starlette's TestClient; the rendered message is checked by
