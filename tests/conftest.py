@@ -212,9 +212,19 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """``pytest.mark.backends``: ``backend`` takes each of BACKENDS, module by module."""
-    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("backends"):
+    """``pytest.mark.backends``: ``backend`` takes each of BACKENDS, module by module (a test that
+    parametrises ``backend`` itself, to run on one of them only, keeps its own)."""
+    if ("backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("backends")
+            and not _parametrizes(metafunc, "backend")):
         metafunc.parametrize("backend", BACKENDS, scope="module")
+
+
+def _parametrizes(metafunc: pytest.Metafunc, name: str) -> bool:
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        if name in ([n.strip() for n in names.split(",")] if isinstance(names, str) else names):
+            return True
+    return False
 
 
 @pytest.fixture(scope="session")
