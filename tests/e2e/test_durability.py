@@ -171,11 +171,9 @@ def test_graceful_stop_finishes_in_flight_deliveries(relay: Relay, signum: int) 
         ids = post_all(relay, 40)
         worker = relay.start_worker()
         wait_until(lambda: leased_ids(relay), what="deliveries in flight")
-        started = time.monotonic()
         worker.signal(signum)
         assert worker.proc is not None
-        code = worker.proc.wait(30)
-        assert time.monotonic() - started < 26  # the grace period is 25 s
+        code = worker.proc.wait(25)  # the compose files' grace period: later, Docker would SIGKILL it
         assert code == 0, worker.output()
         # In-flight deliveries finished and were recorded: nothing is left leased.
         assert leased_ids(relay) == set()
