@@ -36,6 +36,7 @@ from . import admin, api, metrics_endpoint
 from .api import ACCEPTED
 from .admin.pages import error_page
 from .headers import SecurityHeaders
+from .latency import LatencyBuffer
 from .state import AppState
 
 logger = logging.getLogger("relay.web")
@@ -138,7 +139,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
         owned = store is None
         relay_store.bootstrap(settings)
         relay_queue = build_queue(settings)
-        latency = relay_metrics.LatencyBuffer()
+        latency = LatencyBuffer()
 
         def count_batch(conn: Connection, accepted: int) -> None:
             latency.drain(conn, {(relay_metrics.ACCEPTED, ""): accepted} if accepted else None)

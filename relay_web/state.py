@@ -12,8 +12,8 @@ from typing import Any
 from relay_core.config import Settings
 from relay_core.db import Connection
 from relay_core.intake.group_commit import Intake, Job
-from relay_core.store.metrics import LatencyBuffer
-from relay_core.store.refusals import RefusalGate
+from .latency import LatencyBuffer
+from .refusal_gate import RefusalGate
 from relay_core.store import Store
 from relay_core.tasks import RelayQueue
 

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import probe
-from ..store.ledger import CONNECTION_STAGES, AttemptFact
+from ..store.ledger import CONNECTION_STAGES
+from ..store.logbook import AttemptFact
 from .oauth import revoked_sentence
 from .probe import UPSTREAM_SETTINGS
 from ..store import Store

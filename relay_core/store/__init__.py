@@ -1,13 +1,10 @@
-"""The store of record (relay.db, or PostgreSQL), its settings, and the two halves mixed in.
+"""The store of record (relay.db, or PostgreSQL): settings, and the tables' parts mixed into ``Store``.
 
 Every process opens its own connections (one per thread; on PostgreSQL each
-borrows from the process's pool, see ``relay_core/db``).
-Settings and API keys are cached per process and re-read only when the
-revision counter moves, so a change made by the CLI or another process takes
-effect everywhere without a restart. ``accounts.py`` holds the API keys and
-the admin; ``sessions.py`` the admin's sign-in state; ``audit.py`` the audit
-trail; ``ledger.py`` the messages, claims and the log; ``logbook.py``,
-``queueview.py`` and ``interventions.py`` what the admin pages read and do.
+borrows from the process's pool, see ``relay_core/db``). Settings and API keys
+are cached per process and re-read only when the revision counter moves, so a
+change made by the CLI or another process takes effect everywhere without a
+restart.
 """
 
 from __future__ import annotations
@@ -31,15 +28,18 @@ from ..crypto import KeySet
 from ..db import (Connection, Database, SqliteDatabase, connect, for_share, insert_blob, open_database,  # noqa: F401
                  serialize, transaction, write_lock, written_yet)
 from .interventions import ActionReport, Interventions  # noqa: F401  (re-exported)
-from .ledger import (FINAL_STATES, MAX_UNRECORDED_CLAIMS, AttemptFact, ClaimedMessage, Ledger,  # noqa: F401
-                     LoggedRow, NewMessage, Paced, Recipient, insert_message)
+from .idempotency import Idempotency
+from .ledger import (FINAL_STATES, MAX_UNRECORDED_CLAIMS, ClaimedMessage, Ledger, NewMessage, Paced,  # noqa: F401
+                     Recipient, insert_message)
 from .limits import SendLimits
 from ..logs import fields
-from .logbook import LogEntry, Logbook, backfill, insert_log  # noqa: F401  (re-exported)
+from .logbook import AttemptFact, LogEntry, Logbook, LoggedRow, backfill, insert_log  # noqa: F401  (re-exported)
 from ..options import SECRET_OPTIONS, Options, build_options, check_consistency, to_text
 from .queueview import QueueView
 from .refusals import Refusals
 from .sessions import AdminSession, Sessions  # noqa: F401  (re-exported)
+from .sweeping import Sweeping
+from .workers import Workers
 
 logger = logging.getLogger("relay.store")
 KEY_CHECK = "tspro-relay key check"
@@ -74,7 +74,8 @@ def _writable(directory: Path) -> bool:
     return writable and (not db.exists() or os.access(db, os.R_OK | os.W_OK))
 
 
-class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions, SendLimits, Refusals):
+class Store(Accounts, Sessions, Audit, Ledger, Idempotency, Workers, Sweeping, Logbook, QueueView, Interventions,
+            SendLimits, Refusals):
     """Thread-safe access to the store: each thread gets its own connection."""
 
     def __init__(self, database: Database | Path, keys: KeySet) -> None:
@@ -275,6 +276,13 @@ class Store(Accounts, Sessions, Audit, Ledger, Logbook, QueueView, Interventions
         with self._cache_lock:
             self._cache = snapshot
         return snapshot
+
+    def settings_changed_at(self, names: tuple[str, ...]) -> float:
+        """When any of these settings was last written (0 when never)."""
+        marks = ",".join("?" * len(names))
+        row = self.conn().execute(f"SELECT MAX(updated_at) FROM settings WHERE name IN ({marks})",
+                                  names).fetchone()
+        return float(row[0] or 0.0)
 
     def options(self) -> Options:
         """The current settings; re-read only when another process changed them."""

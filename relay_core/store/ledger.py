@@ -10,7 +10,6 @@ The SQL runs on both backends (see ``relay_core/db``).
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from .. import crypto
 from . import metrics
 from ..crypto import KeySet
 from ..db import Connection, insert_blob, serialize, transaction
-from .logbook import HOUR, LogEntry, forget_log_rows, insert_log
+from .logbook import LogEntry, insert_log
 from ..message import OutgoingMessage, message_id_header
 from ..options import Options
 
@@ -71,35 +70,6 @@ class NewMessage:
             kinds=[k for _, k in envelope],
             attachments=len(message.attachments) if attachments is None else attachments,
         )
-
-
-@dataclass(frozen=True)
-class AttemptFact:
-    """One recorded delivery attempt, as the health check reads it."""
-
-    at: float
-    message_id: str | None
-    status: str
-    stage: str | None
-    code: int | None
-    detail: str
-
-
-@dataclass(frozen=True)
-class LoggedRow:
-    """One transaction-log row, as `tspro-relay log` prints it."""
-
-    id: int
-    ts: float
-    event: str
-    message_id: str | None
-    status: str
-    stage: str | None
-    code: int | None
-    detail: str
-    sender: str
-    recipients: str
-    subject: str
 
 
 @dataclass
@@ -301,37 +271,6 @@ class Ledger:
     def conn(self) -> Connection:
         raise NotImplementedError
 
-    # -- messages: the accept side --------------------------------------------
-    def log(self, entry: LogEntry) -> None:
-        conn = self.conn()
-        with transaction(conn):
-            insert_log(conn, entry)
-
-    def idempotent_answer(self, conn: Connection, api_key_id: int, key: str,
-                          since: float) -> tuple[str, int, dict[str, Any]] | None:
-        row = conn.execute("SELECT request_hash, status, response FROM idempotency"
-                           " WHERE api_key_id = ? AND key = ? AND created_at >= ?",
-                           (api_key_id, key, since)).fetchone()
-        if row is None:
-            return None
-        return row["request_hash"], int(row["status"]), json.loads(row["response"])
-
-    def remember_answer(self, conn: Connection, api_key_id: int, key: str, request_hash: str,
-                        status: int, response: dict[str, Any], since: float) -> bool:
-        """Record the answer to an Idempotency-Key, unless one newer than ``since`` is there.
-
-        False when another request with this key got there first: on
-        PostgreSQL, two web processes may race, and the second's insert waits
-        for the first's commit and then does nothing.
-        """
-        cur = conn.execute(
-            "INSERT INTO idempotency (api_key_id, key, request_hash, status, response, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (api_key_id, key) DO UPDATE SET"
-            " request_hash = excluded.request_hash, status = excluded.status, response = excluded.response,"
-            " created_at = excluded.created_at WHERE idempotency.created_at < ?",
-            (api_key_id, key, request_hash, status, json.dumps(response), time.time(), since))
-        return bool(cur.rowcount == 1)
-
     # -- messages: the delivery side -------------------------------------------
     def claim(self, message_id: str, owner: str, lease_seconds: float, now: float | None = None,
               limits: tuple[tuple[int, float], ...] = ()) -> ClaimedMessage | Paced | None:
@@ -419,129 +358,6 @@ class Ledger:
             "recipients": recipients,
         }
 
-    def recent_attempts(self, limit: int, since: float = 0.0) -> list[AttemptFact]:
-        """The last ``limit`` delivery attempts after ``since``, newest first (see ``Logbook.last_attempts``)."""
-        rows = self.last_attempts(limit, since)  # type: ignore[attr-defined]
-        return [AttemptFact(r.ts, r.message_id, r.status, r.stage, r.code, r.detail) for r in rows]
-
-    def settings_changed_at(self, names: tuple[str, ...]) -> float:
-        """When any of these settings was last written (0 when never)."""
-        marks = ",".join("?" * len(names))
-        row = self.conn().execute(f"SELECT MAX(updated_at) FROM settings WHERE name IN ({marks})",
-                                  names).fetchone()
-        return float(row[0] or 0.0)
-
-    def log_entries(self, *, status: str | None = None, limit: int = 50,
-                    after_id: int = 0) -> list[LoggedRow]:
-        """Transaction-log rows, oldest first: the latest ``limit`` ones, or with ``after_id``
-        the next ``limit`` after that row (for following the log)."""
-        where, params = ["id > ?"], [after_id]  # type: list[str], list[object]
-        if status:
-            where.append("status = ?")
-            params.append(status)
-        order = "ASC" if after_id else "DESC"
-        rows = self.conn().execute(
-            f"SELECT * FROM log WHERE {' AND '.join(where)} ORDER BY id {order} LIMIT ?",
-            (*params, limit)).fetchall()
-        if not after_id:
-            rows.reverse()
-        return [LoggedRow(r["id"], r["ts"], r["event"], r["message_id"], r["status"], r["stage"], r["code"],
-                          r["detail"], r["sender"], r["recipients"], r["subject"]) for r in rows]
-
     def counts(self) -> dict[str, int]:
         rows = self.conn().execute("SELECT status, COUNT(*) FROM messages GROUP BY status").fetchall()
         return {r[0]: r[1] for r in rows}
-
-    # -- workers and the sweeper -----------------------------------------------------
-    def heartbeat(self, name: str, pid: int, host: str, started_at: float, now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        conn = self.conn()
-        with transaction(conn):
-            conn.execute(
-                "INSERT INTO workers (name, pid, host, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT(name) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-                (name, pid, host, started_at, now),
-            )
-
-    def forget_worker(self, name: str) -> None:
-        conn = self.conn()
-        with transaction(conn):
-            conn.execute("DELETE FROM workers WHERE name = ?", (name,))
-
-    def last_heartbeat(self) -> float | None:
-        row = self.conn().execute("SELECT MAX(heartbeat_at) FROM workers").fetchone()
-        return row[0] if row else None
-
-    def heartbeats(self, names: list[str]) -> dict[str, float]:
-        """The last heartbeat of each named worker that has one."""
-        if not names:
-            return {}
-        marks = ", ".join("?" for _ in names)
-        rows = self.conn().execute(f"SELECT name, heartbeat_at FROM workers WHERE name IN ({marks})",
-                                   names).fetchall()
-        return {r[0]: r[1] for r in rows}
-
-    def waiting_count(self, now: float) -> int:
-        """Messages that should have a wake-up call in the queue now."""
-        return self.conn().execute(
-            "SELECT (SELECT COUNT(*) FROM messages WHERE status = 'queued')"
-            " + (SELECT COUNT(*) FROM messages WHERE status = 'deferred' AND next_attempt_at <= ?)",
-            (now,)).fetchone()[0]
-
-    def sweep(self, now: float, stale_after: float, include_waiting: bool = True,
-              limit: int = 1000) -> list[str]:
-        """Ids that need a new wake-up call; marks them enqueued now.
-
-        Always: sending with an expired lease (its task was consumed). With
-        ``include_waiting``: queued with no enqueue for ``stale_after`` seconds,
-        and deferred messages due for that long.
-        """
-        conn = self.conn()
-        with transaction(conn):
-            rows = conn.execute(
-                "SELECT id FROM messages WHERE"
-                " (status = 'sending' AND lease_expires_at < ?)"
-                " OR (? AND status = 'queued' AND COALESCE(enqueued_at, 0) < ?)"
-                " OR (? AND status = 'deferred' AND next_attempt_at <= ? AND COALESCE(enqueued_at, 0) < ?)"
-                " ORDER BY next_attempt_at LIMIT ?",
-                (now, include_waiting, now - stale_after, include_waiting, now - stale_after,
-                 now - stale_after, limit),
-            ).fetchall()
-            ids = [r[0] for r in rows]
-            conn.executemany("UPDATE messages SET enqueued_at = ? WHERE id = ?", [(now, i) for i in ids])
-        return ids
-
-    def prune(self, now: float, *, sent_body_seconds: float, failed_body_seconds: float,
-              log_seconds: float, log_max_rows: int, idempotency_seconds: float) -> dict[str, int]:
-        """Retention: drop finished bodies, old log rows and old idempotency answers."""
-        conn = self.conn()
-        with transaction(conn):
-            # Sweepers prune one at a time: on PostgreSQL two could both take the same rows
-            # out of the hourly counts before either deleted them.
-            serialize(conn, "tspro-relay prune")
-            sent = conn.execute(
-                "UPDATE messages SET body = NULL WHERE body IS NOT NULL AND status IN ('sent', 'partial')"
-                " AND finished_at < ?",
-                (now - sent_body_seconds,)).rowcount
-            failed = conn.execute(
-                "UPDATE messages SET body = NULL WHERE body IS NOT NULL AND status IN ('failed', 'cancelled')"
-                " AND finished_at < ?", (now - failed_body_seconds,)).rowcount
-            # Whole hours go, so the hourly counts (logbook.py) drop whole buckets.
-            cutoff = (now - log_seconds) // HOUR * HOUR
-            forget_log_rows(conn, "ts < ?", (cutoff,))
-            old_log = conn.execute("DELETE FROM log WHERE ts < ?", (cutoff,)).rowcount
-            conn.execute("DELETE FROM messages WHERE finished_at < ?", (now - log_seconds,))
-            excess = 0
-            # The ids span at least as many rows as the log holds: while the span fits, nothing is over
-            # the cap, and the OFFSET walk (a million index entries, every sweep) is skipped.
-            low, high = conn.execute("SELECT MIN(id), MAX(id) FROM log").fetchone()
-            over = low is not None and high - low + 1 > log_max_rows
-            last = conn.execute("SELECT id FROM log ORDER BY id DESC LIMIT 1 OFFSET ?",
-                                (log_max_rows,)).fetchone() if over else None
-            if last is not None:
-                forget_log_rows(conn, "id <= ?", (last[0],))
-                excess = conn.execute("DELETE FROM log WHERE id <= ?", (last[0],)).rowcount
-            conn.execute("DELETE FROM pacing WHERE ts < ?", (now - 86400,))
-            idem = conn.execute("DELETE FROM idempotency WHERE created_at < ?",
-                                (now - idempotency_seconds,)).rowcount
-        return {"sent_bodies": sent, "failed_bodies": failed, "log_rows": old_log + excess, "idempotency": idem}

@@ -304,11 +304,45 @@ class LogCounters:
         return self.by_kind.get(kind, 0)
 
 
+@dataclass(frozen=True)
+class AttemptFact:
+    """One recorded delivery attempt, as the health check reads it."""
+
+    at: float
+    message_id: str | None
+    status: str
+    stage: str | None
+    code: int | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class LoggedRow:
+    """One transaction-log row, as `tspro-relay log` prints it."""
+
+    id: int
+    ts: float
+    event: str
+    message_id: str | None
+    status: str
+    stage: str | None
+    code: int | None
+    detail: str
+    sender: str
+    recipients: str
+    subject: str
+
+
 class Logbook:
     """Mixed into ``Store``, which provides the connection."""
 
     def conn(self) -> Connection:
         raise NotImplementedError
+
+    def log(self, entry: LogEntry) -> None:
+        conn = self.conn()
+        with transaction(conn):
+            insert_log(conn, entry)
 
     # -- pages --------------------------------------------------------------------------------------
     def _id_bounds(self, flt: LogFilter) -> tuple[int | None, int | None]:
@@ -502,6 +536,28 @@ class Logbook:
                 f"SELECT {_COLUMNS} FROM log WHERE kind = ? AND id > ? AND +ts > ? ORDER BY id DESC LIMIT ?",
                 (kind, low or 0, since if since is not None else -1.0, limit))]
         return sorted(found, key=lambda r: r.id, reverse=True)[:limit]
+
+    def recent_attempts(self, limit: int, since: float = 0.0) -> list[AttemptFact]:
+        """The last ``limit`` delivery attempts after ``since``, newest first."""
+        rows = self.last_attempts(limit, since)
+        return [AttemptFact(r.ts, r.message_id, r.status, r.stage, r.code, r.detail) for r in rows]
+
+    def log_entries(self, *, status: str | None = None, limit: int = 50,
+                    after_id: int = 0) -> list[LoggedRow]:
+        """Transaction-log rows, oldest first: the latest ``limit`` ones, or with ``after_id``
+        the next ``limit`` after that row (for following the log)."""
+        where, params = ["id > ?"], [after_id]  # type: list[str], list[object]
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        order = "ASC" if after_id else "DESC"
+        rows = self.conn().execute(
+            f"SELECT * FROM log WHERE {' AND '.join(where)} ORDER BY id {order} LIMIT ?",
+            (*params, limit)).fetchall()
+        if not after_id:
+            rows.reverse()
+        return [LoggedRow(r["id"], r["ts"], r["event"], r["message_id"], r["status"], r["stage"], r["code"],
+                          r["detail"], r["sender"], r["recipients"], r["subject"]) for r in rows]
 
     # -- counters ------------------------------------------------------------------------------------
     def log_counters(self, since: float | None = None, until: float | None = None) -> LogCounters:

@@ -12,16 +12,14 @@ table stays small and totals never go down (a Prometheus counter must not).
 Gauges — messages per state, the age of the oldest waiting message, worker
 heartbeats — are read from the messages and workers tables at scrape time.
 
-Accept latency is known only after the group commit, so the web process
-keeps those observations in memory (``LatencyBuffer``) and writes them with
-its next commit (or within a few seconds when no request comes).
+Accept latency is known only after the group commit: the web process keeps it
+in memory until its next commit (``relay_web.latency``).
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 import uuid
 from typing import Iterable
@@ -124,36 +122,6 @@ def fold(conn: Connection, now: float) -> int:
         conn.executemany(_UPSERT, [("*", r[0], r[1], r[2], now) for r in quiet])
         return int(conn.execute("DELETE FROM metric_counts WHERE process <> '*' AND updated_at < ?",
                                 (before,)).rowcount)
-
-
-class LatencyBuffer:
-    """Accept latencies measured after their commit, written with a later one."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._values: list[float] = []
-
-    def add(self, seconds: float) -> None:
-        with self._lock:
-            self._values.append(seconds)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def drain(self, conn: Connection, with_them: dict[tuple[str, str], float] | None = None) -> None:
-        """Write what was measured (and ``with_them``, other deltas, in the same statement)."""
-        with self._lock:
-            values, self._values = self._values, []
-        deltas = dict(with_them or {})
-        if values:
-            deltas.update(observations("accept_duration_seconds", values))
-        if deltas:
-            try:
-                add(conn, deltas)
-            except BaseException:
-                with self._lock:
-                    self._values[:0] = values  # not written: keep them for the next commit
-                raise
 
 
 # -- reading (at scrape time) -----------------------------------------------------------------------

@@ -1,39 +1,17 @@
-"""Refused API requests: a budget per source address, and one log row per address and minute.
+"""Refused API requests, as the store keeps them: counts per address, minute and reason, and the
+one log row that stands for each, so a flood of bad requests cannot push the real history out of
+the bounded log (the web process counts them in memory first: ``relay_web.refusal_gate``).
 
-A client hammering the API with a wrong key must not be able to push the
-real history out of the bounded transaction log, nor make the relay fsync
-once per refusal, nor slow a good key's sends. So refusals are counted, not
-written one by one:
-
-- Requests with a missing or wrong key count against their address's budget
-  (the ``bad_key_per_minute`` setting, 100 by default; 0 turns it off): up
-  to the budget they are answered 401, beyond it 429 with Retry-After (the
-  seconds left in the minute). A request with a good key is never refused
-  for its address's failures, so a portal behind the same address as an
-  attacker keeps sending. (Failed admin sign-ins have their own, stricter
-  budget: five a minute per address or username, see ``sessions.py``.)
-- Each web process counts in memory (``RefusalGate``) and, about once a
-  second, hands what it counted to the group-commit writer as one job:
-  ``record_refusals`` adds the counts to ``refusals`` (one row per address,
-  minute and reason, shared by every process) and writes or updates the one
-  log row that stands for them, with the count in its sentence. The job
-  answers the store's totals, so each process judges the budget by every
-  process's count (up to a second late).
-- Refusals of requests with a good key (a 400, a 403...) keep a log row of
-  their own, the first ``DETAILED_PER_MINUTE`` per address and minute in
-  each process; the rest are counted into one row the same way.
-
-Addresses come from ``relay_web.auth.client_ip`` (the peer, or the first
-untrusted X-Forwarded-For hop behind a trusted proxy).
+Requests with a missing or wrong key count against their address's budget
+(``bad_key_per_minute``); a request with a good key is never refused for its
+address's failures. Refusals of requests with a good key keep a log row of their
+own for the first ``DETAILED_PER_MINUTE`` per address and minute.
 """
 
 from __future__ import annotations
 
-import math
-import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
 
 from . import metrics
 from ..db import Connection, transaction
@@ -66,12 +44,6 @@ class Tally:
     limited: int = 0  # answered 429 rather than 401
 
 
-@dataclass
-class _Batch:
-    items: list[tuple[tuple[str, int, str], Tally]]
-    unauthenticated: dict[tuple[str, int], int] = field(default_factory=dict)
-
-
 Key = tuple[str, int, str]
 
 
@@ -95,119 +67,6 @@ def describe(ip: str, minute: int, reason: str, count: int, limited: int, budget
     status = reason.split(":")[1]
     return (f"{count} more request{'s' if many else ''} refused with {status} from {ip} in the minute from "
             f"{_when(minute)} (the first {DETAILED_PER_MINUTE} of a minute are logged one by one).")
-
-
-class RefusalGate:
-    """One web process's view: this minute's refusals per address, and the store's totals."""
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._pending: dict[Key, Tally] = {}
-        self._stored: dict[tuple[str, int], int] = {}  # unauthenticated, all processes, at the last flush
-        self._local: dict[tuple[str, int], int] = {}  # unauthenticated, this process, not in _stored yet
-        self._detailed: dict[tuple[str, int], int] = {}
-        self._in_flight: _Batch | None = None
-
-    @property
-    def busy(self) -> bool:
-        """Counts are waiting to be written, or being written."""
-        with self._lock:
-            return bool(self._pending) or self._in_flight is not None
-
-    def _address(self, ip: str, minute: int) -> str:
-        if (ip, minute) in self._local or (ip, minute) in self._stored or len(self._local) < MAX_ADDRESSES:
-            return ip
-        return OTHER_ADDRESSES
-
-    def unauthenticated(self, ip: str, reason: str, budget: int, now: float | None = None) -> int:
-        """Count a request refused for its key: 0 to answer 401, or the seconds to put in a 429's Retry-After."""
-        now = self.clock() if now is None else now
-        minute = int(now // MINUTE)
-        with self._lock:
-            ip = self._address(ip, minute)
-            seen = self._stored.get((ip, minute), 0) + self._local.get((ip, minute), 0)
-            over = budget > 0 and seen >= budget
-            tally = self._pending.get((ip, minute, reason))
-            if tally is None:
-                tally = self._pending[(ip, minute, reason)] = Tally(now, 401)
-            tally.count += 1
-            tally.budget = budget
-            if over:
-                tally.limited += 1
-            self._local[(ip, minute)] = self._local.get((ip, minute), 0) + 1
-        return max(1, math.ceil((minute + 1) * MINUTE - now)) if over else 0
-
-    def detailed(self, ip: str, now: float | None = None) -> bool:
-        """Whether a refusal of a request with a good key gets a log row of its own."""
-        now = self.clock() if now is None else now
-        minute = int(now // MINUTE)
-        with self._lock:
-            if (ip, minute) not in self._detailed and len(self._detailed) >= MAX_ADDRESSES:
-                return False  # too many addresses this minute: counted, not written one by one
-            seen = self._detailed.get((ip, minute), 0)
-            self._detailed[(ip, minute)] = seen + 1
-            return seen < DETAILED_PER_MINUTE
-
-    def counted(self, ip: str, status: int, label: str, now: float | None = None) -> None:
-        """A refusal past the detailed ones: counted into its minute's row (``label``: its metrics label)."""
-        now = self.clock() if now is None else now
-        minute = int(now // MINUTE)
-        with self._lock:
-            ip = self._address(ip, minute)
-            key = (ip, minute, f"refused:{status}:{label}")
-            tally = self._pending.get(key)
-            if tally is None:
-                tally = self._pending[key] = Tally(now, status, label)
-            tally.count += 1
-
-    # -- handing the counts to the store -------------------------------------------------
-    def take(self) -> _Batch | None:
-        """What to write now (None: nothing, or a write still in flight); forgets old minutes."""
-        with self._lock:
-            if self._in_flight is not None or not self._pending:
-                return None
-            items = list(self._pending.items())
-            self._pending = {}
-            batch = _Batch(items)
-            for (ip, minute, reason), tally in items:
-                if reason in UNAUTHENTICATED:
-                    batch.unauthenticated[(ip, minute)] = batch.unauthenticated.get((ip, minute), 0) + tally.count
-            self._in_flight = batch
-            current = int(self.clock() // MINUTE)
-            for table in (self._stored, self._local, self._detailed):
-                for key in [k for k in table if k[1] < current - 1]:
-                    del table[key]
-            return batch
-
-    def written(self, batch: _Batch, totals: dict[tuple[str, int], int] | None) -> None:
-        """The store took ``batch`` (``totals``: its counts now), or failed to (None: counted again later)."""
-        with self._lock:
-            self._in_flight = None
-            if totals is None:
-                for key, tally in batch.items:
-                    kept = self._pending.get(key)
-                    if kept is None:
-                        self._pending[key] = tally
-                    else:
-                        kept.count += tally.count
-                        kept.limited += tally.limited
-                        kept.first_at = min(kept.first_at, tally.first_at)
-                return
-            for address_minute, sent in batch.unauthenticated.items():
-                self._local[address_minute] = max(0, self._local.get(address_minute, 0) - sent)
-            self._stored.update(totals)
-
-    def job(self, store: "Refusals") -> tuple[_Batch, Callable[[Connection], tuple[Any, list[str]]]] | None:
-        """The group-commit job writing what was counted, or None."""
-        batch = self.take()
-        if batch is None:
-            return None
-
-        def write(conn: Connection) -> tuple[Any, list[str]]:
-            return store.record_refusals(conn, batch.items), []
-
-        return batch, write
 
 
 class Refusals:

@@ -14,7 +14,8 @@ import pytest
 from relay_core.store.accounts import ApiKey
 from relay_core.store.limits import effective_limit
 from relay_core.options import Options
-from relay_core.store.refusals import ADDRESS_ROWS_PER_MINUTE, DETAILED_PER_MINUTE, MISSING, WRONG, RefusalGate
+from relay_core.store.refusals import ADDRESS_ROWS_PER_MINUTE, DETAILED_PER_MINUTE, MISSING, WRONG
+from relay_web.refusal_gate import RefusalGate
 from relay_core.store import LogEntry, Store, transaction
 
 pytestmark = pytest.mark.backends

@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 
 from relay_core.delivery.attempt import Deliverer
-from relay_core.store.ledger import AttemptFact
+from relay_core.store.logbook import AttemptFact
 from relay_core.delivery.mailflow import assess, assess_upstream
 from relay_core.delivery.probe import check_new_settings
 from relay_core.store import Store
