@@ -123,7 +123,7 @@ def count_modules() -> None:
     """What each role imports, as its process does (web and worker leave out unused drivers first)."""
     here = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(here), "RELAY_SECRET_KEY": "x" * 40}
-    prologue = ("import sys; from relay_core.config import load_settings; import relay_cli.main as cli; "
+    prologue = ("import sys; from relay_core.config import load_settings; import relay_cli.processes as cli; "
                 "cli.leave_out_unused_drivers(load_settings()); ")
     for what, code in [
         ("the supervisor (python -m relay_web.supervisor)", "import relay_web.supervisor"),

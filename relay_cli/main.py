@@ -1,4 +1,4 @@
-"""`tspro-relay`: run the processes and administer the relay from a shell.
+"""`tspro-relay`: the parser and the commands that administer the relay (starting it: processes.py).
 
 Any command that touches the store initialises a fresh data directory first
 (migrations, first-boot seeds), so `config set` works before `web` has ever
@@ -8,11 +8,8 @@ run. Adding a command: docs/contributing.md.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
-import signal
-import socket
 import sqlite3
 import sys
 import time
@@ -21,23 +18,19 @@ from typing import Sequence, cast
 
 from relay_core import __version__, crypto, health
 from relay_core.maintenance import backup
-from relay_core.config import ConfigError, Settings, is_shared_queue, load_settings
+from relay_core.config import ConfigError, Settings, load_settings
 from relay_core.db import StoreInUse
 from relay_core.errors import RelayError
 from relay_core.store.limits import effective_limit
 from relay_core.store.audit import COMMAND_LINE
-from relay_core.logs import ControlEscaping, setup_logging
+from relay_core.logs import ControlEscaping
 from relay_core.passwords import password_problem
 from relay_core.options import (HELP, OPTION_NAMES, SECRET_OPTIONS, Options, describe_changes, parse_allowlist,
                                 parse_option, parse_per_hour, to_text)
 from relay_core.store import ApiKey, Store
 
-from . import inspect_commands, smtp_commands
-
-
-def _fail(message: str, code: int = 1) -> int:
-    print(f"tspro-relay: {message}", file=sys.stderr)
-    return code
+from . import inspect_commands, processes, smtp_commands
+from .shared import fail, open_store
 
 
 def _act_as_data_owner(settings: Settings) -> None:
@@ -56,110 +49,6 @@ def _act_as_data_owner(settings: Settings) -> None:
     os.setuid(owner.st_uid)
 
 
-def _open_store(settings: Settings) -> Store:
-    store = Store.open(settings, crypto.derive_keys(settings))
-    report = store.bootstrap(settings)
-    if report.admin_password_generated:
-        print(f"Created the admin account {settings.admin_user!r} with the password "
-              f"{report.admin_password_generated} (change it after signing in).", file=sys.stderr)
-    return store
-
-
-# -- processes -------------------------------------------------------------------
-LISTEN_BACKLOG = 1024  # connections that wait for a web process while one is (re)starting
-
-
-def listen(host: str, port: int) -> socket.socket | str:
-    """The listening socket for host:port, or why there can be none (SO_REUSEADDR as uvicorn sets it)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        return f"cannot listen on {host!r}: {exc.strerror}."
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            return f"port {port} is in use; pass --port to choose another."
-        return f"cannot listen on {host}:{port}: {exc.strerror}."
-    return sock
-
-
-def leave_out_unused_drivers(settings: Settings) -> None:
-    """Keep huey from loading the Redis and PostgreSQL clients a relay does not use.
-
-    huey.storage imports them whenever they are installed: about 25 MiB and 250
-    modules per process for nothing on a relay with queue.db and relay.db.
-    """
-    if not is_shared_queue(settings.queue_url):
-        sys.modules.setdefault("redis", None)  # type: ignore[arg-type]
-    if settings.database_url is None:
-        sys.modules.setdefault("psycopg", None)  # type: ignore[arg-type]
-
-
-def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
-    leave_out_unused_drivers(settings)
-    if args.fd is not None:  # started by the supervisor: serve on the socket it holds
-        from relay_web.server import serve
-        return serve(settings, socket.socket(fileno=args.fd), args.ready_fd)
-    return _supervise(args, settings, with_worker=False)
-
-
-def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    leave_out_unused_drivers(settings)
-    from relay_worker.consumer import main as worker_main
-    return worker_main(settings)
-
-
-def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    return _supervise(args, settings, with_worker=True)
-
-
-def _supervise(args: argparse.Namespace, settings: Settings, with_worker: bool) -> int:
-    """Bind the socket, check the queue and migrate once, then become the supervisor (relay_web/supervisor.py)."""
-    sock = listen(args.host, args.port)
-    if isinstance(sock, str):  # before anything starts: no worker without its web process
-        return _fail(sock)
-    from relay_core.tasks import check_queue
-    check_queue(settings)
-    setup_logging(settings)  # for the line saying which migrations ran, on an upgrade
-    _open_store(settings).shutdown()  # migrate and seed once, before two processes race to
-    stops = "Ctrl-C stops it" if sys.stderr.isatty() else "SIGTERM stops it"
-    from relay_web import supervisor
-    supervisor.JSON_LOGS = settings.log_format == "json"
-    supervisor.say(f"TS Pro Relay is {'running' if with_worker else 'serving'} on http://{args.host}:{args.port} "
-                   f"({stops}; `tspro-relay reload` reloads it).", "supervisor.started")
-    sock.set_inheritable(True)
-    # exec, not a child: the parent that stays for the relay's lifetime then holds none of this
-    # process's imports (the store, the queue), only the socket.
-    # Its command line keeps the role and port (`healthcheck --auto` and `reload` read them).
-    os.execv(sys.executable, [sys.executable, "-m", "relay_web.supervisor", "run" if with_worker else "web",
-                              "--port", str(args.port), "--fd", str(sock.fileno()),
-                              *(["--json-logs"] if settings.log_format == "json" else [])])
-
-
-def cmd_reload(args: argparse.Namespace) -> int:
-    """SIGHUP to every `run` and `web` of this user (on --port only, when given)."""
-    from relay_web.supervisor import find_supervisors
-    found = find_supervisors(args.port)
-    if not found:
-        where = f" on port {args.port}" if args.port else ""
-        return _fail(f"no running `tspro-relay run` or `web`{where} was found to reload.")
-    code = 0
-    for pid, port in found:
-        try:
-            os.kill(pid, signal.SIGHUP)
-        except OSError as exc:
-            code = _fail(f"cannot signal the relay on port {port} (process {pid}): {exc.strerror}.")
-            continue
-        print(f"Asked the relay on port {port} (process {pid}) to reload; its log says when it has.")
-    return code
-
-
 # -- setup -------------------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> int:
     path = Path(args.path)
@@ -167,7 +56,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         if args.if_missing:
             print(f"{path} already exists; keeping it.", file=sys.stderr)
             return 0
-        return _fail(f"{path} already exists; not overwriting it.")
+        return fail(f"{path} already exists; not overwriting it.")
     password = crypto.new_password()
     text = (
         "# TS Pro Relay settings, written by `tspro-relay init`. Keep this file private.\n"
@@ -187,24 +76,24 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
-    store = _open_store(settings)
+    store = open_store(settings)
     if args.action == "set":
         if not args.pairs:
-            return _fail("config set needs at least one key=value.")
+            return fail("config set needs at least one key=value.")
         values = {}
         for pair in args.pairs:
             name, sep, value = pair.partition("=")
             if not sep:
-                return _fail(f"{pair!r} is not key=value.")
+                return fail(f"{pair!r} is not key=value.")
             try:
                 values[name.strip()] = parse_option(name.strip(), value)
             except RelayError as exc:
-                return _fail(exc.message)
+                return fail(exc.message)
         detail = describe_changes(store.options(), values)
         try:
             store.set_options(values, (*COMMAND_LINE, "settings.cli", detail) if detail else None)
         except RelayError as exc:
-            return _fail(exc.message)
+            return fail(exc.message)
         print(f"Saved {', '.join(values)}.")
         return 0
     options = store.options()
@@ -221,7 +110,7 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_api_key(args: argparse.Namespace, settings: Settings) -> int:
-    store = _open_store(settings)
+    store = open_store(settings)
     if args.action == "show":
         print(store.reveal_api_key())
     elif args.action == "new":
@@ -231,7 +120,7 @@ def cmd_api_key(args: argparse.Namespace, settings: Settings) -> int:
         try:
             per_hour, allowed = _key_limits(args)
         except RelayError as exc:
-            return _fail(exc.message)
+            return fail(exc.message)
         key_id, secret = store.add_api_key(args.label, per_hour if isinstance(per_hour, int) else None, allowed or "")
         print(secret)
         print(f"Added key {key_id} ({args.label}).", file=sys.stderr)
@@ -240,11 +129,11 @@ def cmd_api_key(args: argparse.Namespace, settings: Settings) -> int:
         try:
             per_hour, allowed = _key_limits(args)
         except RelayError as exc:
-            return _fail(exc.message)
+            return fail(exc.message)
         if per_hour == "keep" and allowed is None:
-            return _fail("api-key set needs --per-hour and/or --allowed-from; nothing changed.")
+            return fail("api-key set needs --per-hour and/or --allowed-from; nothing changed.")
         if not store.set_api_key_limits(args.id, per_hour=per_hour, allowed_from=allowed):
-            return _fail(f"No active API key with id {args.id}; nothing changed.")
+            return fail(f"No active API key with id {args.id}; nothing changed.")
         key = next(k for k in store.api_keys() if k.id == args.id)
         print(f"Key {key.id} ({key.label}): {_describe_limits(key, store.options(), settings)}.")
     elif args.action == "list":
@@ -257,7 +146,7 @@ def cmd_api_key(args: argparse.Namespace, settings: Settings) -> int:
     elif args.action == "revoke":
         label = next((k.label for k in store.api_keys() if k.id == args.id), "")
         if not store.revoke_api_key(args.id):
-            return _fail(f"No active API key with id {args.id}.")
+            return fail(f"No active API key with id {args.id}.")
         store.record_audit(*COMMAND_LINE, "api_key.revoke", f"revoked the API key “{label}”")
         print(f"Revoked key {args.id}.")
     return 0
@@ -282,19 +171,19 @@ def _describe_limits(key: ApiKey, options: Options, settings: Settings) -> str:
 
 def cmd_send_test(args: argparse.Namespace, settings: Settings) -> int:
     from relay_core.intake.sending import enqueue_test_message
-    store = _open_store(settings)
+    store = open_store(settings)
     options = store.options()
     if not options.smtp_configured:
-        return _fail("SMTP delivery is not configured yet (no smtp_host): set it first, for example "
+        return fail("SMTP delivery is not configured yet (no smtp_host): set it first, for example "
                      "`tspro-relay config set smtp_host=smtp.example.org smtp_port=587 smtp_security=starttls "
                      "smtp_username=... smtp_password=...`.")
     if not options.default_from:
-        return _fail("The test needs a sender: set one with `tspro-relay config set "
+        return fail("The test needs a sender: set one with `tspro-relay config set "
                      "default_from=noreply@example.org`.")
     try:
         message_id = enqueue_test_message(store, settings, args.to)
     except RelayError as exc:
-        return _fail(exc.message)
+        return fail(exc.message)
     print(message_id)
     sys.stdout.flush()
     return _await_test(store, message_id, args.to, args.wait)
@@ -328,17 +217,17 @@ def _await_test(store: Store, message_id: str, to: str, wait: float) -> int:
 
 
 def cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
-    store = _open_store(settings)
+    store = open_store(settings)
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else None
     if password is None:
         import getpass
         password = getpass.getpass("New admin password: ")
         if password != getpass.getpass("Again: "):
-            return _fail("The passwords do not match; nothing changed.")
+            return fail("The passwords do not match; nothing changed.")
     seed = settings.admin_password
     problem = password_problem(password, None if seed is None else str(seed))
     if problem:
-        return _fail(f"{problem} Nothing changed.")
+        return fail(f"{problem} Nothing changed.")
     store.set_admin_password(args.username or settings.admin_user, password)
     print("Admin password changed.")
     return 0
@@ -346,18 +235,18 @@ def cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
     if settings.database_url:
-        return _fail("the store is in PostgreSQL (RELAY_DATABASE_URL): back it up with pg_dump; "
+        return fail("the store is in PostgreSQL (RELAY_DATABASE_URL): back it up with pg_dump; "
                      "backup copies relay.db only.")
-    store = _open_store(settings)
+    store = open_store(settings)
     target = Path(args.file)
     if target.exists():
-        return _fail(f"{target} already exists; not overwriting it.")
+        return fail(f"{target} already exists; not overwriting it.")
     try:
         backup.backup(cast(sqlite3.Connection, store.conn()), target)
     except backup.BackupError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     except OSError as exc:
-        return _fail(f"cannot write {target} ({exc.strerror}); nothing was backed up.")
+        return fail(f"cannot write {target} ({exc.strerror}); nothing was backed up.")
     print(f"Backed up {settings.db_path} to {target}. Keep RELAY_SECRET_KEY with it: the backup is "
           "unreadable without it.")
     return 0
@@ -365,14 +254,14 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
     if settings.database_url:
-        return _fail("the store is in PostgreSQL (RELAY_DATABASE_URL): restore it with pg_restore; "
+        return fail("the store is in PostgreSQL (RELAY_DATABASE_URL): restore it with pg_restore; "
                      "restore replaces relay.db only.")
     try:
         restored = backup.restore(settings, Path(args.file))
     except backup.RestoreRefused as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     except OSError as exc:
-        return _fail(f"the restore failed ({exc}); the data directory was left as it was.")
+        return fail(f"the restore failed ({exc}); the data directory was left as it was.")
     print(f"Restored {settings.db_path} from {args.file} (schema {restored.schema_version}, "
           f"{restored.messages} messages, {restored.waiting} waiting to be delivered).")
     if restored.kept is not None:
@@ -383,11 +272,11 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_rotate_secret(args: argparse.Namespace, settings: Settings) -> int:
     from relay_core.maintenance.rotation import RotationError, rotate_secret
-    store = _open_store(settings)
+    store = open_store(settings)
     try:
         report = rotate_secret(settings, store)
     except RotationError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     finally:
         store.shutdown()
     print(report.sentence())
@@ -404,7 +293,7 @@ def cmd_migrate_store(args: argparse.Namespace, settings: Settings) -> int:
     try:
         report = copy_store(settings, str(target))
     except TransferRefused as exc:
-        return _fail(f"migrate-store: {exc}")
+        return fail(f"migrate-store: {exc}")
     print(f"Copied {settings.db_path} into {report.target}:")
     width = max(map(len, report.tables), default=0)
     for table, count in report.tables.items():
@@ -432,7 +321,7 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
         else:
             health.check_web(args.url)
     except health.Unhealthy as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     return 0
 
 
@@ -471,22 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tspro-relay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for name, summary, description in (
-            ("run", "web and worker together (the quick start)",
-             "Run the web process (API and admin UI) and a delivery worker as two child processes. "
-             "Ctrl-C or SIGTERM stops both, letting deliveries in flight finish."),
-            ("web", "the web process: API and admin UI",
-             "Serve the portal's JSON API and the admin UI. Containers pass --host 0.0.0.0.")):
-        p = add_command(sub, name, summary, description)
-        p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-        p.add_argument("--port", type=int, default=8000, help="port to listen on")
-        p.set_defaults(handler=cmd_run if name == "run" else cmd_web)
-        if name == "web":  # how `run` hands its socket to the web process it starts
-            p.add_argument("--fd", type=int, help=argparse.SUPPRESS)
-            p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-    add_command(sub, "worker", "the delivery worker (Huey consumer)",
-                "Deliver queued mail: claim, send over SMTP, record every attempt. Run as many as you "
-                "like; SIGINT and SIGTERM finish deliveries in flight.").set_defaults(handler=cmd_worker)
+    processes.register(sub, add_command)
 
     p = add_command(sub, "init", "write a .env with a fresh secret and admin password",
                     "Write a .env (mode 600) with a fresh RELAY_SECRET_KEY and admin password. Never "
@@ -581,15 +455,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="check whatever this container's main process runs (web, worker or both)")
     p.set_defaults(handler=cmd_healthcheck, needs_settings=False)
 
-    p = add_command(sub, "reload", "start new web and worker processes without closing the port",
-                    "Send SIGHUP to the running `tspro-relay run` or `web` of this user (or this container): "
-                    "it starts a new web process with the code and settings now on disk on the same "
-                    "socket, stops the old one once the new one serves, and replaces the worker after its "
-                    "deliveries in flight. No connection is refused meanwhile. A new process that fails to "
-                    "start leaves the old one serving; the relay's log says why.")
-    p.add_argument("--port", type=int, help="only the relay serving this port")
-    p.set_defaults(handler=cmd_reload, needs_settings=False)
-
     inspect_commands.register(sub, add_command)
     smtp_commands.register(sub, add_command)
     return parser
@@ -610,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # inside the try: a closed pipe must fail here, not at exit
         return code
     except (ConfigError, StoreInUse) as exc:
-        return _fail(str(exc), 2)
+        return fail(str(exc), 2)
     except BrokenPipeError:
         # `tspro-relay log | head`: the reader left. No traceback; the rest goes nowhere.
         devnull = os.open(os.devnull, os.O_WRONLY)
