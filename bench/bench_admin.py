@@ -221,7 +221,7 @@ def main() -> None:
     settings = load_settings(env)
     store = Store.open(settings, crypto.derive_keys(settings))
     store.bootstrap(settings)
-    store.set_admin_password("admin", PASSWORD)
+    store.admin.set_password("admin", PASSWORD)
     rng = random.Random(7)
     now = time.time()
     started = time.perf_counter()

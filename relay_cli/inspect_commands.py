@@ -48,11 +48,11 @@ def format_row(row: LoggedRow) -> str:
 
 def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
     store = _store(settings)
-    for row in store.log_entries(status=args.status, limit=args.limit):
+    for row in store.log.entries(status=args.status, limit=args.limit):
         print(format_row(row))
     if not args.follow:
         return 0
-    newest = store.log_entries(limit=1)
+    newest = store.log.entries(limit=1)
     last = newest[0].id if newest else 0
     # Ctrl-C and SIGTERM only ask the loop to stop; it stops between two reads. (A KeyboardInterrupt
     # raised wherever the main thread happened to be, inside a store read, once left it hanging.)
@@ -61,7 +61,7 @@ def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
         signal.signal(signum, lambda _signum, _frame: stop.set())
     sys.stdout.flush()
     while not stop.wait(args.interval):  # until a signal or the reader going away
-        for row in store.log_entries(limit=1000, after_id=last):
+        for row in store.log.entries(limit=1000, after_id=last):
             last = row.id  # every row moves the mark, printed or not
             if not args.status or row.status == args.status:
                 print(format_row(row))
@@ -92,7 +92,7 @@ def _status_lines(view: dict[str, Any]) -> list[str]:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    view = _store(settings).message_status(args.id)
+    view = _store(settings).messages.status(args.id)
     if view is None:
         print(f"tspro-relay: no message with id {args.id!r} is known to this relay.", file=sys.stderr)
         return 1

@@ -112,19 +112,19 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_api_key(args: argparse.Namespace, settings: Settings) -> int:
     store = open_store(settings)
     if args.action == "show":
-        print(store.reveal_api_key())
+        print(store.api_keys.reveal())
     elif args.action == "new":
-        print(store.new_primary_api_key())
-        store.record_audit(*COMMAND_LINE, "api_key.new", "generated a new portal key (the old one stopped working)")
+        print(store.api_keys.new_primary())
+        store.log.record_audit(*COMMAND_LINE, "api_key.new", "generated a new portal key (the old one stopped working)")
     elif args.action == "add":
         try:
             per_hour, allowed = _key_limits(args)
         except RelayError as exc:
             return fail(exc.message)
-        key_id, secret = store.add_api_key(args.label, per_hour if isinstance(per_hour, int) else None, allowed or "")
+        key_id, secret = store.api_keys.add(args.label, per_hour if isinstance(per_hour, int) else None, allowed or "")
         print(secret)
         print(f"Added key {key_id} ({args.label}).", file=sys.stderr)
-        store.record_audit(*COMMAND_LINE, "api_key.add", f"added the API key “{args.label}”")
+        store.log.record_audit(*COMMAND_LINE, "api_key.add", f"added the API key “{args.label}”")
     elif args.action == "set":
         try:
             per_hour, allowed = _key_limits(args)
@@ -132,22 +132,22 @@ def cmd_api_key(args: argparse.Namespace, settings: Settings) -> int:
             return fail(exc.message)
         if per_hour == "keep" and allowed is None:
             return fail("api-key set needs --per-hour and/or --allowed-from; nothing changed.")
-        if not store.set_api_key_limits(args.id, per_hour=per_hour, allowed_from=allowed):
+        if not store.api_keys.set_limits(args.id, per_hour=per_hour, allowed_from=allowed):
             return fail(f"No active API key with id {args.id}; nothing changed.")
-        key = next(k for k in store.api_keys() if k.id == args.id)
+        key = next(k for k in store.api_keys.all() if k.id == args.id)
         print(f"Key {key.id} ({key.label}): {_describe_limits(key, store.options(), settings)}.")
     elif args.action == "list":
         options = store.options()
-        for key in store.api_keys():
+        for key in store.api_keys.all():
             state = "revoked" if key.revoked_at else "active"
             kind = "portal" if key.is_primary else "extra"
             created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(key.created_at))
             print(f"{key.id}\t{key.label}\t{kind}\t{state}\t{created}\t{_describe_limits(key, options, settings)}")
     elif args.action == "revoke":
-        label = next((k.label for k in store.api_keys() if k.id == args.id), "")
-        if not store.revoke_api_key(args.id):
+        label = next((k.label for k in store.api_keys.all() if k.id == args.id), "")
+        if not store.api_keys.revoke(args.id):
             return fail(f"No active API key with id {args.id}.")
-        store.record_audit(*COMMAND_LINE, "api_key.revoke", f"revoked the API key “{label}”")
+        store.log.record_audit(*COMMAND_LINE, "api_key.revoke", f"revoked the API key “{label}”")
         print(f"Revoked key {args.id}.")
     return 0
 
@@ -191,7 +191,7 @@ def cmd_send_test(args: argparse.Namespace, settings: Settings) -> int:
 
 def _await_test(store: Store, message_id: str, to: str, wait: float) -> int:
     """Wait for the test email's first attempt and say how it went, with the server's words."""
-    heartbeat = store.last_heartbeat()
+    heartbeat = store.workers.last_heartbeat()
     if wait <= 0 or heartbeat is None or time.time() - heartbeat > health.HEARTBEAT_STALE_SECONDS:
         print(f"Queued a test email to {to}; no worker is running, so it waits in the queue until one "
               "starts (`tspro-relay log` shows the outcome).", file=sys.stderr)
@@ -199,7 +199,7 @@ def _await_test(store: Store, message_id: str, to: str, wait: float) -> int:
     print(f"Queued a test email to {to}; waiting for the worker (up to {wait:g} s)...", file=sys.stderr)
     deadline = time.monotonic() + wait
     while True:
-        view = store.message_status(message_id) or {}
+        view = store.messages.status(message_id) or {}
         status = view.get("status")
         if status in ("sent", "partial", "deferred", "failed"):
             break
@@ -228,7 +228,7 @@ def cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
     problem = password_problem(password, None if seed is None else str(seed))
     if problem:
         return fail(f"{problem} Nothing changed.")
-    store.set_admin_password(args.username or settings.admin_user, password)
+    store.admin.set_password(args.username or settings.admin_user, password)
     print("Admin password changed.")
     return 0
 

@@ -105,14 +105,14 @@ def check_worker(settings: Settings, now: float | None = None) -> None:
     try:
         local = local_workers(settings)
         if local:
-            beats = store.heartbeats(local)
+            beats = store.workers.heartbeats(local)
             for name in local:
                 beat = beats.get(name)
                 if beat is None or now - beat > HEARTBEAT_STALE_SECONDS:
                     raise Unhealthy(f"the worker {name} has not reported in the last "
                                     f"{HEARTBEAT_STALE_SECONDS:.0f} seconds.")
             return
-        beat = store.last_heartbeat()
+        beat = store.workers.last_heartbeat()
         if beat is None or now - beat > HEARTBEAT_STALE_SECONDS:
             raise Unhealthy(f"no worker has reported in the last {HEARTBEAT_STALE_SECONDS:.0f} seconds.")
     finally:

@@ -55,7 +55,7 @@ def authenticate(request: Request, keys: list[ApiKey] | None = None, options: Op
     """
     state = _state(request)
     token = bearer_token(request)
-    key = state.store.authenticate(token, keys) if token else None
+    key = state.store.api_keys.authenticate(token, keys) if token else None
     if key is None:
         if rev is not None and state.store.revision() != rev:
             raise _Stale()
@@ -315,11 +315,11 @@ class _Accept:
         """429 before the body is read when the key is at its limit, unless this may be the repeat of
         an accepted send (an Idempotency-Key it has used: its first answer is given whatever the limit)."""
         store, now = self.state.store, time.time()
-        quota = store.refusal(key.id, limit, now)
+        quota = store.api_keys.refusal(key.id, limit, now)
         if quota is None:
             return
-        if idempotency_key and store.idempotent_answer(store.conn(), key.id, idempotency_key,
-                                                       now - IDEMPOTENCY_WINDOW) is not None:
+        if idempotency_key and store.messages.idempotent_answer(store.conn(), key.id, idempotency_key,
+                                                                now - IDEMPOTENCY_WINDOW) is not None:
             return
         raise _over_limit(limit, quota)
 
@@ -390,15 +390,15 @@ class _Accept:
                 raise _Stale()  # checked against settings that have changed since: check again
             # The answer is claimed first, inside the write transaction: of two repeats
             # racing each other (two web processes, on PostgreSQL), one stores the message.
-            if idempotency_key and not store.remember_answer(conn, key.id, idempotency_key, request_hash,
-                                                             202, answer, created - IDEMPOTENCY_WINDOW):
+            if idempotency_key and not store.messages.remember_answer(conn, key.id, idempotency_key, request_hash,
+                                                                      202, answer, created - IDEMPOTENCY_WINDOW):
                 earlier = replay(state, key.id, idempotency_key, request_hash, created, conn)
                 if earlier is not None:
                     return (*earlier, None), []
                 raise StoreUnavailable("The relay could not settle this Idempotency-Key; nothing was queued. "
                                        "Try again.")
             # Counted in this transaction (no fsync of its own); a refusal rolls back this job only.
-            quota = store.take_send(conn, key.id, limit, created) if limit else None
+            quota = store.api_keys.take_send(conn, key.id, limit, created) if limit else None
             if quota is not None and quota.retry_after:
                 raise _over_limit(limit, quota)
             state.intake.write(conn, ACCEPTED, (record, entry, document))  # with the batch's others, when it can
@@ -413,8 +413,8 @@ class _Accept:
 def replay(state: AppState, key_id: int, idempotency_key: str, request_hash: str, now: float,
            conn: Any = None) -> tuple[int, dict[str, Any]] | None:
     """The first answer to this Idempotency-Key within 24 h, or None; 409 for another body."""
-    earlier = state.store.idempotent_answer(conn or state.store.conn(), key_id, idempotency_key,
-                                            now - IDEMPOTENCY_WINDOW)
+    earlier = state.store.messages.idempotent_answer(conn or state.store.conn(), key_id, idempotency_key,
+                                                     now - IDEMPOTENCY_WINDOW)
     if earlier is None:
         return None
     earlier_hash, status, response = earlier
@@ -426,7 +426,7 @@ def replay(state: AppState, key_id: int, idempotency_key: str, request_hash: str
 async def message_status(request: Request) -> JSONResponse:
     key = authenticate(request)
     message_id = request.path_params["message_id"]
-    view = _state(request).store.message_status(message_id, sent_by=(key.id, key.is_primary))
+    view = _state(request).store.messages.status(message_id, sent_by=(key.id, key.is_primary))
     if view is None:
         raise NotFound(f"No message with id {message_id!r} is known to this relay.")
     return JSONResponse(view)

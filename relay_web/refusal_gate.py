@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from relay_core.db import Connection
+from relay_core.store import Store
 from relay_core.store.refusals import (DETAILED_PER_MINUTE, MAX_ADDRESSES, MINUTE, OTHER_ADDRESSES, UNAUTHENTICATED,
-                                       Key, Refusals, Tally)
+                                       Key, Tally)
 
 
 @dataclass
@@ -128,13 +129,13 @@ class RefusalGate:
                 self._local[address_minute] = max(0, self._local.get(address_minute, 0) - sent)
             self._stored.update(totals)
 
-    def job(self, store: "Refusals") -> tuple[_Batch, Callable[[Connection], tuple[Any, list[str]]]] | None:
+    def job(self, store: Store) -> tuple[_Batch, Callable[[Connection], tuple[Any, list[str]]]] | None:
         """The group-commit job writing what was counted, or None."""
         batch = self.take()
         if batch is None:
             return None
 
         def write(conn: Connection) -> tuple[Any, list[str]]:
-            return store.record_refusals(conn, batch.items), []
+            return store.log.record_refusals(conn, batch.items), []
 
         return batch, write

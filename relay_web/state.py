@@ -46,7 +46,7 @@ class AppState:
         store = self.store
 
         def record(conn: Connection) -> tuple[None, list[str]]:
-            store.note_key_use(conn, key_id, now)
+            store.api_keys.note_use(conn, key_id, now)
             return None, []
 
         self.intake.submit(record)
@@ -73,5 +73,5 @@ class AppState:
         if not self.intake.alive:
             raise RuntimeError("the store writer is not running")
         options = self.store.options()
-        has_key = any(k.revoked_at is None for k in self.store.api_keys())
+        has_key = any(k.revoked_at is None for k in self.store.api_keys.all())
         return {"ok": True, "configured": options.smtp_configured and has_key}

@@ -45,7 +45,7 @@ def main(settings: Settings) -> int:
             return
         if outcome is None:
             # Woken before it was due (a clock step, an early scheduler): wait for it again.
-            due = store.waiting_until(message_id, time.time())
+            due = store.messages.waiting_until(message_id, time.time())
             if due is not None:
                 relay_queue.enqueue(message_id, eta=due)
         elif outcome.status == "deferred" and outcome.next_attempt_at is not None:
@@ -76,7 +76,7 @@ def main(settings: Settings) -> int:
     finally:
         sweeper.stop()
         deliverer.close()
-        store.forget_worker(name)
+        store.workers.forget(name)
         unmark_worker(marker)
         store.shutdown()
         logger.info("worker %s stopped", name, extra=fields("worker.stopped", worker=name))

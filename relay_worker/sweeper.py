@@ -51,7 +51,7 @@ class Sweeper:
     def sweep_once(self) -> int:
         now = self.clock()
         options = self.store.options()
-        self.store.heartbeat(self.name, os.getpid(), socket.gethostname(), self.started_at, now=now)
+        self.store.workers.heartbeat(self.name, os.getpid(), socket.gethostname(), self.started_at, now=now)
         ids: list[str] = []
         if options.delivery_paused:
             # No re-enqueueing while paused (workers would only drop the wake-ups); instead,
@@ -61,12 +61,12 @@ class Sweeper:
             # While the queue holds at least as many tasks as there are messages
             # waiting, each may still be in it: re-enqueueing them would only pile
             # duplicates onto a backlog. Expired leases are always swept.
-            include_waiting = self.queue.pending() < self.store.waiting_count(now)
-            ids = self.store.sweep(now, stale_after=max(options.sweep_seconds, 5), include_waiting=include_waiting)
+            include_waiting = self.queue.pending() < self.store.workers.waiting_count(now)
+            ids = self.store.workers.sweep(now, stale_after=max(options.sweep_seconds, 5), include_waiting=include_waiting)
         if ids:
             self.queue.enqueue_many(ids)
             logger.info("re-enqueued %d message(s)", len(ids), extra=fields("sweep.requeued", count=len(ids)))
-        pruned = self.store.prune(
+        pruned = self.store.workers.prune(
             now,
             sent_body_seconds=options.retention_sent_hours * 3600,
             failed_body_seconds=options.retention_failed_days * 86400,
@@ -74,9 +74,9 @@ class Sweeper:
             log_max_rows=options.log_max_rows,
             idempotency_seconds=24 * 3600,
         )
-        pruned["admin_sessions"] = self.store.prune_sessions(now, options.session_idle_minutes * 60)
-        pruned["send_counts"] = self.store.prune_send_counts(now)
-        pruned["refusals"] = self.store.prune_refusals(now)
+        pruned["admin_sessions"] = self.store.admin.prune_sessions(now, options.session_idle_minutes * 60)
+        pruned["send_counts"] = self.store.api_keys.prune_send_counts(now)
+        pruned["refusals"] = self.store.log.prune_refusals(now)
         metrics.fold(self.store.conn(), now)
         if any(pruned.values()):
             logger.info("retention: %s", pruned, extra=fields("sweep.retention", count=sum(pruned.values())))
@@ -119,8 +119,8 @@ class Sweeper:
                     self.sweep_once()
                 elif time.monotonic() - last_beat >= heartbeat_every:
                     last_beat = time.monotonic()
-                    self.store.heartbeat(self.name, os.getpid(), socket.gethostname(), self.started_at,
-                                         now=self.clock())
+                    self.store.workers.heartbeat(self.name, os.getpid(), socket.gethostname(), self.started_at,
+                                                 now=self.clock())
             except Exception:
                 logger.exception("sweep failed; trying again next interval", extra=fields("sweep.error"))
         self.store.close()

@@ -302,7 +302,7 @@ def store_message(store: Store, created: float, to: list[str] | None = None) -> 
     document = pack_stored(bytearray(json.dumps(payload).encode()), message)
     sealed = store.keys.encrypt_body(document, message_id)
     # As the portal's key sent it (the API answers a message's own key only).
-    portal = next((k.id for k in store.api_keys() if k.is_primary and k.revoked_at is None), None)
+    portal = next((k.id for k in store.api_keys.all() if k.is_primary and k.revoked_at is None), None)
     conn = store.conn()
     with transaction(conn):
         insert_message(conn, NewMessage.accepted(message, message_id, sealed, created, Options(), "api", portal))
@@ -319,7 +319,7 @@ def initialise_store(env: dict[str, str], admin_password: str | None = None) -> 
     try:
         store.bootstrap(settings)
         if admin_password is not None:
-            store.set_admin_password(settings.admin_user, admin_password)
+            store.admin.set_password(settings.admin_user, admin_password)
     finally:
         store.shutdown()
 

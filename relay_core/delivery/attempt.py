@@ -485,7 +485,7 @@ class LeaseKeeper:
                 continue
             try:
                 for lease in {lease for _, _, lease in due}:
-                    self.store.renew_leases([(m, o) for m, o, l in due if l == lease], self.clock() + lease)
+                    self.store.messages.renew_leases([(m, o) for m, o, l in due if l == lease], self.clock() + lease)
             except Exception:
                 logger.exception("could not renew delivery leases; retrying", extra=fields("delivery.lease_error"))
 

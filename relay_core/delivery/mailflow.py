@@ -114,14 +114,14 @@ def assess(store: Store, now: float | None = None, window: int = UPSTREAM_WINDOW
     """Judge whether mail would flow now; ``counts=False`` skips the scan counting messages per state."""
     now = time.time() if now is None else now
     options = store.options()
-    has_key = any(key.revoked_at is None for key in store.api_keys())
-    heartbeat = store.last_heartbeat()
+    has_key = any(key.revoked_at is None for key in store.api_keys.all())
+    heartbeat = store.workers.last_heartbeat()
     alive = heartbeat is not None and now - heartbeat < WORKER_STALE_SECONDS
     since = store.settings_changed_at(UPSTREAM_SETTINGS)
     check = probe.latest(store)
     if check is not None and check["for"] < since:
         check = None  # of settings changed since
-    upstream = assess_upstream(store.recent_attempts(window, since=since), window, check)
+    upstream = assess_upstream(store.log.recent_attempts(window, since=since), window, check)
 
     problems = []
     if not options.smtp_configured:
@@ -150,5 +150,5 @@ def assess(store: Store, now: float | None = None, window: int = UPSTREAM_WINDOW
         ok=not problems, error=" ".join(problems) or None, configured=configured,
         smtp_configured=options.smtp_configured, api_key_configured=has_key, worker_alive=alive,
         worker_heartbeat_at=heartbeat, paused=options.delivery_paused, upstream=upstream,
-        counts=store.counts() if counts else {}, problems=problems,
+        counts=store.messages.counts() if counts else {}, problems=problems,
     )

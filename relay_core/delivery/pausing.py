@@ -36,7 +36,7 @@ def wake_waiting(store: Store, relay_queue: RelayQueue | None, now: float | None
     now = time.time() if now is None else now
     total = 0
     for _ in range(10_000):  # bounded: each round marks what it took as enqueued now
-        ids = store.sweep(now, stale_after=0.0, include_waiting=True)
+        ids = store.workers.sweep(now, stale_after=0.0, include_waiting=True)
         if not ids:
             break
         relay_queue.enqueue_many(ids)

@@ -1,4 +1,4 @@
-"""The store of record (relay.db, or PostgreSQL): settings, and the tables' parts mixed into ``Store``.
+"""The store of record (relay.db, or PostgreSQL): its settings, and its named parts.
 
 Every process opens its own connections (one per thread; on PostgreSQL each
 borrows from the process's pool, see ``relay_core/db``). Settings and API keys
@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import crypto
 from ..db import migrations
-from .accounts import Accounts, Admin, ApiKey  # noqa: F401  (re-exported)
+from .accounts import Admin, AdminAccount, ApiKey, ApiKeys  # noqa: F401  (re-exported)
 from .audit import Audit, AuditEntry, insert_audit  # noqa: F401  (re-exported)
 from ..config import ConfigError, Settings
 from ..crypto import KeySet
@@ -74,9 +74,33 @@ def _writable(directory: Path) -> bool:
     return writable and (not db.exists() or os.access(db, os.R_OK | os.W_OK))
 
 
-class Store(Accounts, Sessions, Audit, Ledger, Idempotency, Workers, Sweeping, Logbook, QueueView, Interventions,
-            SendLimits, Refusals):
-    """Thread-safe access to the store: each thread gets its own connection."""
+class MessagesPart(Ledger, Idempotency, QueueView, Interventions):
+    """``store.messages``: accepted mail, its claims and outcomes (ledger.py), Idempotency-Key answers
+    (idempotency.py), and what the queue pages read and do (queueview.py, interventions.py)."""
+
+class ApiKeysPart(ApiKeys, SendLimits):
+    """``store.api_keys``: the keys (accounts.py) and their send limits (limits.py)."""
+
+
+class AdminPart(AdminAccount, Sessions):
+    """``store.admin``: the admin account (accounts.py) and its sign-in state (sessions.py)."""
+
+
+class LogPart(Logbook, Audit, Refusals):
+    """``store.log``: the transaction log (logbook.py), the audit trail (audit.py) and the counted
+    refusals (refusals.py)."""
+
+
+class WorkersPart(Workers, Sweeping):
+    """``store.workers``: worker heartbeats (workers.py) and the sweeper's passes (sweeping.py)."""
+
+
+class Store:
+    """Thread-safe access to the store: each thread gets its own connection.
+
+    The settings are read and written here; everything else through a part:
+    ``store.messages``, ``store.api_keys``, ``store.admin``, ``store.log``, ``store.workers``.
+    """
 
     def __init__(self, database: Database | Path, keys: KeySet) -> None:
         self.database: Database = SqliteDatabase(database) if isinstance(database, Path) else database
@@ -86,6 +110,11 @@ class Store(Accounts, Sessions, Audit, Ledger, Idempotency, Workers, Sweeping, L
         self._cache_lock = threading.Lock()
         self._cache: tuple[int, Options, list[ApiKey]] | None = None
         self.unreadable_secrets: frozenset[str] = frozenset()  # secret settings this secret cannot decrypt
+        self.messages = MessagesPart(self)
+        self.api_keys = ApiKeysPart(self)
+        self.admin = AdminPart(self)
+        self.log = LogPart(self)
+        self.workers = WorkersPart(self)
 
     @classmethod
     def open(cls, settings: Settings, keys: KeySet | None = None) -> "Store":
@@ -215,7 +244,7 @@ class Store(Accounts, Sessions, Audit, Ledger, Idempotency, Workers, Sweeping, L
             serialize(conn, "tspro-relay bootstrap")
             if conn.execute("SELECT 1 FROM api_keys WHERE is_primary = 1 AND revoked_at IS NULL").fetchone() is None:
                 self._bump_rev(conn)
-                self._insert_api_key(conn, "portal", crypto.new_api_key(), primary=True)
+                self.api_keys.insert(conn, "portal", crypto.new_api_key(), primary=True)
                 report.api_key_created = True
         return report
 

@@ -15,10 +15,9 @@ import time
 from dataclasses import dataclass
 
 from .. import crypto
-from ..crypto import KeySet
 from .audit import insert_audit
 from ..db import Connection, transaction
-from ..options import Options
+from .part import Part
 
 
 @dataclass(frozen=True)
@@ -55,34 +54,21 @@ def _dummy_hash() -> str:
     return crypto.hash_password(secrets.token_urlsafe(16))
 
 
-class Accounts:
-    """API keys and the admin; mixed into ``Store``, which provides the connection, keys and cache."""
+class ApiKeys(Part):
+    """``store.api_keys`` (with their send limits, limits.py)."""
 
-    keys: KeySet
-
-    def conn(self) -> Connection:
-        raise NotImplementedError
-
-    def _load_cache(self) -> tuple[Options, list[ApiKey]]:
-        raise NotImplementedError
-
-    def _bump_rev(self, conn: Connection) -> None:
-        """Move the settings' revision. First thing in its transaction: see Store._bump_rev."""
-        raise NotImplementedError
-
-    # -- API keys ----------------------------------------------------------
-    def _insert_api_key(self, conn: Connection, label: str, key: str, primary: bool,
-                        per_hour: int | None = None, allowed_from: str = "") -> int:
+    def insert(self, conn: Connection, label: str, key: str, primary: bool,
+               per_hour: int | None = None, allowed_from: str = "") -> int:
         row = conn.execute(
             "INSERT INTO api_keys (label, lookup, secret, is_primary, created_at, per_hour, allowed_from)"
             " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (label, self.keys.lookup_hash(key), self.keys.encrypt_text(key), int(primary), time.time(), per_hour,
-             allowed_from),
+            (label, self.store.keys.lookup_hash(key), self.store.keys.encrypt_text(key), int(primary), time.time(),
+             per_hour, allowed_from),
         ).fetchone()
         return int(row[0])  # (the caller has moved the revision)
 
-    def api_keys(self) -> list[ApiKey]:
-        return self._load_cache()[1]
+    def all(self) -> list[ApiKey]:
+        return self.store.snapshot()[1]
 
     def authenticate(self, token: str, keys: list[ApiKey] | None = None) -> ApiKey | None:
         """The live key matching a Bearer token, or None. Compares HMACs, never keys.
@@ -96,8 +82,8 @@ class Accounts:
         known: dict[str, frozenset[str]] = self.__dict__.setdefault("_token_hashes", {})
         wanted = known.get(token)
         if wanted is None:
-            wanted = frozenset(self.keys.lookup_hashes(token))
-        for key in self.api_keys() if keys is None else keys:
+            wanted = frozenset(self.store.keys.lookup_hashes(token))
+        for key in self.all() if keys is None else keys:
             if key.revoked_at is None and key.lookup in wanted:
                 if token not in known:
                     if len(known) >= TOKEN_HASHES_KEPT:
@@ -106,7 +92,7 @@ class Accounts:
                 return key
         return None
 
-    def reveal_api_key(self, key_id: int | None = None) -> str:
+    def reveal(self, key_id: int | None = None) -> str:
         conn = self.conn()
         if key_id is None:
             row = conn.execute("SELECT label, secret FROM api_keys WHERE is_primary = 1 AND revoked_at IS NULL"
@@ -116,38 +102,38 @@ class Accounts:
         if row is None:
             raise LookupError("no such API key")
         try:
-            return self.keys.decrypt_text(row["secret"])
+            return self.store.keys.decrypt_text(row["secret"])
         except crypto.DecryptionError:
             raise crypto.DecryptionError(
                 f"the stored copy of the API key “{row['label']}” cannot be decrypted with RELAY_SECRET_KEY (it was "
                 "made with another secret: run `tspro-relay rotate-secret` with the previous one as "
                 "RELAY_SECRET_KEY_OLD, or generate a new key)") from None
 
-    def new_primary_api_key(self) -> str:
+    def new_primary(self) -> str:
         """Replace the portal's key; the old one stops working at once (its limits carry over)."""
         key = crypto.new_api_key()
         conn = self.conn()
         with transaction(conn):
-            self._bump_rev(conn)
+            self.store._bump_rev(conn)
             old = conn.execute("SELECT per_hour, allowed_from FROM api_keys WHERE is_primary = 1 AND revoked_at IS NULL"
                                " ORDER BY id DESC LIMIT 1").fetchone()
             conn.execute("UPDATE api_keys SET revoked_at = ? WHERE is_primary = 1 AND revoked_at IS NULL",
                          (time.time(),))
-            self._insert_api_key(conn, "portal", key, primary=True, per_hour=old["per_hour"] if old else None,
-                                 allowed_from=old["allowed_from"] if old else "")
+            self.insert(conn, "portal", key, primary=True, per_hour=old["per_hour"] if old else None,
+                        allowed_from=old["allowed_from"] if old else "")
         return key
 
-    def add_api_key(self, label: str, per_hour: int | None = None, allowed_from: str = "") -> tuple[int, str]:
+    def add(self, label: str, per_hour: int | None = None, allowed_from: str = "") -> tuple[int, str]:
         key = crypto.new_api_key()
         conn = self.conn()
         with transaction(conn):
-            self._bump_rev(conn)
-            key_id = self._insert_api_key(conn, label, key, primary=False, per_hour=per_hour,
-                                          allowed_from=allowed_from)
+            self.store._bump_rev(conn)
+            key_id = self.insert(conn, label, key, primary=False, per_hour=per_hour,
+                                 allowed_from=allowed_from)
         return key_id, key
 
-    def set_api_key_limits(self, key_id: int, *, per_hour: int | None | str = "keep",
-                           allowed_from: str | None = None, audit: tuple[str, str, str, str] | None = None) -> bool:
+    def set_limits(self, key_id: int, *, per_hour: int | None | str = "keep",
+                   allowed_from: str | None = None, audit: tuple[str, str, str, str] | None = None) -> bool:
         """Change a live key's own send limit (None: the global one) and/or Allowed From list.
 
         ``per_hour="keep"`` and ``allowed_from=None`` leave that one as it is.
@@ -158,7 +144,7 @@ class Accounts:
         with transaction(conn):
             if conn.execute("SELECT 1 FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,)).fetchone() is None:
                 return False
-            self._bump_rev(conn)
+            self.store._bump_rev(conn)
             if per_hour != "keep":
                 conn.execute("UPDATE api_keys SET per_hour = ? WHERE id = ?", (per_hour, key_id))
             if allowed_from is not None:
@@ -167,27 +153,31 @@ class Accounts:
                 insert_audit(conn, *audit)
         return True
 
-    def revoke_api_key(self, key_id: int) -> bool:
+    def revoke(self, key_id: int) -> bool:
         conn = self.conn()
         with transaction(conn):
-            self._bump_rev(conn)
+            self.store._bump_rev(conn)
             cur = conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
                                (time.time(), key_id))
         return cur.rowcount == 1
 
-    def note_key_use(self, conn: Connection, key_id: int, now: float) -> None:
+    def note_use(self, conn: Connection, key_id: int, now: float) -> None:
         """Record that a key was used; a no-op within a minute of the last record."""
         conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?"
                      " AND (last_used_at IS NULL OR last_used_at < ?)",
                      (now, key_id, now - KEY_USE_RESOLUTION))
 
-    def api_key_usage(self) -> dict[int, float]:
+    def usage(self) -> dict[int, float]:
         """Each key's last use (to the minute), read fresh: it is not part of the cached snapshot."""
         rows = self.conn().execute("SELECT id, last_used_at FROM api_keys WHERE last_used_at IS NOT NULL")
         return {int(r["id"]): float(r["last_used_at"]) for r in rows}
 
-    # -- admin -------------------------------------------------------------
-    def set_admin_password(self, username: str, password: str, must_change: bool = False) -> None:
+
+
+class AdminAccount(Part):
+    """``store.admin``'s account (with its sign-in state, sessions.py)."""
+
+    def set_password(self, username: str, password: str, must_change: bool = False) -> None:
         """Reset the login (the CLI's); every signed-in browser is signed out."""
         hashed = crypto.hash_password(password)
         now = time.time()
@@ -200,10 +190,10 @@ class Accounts:
                              " VALUES (?, ?, ?, ?, ?)", (username, hashed, int(must_change), now, now))
             conn.execute("DELETE FROM admin_sessions")
 
-    def check_admin(self, username: str, password: str) -> bool:
-        return self.verify_admin(username, password) is not None
+    def check_password(self, username: str, password: str) -> bool:
+        return self.verify(username, password) is not None
 
-    def verify_admin(self, username: str, password: str) -> Admin | None:
+    def verify(self, username: str, password: str) -> Admin | None:
         """The admin whose username and password these are, or None.
 
         Costs one password hash whether or not the username exists (no
@@ -224,7 +214,7 @@ class Accounts:
                              (crypto.hash_password(password), row["id"], row["password_hash"]))
         return Admin(int(row["id"]), row["username"], bool(row["must_change"]))
 
-    def admin(self, admin_id: int) -> Admin | None:
+    def get(self, admin_id: int) -> Admin | None:
         row = self.conn().execute("SELECT id, username, must_change FROM admins WHERE id = ?",
                                   (admin_id,)).fetchone()
         return Admin(int(row["id"]), row["username"], bool(row["must_change"])) if row else None
@@ -234,8 +224,8 @@ class Accounts:
         with transaction(conn):
             conn.execute("UPDATE admins SET must_change = 1 WHERE id = ?", (admin_id,))
 
-    def update_admin(self, admin_id: int, *, username: str | None = None, password: str | None = None,
-                     keep_session: str | None = None) -> None:
+    def update(self, admin_id: int, *, username: str | None = None, password: str | None = None,
+               keep_session: str | None = None) -> None:
         """Change the username and/or password (the admin UI's); clears ``must_change``.
 
         A new password signs out every other session of this admin.

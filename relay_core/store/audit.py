@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from ..db import Connection, transaction
+from .part import Part
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,7 @@ def insert_audit(conn: Connection, actor: str, ip: str, action: str, detail: str
 COMMAND_LINE = ("command line", "")  # who and from where, for changes made with `tspro-relay`
 
 
-class Audit:
-    """Mixed into ``Store``, which provides the connection."""
-
-    def conn(self) -> Connection:
-        raise NotImplementedError
-
+class Audit(Part):
     def record_audit(self, actor: str, ip: str, action: str, detail: str = "", ts: float | None = None) -> None:
         conn = self.conn()
         with transaction(conn):

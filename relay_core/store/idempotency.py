@@ -7,9 +7,10 @@ import time
 from typing import Any
 
 from ..db import Connection
+from .part import Part
 
 
-class Idempotency:
+class Idempotency(Part):
     def idempotent_answer(self, conn: Connection, api_key_id: int, key: str,
                           since: float) -> tuple[str, int, dict[str, Any]] | None:
         row = conn.execute("SELECT request_hash, status, response FROM idempotency"

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from .audit import insert_audit
 from ..db import Connection, transaction
+from .part import Part
 from .logbook import LogEntry, insert_log
 
 MAX_IDS_IN_AUDIT = 20
@@ -61,12 +62,7 @@ def _audit_detail(verb: str, ids: list[str]) -> str:
     return f"{verb} {len(ids)} message(s): {shown}{more}"
 
 
-class Interventions:
-    """Mixed into ``Store``, which provides the connection."""
-
-    def conn(self) -> Connection:
-        raise NotImplementedError
-
+class Interventions(Part):
     def _rows(self, conn: Connection, ids: list[str]) -> dict[str, Any]:
         marks = ", ".join("?" for _ in ids)
         return {r["id"]: r for r in conn.execute(

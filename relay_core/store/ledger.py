@@ -19,6 +19,7 @@ from .. import crypto
 from . import metrics
 from ..crypto import KeySet
 from ..db import Connection, insert_blob, serialize, transaction
+from .part import Part
 from .logbook import LogEntry, insert_log
 from ..message import OutgoingMessage, message_id_header
 from ..options import Options
@@ -263,13 +264,7 @@ def record_outcome(conn: Connection, outcome: AttemptOutcome,
     return True
 
 
-class Ledger:
-    """Message operations; mixed into ``Store``, which provides the connection and keys."""
-
-    keys: KeySet
-
-    def conn(self) -> Connection:
-        raise NotImplementedError
+class Ledger(Part):
 
     # -- messages: the delivery side -------------------------------------------
     def claim(self, message_id: str, owner: str, lease_seconds: float, now: float | None = None,
@@ -280,7 +275,7 @@ class Ledger:
         # A claim lost to a power cut only means the message is claimed again;
         # the outcome recorded afterwards is committed with a full fsync.
         with transaction(conn, durable=False):
-            return claim_message(conn, self.keys, message_id, owner, lease_seconds, now, limits)
+            return claim_message(conn, self.store.keys, message_id, owner, lease_seconds, now, limits)
 
     def renew_leases(self, held: list[tuple[str, str]], until: float) -> None:
         """Extend the leases of deliveries still in progress (id, owner)."""
@@ -313,7 +308,7 @@ class Ledger:
             conn.executemany("UPDATE messages SET enqueued_at = ? WHERE id = ?", [(now, i) for i in message_ids])
 
     # -- reading -----------------------------------------------------------------
-    def message_status(self, message_id: str, sent_by: tuple[int, bool] | None = None) -> dict[str, Any] | None:
+    def status(self, message_id: str, sent_by: tuple[int, bool] | None = None) -> dict[str, Any] | None:
         """The contract's view of one message: state, attempts, per-recipient outcome.
 
         ``sent_by`` (key id, is the portal's key): None unless that key sent it. The portal's key

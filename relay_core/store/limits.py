@@ -26,6 +26,7 @@ from typing import Any
 
 from .accounts import ApiKey
 from ..db import Connection, serialize, transaction
+from .part import Part
 from ..options import Options
 
 MINUTE = 60
@@ -63,12 +64,7 @@ def _seconds_until(moment: float, now: float) -> int:
     return max(1, math.ceil(moment - now))
 
 
-class SendLimits:
-    """Mixed into ``Store``, which provides the connection."""
-
-    def conn(self) -> Connection:
-        raise NotImplementedError
-
+class SendLimits(Part):
     def take_send(self, conn: Connection, key_id: int, limit: int, now: float) -> Quota:
         """Count one send for ``key_id`` inside the caller's transaction, unless the key is at its limit."""
         serialize(conn, "tspro-relay send limits")  # one count at a time across web processes

@@ -44,6 +44,7 @@ from typing import Any, Iterator
 
 from .audit import insert_audit
 from ..db import Connection, serialize, transaction
+from .part import Part
 
 # What the status filter offers, in this order, with the words the pages use.
 KINDS = {
@@ -333,13 +334,8 @@ class LoggedRow:
     subject: str
 
 
-class Logbook:
-    """Mixed into ``Store``, which provides the connection."""
-
-    def conn(self) -> Connection:
-        raise NotImplementedError
-
-    def log(self, entry: LogEntry) -> None:
+class Logbook(Part):
+    def write(self, entry: LogEntry) -> None:
         conn = self.conn()
         with transaction(conn):
             insert_log(conn, entry)
@@ -475,8 +471,8 @@ class Logbook:
         finally:
             conn.set_progress_handler(None, 0)  # type: ignore[attr-defined]
 
-    def log_page(self, flt: LogFilter, before: int | None = None, after: int | None = None,
-                 limit: int = 50) -> LogPage:
+    def page(self, flt: LogFilter, before: int | None = None, after: int | None = None,
+             limit: int = 50) -> LogPage:
         """One page, newest first: the newest rows, or those just older than ``before``, or just newer
         than ``after``. ``older``/``newer`` say where the neighbouring pages start (None: no more)."""
         if after is not None:
@@ -493,7 +489,7 @@ class Logbook:
             page.newer = rows[0].id if rows else before - 1
         return page
 
-    def log_chunks(self, flt: LogFilter, chunk: int = 1000) -> Iterator[list[LogRow]]:
+    def chunks(self, flt: LogFilter, chunk: int = 1000) -> Iterator[list[LogRow]]:
         """Every matching row, newest first, ``chunk`` rows per query (for the CSV export).
 
         Each chunk is its own short query, so a slow reader holds no transaction open.
@@ -507,15 +503,15 @@ class Logbook:
                 return
             upper = rows[-1].id
 
-    def iter_log(self, flt: LogFilter, chunk: int = 1000) -> Iterator[LogRow]:
-        for rows in self.log_chunks(flt, chunk):
+    def iter_rows(self, flt: LogFilter, chunk: int = 1000) -> Iterator[LogRow]:
+        for rows in self.chunks(flt, chunk):
             yield from rows
 
-    def log_row(self, log_id: int) -> LogRow | None:
+    def row(self, log_id: int) -> LogRow | None:
         row = self.conn().execute(f"SELECT {_COLUMNS} FROM log WHERE id = ?", (log_id,)).fetchone()
         return _row(row) if row else None
 
-    def message_log(self, message_id: str, limit: int = 500) -> list[LogRow]:
+    def of_message(self, message_id: str, limit: int = 500) -> list[LogRow]:
         """A message's rows, oldest first: its timeline."""
         rows = self.conn().execute(f"SELECT {_COLUMNS} FROM log WHERE message_id = ? ORDER BY id LIMIT ?",
                                    (message_id, limit)).fetchall()
@@ -542,8 +538,8 @@ class Logbook:
         rows = self.last_attempts(limit, since)
         return [AttemptFact(r.ts, r.message_id, r.status, r.stage, r.code, r.detail) for r in rows]
 
-    def log_entries(self, *, status: str | None = None, limit: int = 50,
-                    after_id: int = 0) -> list[LoggedRow]:
+    def entries(self, *, status: str | None = None, limit: int = 50,
+                after_id: int = 0) -> list[LoggedRow]:
         """Transaction-log rows, oldest first: the latest ``limit`` ones, or with ``after_id``
         the next ``limit`` after that row (for following the log)."""
         where, params = ["id > ?"], [after_id]  # type: list[str], list[object]
@@ -560,7 +556,7 @@ class Logbook:
                           r["detail"], r["sender"], r["recipients"], r["subject"]) for r in rows]
 
     # -- counters ------------------------------------------------------------------------------------
-    def log_counters(self, since: float | None = None, until: float | None = None) -> LogCounters:
+    def counters(self, since: float | None = None, until: float | None = None) -> LogCounters:
         """Rows per kind written in [since, until): whole hours from ``log_counts``, the ends counted."""
         conn = self.conn()
         counts: Counter[str] = Counter()
@@ -590,8 +586,8 @@ class Logbook:
                                            (since, until)):
             counts[kind] += int(n)
 
-    def log_hourly(self, now: float | None = None, hours: int = 24,
-                   kinds: tuple[str, ...] = ("sent", "deferred", "failed")) -> list[tuple[int, dict[str, int]]]:
+    def hourly(self, now: float | None = None, hours: int = 24,
+               kinds: tuple[str, ...] = ("sent", "deferred", "failed")) -> list[tuple[int, dict[str, int]]]:
         """(hour start, {kind: rows}) for the last ``hours`` hours, the current one last."""
         now = time.time() if now is None else now
         current = hour_of(now)
@@ -605,7 +601,7 @@ class Logbook:
         return [(h * HOUR, table[h]) for h in range(first, current + 1)]
 
     # -- clearing ---------------------------------------------------------------------------------------
-    def clear_log(self, actor: str, ip: str, now: float | None = None) -> int:
+    def clear(self, actor: str, ip: str, now: float | None = None) -> int:
         """Delete every log row; one row says it was cleared, and the audit trail (kept) says by whom."""
         now = time.time() if now is None else now
         conn = self.conn()

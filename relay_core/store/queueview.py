@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..db import Connection
+from .part import Part
 from ..message import OutgoingMessage, unpack_stored
 
 WAITING = ("queued", "deferred")
@@ -102,12 +102,7 @@ def _queued(row: Any, recipients: list[str]) -> QueuedMessage:
                          int(row["attempts"]), row["last_error"], row["from_addr"], row["subject"], recipients)
 
 
-class QueueView:
-    """Mixed into ``Store``, which provides the connection, the keys and the log's counters."""
-
-    def conn(self) -> Connection:
-        raise NotImplementedError
-
+class QueueView(Part):
     def queue_counts(self, now: float | None = None) -> QueueCounts:
         now = time.time() if now is None else now
         conn = self.conn()
@@ -115,7 +110,7 @@ class QueueView:
              for status in ("queued", "sending", "deferred", "failed")}
         oldest = [conn.execute("SELECT MIN(created_at) FROM messages WHERE status = ?", (status,)).fetchone()[0]
                   for status in WAITING]
-        finished = self.log_counters(now - DAY, now + 1)  # type: ignore[attr-defined]
+        finished = self.store.log.counters(now - DAY, now + 1)
         return QueueCounts(n["queued"], n["sending"], n["deferred"], n["failed"], finished["sent"],
                            finished["partial"], finished["failed"],
                            min((float(t) for t in oldest if t is not None), default=None))
@@ -132,7 +127,7 @@ class QueueView:
             addresses[message_id].append(address)
         return [_queued(r, addresses[r["id"]]) for r in rows]
 
-    def waiting_messages(self, limit: int = 50) -> list[QueuedMessage]:
+    def waiting(self, limit: int = 50) -> list[QueuedMessage]:
         """Queued and deferred messages, oldest first (the first ``limit``)."""
         rows: list[Any] = []
         for status in WAITING:
@@ -142,14 +137,14 @@ class QueueView:
         rows.sort(key=lambda r: (r["created_at"], r["id"]))
         return self._with_recipients(rows[:limit])
 
-    def failed_messages(self, limit: int = 50) -> list[QueuedMessage]:
+    def failed(self, limit: int = 50) -> list[QueuedMessage]:
         """Failed messages, newest first (the first ``limit``)."""
         rows = self.conn().execute(
             "SELECT id, status, created_at, next_attempt_at, attempts, last_error, from_addr, subject"
             " FROM messages WHERE status = 'failed' ORDER BY created_at DESC, id DESC LIMIT ?", (limit,)).fetchall()
         return self._with_recipients(rows)
 
-    def message_record(self, message_id: str) -> MessageRecord | None:
+    def record(self, message_id: str) -> MessageRecord | None:
         conn = self.conn()
         row = conn.execute(
             "SELECT id, status, source, created_at, updated_at, finished_at, next_attempt_at, attempts, last_error,"
@@ -168,7 +163,7 @@ class QueueView:
             row["from_addr"], row["from_name"], row["envelope_from"], row["subject"], row["message_id_header"],
             int(row["size"]), int(row["attachments"]), bool(row["has_body"]), recipients)
 
-    def message_document(self, message_id: str) -> OutgoingMessage | None:
+    def document(self, message_id: str) -> OutgoingMessage | None:
         """The stored message, decrypted and parsed; None when its body was pruned (or it is unknown).
 
         Raises ``crypto.DecryptionError`` when this process's key cannot read it.
@@ -176,5 +171,5 @@ class QueueView:
         row = self.conn().execute("SELECT body FROM messages WHERE id = ?", (message_id,)).fetchone()
         if row is None or row["body"] is None:
             return None
-        document = self.keys.decrypt_body(bytes(row["body"]), message_id)  # type: ignore[attr-defined]
+        document = self.store.keys.decrypt_body(bytes(row["body"]), message_id)
         return unpack_stored(document)

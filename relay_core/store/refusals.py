@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from . import metrics
 from ..db import Connection, transaction
+from .part import Part
 from .logbook import LogEntry, insert_log
 
 MINUTE = 60
@@ -69,12 +70,7 @@ def describe(ip: str, minute: int, reason: str, count: int, limited: int, budget
             f"{_when(minute)} (the first {DETAILED_PER_MINUTE} of a minute are logged one by one).")
 
 
-class Refusals:
-    """Mixed into ``Store``, which provides the connection."""
-
-    def conn(self) -> Connection:
-        raise NotImplementedError
-
+class Refusals(Part):
     def record_refusals(self, conn: Connection,
                         items: list[tuple[Key, Tally]]) -> dict[tuple[str, int], int]:
         """Add counted refusals and write their log rows, inside the caller's transaction.

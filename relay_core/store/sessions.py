@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from .accounts import Admin
 from ..db import Connection, serialize, transaction
+from .part import Part
 
 LOGIN_FAILURE_LIMIT = 5  # failed sign-ins per window, per IP and per username
 LOGIN_WINDOW_SECONDS = 60.0
@@ -56,12 +57,7 @@ class LockedOut(Exception):
         self.until = until
 
 
-class Sessions:
-    """Mixed into ``Store``, which provides the connection."""
-
-    def conn(self) -> Connection:
-        raise NotImplementedError
-
+class Sessions(Part):
     # -- sessions ------------------------------------------------------------
     def create_session(self, admin_id: int, session_id: str, ip: str, user_agent: str,
                        now: float | None = None, replaces: str | None = None) -> None:

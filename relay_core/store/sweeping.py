@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from ..db import Connection, serialize, transaction
+from ..db import serialize, transaction
+from .part import Part
 from .logbook import HOUR, forget_log_rows
 
 
-class Sweeping:
-    def conn(self) -> Connection:
-        raise NotImplementedError
-
+class Sweeping(Part):
     def waiting_count(self, now: float) -> int:
         """Messages that should have a wake-up call in the queue now."""
         return self.conn().execute(

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import time
 
-from ..db import Connection, transaction
+from ..db import transaction
+from .part import Part
 
 
-class Workers:
-    def conn(self) -> Connection:
-        raise NotImplementedError
-
+class Workers(Part):
     def heartbeat(self, name: str, pid: int, host: str, started_at: float, now: float | None = None) -> None:
         now = time.time() if now is None else now
         conn = self.conn()
@@ -21,7 +19,7 @@ class Workers:
                 (name, pid, host, started_at, now),
             )
 
-    def forget_worker(self, name: str) -> None:
+    def forget(self, name: str) -> None:
         conn = self.conn()
         with transaction(conn):
             conn.execute("DELETE FROM workers WHERE name = ?", (name,))

@@ -10,7 +10,7 @@ extends ``base.html``; its route goes in the list below. Forms post with
 ``{{ forms.csrf() }}``, read fields with ``forms.read_form``, and show
 errors with ``FormState``; a dangerous button is ``forms.confirm_form`` and
 its endpoint checks ``forms.confirmed``. Anything an admin does that matters
-later goes to ``store.record_audit(actor, ip, action, detail)``
+later goes to ``store.log.record_audit(actor, ip, action, detail)``
 (``settings_page.actor(request)`` gives actor and ip). A region with
 ``data-refresh="N"`` and an id reloads itself every N seconds (app.js).
 """

@@ -58,7 +58,7 @@ async def _apply(request: Request, username: str | None, password: str | None) -
     store = relay_state(request).store
     session = request.state.session
     try:
-        await run_in_threadpool(lambda: store.update_admin(session.admin.id, username=username, password=password,
+        await run_in_threadpool(lambda: store.admin.update(session.admin.id, username=username, password=password,
                                                            keep_session=session.id_hash))
     except ValueError:
         return False
@@ -69,7 +69,7 @@ async def _apply(request: Request, username: str | None, password: str | None) -
     if password is not None:
         changes.append("password changed")
     if changes:
-        await run_in_threadpool(store.record_audit, username or who, ip, "admin.account", "; ".join(changes))
+        await run_in_threadpool(store.log.record_audit, username or who, ip, "admin.account", "; ".join(changes))
     return True
 
 

@@ -65,14 +65,14 @@ async def send_test_email(request: Request) -> Response:
     except BadRequest as exc:
         shown.error = exc.message
         return render_settings(request, {"test_email": shown})
-    await run_in_threadpool(state.store.record_audit, who, ip, "test_email", f"queued a test email to {to}")
+    await run_in_threadpool(state.store.log.record_audit, who, ip, "test_email", f"queued a test email to {to}")
     return RedirectResponse(f"/settings?test={message_id}#test-email", status_code=303)
 
 
 @require_admin
 async def test_email_status(request: Request) -> Response:
     """The test email's state for the card's poller: JSON."""
-    view = relay_state(request).store.message_status(request.path_params["message_id"])
+    view = relay_state(request).store.messages.status(request.path_params["message_id"])
     if view is None:
         raise NotFound("No such message.")
     outcome = describe_test(view)

@@ -38,7 +38,7 @@ def _show(request: Request, key_id: int, saved: str) -> Response:
 
 def _key(request: Request) -> int:
     key_id = int(request.path_params["key_id"])
-    if not any(k.id == key_id for k in relay_state(request).store.api_keys()):
+    if not any(k.id == key_id for k in relay_state(request).store.api_keys.all()):
         raise NotFound(f"There is no API key number {key_id}.")
     return key_id
 
@@ -47,11 +47,11 @@ def _key(request: Request) -> int:
 async def reveal(request: Request) -> Response:
     store = relay_state(request).store
     key_id = _key(request)
-    key = next(k for k in store.api_keys() if k.id == key_id)
+    key = next(k for k in store.api_keys.all() if k.id == key_id)
     if key.revoked_at is not None:
         raise NotFound("That key was revoked; it cannot be revealed.")
     who, ip = actor(request)
-    await run_in_threadpool(store.record_audit, who, ip, "api_key.reveal", f"revealed the API key “{key.label}”")
+    await run_in_threadpool(store.log.record_audit, who, ip, "api_key.reveal", f"revealed the API key “{key.label}”")
     return _show(request, key_id, "revealed")
 
 
@@ -63,11 +63,11 @@ async def generate(request: Request) -> Response:
                             "Generate a new portal key? The current key stops working at once, so the portal "
                             "cannot send until you update it.", "Generate new key")
     store = relay_state(request).store
-    await run_in_threadpool(store.new_primary_api_key)
+    await run_in_threadpool(store.api_keys.new_primary)
     who, ip = actor(request)
-    await run_in_threadpool(store.record_audit, who, ip, "api_key.new",
+    await run_in_threadpool(store.log.record_audit, who, ip, "api_key.new",
                             "generated a new portal key (the old one stopped working)")
-    new = max((k for k in store.api_keys() if k.is_primary and k.revoked_at is None), key=lambda k: k.id)
+    new = max((k for k in store.api_keys.all() if k.is_primary and k.revoked_at is None), key=lambda k: k.id)
     return _show(request, new.id, "generated")
 
 
@@ -105,9 +105,9 @@ async def add(request: Request) -> Response:
     if shown.failed:
         return render_settings(request, {"keys": shown})
     store = relay_state(request).store
-    key_id, _secret = await run_in_threadpool(store.add_api_key, label, per_hour, allowed)
+    key_id, _secret = await run_in_threadpool(store.api_keys.add, label, per_hour, allowed)
     who, ip = actor(request)
-    await run_in_threadpool(store.record_audit, who, ip, "api_key.add",
+    await run_in_threadpool(store.log.record_audit, who, ip, "api_key.add",
                             f"added the API key “{label}” ({describe_limits(per_hour, allowed)})")
     return _show(request, key_id, "added")
 
@@ -116,7 +116,7 @@ async def add(request: Request) -> Response:
 async def limits(request: Request) -> Response:
     key_id = _key(request)
     store = relay_state(request).store
-    key = next(k for k in store.api_keys() if k.id == key_id)
+    key = next(k for k in store.api_keys.all() if k.id == key_id)
     if key.revoked_at is not None:
         raise NotFound("That key was revoked; its limits cannot change.")
     form = await read_form(request)
@@ -127,8 +127,8 @@ async def limits(request: Request) -> Response:
         return render_settings(request, {"keys": shown}, key_edit=key_id)
     who, ip = actor(request)
     detail = f"set the limits of the API key “{key.label}”: {describe_limits(per_hour, allowed)}"
-    await run_in_threadpool(lambda: store.set_api_key_limits(key_id, per_hour=per_hour, allowed_from=allowed,
-                                                             audit=(who, ip, "api_key.limits", detail)))
+    await run_in_threadpool(lambda: store.api_keys.set_limits(key_id, per_hour=per_hour, allowed_from=allowed,
+                                                              audit=(who, ip, "api_key.limits", detail)))
     return RedirectResponse("/settings?saved=limits#keys", status_code=303)
 
 
@@ -136,13 +136,13 @@ async def limits(request: Request) -> Response:
 async def revoke(request: Request) -> Response:
     key_id = _key(request)
     store = relay_state(request).store
-    key = next(k for k in store.api_keys() if k.id == key_id)
+    key = next(k for k in store.api_keys.all() if k.id == key_id)
     form = await read_form(request)
     if not confirmed(form):
         return confirm_page(request, f"/settings/api-keys/{key_id}/revoke",
                             f"Revoke the key “{key.label}”? Anything still using it gets 401 from now on.",
                             "Revoke")
-    if await run_in_threadpool(store.revoke_api_key, key_id):
+    if await run_in_threadpool(store.api_keys.revoke, key_id):
         who, ip = actor(request)
-        await run_in_threadpool(store.record_audit, who, ip, "api_key.revoke", f"revoked the API key “{key.label}”")
+        await run_in_threadpool(store.log.record_audit, who, ip, "api_key.revoke", f"revoked the API key “{key.label}”")
     return RedirectResponse("/settings?saved=revoked#keys", status_code=303)

@@ -115,8 +115,8 @@ def parse_query(request: Request, now: float | None = None) -> LogQuery:
 async def log_page(request: Request) -> Response:
     query = parse_query(request)
     store = relay_state(request).store
-    page = await run_in_threadpool(store.log_page, query.flt, query.before, query.after, PAGE_SIZE)
-    counters = await run_in_threadpool(store.log_counters, query.flt.since, query.flt.until)
+    page = await run_in_threadpool(store.log.page, query.flt, query.before, query.after, PAGE_SIZE)
+    counters = await run_in_threadpool(store.log.counters, query.flt.since, query.flt.until)
     cleared = request.query_params.get("cleared", "")
     span = query.shown.get("range")
     if span in RANGES and span not in ("", "custom") and "range" not in query.shown.errors:
@@ -154,7 +154,7 @@ def export_chunks(request: Request, flt: LogFilter) -> Iterator[bytes]:
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(CSV_COLUMNS)
     yield ("\ufeff" + out.getvalue()).encode()  # the BOM makes spreadsheets read UTF-8
-    for rows in store.log_chunks(flt, EXPORT_CHUNK):
+    for rows in store.log.chunks(flt, EXPORT_CHUNK):
         out.seek(0)
         out.truncate()
         writer.writerows(csv_rows(rows))
@@ -179,5 +179,5 @@ async def clear_log(request: Request) -> Response:
         return confirm_page(request, "/logs/clear", "Clear the whole transaction log? Every row is deleted for "
                             "good; the audit trail keeps a note that you did it.", "Clear log", back="/logs")
     who, ip = actor(request)
-    removed = await run_in_threadpool(relay_state(request).store.clear_log, who, ip)
+    removed = await run_in_threadpool(relay_state(request).store.log.clear, who, ip)
     return RedirectResponse(f"/logs?cleared={removed}", status_code=303)

@@ -30,7 +30,7 @@ SHOW_BODY = "show-body"  # the purpose of the token that asks the page to show o
 
 def _record(request: Request) -> MessageRecord:
     message_id = request.path_params["message_id"]
-    record = relay_state(request).store.message_record(message_id)
+    record = relay_state(request).store.messages.record(message_id)
     if record is None:
         raise NotFound(f"No message with id {message_id!r} is known to this relay (it may have been removed "
                        "with the log's retention).")
@@ -43,7 +43,7 @@ def _document(request: Request, record: MessageRecord) -> tuple[OutgoingMessage 
         return None, ("Its content was deleted after the retention period; the log and the facts above "
                       "are kept.")
     try:
-        document = relay_state(request).store.message_document(record.id)
+        document = relay_state(request).store.messages.document(record.id)
     except DecryptionError:
         return None, "Its content cannot be read with this relay's secret key."
     except ValueError as exc:
@@ -85,7 +85,7 @@ def _context(request: Request, record: MessageRecord, show_body: bool) -> dict[s
         "bcc_count": sum(1 for r in record.recipients if r.kind == "bcc"),
         "attachments": attachments,
         "unreadable": unreadable,
-        "timeline": store.message_log(record.id),
+        "timeline": store.log.of_message(record.id),
         "body": ({"text": document.text, "html": document.html or ""}
                  if show_body and document is not None else None),
         "note": read_note(request),
@@ -105,7 +105,7 @@ async def message_page(request: Request) -> Response:
 async def reveal_body(request: Request) -> Response:
     record = await run_in_threadpool(_record, request)
     who, ip = actor(request)
-    await run_in_threadpool(relay_state(request).store.record_audit, who, ip, "message.body_viewed",
+    await run_in_threadpool(relay_state(request).store.log.record_audit, who, ip, "message.body_viewed",
                             f"body viewed: message {record.id}")
     token = sign_for_session(request, SHOW_BODY, record.id)
     return RedirectResponse(f"/messages/{record.id}?body={token}#body", status_code=303)

@@ -74,13 +74,13 @@ def describe(report: ActionReport, verb: str) -> tuple[str, bool]:
 def dashboard_context(request: Request, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     store = relay_state(request).store
-    counts = store.queue_counts(now)
+    counts = store.messages.queue_counts(now)
     return {
         "counts": counts,
         "health": delivery_health(request, now),
-        "chart": build_chart(store.log_hourly(now, 24)),
-        "waiting": store.waiting_messages(LIST_SIZE),
-        "failed": store.failed_messages(LIST_SIZE),
+        "chart": build_chart(store.log.hourly(now, 24)),
+        "waiting": store.messages.waiting(LIST_SIZE),
+        "failed": store.messages.failed(LIST_SIZE),
         "list_size": LIST_SIZE,
         "note": read_note(request),
         "now": now,
@@ -91,7 +91,7 @@ def delivery_health(request: Request, now: float) -> dict[str, Any]:
     """Whether mail flows (relay_core.delivery.mailflow, the judgement /api/health gives), and the last attempt."""
     store = relay_state(request).store
     health = assess(store, now, counts=False)
-    last = store.last_attempts(1)
+    last = store.log.last_attempts(1)
     return {
         "paused": health.paused,
         "smtp_configured": health.smtp_configured,
@@ -131,7 +131,7 @@ async def retry(request: Request) -> Response:
         return redirect_with_note(request, back, NOTHING_SELECTED, ok=False)
     state = relay_state(request)
     who, ip = actor(request)
-    report = await run_in_threadpool(state.store.retry_now, ids, who, ip)
+    report = await run_in_threadpool(state.store.messages.retry_now, ids, who, ip)
     if report.done:
         await run_in_threadpool(state.queue.enqueue_many, report.done)  # the sweeper covers a lost one
     text, ok = describe(report, "Queued for delivery now:")
@@ -148,7 +148,7 @@ async def cancel(request: Request) -> Response:
         return confirm_page(request, "/queue/cancel", f"Cancel {count}? It will not be delivered.",
                             "Cancel delivery", back=back, fields={"id_list": ",".join(ids), "back": back})
     who, ip = actor(request)
-    report = await run_in_threadpool(relay_state(request).store.cancel, ids, who, ip)
+    report = await run_in_threadpool(relay_state(request).store.messages.cancel, ids, who, ip)
     text, ok = describe(report, "Cancelled")
     return redirect_with_note(request, back, text, ok)
 

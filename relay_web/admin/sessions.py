@@ -89,7 +89,7 @@ async def load_session(request: Request, touch: bool = True) -> AdminSession | N
         return None
     state = relay_state(request)
     idle = state.store.options().session_idle_minutes * 60
-    session = await run_in_threadpool(state.store.find_session, sid, idle, None, touch)
+    session = await run_in_threadpool(state.store.admin.find_session, sid, idle, None, touch)
     if session is not None:
         request.state.session = session
         request.state.admin = session.admin
@@ -102,7 +102,7 @@ async def start_session(request: Request, response: Response, admin_id: int) -> 
     state = relay_state(request)
     new_id = secrets.token_urlsafe(32)
     old = session_id(request)
-    await run_in_threadpool(state.store.create_session, admin_id, new_id, client_ip(request, state.settings),
+    await run_in_threadpool(state.store.admin.create_session, admin_id, new_id, client_ip(request, state.settings),
                             request.headers.get("user-agent", ""), None, session_hash(old) if old else None)
     set_cookie(request, response, SESSION_COOKIE, _signer(request, "session").sign(new_id).decode())
     clear_cookie(request, response, LOGIN_COOKIE)
@@ -111,7 +111,7 @@ async def start_session(request: Request, response: Response, admin_id: int) -> 
 async def end_session(request: Request, response: Response) -> None:
     sid = session_id(request)
     if sid is not None:
-        await run_in_threadpool(relay_state(request).store.delete_session, sid)
+        await run_in_threadpool(relay_state(request).store.admin.delete_session, sid)
     clear_cookie(request, response, SESSION_COOKIE)
 
 

@@ -85,14 +85,14 @@ def _shown_key(request: Request) -> dict[int, str]:
     if value is None or not value.isdigit():
         return {}
     store = relay_state(request).store
-    key = next((k for k in store.api_keys() if k.id == int(value) and k.revoked_at is None), None)
-    return {key.id: store.reveal_api_key(key.id)} if key else {}
+    key = next((k for k in store.api_keys.all() if k.id == int(value) and k.revoked_at is None), None)
+    return {key.id: store.api_keys.reveal(key.id)} if key else {}
 
 
 def _key_rows(request: Request, revealed: dict[int, str]) -> list[dict[str, Any]]:
     store = relay_state(request).store
-    usage = store.api_key_usage()
-    keys: list[ApiKey] = sorted(store.api_keys(), key=lambda k: (k.revoked_at is not None, -k.id))
+    usage = store.api_keys.usage()
+    keys: list[ApiKey] = sorted(store.api_keys.all(), key=lambda k: (k.revoked_at is not None, -k.id))
     return [{**dataclasses.asdict(k), "last_used_at": usage.get(k.id), "secret": revealed.get(k.id)}
             for k in keys]
 
@@ -101,7 +101,7 @@ def _test_outcome(request: Request) -> dict[str, Any] | None:
     message_id = request.query_params.get("test", "")
     if not message_id:
         return None
-    view = relay_state(request).store.message_status(message_id)
+    view = relay_state(request).store.messages.status(message_id)
     if view is None:
         return None
     return describe_test(view)
@@ -156,7 +156,7 @@ def render_settings(request: Request, forms: dict[str, FormState] | None = None,
         "default_limit": effective_limit(ApiKey(0, "", False, 0.0, None, ""), options, relay.settings.send_per_hour),
         "delivery_hints": DELIVERY_HINTS,
         "test": _test_outcome(request),
-        "audit": relay_state(request).store.audit_entries(limit=20),
+        "audit": relay_state(request).store.log.audit_entries(limit=20),
     }, status_code=status_code)
 
 

@@ -68,10 +68,10 @@ async def check_password(request: Request, username: str, password: str) -> Admi
 
 
 def _check_password(state: AppState, ip: str, username: str, password: str) -> Admin | None:
-    attempt = state.store.claim_login_attempt(ip, username)
-    admin = state.store.verify_admin(username, password)
+    attempt = state.store.admin.claim_login_attempt(ip, username)
+    admin = state.store.admin.verify(username, password)
     if admin is not None:
-        state.store.forgive_login_attempt(attempt)
+        state.store.admin.forgive_login_attempt(attempt)
     return admin
 
 
@@ -120,7 +120,7 @@ async def login(request: Request) -> Response:
         return _login_page(request, shown)
     if options.turnstile_enabled:
         # (Cloudflare is not asked about an attempt the lockout refuses anyway.)
-        locked = await run_in_threadpool(state.store.locked_until, ip, username)
+        locked = await run_in_threadpool(state.store.admin.locked_until, ip, username)
         if locked is not None:
             shown.error = _lockout_message(locked)
             return _login_page(request, shown)
@@ -141,16 +141,16 @@ async def login(request: Request) -> Response:
         shown.error = _lockout_message(exc.until)
         return _login_page(request, shown)
     if admin is None:
-        locked = await run_in_threadpool(state.store.locked_until, ip, username)
+        locked = await run_in_threadpool(state.store.admin.locked_until, ip, username)
         shown.error = _lockout_message(locked) if locked else "Wrong username or password."
         return _login_page(request, shown)
 
-    await run_in_threadpool(state.store.clear_login_failures, username)
+    await run_in_threadpool(state.store.admin.clear_login_failures, username)
     seeded = state.settings.admin_password is not None and password == str(state.settings.admin_password)
     if not admin.must_change and (password in WELL_KNOWN_PASSWORDS or seeded):
-        await run_in_threadpool(state.store.require_password_change, admin.id)
+        await run_in_threadpool(state.store.admin.require_password_change, admin.id)
         admin = type(admin)(admin.id, admin.username, True)
-    await run_in_threadpool(state.store.record_audit, admin.username, ip, "admin.signin", "signed in")
+    await run_in_threadpool(state.store.log.record_audit, admin.username, ip, "admin.signin", "signed in")
     target = shown.values["next"]
     if admin.must_change:
         target = f"{PASSWORD_CHANGE_PATH}?next={quote(target, safe='/')}"
@@ -163,7 +163,7 @@ async def login(request: Request) -> Response:
 async def logout(request: Request) -> Response:
     state = relay_state(request)
     admin = request.state.admin
-    await run_in_threadpool(state.store.record_audit, admin.username, client_ip(request, state.settings),
+    await run_in_threadpool(state.store.log.record_audit, admin.username, client_ip(request, state.settings),
                             "admin.signout", "signed out")
     response = RedirectResponse("/login?notice=signed_out", status_code=303)
     await end_session(request, response)

@@ -89,7 +89,7 @@ def test_api_key_new_replaces_the_key(env: dict[str, str], tmp_path: Path, store
     assert KEY_RE.fullmatch(new) and new != old
     assert only_line(cli(env, "api-key", "show", cwd=tmp_path).stdout) == new
     store = store_of(env)
-    assert store.authenticate(old) is None and store.authenticate(new) is not None
+    assert store.api_keys.authenticate(old) is None and store.api_keys.authenticate(new) is not None
     rows = [line.split("\t") for line in cli(env, "api-key", "list", cwd=tmp_path).stdout.splitlines()]
     assert [(r[1], r[2], r[3]) for r in rows] == [("portal", "portal", "revoked"), ("portal", "portal", "active")]
 
@@ -103,13 +103,13 @@ def test_api_key_add_list_revoke(env: dict[str, str], tmp_path: Path, store_of: 
     rows = [line.split("\t") for line in listing.splitlines()]
     assert [(r[1], r[2], r[3]) for r in rows] == [("portal", "portal", "active"), ("x", "extra", "active")]
     extra_id = rows[1][0]
-    assert store_of(env).authenticate(extra) is not None
+    assert store_of(env).api_keys.authenticate(extra) is not None
 
     revoked = cli(env, "api-key", "revoke", extra_id, cwd=tmp_path)
     assert extra_id in revoked.stdout
     rows = [line.split("\t") for line in cli(env, "api-key", "list", cwd=tmp_path).stdout.splitlines()]
     assert [(r[1], r[3]) for r in rows] == [("portal", "active"), ("x", "revoked")]
-    assert store_of(env).authenticate(extra) is None
+    assert store_of(env).api_keys.authenticate(extra) is None
 
     again = cli(env, "api-key", "revoke", extra_id, cwd=tmp_path, check=False)
     assert again.returncode != 0 and extra_id in again.stderr
@@ -122,14 +122,14 @@ def test_admin_set_password_from_stdin(env: dict[str, str], tmp_path: Path, stor
     result = cli(env, "admin", "set-password", "--password-stdin", cwd=tmp_path, input="a-new-Password-42\n")
     assert "changed" in result.stdout
     store = store_of(env)
-    assert store.check_admin("admin", "a-new-Password-42")
-    assert not store.check_admin("admin", "admin-pass-123")
+    assert store.admin.check_password("admin", "a-new-Password-42")
+    assert not store.admin.check_password("admin", "admin-pass-123")
 
 
 def test_admin_set_password_refuses_a_short_one(env: dict[str, str], tmp_path: Path, store_of: Any) -> None:
     result = cli(env, "admin", "set-password", "--password-stdin", cwd=tmp_path, input="short\n", check=False)
     assert result.returncode != 0 and "Too short" in result.stderr and "fewer than 8" in result.stderr
-    assert store_of(env).check_admin("admin", "admin-pass-123")
+    assert store_of(env).admin.check_password("admin", "admin-pass-123")
 
 
 @pytest.mark.parametrize("common", ["password", "changeme", "12345678", "Password1", "qwertyuiop"])
@@ -138,7 +138,7 @@ def test_admin_set_password_refuses_the_commonest_passwords(env: dict[str, str],
     # One policy with the Admin account card, which refuses these too.
     result = cli(env, "admin", "set-password", "--password-stdin", cwd=tmp_path, input=common + "\n", check=False)
     assert result.returncode != 0 and "widely known" in result.stderr
-    assert store_of(env).check_admin("admin", "admin-pass-123")
+    assert store_of(env).admin.check_password("admin", "admin-pass-123")
 
 
 # -- send-test -------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def test_send_test_queues_a_message(env: dict[str, str], tmp_path: Path, store_o
     result = cli(env, "send-test", "--to", "a@example.com", cwd=tmp_path)
     message_id = only_line(result.stdout)
     assert re.fullmatch(r"[0-9a-f]{22}", message_id)
-    status = store_of(env).message_status(message_id)
+    status = store_of(env).messages.status(message_id)
     assert status is not None and status["status"] == "queued"
     assert status["from"] == "relay@example.org" and status["message_id"] == f"<{message_id}@example.org>"
     assert [r["address"] for r in status["recipients"]] == ["a@example.com"]
@@ -201,7 +201,7 @@ def test_changes_from_the_command_line_appear_in_recent_changes(env: dict[str, s
     cli(env, "api-key", "add", "--label", "newsletter", cwd=tmp_path)
     cli(env, "api-key", "revoke", "2", cwd=tmp_path)
     cli(env, "api-key", "new", cwd=tmp_path)
-    entries = store_of(env).audit_entries()
+    entries = store_of(env).log.audit_entries()
     assert {e.actor for e in entries} == {"command line"}
     assert [e.action for e in reversed(entries)] == ["settings.cli", "delivery.pause", "delivery.resume",
                                                      "api_key.add", "api_key.revoke", "api_key.new"]

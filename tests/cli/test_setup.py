@@ -89,7 +89,7 @@ def test_init_writes_a_private_env_file(tmp_path: Path) -> None:
     settings = load_settings({**values, "RELAY_DATA_DIR": str(tmp_path / "data")})
     store = Store(settings.db_path, crypto.derive_keys(settings))
     try:
-        assert store.check_admin("admin", values["RELAY_ADMIN_PASSWORD"])
+        assert store.admin.check_password("admin", values["RELAY_ADMIN_PASSWORD"])
     finally:
         store.close()
 
@@ -156,7 +156,7 @@ def test_the_environment_wins_over_dotenv(tmp_path: Path) -> None:
     settings = load_settings({"RELAY_SECRET_KEY": SECRET, "RELAY_DATA_DIR": str(tmp_path / "from-env")})
     store = Store(settings.db_path, crypto.derive_keys(settings))
     try:
-        assert store.reveal_api_key() == key
+        assert store.api_keys.reveal() == key
     finally:
         store.close()
 
@@ -240,8 +240,8 @@ def test_control_characters_are_escaped_in_cli_output(env: dict[str, str], tmp_p
     settings = load_settings({k: v for k, v in env.items() if k.startswith("RELAY_")})
     store = Store(settings.db_path, crypto.derive_keys(settings))
     try:
-        store.log(LogEntry("accepted", "queued", message_id="01abc", sender=HOSTILE_TEXT, subject=HOSTILE_TEXT,
-                           detail="1 recipient(s); ignored unknown field(s): " + HOSTILE_TEXT))
+        store.log.write(LogEntry("accepted", "queued", message_id="01abc", sender=HOSTILE_TEXT, subject=HOSTILE_TEXT,
+                                 detail="1 recipient(s); ignored unknown field(s): " + HOSTILE_TEXT))
     finally:
         store.close()
     out = cli(env, "log", cwd=tmp_path).stdout

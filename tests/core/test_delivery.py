@@ -66,7 +66,7 @@ def test_retry_schedule_follows_the_clock_until_max_age(store: Store, server: Sm
         assert all(later > earlier for earlier, later in zip(waits[:6], waits[1:6]))
         assert max(waits) <= 3600 * 1.15
         assert clock.now - 1_800_000_000.0 <= 24 * 3600
-        status = store.message_status(message_id)
+        status = store.messages.status(message_id)
         assert status is not None and status["status"] == "failed"
         assert len(status["attempts"]) == len(waits) + 1
     finally:
@@ -77,18 +77,18 @@ def test_pacing_counts_deliveries_in_the_window(store: Store) -> None:
     now = 1_800_000_000.0
     ids = [queue_message(store, created=now) for _ in range(4)]
     limits = ((2, 60.0),)
-    first = store.claim(ids[0], "w", 60, now=now, limits=limits)
-    second = store.claim(ids[1], "w", 60, now=now + 1, limits=limits)
-    third = store.claim(ids[2], "w", 60, now=now + 2, limits=limits)
+    first = store.messages.claim(ids[0], "w", 60, now=now, limits=limits)
+    second = store.messages.claim(ids[1], "w", 60, now=now + 1, limits=limits)
+    third = store.messages.claim(ids[2], "w", 60, now=now + 2, limits=limits)
     assert not isinstance(first, Paced) and first is not None
     assert not isinstance(second, Paced) and second is not None
     assert isinstance(third, Paced) and now + 60 <= third.until <= now + 60 + 5.01
     assert "2 deliveries per minute" in third.reason
-    status = store.message_status(ids[2])
+    status = store.messages.status(ids[2])
     assert status is not None and status["status"] == "deferred" and status["attempt_count"] == 0
     # Once the first delivery leaves the window, the next one may start.
-    assert store.claim(ids[2], "w", 60, now=now + 59, limits=limits) is None  # not due yet
-    assert not isinstance(store.claim(ids[2], "w", 60, now=third.until, limits=limits), Paced)
+    assert store.messages.claim(ids[2], "w", 60, now=now + 59, limits=limits) is None  # not due yet
+    assert not isinstance(store.messages.claim(ids[2], "w", 60, now=third.until, limits=limits), Paced)
 
 
 def test_retention_prunes_bodies_logs_and_old_messages(store: Store, server: SmtpServer) -> None:
@@ -104,15 +104,15 @@ def test_retention_prunes_bodies_logs_and_old_messages(store: Store, server: Smt
 
     kwargs = dict(sent_body_seconds=3600, failed_body_seconds=7 * 86400, log_seconds=90 * 86400,
                   log_max_rows=1000, idempotency_seconds=86400)
-    store.prune(now + 60, **kwargs)  # type: ignore[arg-type]
+    store.workers.prune(now + 60, **kwargs)  # type: ignore[arg-type]
     assert body(sent_id) is not None
-    store.prune(now + 3601, **kwargs)  # type: ignore[arg-type]
+    store.workers.prune(now + 3601, **kwargs)  # type: ignore[arg-type]
     assert body(sent_id) is None
     assert body(waiting_id) is not None  # never prune what is still to be delivered
-    assert store.message_status(sent_id)["status"] == "sent"  # type: ignore[index]
-    store.prune(now + 91 * 86400, **kwargs)  # type: ignore[arg-type]
-    assert store.message_status(sent_id) is None
-    assert store.message_status(waiting_id) is not None
+    assert store.messages.status(sent_id)["status"] == "sent"  # type: ignore[index]
+    store.workers.prune(now + 91 * 86400, **kwargs)  # type: ignore[arg-type]
+    assert store.messages.status(sent_id) is None
+    assert store.messages.status(waiting_id) is not None
     assert store.conn().execute("SELECT COUNT(*) FROM log WHERE message_id = ?", (sent_id,)).fetchone()[0] == 0
 
 
@@ -121,11 +121,11 @@ def test_log_is_bounded_by_row_count(store: Store) -> None:
     for i in range(1500):
         store.conn().execute("INSERT INTO log (ts, event, status, detail) VALUES (?, 'rejected', 'rejected', ?)",
                              (time.time(), str(i)))
-    store.prune(time.time(), sent_body_seconds=1, failed_body_seconds=1, log_seconds=86400,
-                log_max_rows=1000, idempotency_seconds=1)
+    store.workers.prune(time.time(), sent_body_seconds=1, failed_body_seconds=1, log_seconds=86400,
+                        log_max_rows=1000, idempotency_seconds=1)
     rows = store.conn().execute("SELECT COUNT(*), MIN(detail + 0) FROM log").fetchone()
     assert rows[0] == 1000 and rows[1] == 500  # the newest are kept
-    store.log(LogEntry("rejected", "rejected"))
+    store.log.write(LogEntry("rejected", "rejected"))
 
 
 def test_an_unexpected_error_is_recorded_as_a_deferred_attempt(store: Store, server: SmtpServer) -> None:
@@ -144,7 +144,7 @@ def test_an_unexpected_error_is_recorded_as_a_deferred_attempt(store: Store, ser
     try:
         outcome = deliverer.attempt("bad1")
         assert outcome is not None and outcome.status == "deferred"
-        status = store.message_status("bad1")
+        status = store.messages.status("bad1")
         assert status is not None and status["status"] == "deferred"
         assert status["attempts"][0]["stage"] == "internal"
         assert "UnicodeEncodeError" in status["last_error"]
@@ -161,10 +161,10 @@ def test_a_message_whose_attempts_never_finish_is_failed_after_repeated_claims(s
     from relay_core.store import MAX_UNRECORDED_CLAIMS
     for i in range(MAX_UNRECORDED_CLAIMS):
         # Each claimer dies (nothing recorded); the lease runs out and it is claimed again.
-        assert store.claim(message_id, f"w{i}", 60, now=now) is not None
+        assert store.messages.claim(message_id, f"w{i}", 60, now=now) is not None
         now += 61
-    assert store.claim(message_id, "last", 60, now=now) is None
-    status = store.message_status(message_id)
+    assert store.messages.claim(message_id, "last", 60, now=now) is None
+    status = store.messages.status(message_id)
     assert status is not None and status["status"] == "failed"
     assert f"interrupted {MAX_UNRECORDED_CLAIMS} times" in status["last_error"]
     assert status["recipients"][0]["status"] == "failed"

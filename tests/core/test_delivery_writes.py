@@ -72,7 +72,7 @@ def hold_the_writer(writes: DeliveryWrites) -> threading.Event:
 def test_outcomes_arriving_together_share_one_batch_and_one_failure_costs_only_its_message(
         store: Store, writes: DeliveryWrites) -> None:
     ids = [store_message(store, created=time.time()) for _ in range(4)]
-    claims = [store.claim(i, "worker-1", 300) for i in ids]
+    claims = [store.messages.claim(i, "worker-1", 300) for i in ids]
     assert all(isinstance(c, ClaimedMessage) for c in claims)
     refuse_updates_of(store, ids[2])
 
@@ -90,7 +90,7 @@ def test_outcomes_arriving_together_share_one_batch_and_one_failure_costs_only_i
     assert writes.intake.batches == batches + 2  # the held one, then all four outcomes together
     assert results[:2] == [True, True] and results[3] is True
     assert "this row cannot be written" in str(results[2])
-    states = {i: store.message_status(i) for i in ids}
+    states = {i: store.messages.status(i) for i in ids}
     assert [states[i]["status"] for i in ids] == ["sent", "sent", "sending", "sent"]  # type: ignore[index]
     # The refused one lost nothing either: still leased, it is taken again when its lease runs out.
     assert [len(states[i]["attempts"]) for i in ids] == [1, 1, 0, 1]  # type: ignore[index]
@@ -102,7 +102,7 @@ def test_claims_and_outcomes_together_and_a_refused_claim_costs_only_its_message
         store: Store, writes: DeliveryWrites) -> None:
     now = time.time()
     done, refused, fresh = (store_message(store, created=now) for _ in range(3))
-    claimed = store.claim(done, "worker-1", 300)
+    claimed = store.messages.claim(done, "worker-1", 300)
     assert isinstance(claimed, ClaimedMessage)
     refuse_updates_of(store, refused)
 
@@ -129,7 +129,7 @@ def test_claims_and_outcomes_together_and_a_refused_claim_costs_only_its_message
     taken = results[fresh]
     assert isinstance(taken, ClaimedMessage) and taken.lease_owner == "worker-2"
     assert results[done] is None  # sent already, or still leased to worker-1: either way not taken twice
-    assert [store.message_status(i)["status"] for i in (done, refused, fresh)] \
+    assert [store.messages.status(i)["status"] for i in (done, refused, fresh)] \
         == ["sent", "queued", "sending"]  # type: ignore[index]
 
 
@@ -141,7 +141,7 @@ def test_the_settings_are_read_again_only_when_their_revision_moves(store: Store
     store.set_options({"delivery_paused": True})
     paused, claimed = writes.claim(message_id, "w", time.time())
     assert paused is not options and paused.delivery_paused
-    assert claimed == "paused" and store.message_status(message_id)["status"] == "queued"  # type: ignore[index]
+    assert claimed == "paused" and store.messages.status(message_id)["status"] == "queued"  # type: ignore[index]
 
 
 @pytest.fixture
@@ -160,12 +160,12 @@ def test_an_overlapping_thread_hands_over_its_outcome_and_what_depends_on_it_wai
     try:
         deferred = deliverer.attempt(first)
         assert deferred is not None and deferred.status == "deferred" and deferred.stored is not None
-        deferred.then(lambda: seen.append(store.message_status(first)["status"]))  # type: ignore[index]
+        deferred.then(lambda: seen.append(store.messages.status(first)["status"]))  # type: ignore[index]
         done = deliverer.attempt(second)  # waits for the first's outcome before handing over its own
         assert deferred.stored.done() and deferred.stored.result() is True
         assert seen == ["deferred"]  # run once the outcome was stored, and it saw it stored
         assert done is not None and done.status == "sent"
         deliverer.wait_for_last_outcome()
-        assert store.message_status(second)["status"] == "sent"  # type: ignore[index]
+        assert store.messages.status(second)["status"] == "sent"  # type: ignore[index]
     finally:
         deliverer.close()

@@ -27,11 +27,11 @@ T0 = 1_700_000_000.0  # a whole minute (T0 % 60 == 20: some seconds into it)
 def take(store: Store, key_id: int, limit: int, now: float) -> object:
     conn = store.conn()
     with transaction(conn):
-        return store.take_send(conn, key_id, limit, now)
+        return store.api_keys.take_send(conn, key_id, limit, now)
 
 
 def test_the_limit_counts_sends_and_says_honestly_when_a_slot_frees(store: Store) -> None:
-    key_id, _ = store.add_api_key("limited")
+    key_id, _ = store.api_keys.add("limited")
     first = take(store, key_id, 3, T0)
     assert (first.limit, first.remaining, first.retry_after) == (3, 2, 0)  # type: ignore[attr-defined]
     take(store, key_id, 3, T0 + 600)  # ten minutes later
@@ -46,25 +46,25 @@ def test_the_limit_counts_sends_and_says_honestly_when_a_slot_frees(store: Store
     again = take(store, key_id, 3, frees_at)
     assert again.retry_after == 0 and again.remaining == 0  # type: ignore[attr-defined]
     # Other keys have counts of their own.
-    other_id, _ = store.add_api_key("other")
+    other_id, _ = store.api_keys.add("other")
     assert take(store, other_id, 3, T0 + 1200).remaining == 2  # type: ignore[attr-defined]
-    assert store.sends_in_window(key_id, frees_at) == 3
-    assert store.prune_send_counts(frees_at + 3600) == 4  # rows: 3 minutes of this key, 1 of the other
-    assert store.sends_in_window(key_id, frees_at) == 0
+    assert store.api_keys.sends_in_window(key_id, frees_at) == 3
+    assert store.api_keys.prune_send_counts(frees_at + 3600) == 4  # rows: 3 minutes of this key, 1 of the other
+    assert store.api_keys.sends_in_window(key_id, frees_at) == 0
 
 
 def test_a_refused_send_rolls_its_count_back_with_its_job(store: Store) -> None:
-    key_id, _ = store.add_api_key("limited")
+    key_id, _ = store.api_keys.add("limited")
     conn = store.conn()
     with pytest.raises(RuntimeError):
         with transaction(conn):
-            store.take_send(conn, key_id, 5, T0)
+            store.api_keys.take_send(conn, key_id, 5, T0)
             raise RuntimeError("the rest of the accept failed")
-    assert store.sends_in_window(key_id, T0) == 0
+    assert store.api_keys.sends_in_window(key_id, T0) == 0
 
 
 def test_the_count_is_exact_under_concurrent_accepts_from_two_processes(store: Store, other: Store) -> None:
-    key_id, _ = store.add_api_key("shared")
+    key_id, _ = store.api_keys.add("shared")
     limit, attempts = 25, 48
     outcomes: list[int] = []
     lock = threading.Lock()
@@ -73,7 +73,7 @@ def test_the_count_is_exact_under_concurrent_accepts_from_two_processes(store: S
         for i in range(n):
             conn = relay.conn()
             with transaction(conn):
-                quota = relay.take_send(conn, key_id, limit, T0 + i * 0.001)
+                quota = relay.api_keys.take_send(conn, key_id, limit, T0 + i * 0.001)
             with lock:
                 outcomes.append(quota.retry_after)
         relay.close()
@@ -85,7 +85,7 @@ def test_the_count_is_exact_under_concurrent_accepts_from_two_processes(store: S
         thread.join(60)
     assert len(outcomes) == attempts
     assert outcomes.count(0) == limit  # exactly the limit was let through, not one more
-    assert store.sends_in_window(key_id, T0) == limit
+    assert store.api_keys.sends_in_window(key_id, T0) == limit
 
 
 def test_which_limit_applies() -> None:
@@ -100,20 +100,20 @@ def test_which_limit_applies() -> None:
 
 
 def test_key_limits_are_kept_changed_and_carried_to_a_new_portal_key(store: Store) -> None:
-    key_id, _ = store.add_api_key("scoped", 7, "example.org, a@b.org")
-    key = next(k for k in store.api_keys() if k.id == key_id)
+    key_id, _ = store.api_keys.add("scoped", 7, "example.org, a@b.org")
+    key = next(k for k in store.api_keys.all() if k.id == key_id)
     assert (key.per_hour, key.allowed_from_items) == (7, ("example.org", "a@b.org"))
-    assert store.set_api_key_limits(key_id, per_hour=None) and store.set_api_key_limits(key_id, allowed_from="")
-    key = next(k for k in store.api_keys() if k.id == key_id)
+    assert store.api_keys.set_limits(key_id, per_hour=None) and store.api_keys.set_limits(key_id, allowed_from="")
+    key = next(k for k in store.api_keys.all() if k.id == key_id)
     assert (key.per_hour, key.allowed_from) == (None, "")
-    assert not store.set_api_key_limits(9999, per_hour=3)
-    primary = next(k for k in store.api_keys() if k.is_primary)
-    store.set_api_key_limits(primary.id, per_hour=100, allowed_from="example.org",
-                             audit=("admin", "198.51.100.1", "api_key.limits", "set"))
-    store.new_primary_api_key()
-    new = next(k for k in store.api_keys() if k.is_primary and k.revoked_at is None)
+    assert not store.api_keys.set_limits(9999, per_hour=3)
+    primary = next(k for k in store.api_keys.all() if k.is_primary)
+    store.api_keys.set_limits(primary.id, per_hour=100, allowed_from="example.org",
+                              audit=("admin", "198.51.100.1", "api_key.limits", "set"))
+    store.api_keys.new_primary()
+    new = next(k for k in store.api_keys.all() if k.is_primary and k.revoked_at is None)
     assert (new.per_hour, new.allowed_from) == (100, "example.org")
-    assert store.audit_entries(limit=1)[0].action == "api_key.limits"
+    assert store.log.audit_entries(limit=1)[0].action == "api_key.limits"
 
 
 # -- refused requests -----------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def log_rows(store: Store) -> list:
 
 def test_refusals_are_one_log_row_per_address_minute_and_reason(store: Store) -> None:
     for i in range(3):
-        store.log(LogEntry("accepted", "queued", message_id=f"m{i}", ts=T0 - 100 + i))
+        store.log.write(LogEntry("accepted", "queued", message_id=f"m{i}", ts=T0 - 100 + i))
     gate = RefusalGate(clock=lambda: T0)
     for i in range(250):
         wait = gate.unauthenticated("203.0.113.9", WRONG, 100, T0 + i * 0.01)
@@ -194,13 +194,13 @@ def test_refusals_with_a_good_key_keep_detail_then_are_counted(store: Store) -> 
     assert row["event"] == "rejected" and row["code"] == 400
     assert row["detail"].startswith("5 more requests refused with 400 from 203.0.113.9")
     assert gate.detailed("203.0.113.9", T0 + 60)  # a new minute
-    assert store.prune_refusals(T0 + 2 * 86400) == 1
+    assert store.log.prune_refusals(T0 + 2 * 86400) == 1
 
 
 def test_a_flood_spread_over_many_addresses_adds_few_log_rows(store: Store) -> None:
     # 1,500 keyless requests from 750 addresses once added 1,500 log rows, pushing the real history out.
     for i in range(3):
-        store.log(LogEntry("accepted", "queued", message_id=f"m{i}", ts=T0 - 100 + i))
+        store.log.write(LogEntry("accepted", "queued", message_id=f"m{i}", ts=T0 - 100 + i))
     gate = RefusalGate(clock=lambda: T0)
     addresses = [f"10.0.{i // 250}.{i % 250}" for i in range(750)]
     for start in range(0, 750, 100):  # several flushes, as a web process makes about once a second

@@ -46,7 +46,7 @@ def true_counts(store: Store, since: float | None = None, until: float | None = 
 
 
 def counted(store: Store, since: float | None = None, until: float | None = None) -> dict[str, int]:
-    return store.log_counters(since, until).by_kind
+    return store.log.counters(since, until).by_kind
 
 
 def fts_ok(store: Store) -> None:
@@ -78,7 +78,7 @@ def test_search_words_are_lower_case_letters_and_digits_once() -> None:
 
 def test_the_row_records_kind_words_and_attachments(store: Store) -> None:
     [log_id] = write(store, accepted(T0, to="Ann@Example.com"))
-    row = store.log_row(log_id)
+    row = store.log.row(log_id)
     assert row is not None and (row.kind, row.attachments, row.source_ip) == ("accepted", 1, "203.0.113.9")
     terms = store.conn().execute("SELECT terms FROM log WHERE id = ?", (log_id,)).fetchone()[0]
     assert terms == "m noreply portal org ann example com reset your password"  # the message id first
@@ -87,24 +87,24 @@ def test_the_row_records_kind_words_and_attachments(store: Store) -> None:
 # -- keyset pages ------------------------------------------------------------------------------------
 def test_pages_walk_older_and_back_newer_and_stay_put_under_inserts(store: Store) -> None:
     ids = write(store, *[accepted(T0 + i, to=f"u{i}@example.com") for i in range(23)])
-    first = store.log_page(LogFilter(), limit=10)
+    first = store.log.page(LogFilter(), limit=10)
     assert [r.id for r in first.rows] == ids[::-1][:10]
     assert first.newer is None and first.older == ids[13]
     write(store, *[accepted(T0 + 100 + i) for i in range(5)])  # new rows arrive while the admin reads
-    second = store.log_page(LogFilter(), before=first.older, limit=10)
+    second = store.log.page(LogFilter(), before=first.older, limit=10)
     assert [r.id for r in second.rows] == ids[::-1][10:20]
-    third = store.log_page(LogFilter(), before=second.older, limit=10)
+    third = store.log.page(LogFilter(), before=second.older, limit=10)
     assert [r.id for r in third.rows] == ids[::-1][20:] and third.older is None
     assert third.newer == ids[2]
-    back = store.log_page(LogFilter(), after=third.newer, limit=10)
+    back = store.log.page(LogFilter(), after=third.newer, limit=10)
     assert [r.id for r in back.rows] == ids[::-1][10:20]
     assert back.older == ids[3] and back.newer == ids[12]
-    newest = store.log_page(LogFilter(), after=ids[-1], limit=10)
+    newest = store.log.page(LogFilter(), after=ids[-1], limit=10)
     assert len(newest.rows) == 5 and newest.newer is None
 
 
 def test_an_empty_log_has_one_empty_page(store: Store) -> None:
-    page = store.log_page(LogFilter(kind="sent"))
+    page = store.log.page(LogFilter(kind="sent"))
     assert page.rows == [] and page.older is None and page.newer is None
 
 
@@ -114,9 +114,9 @@ def test_filter_by_kind_and_time_range_is_exact_at_the_edges(store: Store) -> No
     write(store, *entries)
     since, until = T0 + 1234.5, T0 + 6 * HOUR + 17
     want = [e for e in entries if since <= e.ts < until and e.status == "failed"]
-    got = list(store.iter_log(LogFilter(kind="failed", since=since, until=until), chunk=4))
+    got = list(store.log.iter_rows(LogFilter(kind="failed", since=since, until=until), chunk=4))
     assert [r.ts for r in got] == sorted((e.ts for e in want), reverse=True)
-    page = store.log_page(LogFilter(since=since, until=until), limit=1000)
+    page = store.log.page(LogFilter(since=since, until=until), limit=1000)
     assert len(page.rows) == sum(1 for e in entries if since <= e.ts < until)
 
 
@@ -128,7 +128,7 @@ def test_search_finds_words_by_prefix_in_sender_recipients_and_subject(store: St
           LogEntry("unauthorized", "rejected", code=401, detail="bad key", source_ip="198.51.100.1", ts=T0 + 3))
 
     def subjects(text: str, **kw: object) -> list[str]:
-        rows = store.log_page(LogFilter(words=tuple(query_words(text)), **kw)).rows  # type: ignore[arg-type]
+        rows = store.log.page(LogFilter(words=tuple(query_words(text)), **kw)).rows  # type: ignore[arg-type]
         return [r.subject for r in rows]
 
     assert subjects("ann") == ["Reset your password"]
@@ -151,13 +151,13 @@ def test_a_prefix_search_gives_the_same_rows_by_walking_the_log_or_from_the_inde
     monkeypatch.setattr(logbook, "WALK_SECONDS", walk)
     write(store, *[accepted(T0 + i, to=f"member{i}@example.com", subject=["Reset your password", "Welcome"][i % 2])
                    for i in range(30)], LogEntry("unauthorized", "rejected", code=401, ts=T0 + 40))
-    found = store.log_page(LogFilter(words=tuple(query_words("memb passw"))), limit=5)
+    found = store.log.page(LogFilter(words=tuple(query_words("memb passw"))), limit=5)
     assert [r.recipients for r in found.rows] == [f"member{i}@example.com" for i in (28, 26, 24, 22, 20)]
-    older = store.log_page(LogFilter(words=("memb", "passw")), before=found.older, limit=50)
+    older = store.log.page(LogFilter(words=("memb", "passw")), before=found.older, limit=50)
     assert [r.recipients for r in older.rows] == [f"member{i}@example.com" for i in range(18, -1, -2)]
-    assert [r.recipients for r in store.log_page(LogFilter(words=("member2",))).rows] == ["member2@example.com"]
-    assert store.log_page(LogFilter(words=("membe",), kind="accepted")).rows[0].recipients == "member29@example.com"
-    assert store.log_page(LogFilter(words=("zzz",))).rows == []
+    assert [r.recipients for r in store.log.page(LogFilter(words=("member2",))).rows] == ["member2@example.com"]
+    assert store.log.page(LogFilter(words=("membe",), kind="accepted")).rows[0].recipients == "member29@example.com"
+    assert store.log.page(LogFilter(words=("zzz",))).rows == []
 
 
 # -- counters ----------------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def _fill(store: Store, n: int = 400, seed: int = 7) -> list[LogEntry]:
 def test_counters_match_the_rows_for_any_range(store: Store) -> None:
     _fill(store)
     assert counted(store) == true_counts(store)
-    assert store.log_counters().total == 400
+    assert store.log.counters().total == 400
     for since, until in [(None, T0 + 5 * HOUR), (T0 + 1800, None), (T0 + 1800, T0 + 2500), (T0 + 3 * HOUR + 5,
                          T0 + 9 * HOUR + 1), (T0 - HOUR, T0 + 20 * HOUR), (T0 + 7200, T0 + 7200)]:
         assert counted(store, since, until) == true_counts(store, since, until), (since, until)
@@ -191,7 +191,7 @@ def test_counters_match_the_rows_for_any_range(store: Store) -> None:
 def test_hourly_series_for_the_chart(store: Store) -> None:
     entries = _fill(store)
     now = T0 + 11 * HOUR + 5
-    series = store.log_hourly(now=now, hours=24)
+    series = store.log.hourly(now=now, hours=24)
     assert len(series) == 24 and series[-1][0] == int(now // HOUR) * HOUR
     expected: Counter[tuple[int, str]] = Counter()
     for e in entries:
@@ -204,33 +204,33 @@ def test_hourly_series_for_the_chart(store: Store) -> None:
 def test_prune_keeps_counters_and_search_in_step(store: Store) -> None:
     _fill(store, n=600)
     now = T0 + 600 * 97.3 + 10
-    store.prune(now, sent_body_seconds=0, failed_body_seconds=0, log_seconds=now - (T0 + 5 * HOUR),
-                log_max_rows=10**9, idempotency_seconds=0)
+    store.workers.prune(now, sent_body_seconds=0, failed_body_seconds=0, log_seconds=now - (T0 + 5 * HOUR),
+                        log_max_rows=10**9, idempotency_seconds=0)
     oldest = store.conn().execute("SELECT MIN(ts) FROM log").fetchone()[0]
     assert T0 + 4 * HOUR <= oldest < T0 + 5 * HOUR + 98  # whole hours go
     assert counted(store) == true_counts(store)
-    store.prune(now, sent_body_seconds=0, failed_body_seconds=0, log_seconds=10**9, log_max_rows=1000 - 999,
-                idempotency_seconds=0)
+    store.workers.prune(now, sent_body_seconds=0, failed_body_seconds=0, log_seconds=10**9, log_max_rows=1000 - 999,
+                        idempotency_seconds=0)
     remaining = store.conn().execute("SELECT COUNT(*) FROM log").fetchone()[0]
     assert remaining == 1
     assert counted(store) == true_counts(store)
     fts_ok(store)
-    assert len(store.log_page(LogFilter(words=("reset",))).rows) <= 1
+    assert len(store.log.page(LogFilter(words=("reset",))).rows) <= 1
 
 
 def test_clear_leaves_one_row_and_the_audit_trail(store: Store) -> None:
     _fill(store, n=50)
-    removed = store.clear_log("admin", "192.0.2.4", now=T0 + 9 * HOUR)
+    removed = store.log.clear("admin", "192.0.2.4", now=T0 + 9 * HOUR)
     assert removed == 50
-    [row] = store.log_page(LogFilter()).rows
+    [row] = store.log.page(LogFilter()).rows
     assert (row.kind, row.detail, row.source_ip, row.sender) == ("cleared", "log cleared by admin", "192.0.2.4",
                                                                  "admin")
     assert counted(store) == {"cleared": 1} == true_counts(store)
-    [audit] = store.audit_entries(action_prefix="log.")
+    [audit] = store.log.audit_entries(action_prefix="log.")
     assert (audit.actor, audit.ip, audit.action) == ("admin", "192.0.2.4", "log.clear")
     assert "50 rows" in audit.detail
     fts_ok(store)
-    assert store.log_page(LogFilter(words=("reset",))).rows == []
+    assert store.log.page(LogFilter(words=("reset",))).rows == []
 
 
 def test_rows_from_before_the_migration_are_filled_in(store: Store) -> None:
@@ -241,7 +241,7 @@ def test_rows_from_before_the_migration_are_filled_in(store: Store) -> None:
                      " 'Zed@Example.com', 'Old news')", (T0, T0 + 10))
     store.migrate()
     assert counted(store) == {"rate_limited": 1, "sent": 1} == true_counts(store)
-    [row] = store.log_page(LogFilter(words=("zed",))).rows
+    [row] = store.log.page(LogFilter(words=("zed",))).rows
     assert row.subject == "Old news" and row.kind == "sent"
     fts_ok(store)
 
@@ -249,7 +249,7 @@ def test_rows_from_before_the_migration_are_filled_in(store: Store) -> None:
 def test_last_attempts_newest_first(store: Store) -> None:
     write(store, attempt(T0, "sent"), attempt(T0 + 1, "deferred"), accepted(T0 + 2), attempt(T0 + 3, "failed"),
           accepted(T0 + 4))
-    assert [r.kind for r in store.last_attempts(3)] == ["failed", "deferred", "sent"]
+    assert [r.kind for r in store.log.last_attempts(3)] == ["failed", "deferred", "sent"]
 
 
 def test_migrate_store_carries_the_log_its_counts_and_its_search(tmp_path: Path, pg_url: str) -> None:
@@ -270,7 +270,7 @@ def test_migrate_store_carries_the_log_its_counts_and_its_search(tmp_path: Path,
     target = Store.open(target_settings, crypto.derive_keys(target_settings))
     try:
         assert counted(target) == before == true_counts(target)
-        assert len(target.log_page(LogFilter(words=("passw",)), limit=1000).rows) == sum(
+        assert len(target.log.page(LogFilter(words=("passw",)), limit=1000).rows) == sum(
             n for kind, n in before.items() if kind not in ("unauthorized", "rate_limited"))
     finally:
         target.shutdown()

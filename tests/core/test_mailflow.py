@@ -35,7 +35,7 @@ def deliverer(store: Store) -> Iterator[Deliverer]:
 
 
 def beat(store: Store) -> None:
-    store.heartbeat("w1", 1, "host", time.time())
+    store.workers.heartbeat("w1", 1, "host", time.time())
 
 
 def attempt_fresh(store: Store, deliverer: Deliverer, count: int) -> None:

@@ -27,8 +27,8 @@ def server(store: Store) -> Iterator[SmtpServer]:
 
 
 def prune_now(store: Store, now: float) -> dict[str, int]:
-    return store.prune(now, sent_body_seconds=60, failed_body_seconds=10**6, log_seconds=10**7,
-                       log_max_rows=10**6, idempotency_seconds=86400)
+    return store.workers.prune(now, sent_body_seconds=60, failed_body_seconds=10**6, log_seconds=10**7,
+                               log_max_rows=10**6, idempotency_seconds=86400)
 
 
 def test_one_refused_recipient_makes_the_message_partial_and_final(store: Store, server: SmtpServer) -> None:
@@ -41,13 +41,13 @@ def test_one_refused_recipient_makes_the_message_partial_and_final(store: Store,
         assert deliverer.attempt(message_id) is None  # final: never claimed again
     finally:
         deliverer.close()
-    status = store.message_status(message_id)
+    status = store.messages.status(message_id)
     assert status is not None and status["status"] == "partial" and status["finished_at"]
     assert [r["status"] for r in status["recipients"]] == ["sent", "failed"]
     assert "bob@example.com: 550" in status["last_error"] and status["next_attempt_at"] is None
     assert status["attempts"][0]["status"] == "partial"
-    assert store.counts() == {"partial": 1}
-    assert [r.status for r in store.log_entries(status="partial")] == ["partial"]
+    assert store.messages.counts() == {"partial": 1}
+    assert [r.status for r in store.log.entries(status="partial")] == ["partial"]
     assert len(server.received) == 1 and server.received[0].rcpt_tos == ["ann@example.com"]
 
     # Retention: the body goes after retention_sent_hours, as for a sent message.

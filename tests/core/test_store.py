@@ -165,17 +165,17 @@ def test_bootstrap_seeds_one_admin_and_one_primary_key(store: Store) -> None:
     admins = conn.execute("SELECT username, password_hash FROM admins").fetchall()
     assert len(admins) == 1 and admins[0]["username"] == "admin"
     assert admins[0]["password_hash"].startswith("$argon2id$") and "admin-pass-123" not in admins[0]["password_hash"]
-    assert store.check_admin("admin", "admin-pass-123") is True
-    assert store.check_admin("admin", "admin-pass-124") is False
-    assert store.check_admin("root", "admin-pass-123") is False
+    assert store.admin.check_password("admin", "admin-pass-123") is True
+    assert store.admin.check_password("admin", "admin-pass-124") is False
+    assert store.admin.check_password("root", "admin-pass-123") is False
 
-    (key,) = store.api_keys()
+    (key,) = store.api_keys.all()
     assert key.is_primary and key.revoked_at is None and key.label == "portal"
-    revealed = store.reveal_api_key()
+    revealed = store.api_keys.reveal()
     assert revealed.startswith("tsr_")
     raw = base64.urlsafe_b64decode(revealed[4:] + "=" * (-len(revealed[4:]) % 4))
     assert len(raw) >= 32
-    assert store.authenticate(revealed) == key
+    assert store.api_keys.authenticate(revealed) == key
     # Stored as an HMAC and a ciphertext, never in clear.
     row = conn.execute("SELECT lookup, secret FROM api_keys").fetchone()
     assert revealed not in (row["lookup"], row["secret"]) and revealed[4:] not in row["secret"]
@@ -199,15 +199,15 @@ def test_bootstrap_without_a_password_generates_one(settings: Settings) -> None:
         report = store.bootstrap(settings)
         assert report.admin_created and report.api_key_created
         assert report.admin_password_generated and len(report.admin_password_generated) >= 16
-        assert store.check_admin("chief", report.admin_password_generated)
+        assert store.admin.check_password("chief", report.admin_password_generated)
     finally:
         store.shutdown()
 
 
 def test_set_admin_password(store: Store) -> None:
-    store.set_admin_password("admin", "new-password-99")
-    assert store.check_admin("admin", "new-password-99")
-    assert not store.check_admin("admin", "admin-pass-123")
+    store.admin.set_password("admin", "new-password-99")
+    assert store.admin.check_password("admin", "new-password-99")
+    assert not store.admin.check_password("admin", "admin-pass-123")
     assert store.conn().execute("SELECT COUNT(*) FROM admins").fetchone()[0] == 1
 
 
@@ -223,12 +223,12 @@ def test_a_weaker_password_hash_is_replaced_at_the_next_successful_sign_in(store
     def stored() -> str:
         return str(other.conn().execute("SELECT password_hash FROM admins").fetchone()[0])
 
-    assert store.verify_admin("admin", "admin-pass-124") is None and stored() == weak  # a failure changes nothing
-    assert store.verify_admin("admin", "admin-pass-123") is not None
+    assert store.admin.verify("admin", "admin-pass-124") is None and stored() == weak  # a failure changes nothing
+    assert store.admin.verify("admin", "admin-pass-123") is not None
     upgraded = stored()  # as another process reads it: committed
     assert upgraded != weak and not crypto.needs_rehash(upgraded)
     assert upgraded.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
-    assert other.check_admin("admin", "admin-pass-123") and stored() == upgraded  # once only
+    assert other.admin.check_password("admin", "admin-pass-123") and stored() == upgraded  # once only
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -278,28 +278,28 @@ def test_smtp_password_is_stored_encrypted(store: Store, settings: Settings) -> 
 
 # -- API keys ------------------------------------------------------------------------------------
 def test_new_primary_key_revokes_the_old_one_at_once(store: Store) -> None:
-    old = store.reveal_api_key()
-    new = store.new_primary_api_key()
-    assert new != old and store.reveal_api_key() == new
-    assert store.authenticate(old) is None
-    assert store.authenticate(new) is not None and store.authenticate(new).is_primary
+    old = store.api_keys.reveal()
+    new = store.api_keys.new_primary()
+    assert new != old and store.api_keys.reveal() == new
+    assert store.api_keys.authenticate(old) is None
+    assert store.api_keys.authenticate(new) is not None and store.api_keys.authenticate(new).is_primary
 
 
 def test_extra_keys_can_be_added_and_revoked(store: Store) -> None:
-    key_id, key = store.add_api_key("rotation")
-    assert store.authenticate(key).id == key_id and store.reveal_api_key(key_id) == key
-    assert store.authenticate(store.reveal_api_key()) is not None  # the primary still works
-    assert store.revoke_api_key(key_id) is True
-    assert store.authenticate(key) is None
-    assert store.revoke_api_key(key_id) is False
-    assert store.revoke_api_key(9999) is False
-    assert store.authenticate("") is None and store.authenticate("tsr_guess") is None
+    key_id, key = store.api_keys.add("rotation")
+    assert store.api_keys.authenticate(key).id == key_id and store.api_keys.reveal(key_id) == key
+    assert store.api_keys.authenticate(store.api_keys.reveal()) is not None  # the primary still works
+    assert store.api_keys.revoke(key_id) is True
+    assert store.api_keys.authenticate(key) is None
+    assert store.api_keys.revoke(key_id) is False
+    assert store.api_keys.revoke(9999) is False
+    assert store.api_keys.authenticate("") is None and store.api_keys.authenticate("tsr_guess") is None
 
 
 # -- claims -------------------------------------------------------------------------------------
 def test_claim_returns_the_decrypted_message(store: Store) -> None:
     add_message(store, "m1", body=b"the MIME bytes")
-    claimed = store.claim("m1", "worker-a", 300, now=T0)
+    claimed = store.messages.claim("m1", "worker-a", 300, now=T0)
     assert claimed is not None
     assert (claimed.id, claimed.body, claimed.lease_owner, claimed.attempts) == ("m1", b"the MIME bytes",
                                                                                  "worker-a", 0)
@@ -313,7 +313,7 @@ def test_claim_returns_the_decrypted_message(store: Store) -> None:
 def test_bodies_of_every_size_round_trip(store: Store, size: int) -> None:
     body = (bytes(range(256)) * (size // 256 + 1))[:size]
     add_message(store, f"s{size}", body=body)
-    claimed = store.claim(f"s{size}", "w", 300, now=T0)
+    claimed = store.messages.claim(f"s{size}", "w", 300, now=T0)
     assert claimed is not None and claimed.body == body
     raw = status_of(store, f"s{size}")["body"]
     assert raw != body and len(raw) == len(store.keys.encrypt_body(body, "x"))
@@ -321,8 +321,8 @@ def test_bodies_of_every_size_round_trip(store: Store, size: int) -> None:
 
 def test_only_one_of_two_claims_succeeds(store: Store) -> None:
     add_message(store, "m1")
-    first = store.claim("m1", "worker-a", 300, now=T0)
-    second = store.claim("m1", "worker-b", 300, now=T0 + 1)
+    first = store.messages.claim("m1", "worker-a", 300, now=T0)
+    second = store.messages.claim("m1", "worker-b", 300, now=T0 + 1)
     assert first is not None and second is None
     assert status_of(store, "m1")["lease_owner"] == "worker-a"
 
@@ -336,7 +336,7 @@ def test_concurrent_claims_from_two_connections(store: Store, other: Store) -> N
     def run(name: str, s: Store) -> None:
         barrier.wait()
         for i in range(20):
-            if s.claim(f"c{i}", name, 300, now=T0) is not None:
+            if s.messages.claim(f"c{i}", name, 300, now=T0) is not None:
                 wins[name].append(f"c{i}")
 
     threads = [threading.Thread(target=run, args=("a", store)), threading.Thread(target=run, args=("b", other))]
@@ -350,45 +350,45 @@ def test_concurrent_claims_from_two_connections(store: Store, other: Store) -> N
 
 def test_not_claimable_before_next_attempt_at(store: Store) -> None:
     add_message(store, "m1", created=T0)
-    assert store.claim("m1", "w", 300, now=T0 - 1) is None
-    claimed = store.claim("m1", "w", 300, now=T0)
+    assert store.messages.claim("m1", "w", 300, now=T0 - 1) is None
+    claimed = store.messages.claim("m1", "w", 300, now=T0)
     assert claimed is not None
-    assert store.record_attempt(claimed, "deferred", next_attempt_at=T0 + 600, last_error="451 later",
-                                recipient_updates={0: ("deferred", 451, "later"), 1: ("sent", 250, "ok")},
-                                entry=attempt_entry("m1"), now=T0 + 5)
-    assert store.claim("m1", "w", 300, now=T0 + 599) is None
-    again = store.claim("m1", "w", 300, now=T0 + 600)
+    assert store.messages.record_attempt(claimed, "deferred", next_attempt_at=T0 + 600, last_error="451 later",
+                                         recipient_updates={0: ("deferred", 451, "later"), 1: ("sent", 250, "ok")},
+                                         entry=attempt_entry("m1"), now=T0 + 5)
+    assert store.messages.claim("m1", "w", 300, now=T0 + 599) is None
+    again = store.messages.claim("m1", "w", 300, now=T0 + 600)
     assert again is not None and again.attempts == 1
     assert [(r.status, r.code) for r in again.recipients] == [("deferred", 451), ("sent", 250)]
 
 
 def test_an_expired_sending_lease_is_claimable_again(store: Store) -> None:
     add_message(store, "m1")
-    first = store.claim("m1", "dead-worker", 60, now=T0)
+    first = store.messages.claim("m1", "dead-worker", 60, now=T0)
     assert first is not None
-    assert store.claim("m1", "w2", 60, now=T0 + 60) is None  # not yet expired
-    second = store.claim("m1", "w2", 60, now=T0 + 61)
+    assert store.messages.claim("m1", "w2", 60, now=T0 + 60) is None  # not yet expired
+    second = store.messages.claim("m1", "w2", 60, now=T0 + 61)
     assert second is not None and second.lease_owner == "w2"
     # The dead worker, back from the grave, may not record its outcome.
-    assert store.record_attempt(first, "sent", next_attempt_at=None, last_error=None,
-                                recipient_updates={0: ("sent", 250, "ok")}, entry=attempt_entry("m1", "sent"),
-                                now=T0 + 62) is False
+    assert store.messages.record_attempt(first, "sent", next_attempt_at=None, last_error=None,
+                                         recipient_updates={0: ("sent", 250, "ok")}, entry=attempt_entry("m1", "sent"),
+                                         now=T0 + 62) is False
     assert status_of(store, "m1")["status"] == "sending"
-    assert store.record_attempt(second, "sent", next_attempt_at=None, last_error=None,
-                                recipient_updates={0: ("sent", 250, "ok"), 1: ("sent", 250, "ok")},
-                                entry=attempt_entry("m1", "sent"), now=T0 + 63) is True
+    assert store.messages.record_attempt(second, "sent", next_attempt_at=None, last_error=None,
+                                         recipient_updates={0: ("sent", 250, "ok"), 1: ("sent", 250, "ok")},
+                                         entry=attempt_entry("m1", "sent"), now=T0 + 63) is True
     row = status_of(store, "m1")
     assert (row["status"], row["attempts"], row["finished_at"], row["lease_owner"]) == ("sent", 1, T0 + 63, None)
 
 
 def test_record_attempt_by_a_non_owner_changes_nothing(store: Store) -> None:
     add_message(store, "m1")
-    claimed = store.claim("m1", "owner", 300, now=T0)
+    claimed = store.messages.claim("m1", "owner", 300, now=T0)
     assert claimed is not None
     impostor = ClaimedMessage(**{**claimed.__dict__, "lease_owner": "impostor"})
-    assert store.record_attempt(impostor, "failed", next_attempt_at=None, last_error="nope",
-                                recipient_updates={0: ("failed", 550, "nope")}, entry=attempt_entry("m1", "failed"),
-                                now=T0 + 1) is False
+    assert store.messages.record_attempt(impostor, "failed", next_attempt_at=None, last_error="nope",
+                                         recipient_updates={0: ("failed", 550, "nope")}, entry=attempt_entry("m1", "failed"),
+                                         now=T0 + 1) is False
     row = status_of(store, "m1")
     assert (row["status"], row["attempts"], row["last_error"]) == ("sending", 0, None)
     assert store.conn().execute("SELECT COUNT(*) FROM log WHERE message_id = 'm1'").fetchone()[0] == 0
@@ -398,20 +398,20 @@ def test_record_attempt_by_a_non_owner_changes_nothing(store: Store) -> None:
 
 def test_finished_messages_are_never_claimed(store: Store) -> None:
     add_message(store, "m1")
-    claimed = store.claim("m1", "w", 300, now=T0)
+    claimed = store.messages.claim("m1", "w", 300, now=T0)
     assert claimed is not None
-    assert store.record_attempt(claimed, "failed", next_attempt_at=None, last_error="550 no such user",
-                                recipient_updates={0: ("failed", 550, "no"), 1: ("failed", 550, "no")},
-                                entry=attempt_entry("m1", "failed"), now=T0 + 1)
-    assert store.claim("m1", "w", 300, now=T0 + 10**6) is None
-    status = store.message_status("m1")
+    assert store.messages.record_attempt(claimed, "failed", next_attempt_at=None, last_error="550 no such user",
+                                         recipient_updates={0: ("failed", 550, "no"), 1: ("failed", 550, "no")},
+                                         entry=attempt_entry("m1", "failed"), now=T0 + 1)
+    assert store.messages.claim("m1", "w", 300, now=T0 + 10**6) is None
+    status = store.messages.status("m1")
     assert status is not None and status["status"] == "failed" and status["last_error"] == "550 no such user"
     assert [a["status"] for a in status["attempts"]] == ["failed"]
 
 
 def test_claim_of_an_unknown_id_is_none(store: Store) -> None:
-    assert store.claim("no-such-id", "w", 300, now=T0) is None
-    assert store.message_status("no-such-id") is None
+    assert store.messages.claim("no-such-id", "w", 300, now=T0) is None
+    assert store.messages.status("no-such-id") is None
 
 
 def test_a_body_moved_to_another_row_does_not_decrypt(store: Store) -> None:
@@ -420,7 +420,7 @@ def test_a_body_moved_to_another_row_does_not_decrypt(store: Store) -> None:
     conn = store.conn()
     with transaction(conn):
         conn.execute("UPDATE messages SET body = (SELECT body FROM messages WHERE id = 'm1') WHERE id = 'm2'")
-    claimed = store.claim("m2", "w", 300, now=T0)
+    claimed = store.messages.claim("m2", "w", 300, now=T0)
     assert isinstance(claimed, ClaimedMessage)
     with pytest.raises(crypto.DecryptionError):
         claimed.body
@@ -431,73 +431,73 @@ def test_sweep_finds_lost_wake_ups(store: Store) -> None:
     add_message(store, "queued-fresh", created=T0)
     add_message(store, "deferred-due", created=T0)
     add_message(store, "sending-expired", created=T0)
-    store.mark_enqueued(["queued-fresh"], now=T0 + 100)
-    claimed = store.claim("deferred-due", "w", 300, now=T0)
+    store.messages.mark_enqueued(["queued-fresh"], now=T0 + 100)
+    claimed = store.messages.claim("deferred-due", "w", 300, now=T0)
     assert claimed is not None
-    store.record_attempt(claimed, "deferred", next_attempt_at=T0 + 50, last_error="451",
-                         recipient_updates={}, entry=attempt_entry("deferred-due"), now=T0 + 1)
-    assert store.claim("sending-expired", "w", 10, now=T0) is not None
-    assert sorted(store.sweep(now=T0 + 110, stale_after=30)) == ["deferred-due", "queued-stale", "sending-expired"]
-    again = store.sweep(now=T0 + 111, stale_after=30)  # the others were just enqueued
+    store.messages.record_attempt(claimed, "deferred", next_attempt_at=T0 + 50, last_error="451",
+                                  recipient_updates={}, entry=attempt_entry("deferred-due"), now=T0 + 1)
+    assert store.messages.claim("sending-expired", "w", 10, now=T0) is not None
+    assert sorted(store.workers.sweep(now=T0 + 110, stale_after=30)) == ["deferred-due", "queued-stale", "sending-expired"]
+    again = store.workers.sweep(now=T0 + 111, stale_after=30)  # the others were just enqueued
     assert "queued-stale" not in again and "deferred-due" not in again and "queued-fresh" not in again
 
 
 # -- the admin UI's tables ------------------------------------------------------------------------
 def test_sessions_sign_in_failures_and_audit_trail(store: Store) -> None:
-    admin = store.verify_admin("admin", "admin-pass-123")
+    admin = store.admin.verify("admin", "admin-pass-123")
     assert admin is not None and admin.must_change
-    store.create_session(admin.id, "session-1", "192.0.2.1", "browser", now=T0)
-    found = store.find_session("session-1", idle_seconds=600, now=T0 + 120)
+    store.admin.create_session(admin.id, "session-1", "192.0.2.1", "browser", now=T0)
+    found = store.admin.find_session("session-1", idle_seconds=600, now=T0 + 120)
     assert found is not None and found.admin.username == "admin"
-    again = store.find_session("session-1", idle_seconds=600, now=T0 + 121)
+    again = store.admin.find_session("session-1", idle_seconds=600, now=T0 + 121)
     assert again is not None and again.last_seen == T0 + 120  # the visit was recorded
-    assert store.find_session("session-1", idle_seconds=600, now=T0 + 10_000) is None  # idle: deleted
-    assert store.session_count(admin.id) == 0
+    assert store.admin.find_session("session-1", idle_seconds=600, now=T0 + 10_000) is None  # idle: deleted
+    assert store.admin.session_count(admin.id) == 0
     for i in range(5):
-        store.claim_login_attempt("192.0.2.9", "Admin", now=T0 + i)
-    assert store.locked_until("192.0.2.9", "someone", now=T0 + 10) == T0 + 60
-    store.clear_login_failures("admin")
-    assert store.locked_until("198.51.100.1", "admin", now=T0 + 10) is None
-    store.update_admin(admin.id, username="chief", password="a-new-password-1")
-    assert store.verify_admin("chief", "a-new-password-1") == dataclasses.replace(admin, username="chief",
+        store.admin.claim_login_attempt("192.0.2.9", "Admin", now=T0 + i)
+    assert store.admin.locked_until("192.0.2.9", "someone", now=T0 + 10) == T0 + 60
+    store.admin.clear_login_failures("admin")
+    assert store.admin.locked_until("198.51.100.1", "admin", now=T0 + 10) is None
+    store.admin.update(admin.id, username="chief", password="a-new-password-1")
+    assert store.admin.verify("chief", "a-new-password-1") == dataclasses.replace(admin, username="chief",
                                                                                    must_change=False)
-    key = store.api_keys()[0]
+    key = store.api_keys.all()[0]
     conn = store.conn()
     with transaction(conn):
-        store.note_key_use(conn, key.id, T0)
-    assert store.api_key_usage() == {key.id: T0}
+        store.api_keys.note_use(conn, key.id, T0)
+    assert store.api_keys.usage() == {key.id: T0}
     for i in range(3):
-        store.record_audit("chief", "192.0.2.1", f"settings.{i}", "100% done", ts=T0 + i)
-    entries = store.audit_entries(limit=2, action_prefix="settings.")
+        store.log.record_audit("chief", "192.0.2.1", f"settings.{i}", "100% done", ts=T0 + i)
+    entries = store.log.audit_entries(limit=2, action_prefix="settings.")
     assert [e.action for e in entries] == ["settings.2", "settings.1"] and entries[0].detail == "100% done"
-    assert [e.action for e in store.audit_entries(before_id=entries[1].id)] == ["settings.0"]
+    assert [e.action for e in store.log.audit_entries(before_id=entries[1].id)] == ["settings.0"]
 
 
 def test_pruning_drops_dead_sessions_and_stale_sign_in_failures(store: Store) -> None:
-    admin = store.verify_admin("admin", "admin-pass-123")
+    admin = store.admin.verify("admin", "admin-pass-123")
     assert admin is not None
-    store.create_session(admin.id, "idle", "192.0.2.1", "a", now=T0)
-    store.create_session(admin.id, "active", "192.0.2.1", "b", now=T0 + 3000)
-    store.claim_login_attempt("192.0.2.9", "admin", now=T0 + 3000)
-    store.claim_login_attempt("192.0.2.9", "admin", now=T0 + 3599)
-    assert store.prune_sessions(T0 + 3600, idle_seconds=1800) == 1
-    assert store.find_session("idle", 10**6, now=T0 + 3600) is None
-    assert store.find_session("active", 1800, now=T0 + 3600) is not None
+    store.admin.create_session(admin.id, "idle", "192.0.2.1", "a", now=T0)
+    store.admin.create_session(admin.id, "active", "192.0.2.1", "b", now=T0 + 3000)
+    store.admin.claim_login_attempt("192.0.2.9", "admin", now=T0 + 3000)
+    store.admin.claim_login_attempt("192.0.2.9", "admin", now=T0 + 3599)
+    assert store.admin.prune_sessions(T0 + 3600, idle_seconds=1800) == 1
+    assert store.admin.find_session("idle", 10**6, now=T0 + 3600) is None
+    assert store.admin.find_session("active", 1800, now=T0 + 3600) is not None
     conn = store.conn()
     assert conn.execute("SELECT COUNT(*) FROM login_failures").fetchone()[0] == 1  # only the last minute's
     # Nobody keeps a session past a day, however busy.
-    assert store.prune_sessions(T0 + 3000 + 86401, idle_seconds=10**6) == 1
+    assert store.admin.prune_sessions(T0 + 3000 + 86401, idle_seconds=10**6) == 1
 
 
 def test_an_active_session_lives_with_a_one_minute_idle_limit(store: Store) -> None:
     # The last visit was written at most once a minute: with session_idle_minutes=1 a page viewed every
     # 50 s still expired. The granularity follows the setting.
-    admin = store.verify_admin("admin", "admin-pass-123")
+    admin = store.admin.verify("admin", "admin-pass-123")
     assert admin is not None
-    store.create_session(admin.id, "busy", "192.0.2.1", "browser", now=T0)
+    store.admin.create_session(admin.id, "busy", "192.0.2.1", "browser", now=T0)
     for visit in range(1, 6):
-        assert store.find_session("busy", idle_seconds=60, now=T0 + 50 * visit) is not None, visit
-    assert store.find_session("busy", idle_seconds=60, now=T0 + 250 + 61) is None
+        assert store.admin.find_session("busy", idle_seconds=60, now=T0 + 50 * visit) is not None, visit
+    assert store.admin.find_session("busy", idle_seconds=60, now=T0 + 250 + 61) is None
 
 
 # -- what one writer at a time used to guarantee, across processes ---------------------------------------
@@ -513,7 +513,7 @@ def test_pacing_is_counted_once_across_concurrent_claims(store: Store, other: St
     def run(name: str, s: Store, ids: list[str]) -> None:
         barrier.wait()
         for message_id in ids:
-            results[name].append(s.claim(message_id, name, 300, now=T0 + 1, limits=limits))
+            results[name].append(s.messages.claim(message_id, name, 300, now=T0 + 1, limits=limits))
 
     threads = [threading.Thread(target=run, args=("a", store, [f"p{i}" for i in range(0, 16, 2)])),
                threading.Thread(target=run, args=("b", other, [f"p{i}" for i in range(1, 16, 2)]))]
@@ -525,20 +525,20 @@ def test_pacing_is_counted_once_across_concurrent_claims(store: Store, other: St
     assert len(outcomes) == 16
     assert sum(isinstance(o, ClaimedMessage) for o in outcomes) == 5
     assert store.conn().execute("SELECT COUNT(*) FROM pacing").fetchone()[0] == 5
-    assert store.counts() == {"sending": 5, "deferred": 11}
+    assert store.messages.counts() == {"sending": 5, "deferred": 11}
 
 
 def test_an_idempotency_key_is_claimed_by_one_of_two_racing_writers(store: Store, other: Store) -> None:
     """A second writer's claim of the same key waits for the first one's commit, then fails:
     two web processes answering one repeated request store one message."""
-    key_id = store.api_keys()[0].id
+    key_id = store.api_keys.all()[0].id
     first_in = threading.Event()
     outcome: dict[str, bool] = {}
 
     def first() -> None:
         conn = store.conn()
         with transaction(conn):
-            outcome["first"] = store.remember_answer(conn, key_id, "k-1", "hash", 202, {"id": "m1"}, T0 - 10)
+            outcome["first"] = store.messages.remember_answer(conn, key_id, "k-1", "hash", 202, {"id": "m1"}, T0 - 10)
             first_in.set()
             threading.Event().wait(0.5)  # still uncommitted while the second one tries
 
@@ -546,7 +546,7 @@ def test_an_idempotency_key_is_claimed_by_one_of_two_racing_writers(store: Store
         first_in.wait(10)
         conn = other.conn()
         with transaction(conn):
-            outcome["second"] = other.remember_answer(conn, key_id, "k-1", "hash", 202, {"id": "m2"}, T0 - 10)
+            outcome["second"] = other.messages.remember_answer(conn, key_id, "k-1", "hash", 202, {"id": "m2"}, T0 - 10)
 
     threads = [threading.Thread(target=first), threading.Thread(target=second)]
     for t in threads:
@@ -554,7 +554,7 @@ def test_an_idempotency_key_is_claimed_by_one_of_two_racing_writers(store: Store
     for t in threads:
         t.join(30)
     assert outcome == {"first": True, "second": False}
-    assert store.idempotent_answer(store.conn(), key_id, "k-1", 0) == ("hash", 202, {"id": "m1"})
+    assert store.messages.idempotent_answer(store.conn(), key_id, "k-1", 0) == ("hash", 202, {"id": "m1"})
 
 
 def test_both_backends_end_with_the_same_schema(tmp_path: Path, pg_url: str) -> None:
@@ -656,8 +656,8 @@ def test_log_counts_stay_exact_when_two_processes_backfill_or_prune_at_once(stor
     both(lambda s: s.migrate())  # each start-up backfills what it finds
     assert counted() == (300, 300)
     # Two whole hours go by age, then the oldest rows over the cap of 100, part of an hour.
-    both(lambda s: s.prune(now, sent_body_seconds=1, failed_body_seconds=1, log_seconds=now - (hour + 2 * 3600),
-                           log_max_rows=100, idempotency_seconds=1))
+    both(lambda s: s.workers.prune(now, sent_body_seconds=1, failed_body_seconds=1, log_seconds=now - (hour + 2 * 3600),
+                                   log_max_rows=100, idempotency_seconds=1))
     assert counted() == (100, 100)
 
 
@@ -706,7 +706,7 @@ def test_once_a_revoke_returns_no_send_checked_against_the_key_is_stored_later(
     has committed. The web's writer reads the settings' revision FOR SHARE at its batch's start
     (create_app's at_begin); without it, under READ COMMITTED the revoke commits beside the open
     batch, and the batch then stores a message by the revoked key after the operator looked."""
-    key_id, _ = store.add_api_key("leaked")
+    key_id, _ = store.api_keys.add("leaked")
     checked = store.revision()
     intake = Intake(store, None, at_begin=functools.partial(store.revision, hold=True))
     in_batch, release = threading.Event(), threading.Event()
@@ -722,7 +722,7 @@ def test_once_a_revoke_returns_no_send_checked_against_the_key_is_stored_later(
     listed: dict[str, list[str]] = {}
 
     def revoke_then_list() -> None:
-        other.revoke_api_key(key_id)
+        other.api_keys.revoke(key_id)
         listed["after the revoke"] = messages_of(other, key_id)
 
     revoking = threading.Thread(target=revoke_then_list)
@@ -750,7 +750,7 @@ def test_rotate_secret_beside_a_group_commit_of_a_keyed_send_neither_deadlocks(s
     other (PostgreSQL would kill the rotation as a deadlock)."""
     from relay_core.maintenance.rotation import rotate
 
-    key_id, _ = store.add_api_key("portal-2")
+    key_id, _ = store.api_keys.add("portal-2")
     checked = store.revision()
     rotating_settings = dataclasses.replace(settings, secret_key=Secret("another-secret-key-9876543210-zyxwvutsrqponm"),
                                             secret_key_old=settings.secret_key)
@@ -778,11 +778,11 @@ def test_a_key_change_beside_a_batch_recording_that_keys_use_neither_deadlocks(
     batch, records a key's last use (an UPDATE of the key's row). A key change by another process
     updates that row too; it moves the revision first (Store._bump_rev), so it waits for the batch
     instead of holding the row the batch waits for (PostgreSQL would kill one as a deadlock)."""
-    key_id = next(k.id for k in store.api_keys() if k.is_primary) if change == "new primary" else \
-        store.add_api_key("other-portal")[0]
-    changes = {"revoke": lambda: other.revoke_api_key(key_id),
-               "limits": lambda: other.set_api_key_limits(key_id, per_hour=50),
-               "new primary": other.new_primary_api_key}
+    key_id = next(k.id for k in store.api_keys.all() if k.is_primary) if change == "new primary" else \
+        store.api_keys.add("other-portal")[0]
+    changes = {"revoke": lambda: other.api_keys.revoke(key_id),
+               "limits": lambda: other.api_keys.set_limits(key_id, per_hour=50),
+               "new primary": other.api_keys.new_primary}
     outcome: dict[str, Any] = {}
 
     def key_change() -> str:
@@ -797,7 +797,7 @@ def test_a_key_change_beside_a_batch_recording_that_keys_use_neither_deadlocks(
             assert store.revision(conn, hold=True) == before
             thread.start()
             thread.join(0.5)  # the change has started, and waits for this batch
-            store.note_key_use(conn, key_id, T0 + 1e6)
+            store.api_keys.note_use(conn, key_id, T0 + 1e6)
         outcome["batch"] = "done"
     finally:
         thread.join(20)
@@ -809,7 +809,7 @@ def test_a_key_change_beside_a_batch_recording_that_keys_use_neither_deadlocks(
 def test_a_transaction_that_wrote_before_moving_the_revision_is_refused(store: Store) -> None:
     """The lock-order rule of Store._bump_rev is checked, not only written down: a change that
     wrote a row first fails at once, on either backend, and leaves nothing behind."""
-    key_id = store.add_api_key("ordered")[0]
+    key_id = store.api_keys.add("ordered")[0]
     before = store.revision()
     conn = store.conn()
     with pytest.raises(RuntimeError, match="revision moves first"):
@@ -817,7 +817,7 @@ def test_a_transaction_that_wrote_before_moving_the_revision_is_refused(store: S
             conn.execute("UPDATE api_keys SET per_hour = 7 WHERE id = ?", (key_id,))
             store._bump_rev(conn)
     assert store.revision() == before
-    assert next(k for k in store.api_keys() if k.id == key_id).per_hour is None
+    assert next(k for k in store.api_keys.all() if k.id == key_id).per_hour is None
     with transaction(conn):  # the same change in the rule's order goes through
         store._bump_rev(conn)
         conn.execute("UPDATE api_keys SET per_hour = 7 WHERE id = ?", (key_id,))

@@ -48,7 +48,7 @@ def test_an_unreadable_smtp_password_stops_delivery_and_says_what_to_re_enter(
     outcome = Deliverer(store).attempt(message_id)
     assert outcome is not None and outcome.status == "deferred"
     assert outcome.detail.startswith("AUTH: the stored SMTP password cannot be decrypted")
-    store.heartbeat("w1", 1, "host", time.time())
+    store.workers.heartbeat("w1", 1, "host", time.time())
     health = assess(store)
     assert not health.ok and "The stored SMTP password cannot be decrypted" in (health.error or "")
     # Re-entered: read again, and usable.
@@ -57,10 +57,10 @@ def test_an_unreadable_smtp_password_stops_delivery_and_says_what_to_re_enter(
 
 
 def test_an_unreadable_key_copy_names_the_key(store: Store) -> None:
-    key_id, _ = store.add_api_key("partner")
+    key_id, _ = store.api_keys.add("partner")
     token = crypto.derive_keys(load_settings({"RELAY_SECRET_KEY": OTHER})).encrypt_text("tsr_x")
     conn = store.conn()
     with transaction(conn):
         conn.execute("UPDATE api_keys SET secret = ? WHERE id = ?", (token, key_id))
     with pytest.raises(crypto.DecryptionError, match="API key “partner” cannot be decrypted"):
-        store.reveal_api_key(key_id)
+        store.api_keys.reveal(key_id)

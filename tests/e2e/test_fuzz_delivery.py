@@ -117,7 +117,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, 
             store.set_options({k: parse_option(k, v) for k, v in {
                 "smtp_host": "127.0.0.1", "smtp_port": str(port), "smtp_security": "none",
                 "smtp_helo_name": "relay.example.org", "connection_idle_seconds": "0"}.items()})
-            client.headers["Authorization"] = f"Bearer {store.reveal_api_key()}"
+            client.headers["Authorization"] = f"Bearer {store.api_keys.reveal()}"
             deliverer = Deliverer(store)
             yield client, deliverer, sink
             deliverer.close()

@@ -60,12 +60,12 @@ def count_sends_an_hour_ago(relay: Relay, label: str, n: int) -> float:
         time.sleep(61 - time.time() % 60)
     store = Store.open(load_settings({k: v for k, v in relay.env.items() if k.startswith("RELAY_")}))
     try:
-        key_id = next(k.id for k in store.api_keys() if k.label == label)
+        key_id = next(k.id for k in store.api_keys.all() if k.label == label)
         then = time.time() - 59 * 60
         conn = store.conn()
         with transaction(conn):
             for _ in range(n):
-                assert store.take_send(conn, key_id, n, then).retry_after == 0
+                assert store.api_keys.take_send(conn, key_id, n, then).retry_after == 0
     finally:
         store.shutdown()
     return (int(then // 60) + 60) * 60.0

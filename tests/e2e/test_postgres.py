@@ -209,8 +209,8 @@ def test_migrate_store_moves_a_sqlite_relay_and_its_waiting_mail_is_delivered(
             assert new.send(payload(9), Authorization=f"Bearer {spare}").status_code == 202
             store = Store.open(load_settings(new.env))
             try:
-                assert store.check_admin("admin", "admin-pass-123")
-                assert [k.label for k in store.api_keys()] == ["portal", "spare"]
+                assert store.admin.check_password("admin", "admin-pass-123")
+                assert [k.label for k in store.api_keys.all()] == ["portal", "spare"]
             finally:
                 store.shutdown()
             assert new.query("SELECT COUNT(*) FROM log")[0][0] >= before["log"] + 5

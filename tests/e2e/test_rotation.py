@@ -116,7 +116,7 @@ def accept(store: Store, payload: dict[str, Any]) -> str:
     conn = store.conn()
     with transaction(conn):
         # As sent with the portal's key: the API answers a message's own key only.
-        portal = next(k.id for k in store.api_keys() if k.is_primary and k.revoked_at is None)
+        portal = next(k.id for k in store.api_keys.all() if k.is_primary and k.revoked_at is None)
         insert_message(conn, NewMessage.accepted(parsed, message_id, sealed, time.time(), options, "api", portal))
     return message_id
 
@@ -131,7 +131,7 @@ def test_rotate_while_running_then_drop_the_old_secret(relay: Relay) -> None:
                 ["turnstile_site_key", "0x4AAAAAAA-site"], ["turnstile_secret", TURNSTILE],
                 ["retry_base_seconds", "1"], ["retry_max_seconds", "2"]]
             store.set_options({name: parse_option(name, value) for name, value in pairs})
-            _, second = store.add_api_key("second")
+            _, second = store.api_keys.add("second")
             ids = [accept(store, message(i)) for i in range(4)]
         finally:
             store.shutdown()
@@ -189,8 +189,8 @@ def test_rotate_while_running_then_drop_the_old_secret(relay: Relay) -> None:
         try:
             assert store.options().turnstile_secret == TURNSTILE and store.options().smtp_password == SMTP_PASSWORD
             assert store.unreadable_secrets == frozenset()
-            second_id = next(k.id for k in store.api_keys() if k.label == "second")
-            assert store.reveal_api_key(second_id) == second
+            second_id = next(k.id for k in store.api_keys.all() if k.label == "second")
+            assert store.api_keys.reveal(second_id) == second
         finally:
             store.shutdown()
         relay.close()

@@ -107,8 +107,8 @@ def test_a_store_from_an_earlier_version_migrates_and_delivers_its_waiting_mail(
         settings = load_settings({k: v for k, v in relay.env.items() if k.startswith("RELAY_")})
         store = Store(settings.db_path, crypto.derive_keys(settings))
         try:
-            assert store.authenticate(facts["api_keys"]["second"]) is not None
-            assert store.check_admin("admin", facts["admin_password"])
+            assert store.api_keys.authenticate(facts["api_keys"]["second"]) is not None
+            assert store.admin.check_password("admin", facts["admin_password"])
             assert store.options().smtp_password == "smtp-pass-Zq8!unique"
         finally:
             store.shutdown()

@@ -88,7 +88,7 @@ class AdminClient:
 
 def set_password(client: AdminClient, password: str = PASSWORD) -> None:
     """The admin's own password (not the seed), so no forced change; as `admin set-password` does."""
-    client.state.store.set_admin_password("admin", password)
+    client.state.store.admin.set_password("admin", password)
 
 
 @contextmanager

@@ -22,7 +22,7 @@ def running_client(settings: Settings, raise_server_exceptions: bool = True, **o
         store = client.app.state.relay.store
         values = {"smtp_host": "127.0.0.1", "smtp_port": "2525", "smtp_security": "none", **options}
         store.set_options({k: parse_option(k, v) for k, v in values.items() if v is not None})
-        client.headers["Authorization"] = f"Bearer {store.reveal_api_key()}"
+        client.headers["Authorization"] = f"Bearer {store.api_keys.reveal()}"
         yield client
 
 
@@ -43,7 +43,7 @@ def queued(client: TestClient) -> tuple[int, int]:
     # job has run, every earlier 202's wake-up is in the queue (without this, a loaded machine
     # sometimes read the queue between the answer and the enqueue).
     state.intake.submit(lambda conn: (None, [])).result(10)
-    return sum(state.store.counts().values()), state.queue.pending()
+    return sum(state.store.messages.counts().values()), state.queue.pending()
 
 
 def error_of(response: Any, status: int) -> str:

@@ -70,35 +70,35 @@ class Relay:
         store.set_options({k: parse_option(k, v) for k, v in {
             "smtp_host": "127.0.0.1", "smtp_port": str(free_port()), "smtp_security": "none",
             "default_from": "noreply@example.org"}.items()})
-        key = store.reveal_api_key()
+        key = store.api_keys.reveal()
         response = client.client.post("/api/send", headers={"Authorization": f"Bearer {key}"}, json={
             "from_email": "noreply@example.org", "to": ["ann@example.com"], "subject": "Hello", "text": "body"})
         assert response.status_code == 202, response.text
         self.message_id = str(response.json()["id"])
-        claimed = store.claim(self.message_id, "w1", 300)
+        claimed = store.messages.claim(self.message_id, "w1", 300)
         assert isinstance(claimed, ClaimedMessage)
-        assert store.record_attempt(claimed, "deferred", next_attempt_at=4e9, last_error="connect: refused",
-                                    recipient_updates={r.position: ("deferred", None, "refused")
+        assert store.messages.record_attempt(claimed, "deferred", next_attempt_at=4e9, last_error="connect: refused",
+                                             recipient_updates={r.position: ("deferred", None, "refused")
                                                        for r in claimed.recipients},
                                     entry=LogEntry("attempt", "deferred", message_id=self.message_id,
                                                    stage="connect", detail="refused"))
-        self.key_id, _ = store.add_api_key("partner", None, "")
+        self.key_id, _ = store.api_keys.add("partner", None, "")
 
     def status(self) -> str:
-        record = self.client.state.store.message_record(self.message_id)
+        record = self.client.state.store.messages.record(self.message_id)
         assert record is not None
         return record.status
 
     def audited(self, action: str) -> bool:
-        return any(e.action == action for e in self.client.state.store.audit_entries(limit=200))
+        return any(e.action == action for e in self.client.state.store.log.audit_entries(limit=200))
 
     def key(self) -> Any:
-        return next(k for k in self.client.state.store.api_keys() if k.id == self.key_id)
+        return next(k for k in self.client.state.store.api_keys.all() if k.id == self.key_id)
 
     def forms(self) -> list[Form]:
         """In an order where each genuine post leaves the next one something to do."""
         store = self.client.state.store
-        primary = next(k.id for k in store.api_keys() if k.is_primary and k.revoked_at is None)
+        primary = next(k.id for k in store.api_keys.all() if k.is_primary and k.revoked_at is None)
         smtp = {"smtp_host": "mail.example.org", "smtp_port": "2525", "smtp_security": "none", "smtp_username": "",
                 "default_from": "noreply@example.org", "default_from_name": "Portal", "allowed_from": "",
                 "max_attach_mb": "25"}
@@ -123,20 +123,20 @@ class Relay:
                  lambda c, r: store.options().session_idle_minutes == 45),
             Form("/settings/test-email", {"test_to": "me@example.org"}, lambda c, r: self.audited("test_email")),
             Form("/settings/api-keys", {"label": "portal-2026"},
-                 lambda c, r: any(k.label == "portal-2026" for k in store.api_keys())),
+                 lambda c, r: any(k.label == "portal-2026" for k in store.api_keys.all())),
             Form("/settings/api-keys/{key_id:int}/limits", {"per_hour": "7", "allowed_from": "example.org"},
                  lambda c, r: self.key().per_hour == 7),
             Form("/settings/api-keys/{key_id:int}/reveal", {}, lambda c, r: self.audited("api_key.reveal")),
             Form("/settings/api-keys/{key_id:int}/revoke", {"confirmed": "yes"},
                  lambda c, r: self.key().revoked_at is not None),
             Form("/settings/api-keys/new", {"confirmed": "yes"},
-                 lambda c, r: not any(k.id == primary and k.revoked_at is None for k in store.api_keys())),
+                 lambda c, r: not any(k.id == primary and k.revoked_at is None for k in store.api_keys.all())),
             Form("/settings/account", {"username": "treasurer", "current_password": PASSWORD, "new_password": "",
                                        "confirm_password": ""},
                  lambda c, r: self.audited("admin.account")),
             Form("/account/password", {"current_password": PASSWORD, "new_password": NEW_PASSWORD,
                                        "confirm_password": NEW_PASSWORD, "next": "/"},
-                 lambda c, r: c.state.store.verify_admin("treasurer", NEW_PASSWORD) is not None,
+                 lambda c, r: c.state.store.admin.verify("treasurer", NEW_PASSWORD) is not None,
                  token_from="/account/password"),
             Form("/logs/clear", {"confirmed": "yes"}, lambda c, r: self.audited("log.clear")),
             Form("/logout", {}, lambda c, r: c.get("/settings").status_code == 303, token_from="/"),

@@ -25,7 +25,7 @@ def client(tmp_path: Path) -> Iterator[AdminClient]:
 
 
 def api_send(client: AdminClient, key: str | None = None, **fields: object) -> int:
-    key = key or client.state.store.reveal_api_key()
+    key = key or client.state.store.api_keys.reveal()
     payload = {"to": ["ann@example.com"], "subject": "Hello", "text": "hi", **fields}
     response = client.client.post("/api/send", json=payload, headers={"Authorization": f"Bearer {key}"})
     # A wrong key's refusal reaches the log with the web process's next flush (about a second
@@ -39,13 +39,13 @@ def api_send(client: AdminClient, key: str | None = None, **fields: object) -> i
 def deliver(client: AdminClient, status: str, code: int, reply: str) -> None:
     """Let 'a worker' attempt the oldest queued message."""
     store = client.state.store
-    message = next(m for m in store.waiting_messages() if m.status == "queued")
-    claimed = store.claim(message.id, "w1", 300)
+    message = next(m for m in store.messages.waiting() if m.status == "queued")
+    claimed = store.messages.claim(message.id, "w1", 300)
     assert isinstance(claimed, ClaimedMessage)
-    store.record_attempt(claimed, status, next_attempt_at=4e9 if status == "deferred" else None,
-                         last_error=None if status == "sent" else reply,
-                         recipient_updates={r.position: (status, code, reply) for r in claimed.recipients},
-                         entry=LogEntry("attempt", status, message_id=claimed.id, stage="DATA", code=code,
+    store.messages.record_attempt(claimed, status, next_attempt_at=4e9 if status == "deferred" else None,
+                                  last_error=None if status == "sent" else reply,
+                                  recipient_updates={r.position: (status, code, reply) for r in claimed.recipients},
+                                  entry=LogEntry("attempt", status, message_id=claimed.id, stage="DATA", code=code,
                                         detail=f"{code} {reply}", sender=claimed.from_addr,
                                         recipients="ann@example.com", subject=claimed.subject))
 
@@ -92,7 +92,7 @@ def test_every_kind_of_event_with_its_columns_and_the_counters(client: AdminClie
 
 
 def test_the_log_is_searchable_by_the_message_id_the_api_returned(client: AdminClient) -> None:
-    key = client.state.store.reveal_api_key()
+    key = client.state.store.api_keys.reveal()
     ids = [client.client.post("/api/send", json={"to": ["ann@example.com"], "subject": subject, "text": "hi"},
                               headers={"Authorization": f"Bearer {key}"}).json()["id"] for subject in ("One", "Two")]
     deliver(client, "sent", 250, "OK")
@@ -185,26 +185,26 @@ def test_clear_log_is_confirmed_and_audited(client: AdminClient) -> None:
         assert api_send(client) == 202
     asked = client.post("/logs/clear", {}, token_from="/logs")
     assert asked.status_code == 200 and "Clear the whole transaction log?" in asked.text
-    assert client.state.store.log_counters().total == 3
+    assert client.state.store.log.counters().total == 3
     done = client.post("/logs/clear", {"confirmed": "yes"}, token_from="/logs")
     assert done.status_code == 303 and done.headers["location"] == "/logs?cleared=3"
     page = client.get(done.headers["location"])
     assert "The log was cleared (3 rows removed)." in page.text
     assert rows(page.text) == [("Log cleared", "—")] and "log cleared by admin" in page.text
-    [audit] = client.state.store.audit_entries(action_prefix="log.")
+    [audit] = client.state.store.log.audit_entries(action_prefix="log.")
     assert (audit.actor, audit.ip, audit.detail) == ("admin", "198.51.100.20", "cleared the transaction log (3 rows)")
 
 
 def test_a_detail_does_not_repeat_its_stage(client: AdminClient) -> None:
     assert api_send(client, subject="Unreachable") == 202
     store = client.state.store
-    message = next(m for m in store.waiting_messages() if m.status == "queued")
-    claimed = store.claim(message.id, "w1", 300)
+    message = next(m for m in store.messages.waiting() if m.status == "queued")
+    claimed = store.messages.claim(message.id, "w1", 300)
     assert isinstance(claimed, ClaimedMessage)
     detail = "connect: cannot connect to 127.0.0.1:2525: Connection refused"
-    store.record_attempt(claimed, "deferred", next_attempt_at=4e9, last_error=detail,
-                         recipient_updates={r.position: ("deferred", None, None) for r in claimed.recipients},
-                         entry=LogEntry("attempt", "deferred", message_id=claimed.id, stage="connect", detail=detail))
+    store.messages.record_attempt(claimed, "deferred", next_attempt_at=4e9, last_error=detail,
+                                  recipient_updates={r.position: ("deferred", None, None) for r in claimed.recipients},
+                                  entry=LogEntry("attempt", "deferred", message_id=claimed.id, stage="connect", detail=detail))
     for path in ("/logs", f"/messages/{claimed.id}"):
         text = " ".join(re.sub(r"<[^>]+>", " ", client.get(path).text).split())
         assert "connect connect:" not in text and "cannot connect to 127.0.0.1:2525" in text, path

@@ -110,7 +110,7 @@ def test_every_page_as_rendered_keeps_to_the_rules(tmp_path: Path) -> None:
         store.set_options({k: parse_option(k, v) for k, v in {
             "smtp_host": "127.0.0.1", "default_from": "noreply@example.org",
             "turnstile_site_key": "0x4AAA-site", "turnstile_secret": "0x4AAA-secret"}.items()})
-        key = store.reveal_api_key()
+        key = store.api_keys.reveal()
         sent = client.client.post("/api/send", headers={"Authorization": f"Bearer {key}"}, json={
             "from_email": "noreply@example.org", "to": ["ann@example.com"], "subject": "<b>Hi</b>",
             "text": "body", "html": '<p style="color:red" onclick="x()">hi</p><script>alert(1)</script>'})
@@ -120,7 +120,7 @@ def test_every_page_as_rendered_keeps_to_the_rules(tmp_path: Path) -> None:
         pages = {path: client.get(path).text for path in (
             "/", "/logs", "/logs?status=exploded", f"/messages/{message_id}", "/settings", "/no/such/page",
             "/messages/0000nosuchmessage")}
-        revealed = client.post(f"/settings/api-keys/{store.api_keys()[0].id}/reveal")
+        revealed = client.post(f"/settings/api-keys/{store.api_keys.all()[0].id}/reveal")
         pages["/settings (a key revealed)"] = client.get(revealed.headers["location"]).text
         assert key in pages["/settings (a key revealed)"]
         tested = client.post("/settings/test-email", {"test_to": "me@example.org"})

@@ -78,7 +78,7 @@ def test_microsoft_device_code_from_the_card(client: AdminClient, stand_ins: Sta
                                                     "Microsoft 365.")
     page = client.get("/settings").text
     assert f"Connected to Microsoft 365 as {MAILBOX}." in html.unescape(page)
-    entry = client.state.store.audit_entries(limit=1)[0]
+    entry = client.state.store.log.audit_entries(limit=1)[0]
     assert entry.action == "settings.oauth_connect" and MAILBOX in entry.detail
 
     tested = client.post("/settings/smtp/test", card(smtp, certs, smtp_username=MAILBOX))

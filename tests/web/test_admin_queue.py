@@ -40,7 +40,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminClient]:
 
 
 def send(client: AdminClient, **fields: Any) -> str:
-    key = client.state.store.reveal_api_key()
+    key = client.state.store.api_keys.reveal()
     payload = {"from_email": "noreply@example.org", "to": ["ann@example.com"], "subject": "Hello",
                "text": "the text part", **fields}
     response = client.client.post("/api/send", json=payload, headers={"Authorization": f"Bearer {key}"})
@@ -51,12 +51,12 @@ def send(client: AdminClient, **fields: Any) -> str:
 def attempt(store: Store, message_id: str, status: str, code: int = 451,
             reply: str = "4.3.0 try again later") -> None:
     """What a worker records after one attempt (deferred an hour, or failed)."""
-    claimed = store.claim(message_id, "w1", 300)
+    claimed = store.messages.claim(message_id, "w1", 300)
     assert isinstance(claimed, ClaimedMessage)
     updates = {r.position: (status, code, reply) for r in claimed.recipients}
-    ok = store.record_attempt(claimed, status, next_attempt_at=None if status != "deferred" else 4e9,
-                              last_error=f"DATA: {code} {reply}", recipient_updates=updates,
-                              entry=LogEntry("attempt", status, message_id=message_id, stage="DATA", code=code,
+    ok = store.messages.record_attempt(claimed, status, next_attempt_at=None if status != "deferred" else 4e9,
+                                       last_error=f"DATA: {code} {reply}", recipient_updates=updates,
+                                       entry=LogEntry("attempt", status, message_id=message_id, stage="DATA", code=code,
                                              detail=f"{code} {reply}", duration_ms=42))
     assert ok
 
@@ -69,7 +69,7 @@ def pending(client: AdminClient) -> int:
 
 
 def status(client: AdminClient, message_id: str) -> str:
-    record = client.state.store.message_record(message_id)
+    record = client.state.store.messages.record(message_id)
     assert record is not None
     return record.status
 
@@ -131,11 +131,11 @@ def test_retry_now_one_and_in_bulk(client: AdminClient) -> None:
     response = client.post("/queue/retry", {"ids": [failed, deferred]}, token_from="/")  # type: ignore[dict-item]
     assert note(response, client) == (f"Queued for delivery now: 1 message. Left alone: {deferred} "
                                       "(it is already queued).")
-    record = store.message_record(failed)
+    record = store.messages.record(failed)
     assert record is not None and record.status == "queued"
     assert [r.status for r in record.recipients] == ["pending", "pending"]
     assert pending(client) == queued_before + 2  # each retried message was enqueued
-    [audit, first_audit] = store.audit_entries(action_prefix="message.retry")
+    [audit, first_audit] = store.log.audit_entries(action_prefix="message.retry")
     assert audit.detail == f"retried 1 message(s): {failed}" and audit.ip == "198.51.100.20"
     assert first_audit.actor == "admin"
 
@@ -144,7 +144,7 @@ def test_cancel_asks_first_then_cancels_waiting_messages_only(client: AdminClien
     store = client.state.store
     queued, other = send(client), send(client)
     sending = send(client)
-    store.claim(sending, "w1", 300)
+    store.messages.claim(sending, "w1", 300)
 
     asked = client.post("/queue/cancel", {"ids": queued}, token_from="/")
     assert asked.status_code == 200 and "Cancel this message?" in asked.text
@@ -155,7 +155,7 @@ def test_cancel_asks_first_then_cancels_waiting_messages_only(client: AdminClien
     assert note(response, client) == f"Cancelled 1 message. Left alone: {sending} (it is being delivered right now)."
     assert (status(client, queued), status(client, sending), status(client, other)) == ("cancelled", "sending",
                                                                                          "queued")
-    assert [r.kind for r in store.message_log(queued)] == ["accepted", "cancelled"]
+    assert [r.kind for r in store.log.of_message(queued)] == ["accepted", "cancelled"]
 
 
 def test_nothing_selected_and_unknown_ids_are_explained(client: AdminClient) -> None:
@@ -164,7 +164,7 @@ def test_nothing_selected_and_unknown_ids_are_explained(client: AdminClient) -> 
         assert note(response, client).startswith("Nothing was selected: tick the messages first")
     response = client.post("/queue/retry", {"ids": "no-such-id"}, token_from="/")
     assert note(response, client) == "Left alone: no-such-id (no such message)."
-    assert client.state.store.audit_entries(action_prefix="message.") == []
+    assert client.state.store.log.audit_entries(action_prefix="message.") == []
 
 
 def test_back_goes_only_to_local_pages(client: AdminClient) -> None:
@@ -190,7 +190,7 @@ def test_pause_and_resume_are_audited_and_the_page_says_so(client: AdminClient) 
     assert response.status_code == 303 and store.options().delivery_paused is True
     page = client.get(response.headers["location"]).text
     assert 'id="paused-banner"' in page and "Delivery is paused." in page and "Resume delivery" in page
-    key = store.reveal_api_key()
+    key = store.api_keys.reveal()
     health = client.client.get("/api/health", headers={"Authorization": f"Bearer {key}"}).json()
     assert health["ok"] is False and health["delivery_paused"] is True and "paused" in health["error"]
     waiting = send(client)  # still accepted while paused
@@ -200,7 +200,7 @@ def test_pause_and_resume_are_audited_and_the_page_says_so(client: AdminClient) 
     assert store.options().delivery_paused is False and status(client, waiting) == "queued"
     assert pending(client) == queued_before + 1
     assert "paused-banner" not in client.get("/").text
-    actions = [(a.action, a.detail) for a in store.audit_entries(action_prefix="delivery.")]
+    actions = [(a.action, a.detail) for a in store.log.audit_entries(action_prefix="delivery.")]
     assert actions == [("delivery.resume", "resumed delivery"), ("delivery.pause", "paused delivery")]
 
 
@@ -208,12 +208,12 @@ def test_a_failing_mail_server_is_named_in_plain_words(client: AdminClient) -> N
     store = client.state.store
     for _ in range(3):
         message_id = send(client)
-        claimed = store.claim(message_id, "w1", 300)
+        claimed = store.messages.claim(message_id, "w1", 300)
         assert isinstance(claimed, ClaimedMessage)
         detail = "AUTH: the mail server refuses the password (535 5.7.8 Authentication credentials invalid)"
-        store.record_attempt(claimed, "deferred", next_attempt_at=4e9, last_error=detail,
-                             recipient_updates={0: ("deferred", 535, "5.7.8 Authentication credentials invalid")},
-                             entry=LogEntry("attempt", "deferred", message_id=message_id, stage="AUTH", code=535,
+        store.messages.record_attempt(claimed, "deferred", next_attempt_at=4e9, last_error=detail,
+                                      recipient_updates={0: ("deferred", 535, "5.7.8 Authentication credentials invalid")},
+                                      entry=LogEntry("attempt", "deferred", message_id=message_id, stage="AUTH", code=535,
                                             detail=detail))
     text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", client.get("/").text)).split())
     assert ("The mail server is failing: the last 3 delivery attempts failed at AUTH: the mail server refuses "
@@ -247,7 +247,7 @@ def test_a_message_being_sent_says_what_the_worker_is_doing(client: AdminClient)
     # message read "Sending" with 0 attempts and nothing else.
     store = client.state.store
     message_id = send(client)
-    assert isinstance(store.claim(message_id, "w1", 300), ClaimedMessage)
+    assert isinstance(store.messages.claim(message_id, "w1", 300), ClaimedMessage)
     said = "A worker is handing it to the mail server now (connecting, securing the connection, signing in"
     assert "1 message is being handed to the mail server now" in page_text(client)
     assert said in page_text(client, f"/messages/{message_id}")
@@ -255,7 +255,7 @@ def test_a_message_being_sent_says_what_the_worker_is_doing(client: AdminClient)
 
 def test_the_paused_queue_page_says_it_once_and_truly(client: AdminClient) -> None:
     send(client)
-    client.state.store.heartbeat("w1", 1, "host", time.time())
+    client.state.store.workers.heartbeat("w1", 1, "host", time.time())
     response = client.post("/queue/pause", {}, token_from="/")
     assert response.status_code == 303
     page = client.get(response.headers["location"]).text
@@ -275,7 +275,7 @@ def test_forms_refuse_forged_posts_and_change_nothing(shared: AdminClient, path:
     store = client.state.store
     message_id = send(client)
     attempt(store, message_id, "deferred")
-    before = (status(client, message_id), len(store.audit_entries(limit=100)), store.log_counters().total,
+    before = (status(client, message_id), len(store.log.audit_entries(limit=100)), store.log.counters().total,
               store.options().delivery_paused)
     fields = {"ids": message_id, "confirmed": "yes"}
     kwargs: dict[str, Any] = {"token_from": "/"}
@@ -290,7 +290,7 @@ def test_forms_refuse_forged_posts_and_change_nothing(shared: AdminClient, path:
     response = client.post(path.replace("{id}", message_id), fields, **kwargs)
     assert response.status_code == 403
     assert "nothing changed" in response.text.lower() or "nothing" in response.text.lower()
-    assert (status(client, message_id), len(store.audit_entries(limit=100)), store.log_counters().total,
+    assert (status(client, message_id), len(store.log.audit_entries(limit=100)), store.log.counters().total,
             store.options().delivery_paused) == before
 
 
@@ -335,7 +335,7 @@ def test_showing_the_body_is_a_recorded_post_and_html_is_never_rendered(client: 
     page = client.get(location)
     assert "pass: &lt;hunter2&gt;" in page.text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text and "<script>alert" not in page.text
-    [audit] = store.audit_entries(action_prefix="message.body_viewed")
+    [audit] = store.log.audit_entries(action_prefix="message.body_viewed")
     assert (audit.actor, audit.ip, audit.detail) == ("admin", "198.51.100.20", f"body viewed: message {message_id}")
     # The token shows this message's body only, to this session only.
     other_id = send(client, text="another secret")
@@ -349,8 +349,8 @@ def test_a_pruned_body_says_so(client: AdminClient) -> None:
     store = client.state.store
     message_id = send(client, attachments=[{"filename": "a.txt", "content_b64": "aGk="}])
     attempt(store, message_id, "sent", code=250, reply="2.0.0 OK")
-    store.prune(4e9, sent_body_seconds=1, failed_body_seconds=1, log_seconds=1e10, log_max_rows=10**9,
-                idempotency_seconds=1)
+    store.workers.prune(4e9, sent_body_seconds=1, failed_body_seconds=1, log_seconds=1e10, log_max_rows=10**9,
+                        idempotency_seconds=1)
     page = client.get(f"/messages/{message_id}")
     assert "deleted after the retention period" in page.text
     assert "1 attachment(s)" in page.text and "Show the body" not in page.text
@@ -361,7 +361,7 @@ def test_unknown_message_is_404(client: AdminClient) -> None:
     assert response.status_code == 404 and "No message with id" in response.text
     response = client.post("/messages/does-not-exist/body", {}, token_from="/")
     assert response.status_code == 404
-    assert client.state.store.audit_entries(action_prefix="message.") == []
+    assert client.state.store.log.audit_entries(action_prefix="message.") == []
 
 
 def test_token_in_pages() -> None:

@@ -34,7 +34,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminClient]:
 
 def snapshot(client: AdminClient) -> tuple[Options, int, list[Any]]:
     store = client.state.store
-    return store.options(), len(store.audit_entries(limit=1000)), store.api_keys()
+    return store.options(), len(store.log.audit_entries(limit=1000)), store.api_keys.all()
 
 
 # -- bad input: the message next to the field, the input kept, nothing saved -------------------
@@ -136,7 +136,7 @@ def test_saving_the_smtp_card_stores_encrypts_and_audits(client: AdminClient) ->
     with sqlite3.connect(str(client.state.settings.db_path)) as conn:
         stored = conn.execute("SELECT value FROM settings WHERE name = 'smtp_password'").fetchone()[0]
     assert secret not in stored
-    entry = client.state.store.audit_entries()[0]
+    entry = client.state.store.log.audit_entries()[0]
     assert entry.action == "settings.smtp" and entry.actor == "admin" and entry.ip == "198.51.100.20"
     assert "Port: 587 → 2525" in entry.detail and "SMTP password changed" in entry.detail
     page = client.get("/settings?saved=smtp").text
@@ -147,7 +147,7 @@ def test_saving_the_smtp_card_stores_encrypts_and_audits(client: AdminClient) ->
     assert "just now" in row and "admin" in row and "198.51.100.20" in row, row
     assert "Port: 587 → 2525" in row and "SMTP password changed" in row, row
     assert re.search(r'<span title="\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC">just now</span>', audit), audit[:400]
-    assert secret not in " ".join(e.detail for e in client.state.store.audit_entries(limit=1000))
+    assert secret not in " ".join(e.detail for e in client.state.store.log.audit_entries(limit=1000))
 
     # An empty password field keeps the stored one; the checkbox clears it.
     client.post("/settings/smtp", {**SMTP, "smtp_port": "2525", "smtp_security": "none"})
@@ -155,7 +155,7 @@ def test_saving_the_smtp_card_stores_encrypts_and_audits(client: AdminClient) ->
     client.post("/settings/smtp", {**SMTP, "smtp_port": "2525", "smtp_security": "none",
                                    "clear_smtp_password": "yes"})
     assert client.state.store.options().smtp_password == ""
-    assert "SMTP password cleared" in client.state.store.audit_entries()[0].detail
+    assert "SMTP password cleared" in client.state.store.log.audit_entries()[0].detail
 
 
 def test_saving_retries_and_pacing(client: AdminClient) -> None:
@@ -163,7 +163,7 @@ def test_saving_retries_and_pacing(client: AdminClient) -> None:
     assert response.status_code == 303
     options = client.state.store.options()
     assert options.retry_base_seconds == 30 and options.max_per_hour == 500
-    assert "Deliveries per hour: 0 → 500" in client.state.store.audit_entries()[0].detail
+    assert "Deliveries per hour: 0 → 500" in client.state.store.log.audit_entries()[0].detail
 
 
 def test_saving_turnstile_keeps_its_secret_secret(client: AdminClient) -> None:
@@ -178,7 +178,7 @@ def test_saving_turnstile_keeps_its_secret_secret(client: AdminClient) -> None:
     assert options.turnstile_enabled and options.turnstile_secret == "0x4AAA-sec" and options.session_idle_minutes == 20
     page = client.get("/settings").text
     assert "0x4AAA-sec" not in page and "A secret is stored" in page
-    assert "0x4AAA-sec" not in client.state.store.audit_entries()[0].detail
+    assert "0x4AAA-sec" not in client.state.store.log.audit_entries()[0].detail
     client.post("/settings/signin", {"turnstile_site_key": "", "clear_turnstile_secret": "yes",
                                      "session_idle_minutes": "30"})
     assert not client.state.store.options().turnstile_enabled
@@ -200,13 +200,13 @@ def test_reveal_add_use_and_revoke_keys(client: AdminClient, tmp_path: Path) -> 
     store.set_options({"smtp_host": parse_option("smtp_host", "127.0.0.1")})
     page = client.get("/settings").text
     assert revealed_keys(page) == []  # nothing shown until Reveal
-    primary = next(k for k in store.api_keys() if k.is_primary and k.revoked_at is None)
+    primary = next(k for k in store.api_keys.all() if k.is_primary and k.revoked_at is None)
     response = client.post(f"/settings/api-keys/{primary.id}/reveal")
     assert response.status_code == 303 and "show=" in response.headers["location"]
     page = client.get(response.headers["location"])
-    assert revealed_keys(page.text) == [store.reveal_api_key()]
+    assert revealed_keys(page.text) == [store.api_keys.reveal()]
     assert 'data-copy="key-' in page.text and page.headers["cache-control"] == "no-store"
-    assert store.audit_entries()[0].action == "api_key.reveal"
+    assert store.log.audit_entries()[0].action == "api_key.reveal"
     # The redirect's token shows the key to this session only, and not for long.
     with admin_client(admin_settings(tmp_path)) as stranger:
         assert revealed_keys(stranger.get(response.headers["location"]).text) == []
@@ -218,22 +218,22 @@ def test_reveal_add_use_and_revoke_keys(client: AdminClient, tmp_path: Path) -> 
     assert "Key added." in page
     [second] = revealed_keys(page)
     assert api_send(client, second).status_code == 202
-    second_id = next(k.id for k in store.api_keys() if k.label == "portal-2025")
+    second_id = next(k.id for k in store.api_keys.all() if k.label == "portal-2025")
     assert client.state.intake.submit(lambda conn: (None, [])).result(10) is None  # the use is recorded by now
-    assert second_id in store.api_key_usage()
-    assert [k.label for k in store.api_keys()].count("portal-2025") == 1  # reloading the page added nothing
+    assert second_id in store.api_keys.usage()
+    assert [k.label for k in store.api_keys.all()].count("portal-2025") == 1  # reloading the page added nothing
 
     # Revoking asks first; without the confirmation nothing happens.
     response = client.post(f"/settings/api-keys/{primary.id}/revoke")
     assert response.status_code == 200 and "Please confirm" in response.text
     assert 'name="confirmed" value="yes"' in response.text
-    assert next(k for k in store.api_keys() if k.id == primary.id).revoked_at is None
+    assert next(k for k in store.api_keys.all() if k.id == primary.id).revoked_at is None
     response = client.post(f"/settings/api-keys/{primary.id}/revoke", {"confirmed": "yes"})
     assert response.status_code == 303
-    old = store.reveal_api_key(primary.id)
+    old = store.api_keys.reveal(primary.id)
     assert api_send(client, old).status_code == 401
     assert api_send(client, second).status_code == 202
-    assert store.audit_entries()[0].action == "api_key.revoke"
+    assert store.log.audit_entries()[0].action == "api_key.revoke"
     assert client.post(f"/settings/api-keys/{primary.id}/reveal").status_code == 404
     assert client.post("/settings/api-keys/99999/reveal").status_code == 404
 
@@ -244,7 +244,7 @@ def test_reveal_add_use_and_revoke_keys(client: AdminClient, tmp_path: Path) -> 
     page = client.get(response.headers["location"]).text
     assert "A new portal key was generated" in page
     [new] = revealed_keys(page)
-    assert new == store.reveal_api_key() and api_send(client, new).status_code == 202
+    assert new == store.api_keys.reveal() and api_send(client, new).status_code == 202
 
 
 # -- proving the settings ----------------------------------------------------------------------------
@@ -284,13 +284,13 @@ def test_a_test_email_is_queued_and_followed(client: AdminClient) -> None:
     response = client.post("/settings/test-email", {"test_to": "me@example.org"})
     assert response.status_code == 303
     message_id = response.headers["location"].split("test=")[1].split("#")[0]
-    assert store.message_status(message_id)["status"] == "queued"
+    assert store.messages.status(message_id)["status"] == "queued"
     assert client.state.queue.pending() >= 1
     page = client.get(response.headers["location"]).text
     assert f'href="/messages/{message_id}"' in page and "Waiting for a worker" in page
     status = client.get(f"/settings/test-email/{message_id}").json()
     assert status["status"] == "queued" and status["final"] is False and status["to"] == "me@example.org"
-    assert store.audit_entries()[0].action == "test_email"
+    assert store.log.audit_entries()[0].action == "test_email"
 
 
 def test_a_test_email_without_smtp_says_what_is_missing(tmp_path: Path) -> None:
@@ -299,7 +299,7 @@ def test_a_test_email_without_smtp_says_what_is_missing(tmp_path: Path) -> None:
         assert response.status_code == 200
         assert "SMTP delivery is not configured yet" in response.text
         assert field_value(response.text, "test_to") == "me@example.org"
-        assert fresh.state.store.counts() == {}
+        assert fresh.state.store.messages.counts() == {}
 
 
 @pytest.mark.parametrize("card,path,form", [
@@ -320,7 +320,7 @@ def test_the_saved_message_shows_on_the_card_it_belongs_to(client: AdminClient, 
 def test_the_keys_card_tells_keys_apart_and_has_no_copyable_mask(client: AdminClient) -> None:
     # Both the current and a replaced portal key read "portal [portal]"; the masked key was an input
     # that could be focused and copied (bullets).
-    client.state.store.new_primary_api_key()
+    client.state.store.api_keys.new_primary()
     page = client.get("/settings").text
     keys = page[page.index('id="keys"'):page.index("</section>", page.index('id="keys"'))]
     rows = re.findall(r"<tr[^>]*>(.*?)</tr>", keys, flags=re.S)

@@ -78,7 +78,7 @@ def test_first_sign_in_with_the_seeded_password_forces_a_change(tmp_path: Path) 
             response = client.post("/account/password", {**fields, "next": "/settings"}, token_from="/account/password")
             assert response.status_code == 200
             assert words in field_error(response.text, name)
-            assert client.state.store.admin(1).must_change
+            assert client.state.store.admin.get(1).must_change
 
         response = client.post("/account/password", {"current_password": SEED_PASSWORD, "new_password": PASSWORD,
                                                       "confirm_password": PASSWORD, "next": "/settings"},
@@ -86,17 +86,17 @@ def test_first_sign_in_with_the_seeded_password_forces_a_change(tmp_path: Path) 
         assert response.status_code == 303 and response.headers["location"] == "/settings"
         assert client.session_cookie() != first_cookie  # a new session id once the password is the admin's own
         assert client.get("/settings").status_code == 200
-        assert not client.state.store.admin(1).must_change
-        assert client.state.store.verify_admin("admin", PASSWORD) is not None
-        assert "password changed" in client.state.store.audit_entries()[0].detail
+        assert not client.state.store.admin.get(1).must_change
+        assert client.state.store.admin.verify("admin", PASSWORD) is not None
+        assert "password changed" in client.state.store.log.audit_entries()[0].detail
 
 
 def test_a_well_known_password_forces_a_change_even_when_not_flagged(tmp_path: Path) -> None:
     with admin_client(admin_settings(tmp_path), sign_in=False) as client:
-        client.state.store.set_admin_password("admin", "change-me-on-first-login")  # must_change off
+        client.state.store.admin.set_password("admin", "change-me-on-first-login")  # must_change off
         response = client.sign_in(password="change-me-on-first-login")
         assert response.headers["location"] == "/account/password?next=/"
-        assert client.state.store.admin(1).must_change
+        assert client.state.store.admin.get(1).must_change
 
 
 def test_five_failures_a_minute_lock_the_account_across_processes(tmp_path: Path) -> None:
@@ -218,7 +218,7 @@ def test_sign_out_makes_a_replayed_cookie_useless(tmp_path: Path) -> None:
         response = client.post("/settings/smtp", {"smtp_host": "evil.example", "smtp_port": "25"}, token=token)
         assert response.headers["location"].startswith("/login")
         assert client.state.store.options().smtp_host == ""
-        assert [e.action for e in client.state.store.audit_entries()][:2] == ["admin.signout", "admin.signin"]
+        assert [e.action for e in client.state.store.log.audit_entries()][:2] == ["admin.signout", "admin.signin"]
 
 
 SMTP_FORM = {"smtp_host": "mail.example.org", "smtp_port": "587", "smtp_security": "starttls", "smtp_username": "",
@@ -251,12 +251,12 @@ def test_csrf_and_origin_failures_are_refused_and_change_nothing(tmp_path: Path)
                 origin = "null"
             else:
                 origin = None
-            audit_before = len(client.state.store.audit_entries())
+            audit_before = len(client.state.store.log.audit_entries())
             response = client.post("/settings/smtp", SMTP_FORM, token=token, origin=origin, **headers)
             assert response.status_code == 403, case
             assert "nothing changed" in response.text and "<h1>" in response.text  # the 403 page
             assert client.state.store.options().smtp_host == ""
-            assert len(client.state.store.audit_entries()) == audit_before
+            assert len(client.state.store.log.audit_entries()) == audit_before
             # Sign-out is state-changing too.
             response = client.post("/logout", token=token, origin=origin, **headers)
             assert response.status_code == 403 and client.get("/settings").status_code == 200, case
@@ -380,7 +380,7 @@ def test_turnstile_unreachable_refuses_sign_in(tmp_path: Path) -> None:
 def test_cli_password_reset_signs_every_browser_out(tmp_path: Path) -> None:
     with admin_client(admin_settings(tmp_path)) as client:
         assert client.get("/settings").status_code == 200
-        client.state.store.set_admin_password("admin", "reset-by-cli-1")
+        client.state.store.admin.set_password("admin", "reset-by-cli-1")
         assert client.get("/settings").headers["location"].startswith("/login")
 
 
@@ -513,11 +513,11 @@ def unlock(state: AppState) -> None:
 def test_crowds_of_wrong_passwords_are_checked_at_most_the_lockouts_worth(
         tmp_path: Path, backend_env: dict[str, str], checks: CountedChecks) -> None:
     with serving(admin_settings(tmp_path, **backend_env)) as (url, state):
-        state.store.set_admin_password("admin", PASSWORD)
+        state.store.admin.set_password("admin", PASSWORD)
         answers: list[httpx.Response] = []
         for round_ in range(10):  # until locked: the gate may turn a whole crowd away but for two
             answers += asyncio.run(crowd(url, wrong_guesses(50, start=50 * round_)))
-            if state.store.locked_until("127.0.0.1", "admin") is not None:
+            if state.store.admin.locked_until("127.0.0.1", "admin") is not None:
                 break
         assert checks.calls == LOGIN_FAILURE_LIMIT  # of all those attempts, five passwords were checked
         assert checks.most_at_once <= PASSWORD_CHECKS_AT_ONCE
@@ -540,7 +540,7 @@ def test_the_lockout_alone_bounds_the_checks_when_every_attempt_gets_a_slot(
         tmp_path: Path, backend_env: dict[str, str], checks: CountedChecks) -> None:
     """Check and record are one step: 50 attempts at once, none turned away at the gate, check 5 passwords."""
     with serving(admin_settings(tmp_path, **backend_env)) as (url, state):
-        state.store.set_admin_password("admin", PASSWORD)
+        state.store.admin.set_password("admin", PASSWORD)
         state.password_checks = threading.BoundedSemaphore(50)
         answers = asyncio.run(crowd(url, wrong_guesses(50)))
         assert checks.calls == LOGIN_FAILURE_LIMIT
@@ -567,7 +567,7 @@ def test_an_attempt_beyond_the_running_checks_is_refused_at_once(
         assert 'value="admin"' in response.text and client.session_cookie() is None
         refused = [r for r in caplog.records if r.name == "relay.web"]
         assert len(refused) == 1 and "refused" in refused[0].getMessage() and refused[0].exc_info is None
-        assert checks.calls == 0 and client.state.store.locked_until("198.51.100.20", "admin") is None
+        assert checks.calls == 0 and client.state.store.admin.locked_until("198.51.100.20", "admin") is None
         conn = client.state.store.conn()
         assert conn.execute("SELECT COUNT(*) FROM login_failures").fetchone()[0] == 0  # nothing counted
         gate.release()  # one slot free: just under the limit

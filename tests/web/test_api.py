@@ -158,7 +158,7 @@ def test_default_from_fills_in_and_missing_both_is_400(settings: Settings) -> No
         store.set_options({"default_from": "relay@example.org", "default_from_name": "The Relay"})
         response = client.post("/api/send", json=payload(from_email=None, from_name=None))
         assert response.status_code == 202
-        claimed = store.claim(response.json()["id"], "test", 60)
+        claimed = store.messages.claim(response.json()["id"], "test", 60)
         assert claimed is not None
         msg = email.message_from_bytes(bytes(render(claimed)), policy=policy.default)
         assert msg["From"] == "The Relay <relay@example.org>"
@@ -168,7 +168,7 @@ def test_default_from_fills_in_and_missing_both_is_400(settings: Settings) -> No
 def test_envelope_from_setting(settings: Settings) -> None:
     with running_client(settings, envelope_from="bounces@example.org") as client:
         response = client.post("/api/send", json=payload())
-        claimed = client.app.state.relay.store.claim(response.json()["id"], "test", 60)
+        claimed = client.app.state.relay.store.messages.claim(response.json()["id"], "test", 60)
         assert claimed is not None and claimed.envelope_from == "bounces@example.org"
 
 
@@ -308,7 +308,7 @@ def test_every_api_answer_is_json(client: TestClient) -> None:
 def test_a_key_reads_only_the_messages_it_sent(client: TestClient) -> None:
     # Another key's message answers as an unknown id does: its Bcc recipients are not that key's business.
     store = client.app.state.relay.store
-    _, other_key = store.add_api_key("newsletter")
+    _, other_key = store.api_keys.add("newsletter")
     mine = client.post("/api/send", json=payload(bcc=["hidden@example.com"])).json()["id"]
     theirs = client.post("/api/send", json=payload(), headers={"Authorization": f"Bearer {other_key}"}).json()["id"]
     assert client.get(f"/api/messages/{mine}").status_code == 200
@@ -318,7 +318,7 @@ def test_a_key_reads_only_the_messages_it_sent(client: TestClient) -> None:
     assert client.get(f"/api/messages/{theirs}", headers=as_other).status_code == 200
     assert client.get(f"/api/messages/{mine}", headers=as_other).status_code == 404
     # The portal's key replaced (`api-key new`): the portal still follows what it sent before.
-    client.headers["Authorization"] = f"Bearer {store.new_primary_api_key()}"
+    client.headers["Authorization"] = f"Bearer {store.api_keys.new_primary()}"
     assert client.get(f"/api/messages/{mine}").status_code == 200
     assert client.get(f"/api/messages/{theirs}").status_code == 404
 
@@ -345,8 +345,8 @@ def test_settings_changes_reach_the_running_app(client: TestClient) -> None:
 
 def test_new_api_key_stops_the_old_one_at_once(client: TestClient) -> None:
     store = client.app.state.relay.store
-    old = store.reveal_api_key()
-    new = store.new_primary_api_key()
+    old = store.api_keys.reveal()
+    new = store.api_keys.new_primary()
     error_of(client.post("/api/send", json=payload(), headers={"Authorization": f"Bearer {old}"}), 401)
     assert client.post("/api/send", json=payload(), headers={"Authorization": f"Bearer {new}"}).status_code == 202
 

@@ -60,8 +60,8 @@ class Walk:
         store.set_options({k: parse_option(k, v) for k, v in {
             "smtp_host": "127.0.0.1", "smtp_port": "2525", "smtp_security": "none",
             "default_from": "noreply@example.org"}.items()})
-        self.key = store.reveal_api_key()
-        self.key_id = next(k.id for k in store.api_keys() if k.is_primary)
+        self.key = store.api_keys.reveal()
+        self.key_id = next(k.id for k in store.api_keys.all() if k.is_primary)
         accepted = raw.post("/api/send", json=GOOD_MESSAGE, headers=self.bearer(self.key))
         assert accepted.status_code == 202, accepted.text
         self.message_id = accepted.json()["id"]
@@ -187,7 +187,7 @@ def test_every_api_error_and_starlette_error_carries_them(walk: Walk) -> None:
     assert first.status_code == 202
     cases["409 idempotency"] = raw.post("/api/send", json={**GOOD_MESSAGE, "text": "other"},
                                         headers={**key, "Idempotency-Key": "k1"})
-    _, limited = store.add_api_key("limited", 1)
+    _, limited = store.api_keys.add("limited", 1)
     raw.post("/api/send", json=GOOD_MESSAGE, headers=walk.bearer(limited))
     cases["429 key limit"] = raw.post("/api/send", json=GOOD_MESSAGE, headers=walk.bearer(limited))
     assert cases["429 key limit"].headers["RateLimit-Limit"] == "1"

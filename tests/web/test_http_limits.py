@@ -67,7 +67,7 @@ def serving(settings: Settings, protocol: type = QuickDeadlines, **options: str)
         state = app.state.relay
         values = {"smtp_host": "127.0.0.1", "smtp_port": "2525", "smtp_security": "none", **options}
         state.store.set_options({k: parse_option(k, v) for k, v in values.items()})
-        yield Served(config.port, state.store.reveal_api_key(), state)
+        yield Served(config.port, state.store.api_keys.reveal(), state)
     finally:
         server.should_exit = True
         thread.join(30)
@@ -264,13 +264,13 @@ def test_a_declared_length_over_the_cap_is_413_before_the_body(settings: Setting
             sock.sendall(send_request(relay.key, b"", length=cap + 1))  # and not a byte of the body
             answer = read_answer(sock, then_closed=False)
         assert answer.status == 413 and "larger than the relay accepts" in answer.json()["error"]
-        assert [r.code for r in relay.state.store.log_entries(status="rejected")] == [413]
+        assert [r.code for r in relay.state.store.log.entries(status="rejected")] == [413]
         assert relay_records(caplog) == []
 
 
 def test_a_key_over_its_limit_is_429_before_the_body(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
     with serving(settings, LimitedHttpToolsProtocol) as relay:
-        _, limited = relay.state.store.add_api_key("limited", 2, "")
+        _, limited = relay.state.store.api_keys.add("limited", 2, "")
         with relay.connect() as sock:
             for _ in range(2):
                 sock.sendall(send_request(limited, message()))
@@ -281,7 +281,7 @@ def test_a_key_over_its_limit_is_429_before_the_body(settings: Settings, caplog:
             answer = read_answer(sock, then_closed=False)
         assert answer.status == 429 and "reached its limit of 2 messages per hour" in answer.json()["error"]
         assert int(answer.headers["retry-after"]) > 0 and answer.headers["ratelimit-remaining"] == "0"
-        assert [r.code for r in relay.state.store.log_entries(status="rejected")] == [400, 429]
+        assert [r.code for r in relay.state.store.log.entries(status="rejected")] == [400, 429]
         assert relay_records(caplog) == []
 
 
@@ -313,7 +313,7 @@ def test_the_body_budget_refuses_while_full_and_accepts_once_it_frees(settings: 
                 assert read_answer(holders[0], then_closed=False).status == 202
                 sock.sendall(send_request(relay.key, message(room + 1)))
                 assert read_answer(sock, then_closed=False).status == 202
-            assert [r.code for r in relay.state.store.log_entries(status="rejected")] == [503]
+            assert [r.code for r in relay.state.store.log.entries(status="rejected")] == [503]
         finally:
             for sock in holders:
                 sock.close()

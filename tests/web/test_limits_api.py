@@ -30,7 +30,7 @@ def bearer(key: str) -> dict[str, str]:
 
 def add_key(client: TestClient, label: str, per_hour: int | None = None, allowed: str = "") -> str:
     store = client.app.state.relay.store  # type: ignore[attr-defined]
-    _, key = store.add_api_key(label, per_hour, allowed)
+    _, key = store.api_keys.add(label, per_hour, allowed)
     return key
 
 
@@ -131,7 +131,7 @@ def test_refusals_with_a_good_key_are_logged_one_by_one_then_counted(client: Tes
 def test_the_key_card_sets_a_keys_limits_and_records_them(tmp_path: Path) -> None:
     with admin_client(admin_settings(tmp_path)) as client:
         store = client.state.store
-        key_id, _ = store.add_api_key("partner")
+        key_id, _ = store.api_keys.add("partner")
         page = client.get("/settings").text
         assert f'id="key-{key_id}-per_hour"' in page and f'id="key-{key_id}-allowed_from"' in page
         refused = client.post(f"/settings/api-keys/{key_id}/limits", {"per_hour": "many", "allowed_from": "x y"})
@@ -142,14 +142,14 @@ def test_the_key_card_sets_a_keys_limits_and_records_them(tmp_path: Path) -> Non
                f'                 value="many"' in refused.text  # what was typed is shown again
         saved = client.post(f"/settings/api-keys/{key_id}/limits", {"per_hour": "12", "allowed_from": "Example.org"})
         assert saved.status_code == 303 and saved.headers["location"] == "/settings?saved=limits#keys"
-        key = next(k for k in store.api_keys() if k.id == key_id)
+        key = next(k for k in store.api_keys.all() if k.id == key_id)
         assert (key.per_hour, key.allowed_from) == (12, "example.org")
-        assert store.audit_entries(limit=1)[0].detail == (
+        assert store.log.audit_entries(limit=1)[0].detail == (
             "set the limits of the API key “partner”: 12 sends per hour, From limited to example.org")
         assert client.post(f"/settings/api-keys/{key_id}/limits", {"per_hour": "", "allowed_from": ""},
                            token=None).status_code == 403  # no CSRF token: refused, nothing changed
         client.post(f"/settings/api-keys/{key_id}/limits", {"per_hour": "", "allowed_from": ""})
-        key = next(k for k in store.api_keys() if k.id == key_id)
+        key = next(k for k in store.api_keys.all() if k.id == key_id)
         assert (key.per_hour, key.allowed_from) == (None, "")
 
 
@@ -157,11 +157,11 @@ def test_a_key_is_added_with_its_limits_and_the_defaults_are_settings(tmp_path: 
     with admin_client(admin_settings(tmp_path, RELAY_SEND_PER_HOUR="40")) as client:
         store = client.state.store
         assert client.post("/settings/api-keys", {"label": "limited", "new_per_hour": "-1"}).status_code == 200
-        assert "limited" not in [k.label for k in store.api_keys()]
+        assert "limited" not in [k.label for k in store.api_keys.all()]
         answer = client.post("/settings/api-keys", {"label": "limited", "new_per_hour": "9",
                                                     "new_allowed_from": "news@example.org"})
         assert answer.status_code == 303
-        key = next(k for k in store.api_keys() if k.label == "limited")
+        key = next(k for k in store.api_keys.all() if k.label == "limited")
         assert (key.per_hour, key.allowed_from) == (9, "news@example.org")
         assert "empty: the relay's default, 40 per hour" in client.get("/settings").text
         form = {"retry_base_seconds": "60", "retry_max_seconds": "3600", "max_age_hours": "24", "max_per_minute": "0",
@@ -170,7 +170,7 @@ def test_a_key_is_added_with_its_limits_and_the_defaults_are_settings(tmp_path: 
         options = store.options()
         assert (options.send_per_hour, options.bad_key_per_minute) == (100, 30)
         assert field_value(client.get("/settings").text, "send_per_hour") == "100"
-        assert "Sends per hour per API key: (empty) → 100" in store.audit_entries(limit=1)[0].detail
+        assert "Sends per hour per API key: (empty) → 100" in store.log.audit_entries(limit=1)[0].detail
 
 
 def test_limits_in_the_cli(tmp_path: Path) -> Any:

@@ -104,7 +104,7 @@ def test_real_answers_validate_against_it(tmp_path: Any) -> None:
         document = served.json()
         assert document == openapi.document()
         store = client.app.state.relay.store  # type: ignore[attr-defined]
-        key = {"Authorization": f"Bearer {store.reveal_api_key()}"}
+        key = {"Authorization": f"Bearer {store.api_keys.reveal()}"}
         message = {"from_email": "noreply@example.org", "to": "a@example.com", "cc": ["b@example.com"],
                    "bcc": "c@example.com", "subject": "s", "text": "t", "colour": "blue"}
 

@@ -34,7 +34,7 @@ def store_of(client: TestClient) -> Store:
 
 
 def rendered(client: TestClient, message_id: str) -> EmailMessage:
-    claimed = store_of(client).claim(message_id, "test", 60)
+    claimed = store_of(client).messages.claim(message_id, "test", 60)
     assert claimed is not None and not isinstance(claimed, float)
     return email.message_from_bytes(bytes(render(claimed)), policy=policy.default)  # type: ignore[return-value]
 
@@ -50,14 +50,14 @@ def test_health_is_not_ok_without_a_worker_and_says_why(client: TestClient) -> N
     health = client.get("/api/health").json()
     assert health["ok"] is False and health["configured"] is True and health["worker_alive"] is False
     assert "No delivery worker is running" in health["error"]
-    store_of(client).heartbeat("w1", 1, "host", time.time())
+    store_of(client).workers.heartbeat("w1", 1, "host", time.time())
     health = client.get("/api/health").json()
     assert health["ok"] is True and health["error"] is None and health["worker_alive"] is True
 
 
 def test_health_is_not_ok_while_paused_and_healthz_is_unchanged(client: TestClient) -> None:
     store = store_of(client)
-    store.heartbeat("w1", 1, "host", time.time())
+    store.workers.heartbeat("w1", 1, "host", time.time())
     store.set_options({"delivery_paused": True})
     health = client.get("/api/health").json()
     assert health["ok"] is False and health["delivery_paused"] is True
@@ -71,7 +71,7 @@ def test_health_is_not_ok_while_paused_and_healthz_is_unchanged(client: TestClie
 
 def test_health_not_configured_sentence(settings: Settings) -> None:
     with running_client(settings, smtp_host="") as client:
-        store_of(client).heartbeat("w1", 1, "host", time.time())
+        store_of(client).workers.heartbeat("w1", 1, "host", time.time())
         health = client.get("/api/health").json()
         assert (health["ok"], health["configured"]) == (False, False)
         assert health["error"].startswith("SMTP delivery is not configured")

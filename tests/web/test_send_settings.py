@@ -38,7 +38,7 @@ def elsewhere(settings: Settings) -> Iterator[Store]:
 
 def test_a_key_replaced_elsewhere_stops_working_at_the_next_send(client: TestClient, elsewhere: Store) -> None:
     old = client.headers["Authorization"]
-    new = elsewhere.new_primary_api_key()
+    new = elsewhere.api_keys.new_primary()
     error_of(client.post("/api/send", json=payload(), headers={"Authorization": old}), 401)
     response = client.post("/api/send", json=payload(), headers={"Authorization": f"Bearer {new}"})
     assert response.status_code == 202, response.text
@@ -47,9 +47,9 @@ def test_a_key_replaced_elsewhere_stops_working_at_the_next_send(client: TestCli
 
 def test_a_key_revoked_elsewhere_is_refused_before_anything_is_stored(client: TestClient,
                                                                        elsewhere: Store) -> None:
-    key_id, token = elsewhere.add_api_key("second")
+    key_id, token = elsewhere.api_keys.add("second")
     assert client.post("/api/send", json=payload(), headers={"Authorization": f"Bearer {token}"}).status_code == 202
-    elsewhere.revoke_api_key(key_id)
+    elsewhere.api_keys.revoke(key_id)
     error_of(client.post("/api/send", json=payload(), headers={"Authorization": f"Bearer {token}"}), 401)
     assert queued(client) == (2, 2)
 
