@@ -66,7 +66,6 @@ class BootstrapReport:
 
 
 def _writable(directory: Path) -> bool:
-    """Whether files can be created in ``directory`` (or in the parent that would hold it)."""
     while not directory.exists() and directory != directory.parent:
         directory = directory.parent
     writable = os.access(directory, os.W_OK | os.X_OK)
@@ -186,7 +185,6 @@ class Store:
         return conn  # type: ignore[no-any-return]
 
     def close(self) -> None:
-        """Close this thread's connection (other threads keep theirs)."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
@@ -276,7 +274,6 @@ class Store:
         return cached if cached is not None else self.fresh_snapshot()
 
     def fresh_snapshot(self) -> tuple[int, Options, list[ApiKey]]:
-        """(revision, settings, keys), re-read only when the revision moved."""
         conn = self.conn()
         rev = self.revision(conn)
         cached = self._cache
@@ -307,14 +304,12 @@ class Store:
         return snapshot
 
     def settings_changed_at(self, names: tuple[str, ...]) -> float:
-        """When any of these settings was last written (0 when never)."""
         marks = ",".join("?" * len(names))
         row = self.conn().execute(f"SELECT MAX(updated_at) FROM settings WHERE name IN ({marks})",
                                   names).fetchone()
         return float(row[0] or 0.0)
 
     def options(self) -> Options:
-        """The current settings; re-read only when another process changed them."""
         return self._load_cache()[0]
 
     def snapshot(self) -> tuple[Options, list[ApiKey]]:

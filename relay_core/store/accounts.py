@@ -162,7 +162,6 @@ class ApiKeys(Part):
         return cur.rowcount == 1
 
     def note_use(self, conn: Connection, key_id: int, now: float) -> None:
-        """Record that a key was used; a no-op within a minute of the last record."""
         conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?"
                      " AND (last_used_at IS NULL OR last_used_at < ?)",
                      (now, key_id, now - KEY_USE_RESOLUTION))

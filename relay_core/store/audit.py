@@ -1,11 +1,8 @@
 """The audit trail: who changed what, when, from where.
 
-One general table (time, actor, source IP, action, detail) for everything an
-admin does that matters later: settings changes, key reveals and rotations,
-sign-ins, a message body shown, the log cleared. ``detail`` is a sentence for
-people; it never carries a secret's value (callers say "changed", not what
-to). Actions are dotted names (``settings.smtp``, ``api_key.reveal``) so a
-page can filter by prefix.
+``detail`` is a sentence for people and never carries a secret's value;
+actions are dotted names (``settings.smtp``, ``api_key.reveal``) so a page can
+filter by prefix.
 """
 
 from __future__ import annotations

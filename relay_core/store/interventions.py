@@ -1,17 +1,9 @@
 """What an admin may do to a message: retry it now, or cancel it.
 
-- Retry now: a deferred message falls due now; a failed one goes back to
-  queued with its failed recipients pending again (its body must still be
-  stored). The caller then enqueues the ids it gets back.
-- Cancel: only a message still waiting (queued or deferred) becomes
-  cancelled. One a worker holds ('sending') is never touched: the delivery
-  in progress decides its fate, and cancelling it would race the SMTP
-  transaction already under way.
-
-Each change is a conditional UPDATE checked by its row count, like a
-worker's claim, so an admin and a worker acting at the same moment cannot
-both win. Every message changed gets a log row, and the whole action one
-audit entry, in the same transaction as the change.
+A message a worker holds ('sending') is never cancelled: the delivery under way
+decides its fate. Each change is a conditional UPDATE checked by its row count,
+like a worker's claim, so an admin and a worker acting at once cannot both win;
+the log rows and the action's audit entry commit with the change.
 """
 
 from __future__ import annotations
@@ -30,14 +22,11 @@ MAX_IDS_IN_AUDIT = 20
 
 @dataclass
 class ActionReport:
-    """What an action did: the ids it changed, and why it left the others alone."""
-
     done: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
 
 def _why_not(row: Any, action: str) -> str | None:
-    """Why ``action`` cannot apply to this message now (None: it can)."""
     if row is None:
         return "no such message"
     status = row["status"]
@@ -100,7 +89,6 @@ class Interventions(Part):
         return report
 
     def retry_now(self, ids: list[str], actor: str, ip: str, now: float | None = None) -> ActionReport:
-        """Make deferred and failed messages due now. Enqueue ``report.done`` afterwards."""
         at = time.time() if now is None else now
 
         def change(conn: Connection, message_id: str, row: Any) -> LogEntry | str:
@@ -122,7 +110,6 @@ class Interventions(Part):
         return self._act(ids, "retry", "retried", actor, ip, at, change)
 
     def cancel(self, ids: list[str], actor: str, ip: str, now: float | None = None) -> ActionReport:
-        """Cancel waiting messages; any other state is left as it is, with the reason."""
         at = time.time() if now is None else now
         reason_text = f"cancelled by {actor}"
 

@@ -135,7 +135,6 @@ class Paced:
 
 def _pacing_wait(conn: Connection, now: float,
                  limits: tuple[tuple[int, float], ...]) -> Paced | None:
-    """When the next delivery may start, if any limit is reached now."""
     wait: Paced | None = None
     for allowed, window in limits:
         used = conn.execute("SELECT COUNT(*) FROM pacing WHERE ts > ?", (now - window,)).fetchone()[0]
@@ -212,8 +211,6 @@ def claim_message(conn: Connection, keys: KeySet, message_id: str, owner: str, l
 
 @dataclass
 class AttemptOutcome:
-    """What one attempt changes: the message's next state, its recipients', and the log row."""
-
     message_id: str
     lease_owner: str
     status: str
@@ -225,7 +222,6 @@ class AttemptOutcome:
 
 
 def write_attempt_log(conn: Connection, entry: LogEntry, now: float) -> None:
-    """The attempt's log row and its count in the metrics, at once."""
     insert_log(conn, entry)
     metrics.count_attempt(conn, entry.status, entry.duration_ms, now)
 
@@ -278,7 +274,6 @@ class Ledger(Part):
             return claim_message(conn, self.store.keys, message_id, owner, lease_seconds, now, limits)
 
     def renew_leases(self, held: list[tuple[str, str]], until: float) -> None:
-        """Extend the leases of deliveries still in progress (id, owner)."""
         conn = self.conn()
         with transaction(conn):
             conn.executemany("UPDATE messages SET lease_expires_at = ? WHERE id = ? AND lease_owner = ?"
@@ -295,7 +290,6 @@ class Ledger(Part):
             return record_outcome(conn, outcome)
 
     def waiting_until(self, message_id: str, now: float) -> float | None:
-        """When a queued or deferred message falls due, if that is still in the future."""
         row = self.conn().execute(
             "SELECT next_attempt_at FROM messages WHERE id = ? AND status IN ('queued', 'deferred')"
             " AND next_attempt_at > ?", (message_id, now)).fetchone()

@@ -1,21 +1,11 @@
 """Send limits per API key: how many messages a key may have accepted in the last hour.
 
-The count lives in the store (``send_counts``: one row per key and minute),
-so every web process shares it, and it is taken inside the accept's own
-group-commit transaction: checking and counting cost no fsync of their own,
-and a refused send rolls its count back with the rest of its job. On
-SQLite write transactions already take turns; on PostgreSQL one
-transaction-scoped advisory lock makes the read-then-count exact when
-several web processes accept for the same key at once.
-
-The window is the last 60 whole minutes (this one included), so a slot
-frees at a known moment: when the minute of the oldest send still counted
-leaves the window. That moment is what Retry-After and RateLimit-Reset say.
-
-Which limit applies: the key's own (``api_keys.per_hour``; 0 = unlimited),
-else the ``send_per_hour`` setting, else RELAY_SEND_PER_HOUR (0 = unlimited,
-the default: the portal does not retry a 429, so a default limit would drop
-legitimate bulk mail).
+The count lives in the store (one row per key and minute) so every web process
+shares it, and is taken inside the accept's own group-commit transaction: no
+fsync of its own, and a refused send rolls its count back with its job. The
+window is the last 60 whole minutes, so a slot frees at a known moment, which
+Retry-After and RateLimit-Reset state. There is no default limit: the portal
+does not retry a 429, so one would drop legitimate bulk mail.
 """
 
 from __future__ import annotations
@@ -35,15 +25,12 @@ WINDOW_MINUTES = 60
 
 @dataclass(frozen=True)
 class Quota:
-    """A key's standing after one accept (or its refusal)."""
-
     limit: int
     remaining: int
     reset: int  # seconds until the oldest send still counted leaves the window
     retry_after: int = 0  # > 0: refused; seconds until a slot frees
 
     def headers(self) -> dict[str, str]:
-        """RateLimit-Limit / -Remaining / -Reset (and Retry-After when refused)."""
         headers = {"RateLimit-Limit": str(self.limit), "RateLimit-Remaining": str(self.remaining),
                    "RateLimit-Reset": str(self.reset)}
         if self.retry_after:
@@ -52,7 +39,6 @@ class Quota:
 
 
 def effective_limit(key: ApiKey, options: Options, environment_default: int) -> int:
-    """The key's sends per hour; 0 = unlimited."""
     if key.per_hour is not None:
         return key.per_hour
     if options.send_per_hour is not None:
@@ -84,7 +70,6 @@ class SendLimits(Part):
 
     def _standing(self, conn: Connection, key_id: int, limit: int,
                   now: float) -> tuple[list[Any], int, Quota | None]:
-        """The key's counted minutes, their total, and its refusal when that total is at the limit."""
         minute = int(now // MINUTE)
         rows = conn.execute("SELECT minute, n FROM send_counts WHERE api_key_id = ? AND minute > ?"
                             " ORDER BY minute", (key_id, minute - WINDOW_MINUTES)).fetchall()
@@ -103,13 +88,11 @@ class SendLimits(Part):
         return rows, used, Quota(limit, 0, wait, retry_after=wait)
 
     def sends_in_window(self, key_id: int, now: float) -> int:
-        """How many sends the key has counted in the current window (the admin pages show it)."""
         row = self.conn().execute("SELECT COALESCE(SUM(n), 0) FROM send_counts WHERE api_key_id = ? AND minute > ?",
                                   (key_id, int(now // MINUTE) - WINDOW_MINUTES)).fetchone()
         return int(row[0])
 
     def prune_send_counts(self, now: float) -> int:
-        """Drop minutes that left the window (the sweeper's job)."""
         conn = self.conn()
         with transaction(conn):
             cur = conn.execute("DELETE FROM send_counts WHERE minute <= ?", (int(now // MINUTE) - WINDOW_MINUTES,))

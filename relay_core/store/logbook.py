@@ -1,36 +1,15 @@
-"""The transaction log as admins read it: filters, keyset pages, search, counters, export, clearing.
+"""The transaction log as admins read it: filters, pages, search, counters, export, clearing.
 
-The log grows to a million rows (``log_max_rows``), so nothing here reads
-the whole table to answer a page:
-
-- Every row gets a ``kind`` when it is written (accepted, rejected,
-  unauthorized, rate_limited, sent, partial, deferred, failed, and the
-  admin's retried, cancelled, cleared): one column the status filter and the
-  counters use, indexed as (kind, id) so a filtered page is an index range.
-- Pages are keyset pages by id, newest first (``before``/``after`` an id), so
-  page 500 costs what page 1 does and rows arriving meanwhile shift nothing.
-- ``log_counts`` holds how many rows of each kind were written in each hour,
-  kept in the same transaction as every insert, prune and clear. The log's
-  counters and the dashboard's chart add up at most a few thousand of these
-  instead of counting rows; only the partial hours at the ends of a time
-  range are counted from the log itself, through the (ts, kind) index.
-- Search is word-prefix search over message id, sender, recipients and subject. Each row
-  stores ``terms``: those fields lower-cased and cut into words (``alice
-  example com``), by one Python function, so both backends see the same
-  words. SQLite indexes them with FTS5 (an external-content table,
-  ``log_fts``, kept in step here); PostgreSQL with a GIN index on
-  ``to_tsvector('simple', terms)`` (kept by PostgreSQL itself). Every word
-  of a query must be in the row: a word the log holds whole is matched
-  whole, another as the start of words, so "alice", "example.com" and
-  "passw" all find "Reset your password" sent to alice@example.com (see
-  ``_word_matches`` for why not always a prefix). A prefix search walks the
-  log newest first for a moment before asking the index (see ``_select``). Substring search on plain
-  columns (LIKE '%x%') would read every row; a prefix index on lower-cased
-  columns would find a row by its first recipient only and by the first
-  word of its subject.
-- A time range is turned into a range of ids first (ids grow with time; see
-  ``CLOCK_SKEW``), so a filtered page walks the primary key newest first and
-  stops after one page, instead of collecting a whole week to sort it.
+The log grows to a million rows (``log_max_rows``), so nothing here reads the
+whole table to answer a page. Each row gets a ``kind`` when written, indexed as
+(kind, id), so a filtered page is an index range; pages are keyset pages by id,
+so page 500 costs what page 1 does. ``log_counts`` keeps rows per hour and kind,
+in the same transaction as every insert, prune and clear, so counters and the
+chart add up a few thousand numbers instead of counting rows. Search is
+word-prefix search over ``terms`` (the searchable fields cut into words by one
+Python function, so both backends see the same words): FTS5 on SQLite, a GIN
+index on PostgreSQL; LIKE '%x%' would read every row. A time range becomes a
+range of ids first (ids grow with time, see ``CLOCK_SKEW``).
 """
 
 from __future__ import annotations
@@ -65,7 +44,6 @@ _WORD = re.compile(r"[^\W_]+")
 
 
 def log_kind(event: str, status: str, code: int | None) -> str:
-    """The kind of a log row, from what the writer knows."""
     if event == "attempt":
         return status
     if event == "rejected":
@@ -81,7 +59,6 @@ def search_terms(*texts: str) -> str:
 
 
 def query_words(query: str) -> list[str]:
-    """The words of a search box's text (the first few)."""
     return _WORD.findall(query.lower())[:MAX_QUERY_WORDS]
 
 
@@ -133,7 +110,6 @@ def insert_log(conn: Connection, entry: LogEntry) -> int:
 
 # -- kept in step with every write (called by the ledger inside its transactions) ------------------
 def count_log_row(conn: Any, log_id: int, kind: str, ts: float, terms: str) -> None:
-    """A row was inserted: count it in its hour and make it searchable."""
     conn.execute("INSERT INTO log_counts (hour, kind, n) VALUES (?, ?, 1) ON CONFLICT (hour, kind)"
                  " DO UPDATE SET n = log_counts.n + 1", (hour_of(ts), kind))
     if _dialect(conn) == "sqlite":  # every row, even one without words: FTS5 counts its rows
@@ -214,13 +190,11 @@ _WORD_LIKE = "(' ' || log.terms || ' ') LIKE ?"
 
 
 def _word_pattern(word: str, prefix: bool) -> str:
-    """A LIKE pattern for a word of ``terms`` (lower-case letters and digits, space-separated)."""
     return f"% {word}%" if prefix else f"% {word} %"
 
 
 def _query(source: str, key: str, match: list[str], match_params: list[Any], flt: "LogFilter",
            lower: int | None, upper: int | None, newest_first: bool, limit: int) -> tuple[str, list[Any]]:
-    """The SELECT of one page: ``match`` (the search's clauses) and the filter's, ordered by ``key``."""
     where, params = list(match), list(match_params)
     if flt.kind:
         where.append("log.kind = ?")
@@ -274,8 +248,6 @@ def _row(r: Any) -> LogRow:
 
 @dataclass(frozen=True)
 class LogFilter:
-    """What the Transaction Log shows: a kind, a time range [since, until), search words."""
-
     kind: str | None = None
     since: float | None = None
     until: float | None = None
@@ -408,7 +380,6 @@ class Logbook(Part):
 
     def _select(self, flt: LogFilter, lower: int | None, upper: int | None, newest_first: bool,
                 limit: int) -> list[LogRow]:
-        """Rows with lower < id < upper matching ``flt``, in id order, at most ``limit``."""
         conn = self.conn()
         low, high = self._id_bounds(flt)
         span = (flt, _tighter(max, lower, low), _tighter(min, upper, high), newest_first, limit)
@@ -446,7 +417,6 @@ class Logbook(Part):
         return [_row(r) for r in self.conn().execute(sql, params)]
 
     def _walk(self, sql: str, params: list[Any]) -> list[LogRow] | None:
-        """The rows of ``sql``, or None when it takes longer than ``WALK_SECONDS``."""
         conn = self.conn()
         if _dialect(conn) != "sqlite":
             try:
@@ -512,7 +482,6 @@ class Logbook(Part):
         return _row(row) if row else None
 
     def of_message(self, message_id: str, limit: int = 500) -> list[LogRow]:
-        """A message's rows, oldest first: its timeline."""
         rows = self.conn().execute(f"SELECT {_COLUMNS} FROM log WHERE message_id = ? ORDER BY id LIMIT ?",
                                    (message_id, limit)).fetchall()
         return [_row(r) for r in rows]
@@ -534,7 +503,6 @@ class Logbook(Part):
         return sorted(found, key=lambda r: r.id, reverse=True)[:limit]
 
     def recent_attempts(self, limit: int, since: float = 0.0) -> list[AttemptFact]:
-        """The last ``limit`` delivery attempts after ``since``, newest first."""
         rows = self.last_attempts(limit, since)
         return [AttemptFact(r.ts, r.message_id, r.status, r.stage, r.code, r.detail) for r in rows]
 

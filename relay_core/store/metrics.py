@@ -66,7 +66,6 @@ _UPSERT = ("INSERT INTO metric_counts (process, name, label, value, updated_at) 
 
 
 def add(conn: Connection, deltas: dict[tuple[str, str], float], now: float | None = None) -> None:
-    """Add ``deltas`` ((name, label) -> amount) to this process's rows."""
     now = time.time() if now is None else now
     me = process_id()
     conn.insert_rows(_UPSERT, [(me, name, label, value, now) for (name, label), value in sorted(deltas.items())
@@ -93,7 +92,6 @@ def observations(name: str, values: Iterable[float]) -> dict[tuple[str, str], fl
 
 
 def count_attempt(conn: Connection, outcome: str, duration_ms: int | None, now: float | None = None) -> None:
-    """One delivery attempt's outcome (and how long its SMTP transaction took)."""
     deltas = {(ATTEMPTS, outcome): 1.0}
     if duration_ms is not None:
         deltas.update(observations("delivery_duration_seconds", [duration_ms / 1000.0]))

@@ -42,8 +42,6 @@ class QueueCounts:
 
 @dataclass(frozen=True)
 class QueuedMessage:
-    """A line of the dashboard's lists."""
-
     id: str
     status: str
     created_at: float
@@ -67,8 +65,6 @@ class MessageRecipient:
 
 @dataclass
 class MessageRecord:
-    """One message's stored facts (no body)."""
-
     id: str
     status: str
     source: str
@@ -128,7 +124,6 @@ class QueueView(Part):
         return [_queued(r, addresses[r["id"]]) for r in rows]
 
     def waiting(self, limit: int = 50) -> list[QueuedMessage]:
-        """Queued and deferred messages, oldest first (the first ``limit``)."""
         rows: list[Any] = []
         for status in WAITING:
             rows += self.conn().execute(
@@ -138,7 +133,6 @@ class QueueView(Part):
         return self._with_recipients(rows[:limit])
 
     def failed(self, limit: int = 50) -> list[QueuedMessage]:
-        """Failed messages, newest first (the first ``limit``)."""
         rows = self.conn().execute(
             "SELECT id, status, created_at, next_attempt_at, attempts, last_error, from_addr, subject"
             " FROM messages WHERE status = 'failed' ORDER BY created_at DESC, id DESC LIMIT ?", (limit,)).fetchall()

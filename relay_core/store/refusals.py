@@ -35,8 +35,6 @@ KEEP_MINUTES = 24 * 60
 
 @dataclass
 class Tally:
-    """Refusals of one address, minute and reason not yet handed to the store."""
-
     first_at: float
     code: int
     label: str = "unauthorized"  # the metrics label (relay_core.store.metrics' messages_rejected)
@@ -129,7 +127,6 @@ class Refusals(Part):
 
     @staticmethod
     def _shared_row(conn: Connection, minute: int, reason: str) -> int | None:
-        """The id of the log row the minute's later addresses share (0: not written yet); None: none yet."""
         row = conn.execute("SELECT log_id FROM refusals WHERE ip = ? AND minute = ? AND reason = ?",
                            (MORE_ADDRESSES, minute, reason)).fetchone()
         return None if row is None else int(row["log_id"] or 0)

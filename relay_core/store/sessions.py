@@ -1,17 +1,13 @@
 """The admin's sign-in state in the store: sessions and failed sign-ins.
 
-Sessions live server-side so that signing out (or a password change) makes
-an old cookie worthless even when it is replayed: the cookie only names a
-row, by a random id whose SHA-256 is the key (a stolen database does not
-hand out live cookies). Failed sign-ins are counted here rather than in
-memory so that several web processes enforce one lockout. Each attempt is
-counted as a failure before its password is checked, in the transaction
-that checks the lockout (``claim_login_attempt``), and forgiven if the
-password was right: so attempts arriving together cannot all pass the
-check before any of them is recorded, and at most ``LOGIN_FAILURE_LIMIT``
-passwords are checked per window, however many arrive at once.
-
-Nothing here knows about HTTP; ``relay_web.admin.sessions`` owns cookies.
+Sessions live server-side so that signing out or a password change makes a
+replayed cookie worthless; the cookie names a row by a random id whose SHA-256
+is the key, so a stolen database hands out no live cookies. Failures are
+counted in the store so every web process enforces one lockout, and each
+attempt counts as a failure before its password is checked (forgiven if it was
+right): attempts arriving together cannot all pass the check, and at most
+``LOGIN_FAILURE_LIMIT`` passwords are checked per window. Cookies belong to
+``relay_web.admin.sessions``.
 """
 
 from __future__ import annotations
@@ -50,8 +46,6 @@ class AdminSession:
 
 
 class LockedOut(Exception):
-    """Sign-ins from this IP or for this username are locked until ``until`` (a Unix time)."""
-
     def __init__(self, until: float) -> None:
         super().__init__(until)
         self.until = until
@@ -108,7 +102,6 @@ class Sessions(Part):
                                        (admin_id,)).fetchone()[0])
 
     def prune_sessions(self, now: float, idle_seconds: float) -> int:
-        """Drop sessions nobody can use any more (the sweeper's job)."""
         conn = self.conn()
         with transaction(conn):
             cur = conn.execute("DELETE FROM admin_sessions WHERE last_seen < ? OR created_at < ?",
@@ -118,7 +111,6 @@ class Sessions(Part):
 
     # -- failed sign-ins ---------------------------------------------------------
     def locked_until(self, ip: str, username: str, now: float | None = None) -> float | None:
-        """When sign-ins from this IP or for this username open again, or None if they are open."""
         now = time.time() if now is None else now
         return self._locked_until(self.conn(), ip, _user_key(username), now)
 
@@ -161,7 +153,6 @@ class Sessions(Part):
         return int(row[0])
 
     def forgive_login_attempt(self, attempt_id: int) -> None:
-        """The attempt's password was right: it is not a failure after all."""
         conn = self.conn()
         with transaction(conn):
             conn.execute("DELETE FROM login_failures WHERE id = ?", (attempt_id,))

@@ -9,7 +9,6 @@ from .logbook import HOUR, forget_log_rows
 
 class Sweeping(Part):
     def waiting_count(self, now: float) -> int:
-        """Messages that should have a wake-up call in the queue now."""
         return self.conn().execute(
             "SELECT (SELECT COUNT(*) FROM messages WHERE status = 'queued')"
             " + (SELECT COUNT(*) FROM messages WHERE status = 'deferred' AND next_attempt_at <= ?)",

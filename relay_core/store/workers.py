@@ -29,7 +29,6 @@ class Workers(Part):
         return row[0] if row else None
 
     def heartbeats(self, names: list[str]) -> dict[str, float]:
-        """The last heartbeat of each named worker that has one."""
         if not names:
             return {}
         marks = ", ".join("?" for _ in names)
