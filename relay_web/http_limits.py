@@ -31,7 +31,8 @@ MAX_CONNECTIONS = 1000  # open at once; past it, 503 at connect (900 full heads 
 BUSY_RETRY_SECONDS = 2
 
 _HEAD, _BODY, _IDLE = "head", "body", "idle"  # what the connection waits for; idle: between requests
-_REFUSALS = {431: "The request's headers are larger than the relay accepts ({limit} bytes).",
+_REFUSALS = {400: "The relay could not read this HTTP request.",
+             431: "The request's headers are larger than the relay accepts ({limit} bytes).",
              408: "The request's headers did not arrive within {seconds:g} seconds.",
              503: "The relay has as many connections open as it serves at once ({connections}); try again in "
                   "a few seconds."}
@@ -160,12 +161,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _peer(self) -> str:
         return self.client[0] if self.client else ""
 
-    def _refuse(self, status: int) -> None:
-        """Answer 431, 408 or 503 in the contract's shape, with the security headers, and hang up."""
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request httptools cannot parse (it has logged its own line)."""
+        self._refuse(400, logged=True)
+
+    def _refuse(self, status: int, logged: bool = False) -> None:
+        """Answer 400, 431, 408 or 503 in the contract's shape, with the security headers, and hang up."""
         text = _REFUSALS[status].format(limit=self.head_limit, seconds=self.head_seconds,
                                         connections=self.max_connections)
-        refusal_log.warn("refused a request from %s with %d: %s", self._peer(), status, text,
-                       **fields("web.head_refused", client=self._peer(), status=status))
+        if not logged:
+            refusal_log.warn("refused a request from %s with %d: %s", self._peer(), status, text,
+                             **fields("web.head_refused", client=self._peer(), status=status))
         if self.cycle is not None and not self.cycle.response_complete:
             self.transport.close()  # a pipelined head while the app still answers: no room for ours
             return

@@ -348,3 +348,24 @@ def test_refusal_lines_are_capped_per_minute_and_the_rest_counted(caplog: pytest
     budget.minute -= 1  # as if a minute passed
     budget.warn("refused %d", 99, event="web.head_refused")
     assert caplog.records[-1].getMessage() == "refused 99 (and 3 more refused since the last such line)"
+
+
+@pytest.mark.parametrize("path", ["/api/health", "/login"])
+def test_a_request_the_parser_cannot_read_gets_400_with_the_security_headers(settings: Settings, path: str) -> None:
+    """uvicorn answers what httptools cannot parse itself ("Invalid HTTP request received."): that answer
+    carries the security headers too, and the contract's JSON under /api/."""
+    with serving(settings) as relay:
+        with relay.connect() as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: relay\r\nA header without its colon\r\n\r\n".encode())
+            answer = read_answer(sock)
+    assert answer.status == 400 and answer.closed
+    for name, value in (("x-content-type-options", "nosniff"), ("x-frame-options", "DENY"),
+                        ("cache-control", "no-store"), ("referrer-policy", "same-origin")):
+        assert answer.headers.get(name) == value, (name, answer.headers)
+    assert "default-src 'self'" in answer.headers["content-security-policy"]
+    if path.startswith("/api/"):
+        assert answer.headers["content-type"] == "application/json; charset=utf-8"
+        assert answer.json() == {"ok": False, "error": "The relay could not read this HTTP request."}
+    else:
+        assert answer.headers["content-type"] == "text/plain; charset=utf-8"
+        assert answer.body == b"The relay could not read this HTTP request."
