@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import urlsplit
 
 MIN_SECRET_LENGTH = 32
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -48,6 +50,8 @@ class Settings:
     log_format: str = "text"
     insecure_cookies: bool = False
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    public_url: str = ""  # scheme://host[:port] the admins and the portal use; "" when not told
+    allowed_hosts: tuple[str, ...] = ()  # further Host names to answer to (relay_web.site)
     send_per_hour: int = 0
     queue_url: str = ""
     worker_threads: int = 8
@@ -119,6 +123,51 @@ def _parse_proxies(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Ne
                 f"RELAY_TRUSTED_PROXIES holds {item!r}, which is not an IP address or network."
             ) from None
     return tuple(networks)
+
+
+_HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?|[0-9a-f:.]*:[0-9a-f:.]*")
+
+
+def _parse_public_url(value: str) -> str:
+    """``scheme://host[:port]``, lower-cased, without a default port or a trailing slash."""
+    url = value.strip()
+    if not url:
+        return ""
+    expected = "a URL such as https://relay.example.org"
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"RELAY_PUBLIC_URL must be {expected} (http or https), not {url!r}.")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"RELAY_PUBLIC_URL must be {expected}, without a user name or password.")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"RELAY_PUBLIC_URL must be {expected} with no path, query or fragment (the relay is "
+                          f"served at the root of its address), not {url!r}.")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    host = (parts.hostname or "").rstrip(".")
+    if not host or port == -1 or not _HOST_NAME.fullmatch(host):
+        raise ConfigError(f"RELAY_PUBLIC_URL must be {expected} with a host name and an optional port, not {url!r}.")
+    scheme = parts.scheme.lower()
+    shown = f"[{host}]" if ":" in host else host
+    default = {"http": 80, "https": 443}[scheme]
+    return f"{scheme}://{shown}" + (f":{port}" if port not in (None, default) else "")
+
+
+def _parse_hosts(value: str) -> tuple[str, ...]:
+    hosts = []
+    for item in value.replace(";", ",").split(","):
+        name = item.strip().lower().rstrip(".")
+        if name.startswith("[") and name.endswith("]"):
+            name = name[1:-1]
+        if not name:
+            continue
+        if not _HOST_NAME.fullmatch(name):
+            raise ConfigError(f"RELAY_ALLOWED_HOSTS holds {item.strip()!r}, which is not a host name (give names "
+                              "such as relay.lan, without a scheme or port).")
+        hosts.append(name)
+    return tuple(hosts)
 
 
 def parse_database_url(value: str, name: str = "RELAY_DATABASE_URL") -> Secret | None:
@@ -193,6 +242,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         log_format=log_format,
         insecure_cookies=_parse_bool("RELAY_INSECURE_COOKIES", env.get("RELAY_INSECURE_COOKIES", "")),
         trusted_proxies=_parse_proxies(env.get("RELAY_TRUSTED_PROXIES", "")),
+        public_url=_parse_public_url(env.get("RELAY_PUBLIC_URL", "")),
+        allowed_hosts=_parse_hosts(env.get("RELAY_ALLOWED_HOSTS", "")),
         send_per_hour=_parse_int("RELAY_SEND_PER_HOUR", env.get("RELAY_SEND_PER_HOUR", "") or "0", 0),
         queue_url=env.get("RELAY_QUEUE_URL", "").strip(),
         worker_threads=_parse_int("RELAY_WORKER_THREADS", env.get("RELAY_WORKER_THREADS", "") or "8", 1),

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay_core import crypto
 from relay_core.config import Settings
@@ -35,8 +35,10 @@ from relay_core.tasks import build_queue
 from . import admin, api, metrics_endpoint
 from .api import ACCEPTED
 from .admin.pages import error_page
-from .headers import SecurityHeaders
+from . import site as relay_site
+from .headers import TLS_KEY, SecurityHeaders
 from .latency import LatencyBuffer
+from .site import Site, site_of
 from .state import AppState
 
 logger = logging.getLogger("relay.web")
@@ -125,11 +127,41 @@ async def flush_refusals_now(state: AppState) -> None:
             await asyncio.wait_for(asyncio.wrap_future(future) if future else asyncio.sleep(0.2), 5)
 
 
+class SiteCheck:
+    """The Host must be one the relay answers to (``site.py``); a request over TLS is marked for HSTS."""
+
+    def __init__(self, app: ASGIApp, site: Site) -> None:
+        self.app, self.site = app, site
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            if not self.site.allows(scope):
+                await self.refuse(scope, receive, send)
+                return
+            if self.site.over_tls(scope):
+                scope[TLS_KEY] = True
+        await self.app(scope, receive, send)
+
+    async def refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """400, as JSON under /api/ and a page elsewhere, and one (budgeted) log line."""
+        request = Request(scope, receive)
+        text = self.site.refusal(scope)
+        peer = request.client.host if request.client else ""
+        relay_site.refusal_log.warn("refused a request from %s for host %r", peer, request.headers.get("host", "")[:100],
+                                    **fields("web.host_refused", client=peer, status=400))
+        response = (JSONResponse({"ok": False, "error": text}, status_code=400) if _is_api(request)
+                    else error_page(request, 400, text))
+        await response(scope, receive, send)
+
+
 class RelayApp(Starlette):
-    """Starlette with the security headers outside everything, its own error middleware included."""
+    """Starlette with the security headers outside everything, its own error middleware included,
+    and the Host check just inside them."""
+
+    site: Site
 
     def build_middleware_stack(self) -> ASGIApp:
-        return SecurityHeaders(super().build_middleware_stack())
+        return SecurityHeaders(SiteCheck(super().build_middleware_stack(), self.site))
 
 
 def create_app(settings: Settings, store: Store | None = None) -> Starlette:
@@ -176,4 +208,6 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
     if settings.database_url:
         import psycopg  # imported only where PostgreSQL is the store
         handlers[psycopg.Error] = store_error
-    return RelayApp(routes=routes(), lifespan=lifespan, exception_handlers=handlers)
+    app = RelayApp(routes=routes(), lifespan=lifespan, exception_handlers=handlers)
+    app.site = site_of(settings)
+    return app

@@ -17,7 +17,7 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def _trusted(address: str, settings: Settings) -> bool:
+def trusted_peer(address: str, settings: Settings) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -28,10 +28,10 @@ def _trusted(address: str, settings: Settings) -> bool:
 def client_ip(request: Request, settings: Settings) -> str:
     """The peer address; behind a trusted proxy, the nearest untrusted X-Forwarded-For hop."""
     peer = request.client.host if request.client else ""
-    if not settings.trusted_proxies or not _trusted(peer, settings):
+    if not settings.trusted_proxies or not trusted_peer(peer, settings):
         return peer
     hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
     for hop in reversed(hops):
-        if not _trusted(hop, settings):
+        if not trusted_peer(hop, settings):
             return hop
     return hops[0] if hops else peer

@@ -1,7 +1,8 @@
 """Security headers on every response: one pure ASGI middleware, so no route can forget.
 
 Outside Starlette's own error middleware, so its 404, 405, 413 and 500 get the
-same headers; which headers and why is docs/security.md's (Headers).
+same headers; which headers and why is docs/security.md's (Headers). HSTS only
+when the request came over TLS (``TLS_KEY``, set by app.SiteCheck).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ STATIC_PREFIX = "/static/"
 STATIC_CACHE = "public, max-age=86400"  # static URLs carry a content hash (?v=), so a day is safe
 _TEXTUAL = frozenset({"application/javascript", "application/json", "application/xml", "image/svg+xml"})
 _STATE_KEY = "relay_csp_turnstile"
+TLS_KEY = "relay.tls"  # set in the scope (app.SiteCheck) when the request reached the relay over TLS
+HSTS = (b"strict-transport-security", b"max-age=31536000")  # a year; no includeSubDomains: not ours to promise
 
 
 def is_textual(content_type: str) -> bool:
@@ -39,11 +42,11 @@ _SET = (
     (b"referrer-policy", b"same-origin"),
     (b"x-frame-options", b"DENY"),
 )
-_SET_NAMES = frozenset(name for name, _ in _SET) | {b"cache-control"}
+_SET_NAMES = frozenset(name for name, _ in _SET) | {b"cache-control", HSTS[0]}
 _TURNSTILE_CSP = (b"content-security-policy", (BASE_POLICY + TURNSTILE_POLICY).encode())
 
 
-def _secured(raw: Any, status: int, static: bool, turnstile: bool) -> list[tuple[bytes, bytes]]:
+def _secured(raw: Any, status: int, static: bool, turnstile: bool, tls: bool) -> list[tuple[bytes, bytes]]:
     """The response's headers with ours set, replacing the app's (a static file's Cache-Control
     excepted), in one pass."""
     headers: list[tuple[bytes, bytes]] = []
@@ -66,12 +69,14 @@ def _secured(raw: Any, status: int, static: bool, turnstile: bool) -> list[tuple
         headers.append((b"cache-control", STATIC_CACHE.encode() if own_cache is None else own_cache))
     else:
         headers.append((b"cache-control", b"no-store"))
+    if tls:
+        headers.append(HSTS)
     return headers
 
 
 def api_headers(raw: list[tuple[bytes, bytes]], status: int) -> list[tuple[bytes, bytes]]:
     """An API answer's headers with ours set, for an answer written below the app (http_limits)."""
-    return _secured(raw, status, False, False)
+    return _secured(raw, status, False, False, False)
 
 
 class SecurityHeaders:
@@ -87,7 +92,7 @@ class SecurityHeaders:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = _secured(message.get("headers", ()), message["status"], static,
-                                              bool(scope.get("state", {}).get(_STATE_KEY)))
+                                              bool(scope.get("state", {}).get(_STATE_KEY)), TLS_KEY in scope)
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

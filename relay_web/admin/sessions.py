@@ -3,7 +3,9 @@
 The session lives in the store, so deleting its row is signing out whatever
 the browser holds. A CSRF token is an HMAC of the session id: nothing more to
 store, and it dies with the session. ``require_admin`` checks, in order: a
-session, a password that must change, then on POST Origin and CSRF.
+session, a password that must change, then on POST Origin and CSRF. With
+RELAY_PUBLIC_URL the Origin must be it, and an http:// Origin is refused where
+the relay knows it was reached over https (``site.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from relay_core.errors import Forbidden
 from relay_core.store.sessions import AdminSession, session_hash
 
 from ..auth import client_ip
+from ..site import Site, site_of
 from ..state import AppState
 from .forms import read_form
 
@@ -67,14 +70,18 @@ def _unsign(request: Request, purpose: str, cookie: str | None) -> str | None:
         return None
 
 
-def set_cookie(request: Request, response: Response, name: str, value: str) -> None:
-    response.set_cookie(name, value, httponly=True, samesite="lax", path="/",
-                        secure=not relay_state(request).settings.insecure_cookies)
+def site(request: Request) -> Site:
+    return site_of(relay_state(request).settings)
 
 
-def clear_cookie(request: Request, response: Response, name: str) -> None:
-    response.delete_cookie(name, path="/", httponly=True, samesite="lax",
-                           secure=not relay_state(request).settings.insecure_cookies)
+def set_cookie(request: Request, response: Response, name: str, value: str, path: str = "/",
+               max_age: int | None = None) -> None:
+    response.set_cookie(name, value, httponly=True, samesite="lax", path=path, max_age=max_age,
+                        secure=site(request).secure_cookies)
+
+
+def clear_cookie(request: Request, response: Response, name: str, path: str = "/") -> None:
+    response.delete_cookie(name, path=path, httponly=True, samesite="lax", secure=site(request).secure_cookies)
 
 
 # -- the session ------------------------------------------------------------------------
@@ -150,14 +157,15 @@ def check_login_token(request: Request, form: dict[str, str]) -> None:
     nonce = _unsign(request, "login", request.cookies.get(LOGIN_COOKIE))
     sent = form.get(CSRF_FIELD, "")
     if nonce is None or not sent or not hmac.compare_digest(sent, _token(request, "login", nonce)):
-        if (LOGIN_COOKIE not in request.cookies and not relay_state(request).settings.insecure_cookies
+        if (LOGIN_COOKIE not in request.cookies and site(request).secure_cookies
                 and request.headers.get("origin", "").startswith("http://")):
             raise Forbidden(PLAIN_HTTP)  # the form is fine: the browser held the cookie back
         raise Forbidden(BAD_TOKEN)
 
 
 # -- origin and CSRF ------------------------------------------------------------------------
-def _host_and_port(url: str) -> tuple[str, int | None] | None:
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    """(scheme, host name, port) of a URL; the scheme's default port when it names none."""
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     if not host:
@@ -166,34 +174,41 @@ def _host_and_port(url: str) -> tuple[str, int | None] | None:
         port = parts.port
     except ValueError:
         return None
-    return host, port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme.lower(), host, port or {"http": 80, "https": 443}.get(parts.scheme.lower())
 
 
-def same_origin(request: Request) -> bool:
+def same_origin(request: Request, site: Site | None = None) -> bool:
     """The Origin header (or the Referer, when Origin is absent) names the Host this was sent to.
 
     A Host without a port matches the origin's host name on any port: nginx's
     usual ``proxy_set_header Host $host`` drops the port the browser used.
     (Cookies do not tell ports apart either, so this opens nothing new.)
+    With ``site``: sent to the public URL's name, the origin must be the
+    public URL; and an http:// origin is refused where the request is known
+    to have come over https (a page on plain HTTP posting into the TLS site).
     """
     host_header = request.headers.get("host", "").strip()
     source = request.headers.get("origin") or request.headers.get("referer") or ""
     if not host_header or not source or source == "null":
         return False
-    origin = _host_and_port(source)
-    # The scheme the Host header was reached by does not matter here, only its name and port.
-    host = _host_and_port(f"//{host_header}")
+    origin = _origin(source)
+    host = _origin(f"//{host_header}")
     if origin is None or host is None:
         return False
-    if host[1] is None:
-        return hmac.compare_digest(origin[0], host[0])
-    if origin[1] in (80, 443) and host[1] in (80, 443):
-        return hmac.compare_digest(origin[0], host[0])  # a proxy terminating TLS on 443 forwards to :80
-    return hmac.compare_digest(f"{origin[0]}:{origin[1]}", f"{host[0]}:{host[1]}")
+    if site is not None:
+        if site.is_public_host(request.scope):
+            return origin == site.public_origin
+        if origin[0] != "https" and site.scheme(request.scope) == "https":
+            return False
+    if host[2] is None:
+        return hmac.compare_digest(origin[1], host[1])
+    if origin[2] in (80, 443) and host[2] in (80, 443):
+        return hmac.compare_digest(origin[1], host[1])  # a proxy terminating TLS on 443 forwards to :80
+    return hmac.compare_digest(f"{origin[1]}:{origin[2]}", f"{host[1]}:{host[2]}")
 
 
 def check_origin(request: Request) -> None:
-    if request.method not in SAFE_METHODS and not same_origin(request):
+    if request.method not in SAFE_METHODS and not same_origin(request, site(request)):
         raise Forbidden(FOREIGN_ORIGIN)
 
 

@@ -143,6 +143,33 @@ def test_bad_trusted_proxy_names_the_variable_and_the_item() -> None:
     assert text.startswith("RELAY_TRUSTED_PROXIES") and "'proxy.local'" in text
 
 
+def test_public_url_and_allowed_hosts_parsing() -> None:
+    settings = load(RELAY_PUBLIC_URL=" https://Relay.Example.org/ ", RELAY_ALLOWED_HOSTS="relay, LAN.example.;[fd00::5]")
+    assert settings.public_url == "https://relay.example.org"
+    assert settings.allowed_hosts == ("relay", "lan.example", "fd00::5")
+    assert load(RELAY_PUBLIC_URL="http://relay.lan:8000").public_url == "http://relay.lan:8000"
+    assert load(RELAY_PUBLIC_URL="https://relay.example.org:443").public_url == "https://relay.example.org"
+    assert (load().public_url, load().allowed_hosts) == ("", ())
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("relay.example.org", "https://relay.example.org"),  # no scheme
+    ("ftp://relay.example.org", "https://relay.example.org"),
+    ("https://relay.example.org/relay/", "path"),
+    ("https://user:pw@relay.example.org", "user name"),
+    ("https://relay.example.org/?x=1", "path"),
+    ("https://:8000", "host name"),
+])
+def test_bad_public_url_names_the_variable(value: str, fragment: str) -> None:
+    text = config_error({"RELAY_SECRET_KEY": SECRET, "RELAY_PUBLIC_URL": value})
+    assert text.startswith("RELAY_PUBLIC_URL") and fragment in text
+
+
+def test_bad_allowed_host_names_the_item() -> None:
+    text = config_error({"RELAY_SECRET_KEY": SECRET, "RELAY_ALLOWED_HOSTS": "relay, https://relay.lan"})
+    assert text.startswith("RELAY_ALLOWED_HOSTS") and "'https://relay.lan'" in text
+
+
 def test_secrets_never_print_themselves() -> None:
     settings = load(RELAY_ADMIN_PASSWORD="admin-pw-visible?", RELAY_METRICS_TOKEN="metrics-tok-visible?",
                     RELAY_SECRET_KEY_OLD=OTHER_SECRET)

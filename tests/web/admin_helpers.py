@@ -48,8 +48,9 @@ def field_value(page: str, name: str) -> str:
 class AdminClient:
     """A browser-like client: keeps cookies, sends Origin on posts, finds CSRF tokens."""
 
-    def __init__(self, client: TestClient) -> None:
+    def __init__(self, client: TestClient, origin: str = ORIGIN) -> None:
         self.client = client
+        self.origin = origin  # what the browser sends as Origin on its posts
 
     @property
     def state(self) -> Any:
@@ -63,14 +64,14 @@ class AdminClient:
         return token_in(response.text)
 
     def post(self, path: str, data: dict[str, str] | None = None, token: str | None = "auto",
-             origin: str | None = ORIGIN, token_from: str = "/settings", **headers: str) -> httpx.Response:
+             origin: str | None = "", token_from: str = "/settings", **headers: str) -> httpx.Response:
         fields = dict(data or {})
         if token == "auto":
             fields["csrf_token"] = self.token(token_from)
         elif token is not None:
             fields["csrf_token"] = token
         if origin is not None:
-            headers.setdefault("Origin", origin)
+            headers.setdefault("Origin", origin or self.origin)
         return self.client.post(path, data=fields, headers=headers, follow_redirects=False)
 
     def sign_in(self, username: str = "admin", password: str = PASSWORD, next_path: str = "/") -> httpx.Response:
@@ -92,9 +93,9 @@ def set_password(client: AdminClient, password: str = PASSWORD) -> None:
 
 
 @contextmanager
-def admin_client(settings: Settings, sign_in: bool = True) -> Iterator[AdminClient]:
-    with TestClient(create_app(settings), base_url=ORIGIN, client=("198.51.100.20", 40000)) as raw:
-        client = AdminClient(raw)
+def admin_client(settings: Settings, sign_in: bool = True, base_url: str = ORIGIN) -> Iterator[AdminClient]:
+    with TestClient(create_app(settings), base_url=base_url, client=("198.51.100.20", 40000)) as raw:
+        client = AdminClient(raw, base_url)
         if sign_in:
             set_password(client)
             response = client.sign_in()

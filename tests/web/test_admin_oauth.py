@@ -116,6 +116,34 @@ def test_google_authorization_code_with_pkce(client: AdminClient, stand_ins: Sta
     assert client.get(back.removeprefix("http://testserver")).status_code == 200  # a code works once
 
 
+def google_redirect_uri(client: AdminClient, stand_ins: StandIns, certs: Certificates, **headers: str) -> str:
+    """The redirect URI Connect Google account sends Google to (the address Google comes back to)."""
+    form = card(stand_ins[1], certs, smtp_auth="google", oauth_tenant="", oauth_client_id=GOOGLE_CLIENT_ID,
+                oauth_client_secret=GOOGLE_CLIENT_SECRET)
+    assert client.post("/settings/smtp", form).status_code == 303
+    away = client.get("/settings/oauth/google", headers=headers)
+    assert away.status_code == 302, away.text
+    return parse_qs(urlsplit(away.headers["location"]).query)["redirect_uri"][0]
+
+
+@pytest.mark.parametrize("how", ["public url", "trusted proxy"])
+def test_the_google_redirect_uri_is_the_relays_public_address(tmp_path: Path, stand_ins: StandIns,
+                                                               certs: Certificates, how: str) -> None:
+    """Google sends the admin back to the address the relay names, which must be the one registered
+    with Google: not the address this request happened to reach (a loopback name, http behind TLS)."""
+    authority, _ = stand_ins
+    if how == "public url":  # the admin came in through an SSH tunnel to 127.0.0.1:8000
+        settings = admin_settings(tmp_path, RELAY_PUBLIC_URL="http://relay.example.org:8026")
+        base, headers, expected = "http://127.0.0.1:8000", {}, "http://relay.example.org:8026"
+    else:  # TLS ended at a trusted proxy, which says so
+        settings = admin_settings(tmp_path, RELAY_TRUSTED_PROXIES="198.51.100.20")
+        base, headers, expected = "http://testserver", {"X-Forwarded-Proto": "https"}, "https://testserver"
+    with admin_client(settings, base_url=base) as client:
+        client.state.store.set_options({"oauth_google_authority": f"{authority.base}/google"})
+        uri = google_redirect_uri(client, stand_ins, certs, **headers)
+    assert uri == f"{expected}/settings/oauth/google/callback"
+
+
 def test_revoked_connection_is_said_on_the_card_and_the_dashboard(client: AdminClient, stand_ins: StandIns,
                                                                    certs: Certificates) -> None:
     authority, smtp = stand_ins

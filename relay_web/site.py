@@ -1,0 +1,113 @@
+"""The relay's own address: the Host names it answers to, and whether a request reached it over TLS.
+
+RELAY_PUBLIC_URL names the address its admins and the portal use. Once set,
+the relay answers only to that name, to the names in RELAY_ALLOWED_HOSTS (the
+portal on a compose network may call it ``relay``) and to the loopback names
+(the container's health check asks http://127.0.0.1:8000; no page of another
+site can make a browser send them, which is what a DNS-rebinding attack
+needs). Any other Host gets a 400 naming the fix. The public URL is also the
+address in the links the relay builds, the origin its forms must be posted
+from, and what decides the cookies' Secure flag.
+
+A request is over TLS when a trusted proxy says so (X-Forwarded-Proto from
+an address in RELAY_TRUSTED_PROXIES), else when it was sent to the public
+URL's name and that URL is https. Only then is HSTS sent: never over plain
+HTTP, where it would be a promise the relay cannot keep.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.requests import Request
+from starlette.types import Scope
+
+from relay_core.config import Settings
+
+from .auth import trusted_peer
+from .http_limits import LogBudget
+
+LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+refusal_log = LogBudget()  # a refused Host is one warning line, at most 10 a minute
+
+
+def host_name(header: str) -> str:
+    """The name of a Host header ("Relay.example.org:443" → "relay.example.org"), "" when it is not one."""
+    if not header or "@" in header or "/" in header or "\\" in header:
+        return ""
+    parts = urlsplit(f"//{header}")
+    try:
+        parts.port
+    except ValueError:
+        return ""
+    return (parts.hostname or "").rstrip(".")
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return ""
+
+
+class Site:
+    """What RELAY_PUBLIC_URL, RELAY_ALLOWED_HOSTS and RELAY_TRUSTED_PROXIES say about requests."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.public_url = settings.public_url
+        parts = urlsplit(settings.public_url)
+        self.public_scheme = parts.scheme
+        self.public_host = parts.hostname or ""
+        self.public_origin = (parts.scheme, self.public_host, parts.port or {"http": 80, "https": 443}.get(parts.scheme))
+        named = {self.public_host, *settings.allowed_hosts} - {""}
+        self.hosts: frozenset[str] | None = frozenset(named | LOOPBACK) if named else None
+        self.judges_tls = bool(self.public_url or settings.trusted_proxies)
+
+    def allows(self, scope: Scope) -> bool:
+        return self.hosts is None or host_name(_header(scope, b"host")).lower() in self.hosts
+
+    def is_public_host(self, scope: Scope) -> bool:
+        return bool(self.public_host) and host_name(_header(scope, b"host")).lower() == self.public_host
+
+    def scheme(self, scope: Scope) -> str:
+        """http or https, as the client's request was sent (see the module docstring)."""
+        client = scope.get("client")
+        if self.settings.trusted_proxies and client and trusted_peer(client[0], self.settings):
+            said = _header(scope, b"x-forwarded-proto").split(",")[0].strip().lower()
+            if said in ("http", "https"):
+                return said
+        if self.is_public_host(scope):
+            return self.public_scheme
+        return str(scope.get("scheme", "http"))
+
+    def over_tls(self, scope: Scope) -> bool:
+        return self.judges_tls and self.scheme(scope) == "https"
+
+    @property
+    def secure_cookies(self) -> bool:
+        """Secure unless told otherwise: by the public URL's scheme, or by RELAY_INSECURE_COOKIES=1."""
+        if self.public_url:
+            return self.public_scheme == "https"
+        return not self.settings.insecure_cookies
+
+    def url_for(self, request: Request, name: str, **params: Any) -> str:
+        """The absolute address of route ``name`` as the outside sees it (for links handed to others)."""
+        path = str(request.app.url_path_for(name, **params))
+        if self.public_url:
+            return self.public_url + path
+        return str(request.url_for(name, **params).replace(scheme=self.scheme(request.scope)))
+
+    def refusal(self, scope: Scope) -> str:
+        asked = host_name(_header(scope, b"host")) or _header(scope, b"host")
+        names = sorted(self.hosts - LOOPBACK) if self.hosts else []
+        return (f"This relay does not answer to the host name {asked[:100]!r}: it answers to "
+                f"{', '.join(names)} (RELAY_PUBLIC_URL, RELAY_ALLOWED_HOSTS). If that name is this relay's, "
+                "add it to RELAY_ALLOWED_HOSTS.")
+
+
+@functools.lru_cache(maxsize=16)
+def site_of(settings: Settings) -> Site:
+    return Site(settings)
