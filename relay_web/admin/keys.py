@@ -1,8 +1,9 @@
 """The API key card: Reveal, Generate new key, named keys (add, revoke) and each key's limits.
 
 Revealing is a POST (it shows a secret: CSRF token, audit trail). Reveal, Add
-and Generate redirect with a token only this session can read
-(``sign_for_session``), so reloading the page repeats nothing.
+and Generate redirect with a one-use cookie only this session can read
+(``show_once``), not a token in the URL, which would stay in the browser's
+history and in proxies' logs; reloading the page repeats nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from relay_core.options import parse_allowlist, parse_per_hour
 
 from .forms import FormState, confirmed, read_form
 from .settings_page import SHOW_KEY, actor, render_settings
-from .sessions import relay_state, require_admin, sign_for_session
+from .sessions import relay_state, require_admin, show_once
 from .templating import render
 
 MAX_LABEL = 60
@@ -32,8 +33,9 @@ def confirm_page(request: Request, action: str, question: str, button: str, back
 
 
 def _show(request: Request, key_id: int, saved: str) -> Response:
-    token = sign_for_session(request, SHOW_KEY, str(key_id))
-    return RedirectResponse(f"/settings?saved={saved}&show={token}#keys", status_code=303)
+    response = RedirectResponse(f"/settings?saved={saved}#keys", status_code=303)
+    show_once(request, response, SHOW_KEY, str(key_id), "/settings")
+    return response
 
 
 def _key(request: Request) -> int:

@@ -1,8 +1,9 @@
 """One message's page: envelope, headers, attachments, recipients, the timeline of attempts, the body.
 
 The body is shown only when an admin asks (a POST, audited): it may carry a
-password, as the portal's welcome mails do. HTML is shown as escaped source,
-never rendered.
+password, as the portal's welcome mails do. It is shown once, through a
+one-use cookie (``sessions.show_once``), never a token in the URL. HTML is
+shown as escaped source, never rendered.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from relay_core.message import OutgoingMessage
 from relay_core.store.queueview import MessageRecord
 
 from .queue_page import read_note
-from .sessions import relay_state, require_admin, sign_for_session, unsign_for_session
+from .sessions import forget_shown, relay_state, require_admin, show_once, shown_once
 from .settings_page import actor
 from .templating import render
 
@@ -95,10 +96,9 @@ def _context(request: Request, record: MessageRecord, show_body: bool) -> dict[s
 @require_admin
 async def message_page(request: Request) -> Response:
     record = await run_in_threadpool(_record, request)
-    token = request.query_params.get("body", "")
-    show = bool(token) and unsign_for_session(request, SHOW_BODY, token) == record.id
+    show = shown_once(request, SHOW_BODY) == record.id
     context = await run_in_threadpool(_context, request, record, show)
-    return render(request, "message.html", context)
+    return forget_shown(request, render(request, "message.html", context), f"/messages/{record.id}")
 
 
 @require_admin
@@ -107,5 +107,6 @@ async def reveal_body(request: Request) -> Response:
     who, ip = actor(request)
     await run_in_threadpool(relay_state(request).store.log.record_audit, who, ip, "message.body_viewed",
                             f"body viewed: message {record.id}")
-    token = sign_for_session(request, SHOW_BODY, record.id)
-    return RedirectResponse(f"/messages/{record.id}?body={token}#body", status_code=303)
+    response = RedirectResponse(f"/messages/{record.id}#body", status_code=303)
+    show_once(request, response, SHOW_BODY, record.id, f"/messages/{record.id}")
+    return response

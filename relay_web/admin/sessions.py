@@ -122,7 +122,11 @@ async def end_session(request: Request, response: Response) -> None:
     clear_cookie(request, response, SESSION_COOKIE)
 
 
-# -- short-lived values for this session, safe to put in a redirect URL ------------------------
+# -- short-lived values for this session ------------------------------------------------------
+SHOW_COOKIE = "relay_show"
+SHOW_SECONDS = 300
+
+
 def sign_for_session(request: Request, purpose: str, value: str) -> str:
     """A token carrying ``value`` that only this session can read back, for a few minutes: a POST
     that shows something once redirects to a GET carrying it, so a reload repeats nothing."""
@@ -130,7 +134,7 @@ def sign_for_session(request: Request, purpose: str, value: str) -> str:
     return serializer.dumps([value, request.state.session.id_hash])
 
 
-def unsign_for_session(request: Request, purpose: str, token: str, max_age: int = 300) -> str | None:
+def unsign_for_session(request: Request, purpose: str, token: str, max_age: int = SHOW_SECONDS) -> str | None:
     serializer = URLSafeTimedSerializer(relay_state(request).store.keys.session_key, salt=f"relay-admin-{purpose}")
     try:
         value, owner = serializer.loads(token, max_age=max_age)
@@ -140,6 +144,31 @@ def unsign_for_session(request: Request, purpose: str, token: str, max_age: int 
     if session is None or not isinstance(value, str) or not hmac.compare_digest(str(owner), session.id_hash):
         return None
     return value
+
+
+def show_once(request: Request, response: Response, purpose: str, value: str, path: str) -> None:
+    """Have the page at ``path`` (where ``response`` redirects) show a secret once, to this session.
+
+    The token rides in a short-lived HttpOnly cookie for that path, not in the
+    redirect's URL: an address stays in the browser's history and in proxies'
+    access logs. The page that reads it clears it (``shown_once``), so a
+    reload shows nothing.
+    """
+    set_cookie(request, response, SHOW_COOKIE, sign_for_session(request, purpose, value), path=path,
+               max_age=SHOW_SECONDS)
+
+
+def shown_once(request: Request, purpose: str) -> str | None:
+    """The value ``show_once`` asked this page to show, if its cookie is this session's and fresh."""
+    token = request.cookies.get(SHOW_COOKIE)
+    return unsign_for_session(request, purpose, token) if token else None
+
+
+def forget_shown(request: Request, response: Response, path: str) -> Response:
+    """Clear the cookie of ``show_once`` on the page's answer: it is used once."""
+    if SHOW_COOKIE in request.cookies:
+        clear_cookie(request, response, SHOW_COOKIE, path=path)
+    return response
 
 
 # -- the sign-in form's token -------------------------------------------------------------

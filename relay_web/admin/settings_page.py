@@ -21,7 +21,7 @@ from relay_core.store import ApiKey
 
 from ..auth import client_ip
 from .forms import FormState, parse_fields, read_form
-from .sessions import relay_state, require_admin, unsign_for_session
+from .sessions import forget_shown, relay_state, require_admin, shown_once
 from .templating import render
 
 SMTP_LABELS = {
@@ -79,9 +79,8 @@ def actor(request: Request) -> tuple[str, str]:
 
 
 def _shown_key(request: Request) -> dict[int, str]:
-    """The key a Reveal, Add or Generate asked to show (see ``keys.py``), if its token is good."""
-    token = request.query_params.get("show", "")
-    value = unsign_for_session(request, SHOW_KEY, token) if token else None
+    """The key a Reveal, Add or Generate asked to show (see ``keys.py``), if its cookie is good."""
+    value = shown_once(request, SHOW_KEY)
     if value is None or not value.isdigit():
         return {}
     store = relay_state(request).store
@@ -139,7 +138,7 @@ def render_settings(request: Request, forms: dict[str, FormState] | None = None,
     }
     keys = _key_rows(request, _shown_key(request))
     primary = next((k for k in keys if k["is_primary"] and k["revoked_at"] is None), None)
-    return render(request, "settings.html", {
+    return forget_shown(request, render(request, "settings.html", {
         "forms_state": state,
         "notice": notice or NOTICES.get(request.query_params.get("saved", ""), ""),
         "notice_card": "" if notice else NOTICE_CARDS.get(request.query_params.get("saved", ""),
@@ -157,7 +156,7 @@ def render_settings(request: Request, forms: dict[str, FormState] | None = None,
         "delivery_hints": DELIVERY_HINTS,
         "test": _test_outcome(request),
         "audit": relay_state(request).store.log.audit_entries(limit=20),
-    }, status_code=status_code)
+    }, status_code=status_code), "/settings")
 
 
 @require_admin

@@ -102,6 +102,12 @@ def test_every_page_has_no_axe_violations(open_page: Any, watch: Any, busy_relay
         found += cramped(page)
     # The error page's own 404 is meant (the browser reports every 404 as a console error).
     watch.problems[:] = [p for p in watch.problems if "/no-such-page" not in p]
+    # Settings with a key revealed (its field and Copy button).
+    page.goto(f"{relay.url}/settings#keys")
+    page.locator("#keys").get_by_role("button", name="Reveal").first.click()
+    page.wait_for_load_state()
+    assert page.locator("#keys input.mono").count() == 1
+    found += violations(page)
     # A confirmation page: cancel the deferred message, asked first.
     page.goto(f"{relay.url}/")
     page.locator(f"#row-{deferred} button", has_text="Cancel").click()

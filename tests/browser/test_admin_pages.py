@@ -131,9 +131,12 @@ def test_reveal_copy_add_and_revoke_keys(open_page: Callable[..., Page], relay: 
         expect(keys.locator(".key-masked")).to_contain_text("tsr_••••")  # text, not a field to copy bullets from
         expect(keys.get_by_label("Portal key")).to_have_count(0)
         keys.get_by_role("button", name="Reveal").first.click()
+        # No token in the address: it would stay in the history and in a proxy's access log.
+        expect(page).to_have_url(f"{relay.url}/settings?saved=revealed#keys")
         keys = page.locator("#keys")
         first_key = keys.get_by_label("Portal key").input_value()
         assert first_key.startswith("tsr_") and "•" not in first_key
+        assert [c["name"] for c in page.context.cookies() if c["name"] == "relay_show"] == []  # used up
         keys.get_by_role("button", name="Copy").first.click()
         expect(keys.get_by_role("button", name="Copied")).to_be_visible()
         copied = page.evaluate("navigator.clipboard.readText()")
@@ -148,6 +151,7 @@ def test_reveal_copy_add_and_revoke_keys(open_page: Callable[..., Page], relay: 
         page.locator("#f-new_allowed_from").fill("example.org")
         page.get_by_role("button", name="Add key").click()
         expect(page.get_by_role("status").first).to_contain_text("Key added.")
+        expect(page).to_have_url(f"{relay.url}/settings?saved=added#keys")
         row = page.locator("#keys tr", has_text="portal-2025")
         expect(row.get_by_label("Sends per hour")).to_have_value("50")
         expect(row.locator("td").nth(1)).to_have_text(re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d UTC$"))  # created
@@ -165,6 +169,7 @@ def test_reveal_copy_add_and_revoke_keys(open_page: Callable[..., Page], relay: 
                                    "text": "t"})
         assert spoofed.status_code == 403 and "Allowed From list of the API key" in spoofed.json()["error"]
         page.reload()
+        expect(page.locator("#keys input.mono")).to_have_count(0)  # shown once: a reload shows no key
         row = page.locator("#keys tr", has_text="portal-2025")
         expect(row).to_contain_text("just now")  # last used
         row.get_by_label("Sends per hour").fill("60")

@@ -191,6 +191,7 @@ def test_message_page_with_an_audited_body_reveal(page: Page, relay: BrowserRela
         expect(page.locator("body")).not_to_contain_text("hunter2")
 
         page.get_by_role("button", name="Show the body").click()
+        expect(page).to_have_url(f"{relay.url}/messages/{message_id}#body")  # no token in the address
         body = page.locator("#body")
         expect(body.locator("pre").first).to_have_text("Your temporary password is hunter2-Xy")
         expect(body.locator("pre").nth(1)).to_have_text("<p>Hello <b>there</b></p>")  # its source, as text
