@@ -11,8 +11,9 @@ from, and what decides the cookies' Secure flag.
 
 A request is over TLS when a trusted proxy says so (X-Forwarded-Proto from
 an address in RELAY_TRUSTED_PROXIES), else when it was sent to the public
-URL's name and that URL is https. Only then is HSTS sent: never over plain
-HTTP, where it would be a promise the relay cannot keep.
+URL's name and that URL is https; with RELAY_TRUSTED_PROXIES set, one that
+did not come through those proxies came straight, over plain HTTP. Only a
+request over TLS gets HSTS.
 """
 
 from __future__ import annotations
@@ -74,8 +75,10 @@ class Site:
 
     def scheme(self, scope: Scope) -> str:
         """http or https, as the client's request was sent (see the module docstring)."""
-        client = scope.get("client")
-        if self.settings.trusted_proxies and client and trusted_peer(client[0], self.settings):
+        if self.settings.trusted_proxies:
+            client = scope.get("client")
+            if not (client and trusted_peer(client[0], self.settings)):
+                return str(scope.get("scheme", "http"))  # not through a known proxy: as it arrived
             said = _header(scope, b"x-forwarded-proto").split(",")[0].strip().lower()
             if said in ("http", "https"):
                 return said

@@ -7,7 +7,9 @@ and forwards exactly as the guide's snippet does (`Host $host`,
 Two relays sit behind it: one told to believe the proxy
 (RELAY_TRUSTED_PROXIES=127.0.0.1), one not. The client connects from
 127.0.0.2, so its address and the proxy's (127.0.0.1) can be told apart in
-the transaction log.
+the transaction log. A third is told its public address (RELAY_PUBLIC_URL,
+https://relay.test:<port>) and believes the proxy, which also sends
+`X-Forwarded-Proto $scheme` as docs/operating.md suggests.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from support import Certificates, RelayProcess, SmtpServer, cli, free_port, rela
 pytestmark = pytest.mark.slow
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 CLIENT_ADDRESS = "127.0.0.2"  # any 127/8 address is this machine's loopback
+FORWARDED_PROTO = "\n            proxy_set_header X-Forwarded-Proto $scheme;"
+PUBLIC_NAME = "relay.test"
 
 
 @dataclass
@@ -54,7 +58,7 @@ class Backend:
         return str(row[0])
 
 
-def nginx_config(directory: Path, cert: Path, key: Path, routes: dict[int, int]) -> str:
+def nginx_config(directory: Path, cert: Path, key: Path, routes: dict[int, int], proto: set[int]) -> str:
     # `user` only means something when nginx starts as root: then its workers stay root,
     # so they can use this temp directory; as another user the line is ignored.
     user = "user root;\n" if os.geteuid() == 0 else ""
@@ -67,7 +71,7 @@ def nginx_config(directory: Path, cert: Path, key: Path, routes: dict[int, int])
         location / {{
             proxy_pass http://127.0.0.1:{upstream};
             proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-For $remote_addr;{FORWARDED_PROTO if listen in proto else ""}
         }}
     }}""" for listen, upstream in routes.items())
     return f"""{user}daemon off;
@@ -98,17 +102,20 @@ def proxied(tmp_path_factory: pytest.TempPathFactory, certs: Certificates,
             smtp: SmtpServer) -> Iterator[dict[str, Backend]]:
     root = tmp_path_factory.mktemp("proxy")
     backends: dict[str, Backend] = {}
-    for name, trusted in (("trusting", "127.0.0.1"), ("untrusting", "")):
+    for name, trusted in (("trusting", "127.0.0.1"), ("untrusting", ""), ("public", "127.0.0.1")):
         (root / name).mkdir()
-        env = relay_env(root / name / "data", RELAY_TRUSTED_PROXIES=trusted)
+        proxy_port = free_port()
+        public = {"RELAY_PUBLIC_URL": f"https://{PUBLIC_NAME}:{proxy_port}"} if name == "public" else {}
+        env = relay_env(root / name / "data", RELAY_TRUSTED_PROXIES=trusted, **public)
         cli(env, "config", "set", *smtp.settings())
-        backends[name] = Backend(name, env, RelayProcess("run", env, root / name, port=free_port()), free_port())
+        backends[name] = Backend(name, env, RelayProcess("run", env, root / name, port=free_port()), proxy_port)
     issued = certs.ca.issue_cert("127.0.0.1", "localhost")
     cert, key = root / "server.pem", root / "server.key"
     cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
     issued.private_key_pem.write_to_path(str(key))
     (root / "nginx.conf").write_text(nginx_config(root, cert, key,
-                                                  {b.proxy_port: b.process.port for b in backends.values()}))
+                                                  {b.proxy_port: b.process.port for b in backends.values()},
+                                                  {backends["public"].proxy_port}))
     output = open(root / "nginx.out", "wb")
     nginx = subprocess.Popen([NGINX, "-p", str(root), "-c", str(root / "nginx.conf")],
                              stdout=output, stderr=subprocess.STDOUT)
@@ -210,3 +217,35 @@ def test_the_admin_session_cookie_is_secure_behind_the_proxy(proxied: dict[str, 
         follow = http.get(signed_in.headers["location"])
         assert follow.status_code == 200 and "Change password" in follow.text
     assert all("secure" in [p.strip().lower() for p in c.split(";")] for c in cookies)
+
+
+def test_a_public_url_behind_the_proxy(proxied: dict[str, Backend], certs: Certificates) -> None:
+    """The browser asks for https://relay.test:<port> (nginx passes the name on as Host): HSTS on the
+    answers, sign-in from that origin only, Secure cookies; another name gets the 400, through nginx too."""
+    backend = proxied["public"]
+    origin = f"https://{PUBLIC_NAME}:{backend.proxy_port}"
+    named = {"Host": f"{PUBLIC_NAME}:{backend.proxy_port}"}
+    with client(certs, backend.proxy_port) as http:
+        page = http.get("/login", headers=named)
+        assert page.status_code == 200 and page.headers["strict-transport-security"] == "max-age=31536000"
+        token = page.text.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+        form = {"username": "admin", "password": "admin-pass-123", "csrf_token": token, "next": "/"}
+        for foreign in (f"http://{PUBLIC_NAME}:{backend.proxy_port}", f"https://{PUBLIC_NAME}"):
+            refused = http.post("/login", headers={**named, "Origin": foreign}, data=form)
+            assert refused.status_code == 403, foreign
+        signed_in = http.post("/login", headers={**named, "Origin": origin}, data=form)
+        assert signed_in.status_code == 303, signed_in.text
+        assert "secure" in signed_in.headers["set-cookie"].lower()
+        stranger = http.get("/healthz", headers={"Host": "evil.example"})
+        assert stranger.status_code == 400 and PUBLIC_NAME in stranger.json()["error"]
+        assert stranger.headers["x-content-type-options"] == "nosniff"
+        # Through the proxy by its address (nginx's Host is then 127.0.0.1): still over TLS, it says.
+        assert http.get("/healthz").headers["strict-transport-security"] == "max-age=31536000"
+    # Straight to the relay, not through the proxy: plain HTTP, so no HSTS, whatever the Host says.
+    transport = httpx.HTTPTransport(local_address=CLIENT_ADDRESS)
+    with httpx.Client(base_url=backend.process.url, transport=transport, timeout=30) as direct:
+        answer = direct.get("/healthz", headers=named)
+        assert answer.status_code == 200 and "strict-transport-security" not in answer.headers
+    for name in ("trusting", "untrusting"):  # nginx sends them no X-Forwarded-Proto, and they have no public URL
+        with client(certs, proxied[name].proxy_port) as http:
+            assert "strict-transport-security" not in http.get("/healthz").headers, name

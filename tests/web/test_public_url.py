@@ -182,6 +182,10 @@ def test_hsts_only_when_the_relay_knows_it_is_behind_tls(tmp_path: Path) -> None
     assert hsts(proxy, **{"X-Forwarded-Proto": "http"}) is None
     assert hsts(proxy, peer="203.0.113.9", **{"X-Forwarded-Proto": "https"}) is None  # not the proxy
     assert hsts(proxy) is None
+    # With both: a request that did not come through a known proxy came straight, over plain HTTP.
+    both = admin_settings(tmp_path / "both", RELAY_PUBLIC_URL=PUBLIC, RELAY_TRUSTED_PROXIES="198.51.100.0/24")
+    assert hsts(both) == "max-age=31536000"
+    assert hsts(both, peer="203.0.113.9") is None
     # The portal's sends are answered before the middleware: they carry it too.
     with admin_client(public, base_url=PUBLIC) as client:
         sent = client.client.post("/api/send", json=GOOD_MESSAGE, headers=bearer(configured(client)))
