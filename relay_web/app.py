@@ -35,7 +35,6 @@ from relay_core.tasks import build_queue
 from . import admin, api, metrics_endpoint
 from .api import ACCEPTED
 from .admin.pages import error_page
-from . import site as relay_site
 from .headers import TLS_KEY, SecurityHeaders
 from .latency import LatencyBuffer
 from .site import Site, site_of
@@ -145,10 +144,7 @@ class SiteCheck:
     async def refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         """400, as JSON under /api/ and a page elsewhere, and one (budgeted) log line."""
         request = Request(scope, receive)
-        text = self.site.refusal(scope)
-        peer = request.client.host if request.client else ""
-        relay_site.refusal_log.warn("refused a request from %s for host %r", peer, request.headers.get("host", "")[:100],
-                                    **fields("web.host_refused", client=peer, status=400))
+        text = self.site.refuse(scope)
         response = (JSONResponse({"ok": False, "error": text}, status_code=400) if _is_api(request)
                     else error_page(request, 400, text))
         await response(scope, receive, send)

@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.types import Scope
 
 from relay_core.config import Settings
+from relay_core.logs import fields
 
 from .auth import trusted_peer
 from .http_limits import LogBudget
@@ -62,16 +63,17 @@ class Site:
         parts = urlsplit(settings.public_url)
         self.public_scheme = parts.scheme
         self.public_host = parts.hostname or ""
-        self.public_origin = (parts.scheme, self.public_host, parts.port or {"http": 80, "https": 443}.get(parts.scheme))
+        default_port = {"http": 80, "https": 443}.get(parts.scheme)
+        self.public_origin = (parts.scheme, self.public_host, parts.port or default_port)
         named = {self.public_host, *settings.allowed_hosts} - {""}
         self.hosts: frozenset[str] | None = frozenset(named | LOOPBACK) if named else None
         self.judges_tls = bool(self.public_url or settings.trusted_proxies)
 
     def allows(self, scope: Scope) -> bool:
-        return self.hosts is None or host_name(_header(scope, b"host")).lower() in self.hosts
+        return self.hosts is None or host_name(_header(scope, b"host")) in self.hosts
 
     def is_public_host(self, scope: Scope) -> bool:
-        return bool(self.public_host) and host_name(_header(scope, b"host")).lower() == self.public_host
+        return bool(self.public_host) and host_name(_header(scope, b"host")) == self.public_host
 
     def scheme(self, scope: Scope) -> str:
         """http or https, as the client's request was sent (see the module docstring)."""
@@ -103,12 +105,16 @@ class Site:
             return self.public_url + path
         return str(request.url_for(name, **params).replace(scheme=self.scheme(request.scope)))
 
-    def refusal(self, scope: Scope) -> str:
-        asked = host_name(_header(scope, b"host")) or _header(scope, b"host")
-        names = sorted(self.hosts - LOOPBACK) if self.hosts else []
-        return (f"This relay does not answer to the host name {asked[:100]!r}: it answers to "
-                f"{', '.join(names)} (RELAY_PUBLIC_URL, RELAY_ALLOWED_HOSTS). If that name is this relay's, "
-                "add it to RELAY_ALLOWED_HOSTS.")
+    def refuse(self, scope: Scope) -> str:
+        """Log a refused Host (one budgeted line); the 400's sentence: the name and the fix, not the allowed names."""
+        asked = _header(scope, b"host")
+        client = scope.get("client")
+        peer = client[0] if client else ""
+        refusal_log.warn("refused a request from %s for host %r", peer, asked[:100],
+                         **fields("web.host_refused", client=peer, status=400))
+        where = f" (its address is {self.public_url})" if self.public_url else ""
+        return (f"This relay does not answer to the host name {asked[:100]!r}{where}. If that name is this "
+                "relay's too, add it to RELAY_ALLOWED_HOSTS, or set RELAY_PUBLIC_URL to it.")
 
 
 @functools.lru_cache(maxsize=16)

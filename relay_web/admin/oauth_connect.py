@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from relay_core.delivery import oauth
 
 from .forms import FormState
-from .sessions import relay_state, require_admin, site
+from .sessions import relay_state, require_admin, site_for
 from .settings_page import SMTP_FIELDS, actor, render_settings
 
 PENDING_SECONDS = 600.0  # a Google sign-in must come back within this
@@ -82,7 +82,7 @@ async def microsoft_status(request: Request) -> Response:
 async def connect_google(request: Request) -> Response:
     store = relay_state(request).store
     options = dataclasses.replace(store.options(), smtp_auth="google")
-    redirect_uri = site(request).url_for(request, "oauth_google_callback")  # registered with Google: the public one
+    redirect_uri = site_for(request).url_for(request, "oauth_google_callback")  # the one registered with Google
     try:
         started = await run_in_threadpool(oauth.authorization, options, redirect_uri)
     except oauth.OAuthError as exc:

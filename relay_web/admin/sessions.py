@@ -70,18 +70,18 @@ def _unsign(request: Request, purpose: str, cookie: str | None) -> str | None:
         return None
 
 
-def site(request: Request) -> Site:
+def site_for(request: Request) -> Site:
     return site_of(relay_state(request).settings)
 
 
 def set_cookie(request: Request, response: Response, name: str, value: str, path: str = "/",
                max_age: int | None = None) -> None:
     response.set_cookie(name, value, httponly=True, samesite="lax", path=path, max_age=max_age,
-                        secure=site(request).secure_cookies)
+                        secure=site_for(request).secure_cookies)
 
 
 def clear_cookie(request: Request, response: Response, name: str, path: str = "/") -> None:
-    response.delete_cookie(name, path=path, httponly=True, samesite="lax", secure=site(request).secure_cookies)
+    response.delete_cookie(name, path=path, httponly=True, samesite="lax", secure=site_for(request).secure_cookies)
 
 
 # -- the session ------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def check_login_token(request: Request, form: dict[str, str]) -> None:
     nonce = _unsign(request, "login", request.cookies.get(LOGIN_COOKIE))
     sent = form.get(CSRF_FIELD, "")
     if nonce is None or not sent or not hmac.compare_digest(sent, _token(request, "login", nonce)):
-        if (LOGIN_COOKIE not in request.cookies and site(request).secure_cookies
+        if (LOGIN_COOKIE not in request.cookies and site_for(request).secure_cookies
                 and request.headers.get("origin", "").startswith("http://")):
             raise Forbidden(PLAIN_HTTP)  # the form is fine: the browser held the cookie back
         raise Forbidden(BAD_TOKEN)
@@ -237,7 +237,7 @@ def same_origin(request: Request, site: Site | None = None) -> bool:
 
 
 def check_origin(request: Request) -> None:
-    if request.method not in SAFE_METHODS and not same_origin(request, site(request)):
+    if request.method not in SAFE_METHODS and not same_origin(request, site_for(request)):
         raise Forbidden(FOREIGN_ORIGIN)
 
 
