@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Callable
+from typing import Any, Callable
 
 import httpx
 import pytest
@@ -304,3 +304,37 @@ def test_the_queue_page_refreshes_itself(page: Page, relay: BrowserRelay) -> Non
         wait_until(lambda: server.received, what="the delivery")
         expect(sent).to_have_text("1", timeout=15_000)  # app.js reloaded the region; nobody clicked
         assert page.evaluate("window.stillTheSamePage") is True  # the region was replaced, not the page
+
+
+def test_the_admin_pages_at_the_relays_public_url(open_page: Callable[..., Page], watch: Watch, tmp_path: Any,
+                                                  certs: Certificates) -> None:
+    """RELAY_PUBLIC_URL in a real browser: the pages work at that address (Chromium's own Origin on every
+    post), still at 127.0.0.1 (loopback), and another name gets the 400 page. (*.localhost is loopback
+    to Chromium, so relay.localhost needs no DNS; to the relay it is a name like any other.)"""
+    relay = BrowserRelay(tmp_path, ADMIN_PASSWORD, SSL_CERT_FILE=str(certs.ca_file))
+    public = f"http://relay.localhost:{relay.process.port}"
+    relay.env["RELAY_PUBLIC_URL"] = public
+    relay.start()
+    try:
+        page = open_page()
+        page.goto(f"{public}/login")
+        sign_in(page, relay)
+        expect(page).to_have_url(f"{public}/")
+        page.goto(f"{public}/settings#keys")
+        page.locator("#keys").get_by_role("button", name="Reveal").first.click()
+        expect(page).to_have_url(f"{public}/settings?saved=revealed#keys")
+        assert page.locator("#keys").get_by_label("Portal key").input_value() == relay.key()
+        page.get_by_role("button", name="Save sign-in protection").click()
+        expect(page.get_by_role("status").first).to_have_text("Sign-in protection saved.")
+
+        other = open_page()
+        other.goto(f"{relay.url}/login")  # 127.0.0.1: the health check's name, always answered
+        expect(other.get_by_role("button", name="Sign in")).to_be_visible()
+        answer = other.goto(f"http://other.localhost:{relay.process.port}/login")
+        assert answer is not None and answer.status == 400
+        expect(other.locator("main")).to_contain_text("does not answer to the host name")
+        expect(other.locator("main")).to_contain_text("RELAY_ALLOWED_HOSTS")
+    finally:
+        relay.stop()
+    # That 400 is meant (the browser reports every 4xx document as a console error).
+    watch.problems[:] = [p for p in watch.problems if "other.localhost" not in p]
