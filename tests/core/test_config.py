@@ -144,9 +144,10 @@ def test_bad_trusted_proxy_names_the_variable_and_the_item() -> None:
 
 
 def test_public_url_and_allowed_hosts_parsing() -> None:
-    settings = load(RELAY_PUBLIC_URL=" https://Relay.Example.org/ ", RELAY_ALLOWED_HOSTS="relay, LAN.example.;[fd00::5]")
+    settings = load(RELAY_PUBLIC_URL=" https://Relay.Example.org/ ",
+                    RELAY_ALLOWED_HOSTS="relay, LAN.example.;[fd00::5],tspro_relay")
     assert settings.public_url == "https://relay.example.org"
-    assert settings.allowed_hosts == ("relay", "lan.example", "fd00::5")
+    assert settings.allowed_hosts == ("relay", "lan.example", "fd00::5", "tspro_relay")
     assert load(RELAY_PUBLIC_URL="http://relay.lan:8000").public_url == "http://relay.lan:8000"
     assert load(RELAY_PUBLIC_URL="https://relay.example.org:443").public_url == "https://relay.example.org"
     assert (load().public_url, load().allowed_hosts) == ("", ())
