@@ -4,7 +4,9 @@ uvicorn's httptools protocol reads a request head of any size for as long as
 the client likes: one endless header line grew the process by 150 MiB, and half
 a head held a connection for good (h11 has a limit but serves half as many
 requests). The limits and their answers are in docs/security.md; warnings are
-rate-limited so a client reconnecting in a loop does not fill the disk.
+rate-limited so a client reconnecting in a loop does not fill the disk. What
+httptools cannot parse uvicorn answers itself (``send_400_response``): here
+with the security headers, and our budgeted line instead of uvicorn's.
 """
 
 from __future__ import annotations
@@ -63,6 +65,21 @@ class LogBudget:
 refusal_log = LogBudget()
 
 
+INVALID_REQUEST = "Invalid HTTP request received."  # uvicorn's line for what httptools cannot parse
+
+
+class _WithoutInvalidRequestLine(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """uvicorn's logger, less its line for an unparsable request: ``send_400_response`` writes a budgeted one."""
+
+    @property
+    def level(self) -> int:  # uvicorn reads it before each trace line
+        return self.logger.level
+
+    def warning(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        if msg != INVALID_REQUEST:
+            super().warning(msg, *args, **kwargs)
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a bounded request head and deadlines for head and body."""
 
@@ -78,6 +95,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._since = 0.0  # when the head began, or the body last moved
         self._answered = False  # the app answered before the request's body ended
         self._timer: asyncio.TimerHandle | None = None
+        self.logger = _WithoutInvalidRequestLine(self.logger, {})  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
@@ -162,16 +180,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         return self.client[0] if self.client else ""
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to a request httptools cannot parse (it has logged its own line)."""
-        self._refuse(400, logged=True)
+        """uvicorn's answer to a request httptools cannot parse."""
+        self._refuse(400)
 
-    def _refuse(self, status: int, logged: bool = False) -> None:
+    def _refuse(self, status: int) -> None:
         """Answer 400, 431, 408 or 503 in the contract's shape, with the security headers, and hang up."""
         text = _REFUSALS[status].format(limit=self.head_limit, seconds=self.head_seconds,
                                         connections=self.max_connections)
-        if not logged:
-            refusal_log.warn("refused a request from %s with %d: %s", self._peer(), status, text,
-                             **fields("web.head_refused", client=self._peer(), status=status))
+        refusal_log.warn("refused a request from %s with %d: %s", self._peer(), status, text,
+                         **fields("web.head_refused", client=self._peer(), status=status))
         if self.cycle is not None and not self.cycle.response_complete:
             self.transport.close()  # a pipelined head while the app still answers: no room for ours
             return

@@ -351,14 +351,16 @@ def test_refusal_lines_are_capped_per_minute_and_the_rest_counted(caplog: pytest
 
 
 @pytest.mark.parametrize("path", ["/api/health", "/login"])
-def test_a_request_the_parser_cannot_read_gets_400_with_the_security_headers(settings: Settings, path: str) -> None:
+def test_a_request_the_parser_cannot_read_gets_400_with_the_security_headers(
+        settings: Settings, path: str, caplog: pytest.LogCaptureFixture) -> None:
     """uvicorn answers what httptools cannot parse itself ("Invalid HTTP request received."): that answer
-    carries the security headers too, and the contract's JSON under /api/."""
+    carries the security headers too, and the contract's JSON under /api/; its line is a budgeted one."""
     with serving(settings) as relay:
         with relay.connect() as sock:
             sock.sendall(f"GET {path} HTTP/1.1\r\nHost: relay\r\nA header without its colon\r\n\r\n".encode())
             answer = read_answer(sock)
     assert answer.status == 400 and answer.closed
+    assert only_line(caplog, "web.head_refused").status == 400  # type: ignore[attr-defined]
     for name, value in (("x-content-type-options", "nosniff"), ("x-frame-options", "DENY"),
                         ("cache-control", "no-store"), ("referrer-policy", "same-origin")):
         assert answer.headers.get(name) == value, (name, answer.headers)
