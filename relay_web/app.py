@@ -157,7 +157,10 @@ class RelayApp(Starlette):
     site: Site
 
     def build_middleware_stack(self) -> ASGIApp:
-        return SecurityHeaders(SiteCheck(super().build_middleware_stack(), self.site))
+        stack = super().build_middleware_stack()
+        if self.site.hosts is not None or self.site.judges_tls:  # else it has nothing to check: not in the way
+            stack = SiteCheck(stack, self.site)
+        return SecurityHeaders(stack)
 
 
 def create_app(settings: Settings, store: Store | None = None) -> Starlette:
