@@ -1,19 +1,11 @@
 """The relay's own address: the Host names it answers to, and whether a request reached it over TLS.
 
-RELAY_PUBLIC_URL names the address its admins and the portal use. Once set,
-the relay answers only to that name, to the names in RELAY_ALLOWED_HOSTS (the
-portal on a compose network may call it ``relay``) and to the loopback names
-(the container's health check asks http://127.0.0.1:8000; no page of another
-site can make a browser send them, which is what a DNS-rebinding attack
-needs). Any other Host gets a 400 naming the fix. The public URL is also the
-address in the links the relay builds, the origin its forms must be posted
-from, and what decides the cookies' Secure flag.
-
-A request is over TLS when a trusted proxy says so (X-Forwarded-Proto from
-an address in RELAY_TRUSTED_PROXIES), else when it was sent to the public
-URL's name and that URL is https; with RELAY_TRUSTED_PROXIES set, one that
-did not come through those proxies came straight, over plain HTTP. Only a
-request over TLS gets HSTS.
+The loopback names are always answered: the container's health check asks
+http://127.0.0.1:8000, and no other site's page can make a browser send them,
+which a DNS-rebinding attack would need. With RELAY_TRUSTED_PROXIES set, a
+request that did not come through those proxies came straight, so over plain
+HTTP, whatever its Host. What the settings change is docs/operating.md's
+(HTTPS in front) and docs/security.md's.
 """
 
 from __future__ import annotations
