@@ -3,14 +3,17 @@ queue holds. Used by the test modules of tests/web that call /api/ (test_api.py 
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import httpx
 from starlette.testclient import TestClient
 
 from relay_core.config import Settings, load_settings
 from relay_core.options import parse_option
 from relay_web.app import create_app
+from relay_web.headers import STATIC_CACHE
 from support import SECRET
 
 
@@ -59,3 +62,30 @@ def flush_refusals(client: TestClient) -> None:
     future = client.app.state.relay.flush_refusals()  # type: ignore[attr-defined]
     if future is not None:
         future.result(10)
+
+
+REQUIRED_CSP = ("default-src 'self'", "object-src 'none'", "base-uri 'none'", "frame-ancestors 'none'",
+                "form-action 'self'")
+TEXT_TYPES = re.compile(r"^(text/|application/(javascript|json|xml)|image/svg\+xml|[a-z]+/[a-z.+-]+\+(json|xml))")
+
+
+def check_headers(response: httpx.Response, what: str) -> None:
+    """The security headers, each once (test_headers.py walks every route with this)."""
+    headers = response.headers
+    for name in ("content-security-policy", "x-content-type-options", "referrer-policy", "cache-control",
+                 "x-frame-options"):
+        assert len(headers.get_list(name)) == 1, f"{what}: {name} is {headers.get_list(name)}"
+    directives = {d.strip() for d in headers["content-security-policy"].split(";")}
+    missing = set(REQUIRED_CSP) - directives
+    assert not missing, f"{what}: the CSP lacks {missing}"
+    assert not any("unsafe-" in d or " *" in f" {d}" for d in directives), f"{what}: a weakened CSP {directives}"
+    assert headers["x-content-type-options"] == "nosniff", what
+    assert headers["referrer-policy"] in ("no-referrer", "same-origin"), what
+    assert headers["x-frame-options"] == "DENY", what
+    static_ok = response.request.url.path.startswith("/static/") and response.status_code < 400
+    assert headers["cache-control"] == (STATIC_CACHE if static_ok else "no-store"), what
+    content_type = headers.get("content-type", "")
+    if content_type and TEXT_TYPES.match(content_type.lower()):
+        assert "charset=utf-8" in content_type.lower(), f"{what}: {content_type}"
+    assert content_type or response.status_code in (204, 304) or response.request.method == "HEAD" \
+        or not response.content, f"{what}: a body without a Content-Type"

@@ -17,36 +17,11 @@ from starlette.testclient import TestClient
 
 from relay_core.options import parse_option
 from relay_web.app import create_app
-from relay_web.headers import STATIC_CACHE
 from admin_helpers import ORIGIN, AdminClient, admin_settings, set_password
+from api_helpers import check_headers
 
-REQUIRED_CSP = ("default-src 'self'", "object-src 'none'", "base-uri 'none'", "frame-ancestors 'none'",
-                "form-action 'self'")
-TEXT_TYPES = re.compile(r"^(text/|application/(javascript|json|xml)|image/svg\+xml|[a-z]+/[a-z.+-]+\+(json|xml))")
 STATIC_FILES = ("app.css", "app.js", "favicon.svg")
 GOOD_MESSAGE = {"from_email": "noreply@example.org", "to": ["a@example.com"], "subject": "Hi", "text": "Body"}
-
-
-def check(response: httpx.Response, what: str) -> None:
-    """The full header set, each header once."""
-    headers = response.headers
-    for name in ("content-security-policy", "x-content-type-options", "referrer-policy", "cache-control",
-                 "x-frame-options"):
-        assert len(headers.get_list(name)) == 1, f"{what}: {name} is {headers.get_list(name)}"
-    directives = {d.strip() for d in headers["content-security-policy"].split(";")}
-    missing = set(REQUIRED_CSP) - directives
-    assert not missing, f"{what}: the CSP lacks {missing}"
-    assert not any("unsafe-" in d or " *" in f" {d}" for d in directives), f"{what}: a weakened CSP {directives}"
-    assert headers["x-content-type-options"] == "nosniff", what
-    assert headers["referrer-policy"] in ("no-referrer", "same-origin"), what
-    assert headers["x-frame-options"] == "DENY", what
-    static_ok = response.request.url.path.startswith("/static/") and response.status_code < 400
-    assert headers["cache-control"] == (STATIC_CACHE if static_ok else "no-store"), what
-    content_type = headers.get("content-type", "")
-    if content_type and TEXT_TYPES.match(content_type.lower()):
-        assert "charset=utf-8" in content_type.lower(), f"{what}: {content_type}"
-    assert content_type or response.status_code in (204, 304) or response.request.method == "HEAD" \
-        or not response.content, f"{what}: a body without a Content-Type"
 
 
 class Walk:
@@ -128,7 +103,7 @@ def test_every_route_and_method_as_everyone(tmp_path: Path) -> None:
                 assert walk.admin.sign_in().status_code == 303
             for method, path, template in wanted:
                 response = walk.send(who, method, path)
-                check(response, f"{method} {path} as {who} -> {response.status_code}")
+                check_headers(response, f"{method} {path} as {who} -> {response.status_code}")
                 walk.statuses[(method, template)].add(response.status_code)
         # Each route and method answered at least once without an error (the walk reached it
         # for real, not only its refusals), and the refused methods were refused.
@@ -200,7 +175,7 @@ def test_every_api_error_and_starlette_error_carries_them(walk: Walk) -> None:
     for what, response in cases.items():
         assert response is not None and response.status_code == int(what[:3]), \
             (what, response and response.status_code, response and response.text[:300])
-        check(response, what)
+        check_headers(response, what)
         if what.split()[1] in ("page", "form"):
             assert response.headers["content-type"].startswith("text/html"), what
         elif what.split()[1] not in ("openapi", "health"):  # health answers ok: false, no worker here

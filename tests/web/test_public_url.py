@@ -21,7 +21,7 @@ from relay_web.app import create_app
 from relay_web.http_limits import LogBudget
 from admin_helpers import AdminClient, admin_client, admin_settings
 from support import RelayProcess, cli, free_port, relay_env
-from test_headers import GOOD_MESSAGE, check
+from api_helpers import check_headers, payload
 
 PUBLIC = "https://relay.example.org"
 HSTS = "strict-transport-security"
@@ -59,7 +59,7 @@ def test_a_host_the_relay_does_not_answer_to_gets_a_clear_400(tmp_path: Path,
         answers = {
             "GET /healthz": raw.get("/healthz", headers=evil),
             "GET /api/health": raw.get("/api/health", headers={**evil, **bearer(key)}),
-            "POST /api/send": raw.post("/api/send", json=GOOD_MESSAGE, headers={**evil, **bearer(key)}),
+            "POST /api/send": raw.post("/api/send", json=payload(), headers={**evil, **bearer(key)}),
             "GET /api/nothing": raw.get("/api/nothing", headers=evil),
         }
         for what, response in answers.items():
@@ -67,19 +67,19 @@ def test_a_host_the_relay_does_not_answer_to_gets_a_clear_400(tmp_path: Path,
             error = response.json()["error"]
             assert response.json()["ok"] is False and "'evil.example'" in error, what
             assert "https://relay.example.org" in error and "RELAY_ALLOWED_HOSTS" in error, what
-            check(response, what)
+            check_headers(response, what)
         for path in ("/login", "/settings", "/"):  # signed in, too: the page is not served under that name
             page = raw.get(path, headers=evil, follow_redirects=False)
             assert page.status_code == 400 and page.headers["content-type"].startswith("text/html"), path
             assert "RELAY_ALLOWED_HOSTS" in page.text and "SMTP delivery" not in page.text
-            check(page, path)
+            check_headers(page, path)
         lines = host_lines(caplog)
         assert len(lines) == 7 and all(r.exc_info is None and r.levelno == logging.WARNING for r in lines)
 
         # Its own name is served, and the loopback names always are: the container's health check asks
         # http://127.0.0.1:8000/healthz, and no page of another site can make a browser send them.
         assert raw.get("/healthz").status_code == 200
-        assert raw.post("/api/send", json=GOOD_MESSAGE, headers=bearer(key)).status_code == 202
+        assert raw.post("/api/send", json=payload(), headers=bearer(key)).status_code == 202
         for host in ("127.0.0.1:8000", "localhost", "[::1]:8000", "RELAY.example.org:443"):
             assert raw.get("/healthz", headers={"Host": host}).status_code == 200, host
             health = raw.get("/api/health", headers={"Host": host, **bearer(key)})
@@ -93,7 +93,7 @@ def test_allowed_hosts_add_names_and_work_without_a_public_url(tmp_path: Path) -
     env = {"RELAY_PUBLIC_URL": PUBLIC, "RELAY_ALLOWED_HOSTS": "relay, relay.lan"}
     with admin_client(admin_settings(tmp_path, **env), base_url=PUBLIC) as client:
         key = configured(client)
-        sent = client.client.post("/api/send", json=GOOD_MESSAGE, headers={"Host": "relay:8000", **bearer(key)})
+        sent = client.client.post("/api/send", json=payload(), headers={"Host": "relay:8000", **bearer(key)})
         assert sent.status_code == 202
         assert client.client.get("/healthz", headers={"Host": "Relay.LAN"}).status_code == 200
         refused = client.client.get("/healthz", headers={"Host": "relay.other"})
@@ -107,7 +107,7 @@ def test_unset_any_host_is_served_as_before(tmp_path: Path) -> None:
     with admin_client(admin_settings(tmp_path)) as client:
         key = configured(client)
         assert client.client.get("/healthz", headers={"Host": "evil.example"}).status_code == 200
-        sent = client.client.post("/api/send", json=GOOD_MESSAGE, headers={"Host": "anything", **bearer(key)})
+        sent = client.client.post("/api/send", json=payload(), headers={"Host": "anything", **bearer(key)})
         assert sent.status_code == 202
         assert client.post("/settings/smtp", SMTP_FORM).status_code == 303
 
@@ -189,9 +189,9 @@ def test_hsts_only_when_the_relay_knows_it_is_behind_tls(tmp_path: Path) -> None
     assert hsts(both, peer="203.0.113.9") is None
     # The portal's sends are answered before the middleware: they carry it too.
     with admin_client(public, base_url=PUBLIC) as client:
-        sent = client.client.post("/api/send", json=GOOD_MESSAGE, headers=bearer(configured(client)))
+        sent = client.client.post("/api/send", json=payload(), headers=bearer(configured(client)))
         assert sent.status_code == 202 and sent.headers[HSTS] == "max-age=31536000"
-        check(sent, "202 send")
+        check_headers(sent, "202 send")
 
 
 def test_the_containers_health_check_passes_with_a_public_url(tmp_path: Path) -> None:
