@@ -250,7 +250,7 @@ def test_a_shown_key_never_travels_in_a_url_and_shows_once(client: AdminClient, 
     """Reveal, Add and Generate: the address holds no token (it would stay in the history and in proxies'
     access logs); the page after the redirect shows the key once, to this session only."""
     store = client.state.store
-    primary = next(k for k in store.api_keys() if k.is_primary and k.revoked_at is None)
+    primary = next(k for k in store.api_keys.all() if k.is_primary and k.revoked_at is None)
     posts = [(f"/settings/api-keys/{primary.id}/reveal", {}, "revealed"),
              ("/settings/api-keys", {"label": f"shown-once-{primary.id}"}, "added"),
              ("/settings/api-keys/new", {"confirmed": "yes"}, "generated")]
@@ -261,7 +261,7 @@ def test_a_shown_key_never_travels_in_a_url_and_shows_once(client: AdminClient, 
         held = client.client.cookies.get(SHOW_COOKIE)
         assert held and "tsr_" not in held and "Path=/settings" in response.headers["set-cookie"]
         [shown] = revealed_keys(client.get(response.headers["location"]).text)
-        assert shown in {store.reveal_api_key(k.id) for k in store.api_keys() if k.revoked_at is None}, path
+        assert shown in {store.api_keys.reveal(k.id) for k in store.api_keys.all() if k.revoked_at is None}, path
         assert client.client.cookies.get(SHOW_COOKIE) is None, path  # used: gone from the browser
         assert revealed_keys(client.get(response.headers["location"]).text) == [], path  # a reload shows nothing
         # Put back (as a replay would): another session cannot read it, nor a tampered one.

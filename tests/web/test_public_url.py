@@ -35,7 +35,7 @@ def configured(client: AdminClient) -> str:
     store = client.state.store
     store.set_options({k: parse_option(k, v) for k, v in {
         "smtp_host": "127.0.0.1", "smtp_port": "2525", "smtp_security": "none"}.items()})
-    return str(store.reveal_api_key())
+    return str(store.api_keys.reveal())
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -152,13 +152,13 @@ def session_cookie_header(client: AdminClient) -> str:
 def test_cookies_follow_the_public_urls_scheme(tmp_path: Path) -> None:
     # https: Secure, even where RELAY_INSECURE_COOKIES=1 was left from a test on the LAN.
     with admin_client(admin_settings(tmp_path, RELAY_PUBLIC_URL=PUBLIC), sign_in=False, base_url=PUBLIC) as client:
-        client.state.store.set_admin_password("admin", "correct-horse-42")
+        client.state.store.admin.set_password("admin", "correct-horse-42")
         assert "secure" in session_cookie_header(client).lower()
     # http (a relay on a LAN, by name): not Secure, or the browser would never send it back.
     lan = "http://relay.lan:8000"
     settings = admin_settings(tmp_path / "lan", RELAY_PUBLIC_URL=lan, RELAY_INSECURE_COOKIES="")
     with admin_client(settings, sign_in=False, base_url=lan) as client:
-        client.state.store.set_admin_password("admin", "correct-horse-42")
+        client.state.store.admin.set_password("admin", "correct-horse-42")
         assert "secure" not in session_cookie_header(client).lower()
         assert client.get("/settings").status_code == 200
 
