@@ -10,6 +10,16 @@ write; any other error reruns the batch with a savepoint around every job, so
 one job's failure still costs only that job. Its rows go through ``write`` and
 are written with the batch's others at its end. An event loop's futures are
 settled in one call per batch: one wake-up of the loop, not one per request.
+
+A job with ``durable=False`` (the worker's claims) is committed without a
+flush, ahead of the batch's others: every process must see it at once, but
+losing it to a power cut only repeats work, so it waits for no fsync.
+
+``flush`` (the worker on SQLite): the writer commits without a flush, so it
+never holds the write lock through an fsync, and a thread of its own flushes
+the write-ahead log before the batch's callers hear of it: as durable as
+``synchronous=FULL`` (the log is written in order, so a flush covers every
+commit before it), but claims arriving meanwhile need not wait for the disk.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ class _Pending:
     job: Job
     future: Future | None = None  # submit's; submit_async's callers wait on ``waiter`` instead
     isolated: bool = True
+    durable: bool = True
     # Set by submit_async: the future is settled in this loop instead.
     loop: asyncio.AbstractEventLoop | None = None
     waiter: asyncio.Future[Any] | None = None
@@ -70,7 +81,8 @@ class Intake:
     def __init__(self, store: Store, relay_queue: RelayQueue | None, max_batch: int = 512,
                  before_commit: Callable[[Connection, int], None] | None = None,
                  at_begin: Callable[[Connection], Any] | None = None,
-                 writers: dict[str, Callable[[Connection, list[Any]], None]] | None = None) -> None:
+                 writers: dict[str, Callable[[Connection, list[Any]], None]] | None = None,
+                 flush: Callable[[], None] | None = None) -> None:
         self.store = store
         self.queue = relay_queue
         self.max_batch = max_batch
@@ -83,11 +95,16 @@ class Intake:
         self.before_commit = before_commit
         self._jobs: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="relay-intake", daemon=True)
+        self.flush = flush
+        self._flushing: queue.SimpleQueue[list | None] = queue.SimpleQueue()
+        self._flusher = threading.Thread(target=self._flush_run, name="relay-flush", daemon=True)
         self.batches = 0
         self.jobs_done = 0
 
     def start(self) -> None:
         self._thread.start()
+        if self.flush is not None:
+            self._flusher.start()
 
     @property
     def alive(self) -> bool:
@@ -98,10 +115,10 @@ class Intake:
             self._jobs.put(None)
             self._thread.join(timeout)
 
-    def submit(self, job: Job, isolated: bool = True) -> Future:
+    def submit(self, job: Job, isolated: bool = True, durable: bool = True) -> Future:
         """Run ``job(conn)`` in the next batch; the future holds its first return value."""
         future: Future = Future()
-        self._jobs.put(_Pending(job, future, isolated=isolated))
+        self._jobs.put(_Pending(job, future, isolated=isolated, durable=durable))
         return future
 
     def submit_async(self, job: Job, isolated: bool = True,
@@ -142,11 +159,24 @@ class Intake:
                 self._settle([(pending, None, error) for pending in batch])
             if stopping:
                 break
+        if self.flush is not None:
+            self._flushing.put(None)
+            self._flusher.join()
         self.store.close()
 
     def _commit(self, conn: Connection, batch: list[_Pending]) -> None:
+        light = [pending for pending in batch if not pending.durable]
+        if light:  # committed first, without a flush: those callers wait for no fsync
+            self._commit_group(conn, light, durable=False)
+            batch = [pending for pending in batch if pending.durable]
+            if not batch:
+                return
+        self._commit_group(conn, batch, durable=True)
+
+    def _commit_group(self, conn: Connection, batch: list[_Pending], durable: bool) -> None:
+        flush_apart = durable and self.flush is not None
         try:
-            outcomes = self._run_batch(conn, batch)
+            outcomes = self._run_batch(conn, batch, durable and not flush_apart)
         except Exception as exc:
             if not is_database_error(exc):
                 raise
@@ -155,7 +185,42 @@ class Intake:
             error = StoreUnavailable(STORE_DOWN)
             self._settle([(pending, None, error) for pending in batch])
             return
-        self._answer(outcomes)
+        if flush_apart:
+            self._flushing.put(outcomes)
+        else:
+            self._answer(outcomes)
+
+    def _flush_run(self) -> None:
+        """Flush once for every batch committed since the last flush, then answer them."""
+        assert self.flush is not None
+        while True:
+            first = self._flushing.get()
+            if first is None:
+                return
+            committed, stopping = [first], False
+            while True:
+                try:
+                    more = self._flushing.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                committed.append(more)
+            try:
+                self.flush()
+            except Exception as exc:
+                # Committed, but not known to be on disk: nothing that depends on them may run.
+                logger.error("the store's log could not be flushed to disk: %s", exc,
+                             extra=fields("intake.flush_error", count=sum(map(len, committed))))
+                error = StoreUnavailable(NOT_STORED)
+                for outcomes in committed:
+                    self._settle([(pending, None, error) for pending, _, _, _ in outcomes])
+            else:
+                for outcomes in committed:
+                    self._answer(outcomes)
+            if stopping:
+                return
 
     def write(self, conn: Connection, kind: str, row: Any) -> None:
         """From a job: write ``row`` with ``writers[kind]``, now or with the batch's others at its end."""
@@ -164,17 +229,17 @@ class Intake:
         else:
             self.writers[kind](conn, [row])
 
-    def _run_batch(self, conn: Connection, batch: list[_Pending]) -> list:
+    def _run_batch(self, conn: Connection, batch: list[_Pending], durable: bool = True) -> list:
         """One transaction; a job's error undoes only that job (see the module docstring)."""
         try:
-            return self._run_jobs(conn, batch, isolate_all=False)
+            return self._run_jobs(conn, batch, isolate_all=False, durable=durable)
         except _Rerun:
-            return self._run_jobs(conn, batch, isolate_all=True)
+            return self._run_jobs(conn, batch, isolate_all=True, durable=durable)
 
-    def _run_jobs(self, conn: Connection, batch: list[_Pending], isolate_all: bool) -> list:
+    def _run_jobs(self, conn: Connection, batch: list[_Pending], isolate_all: bool, durable: bool) -> list:
         outcomes: list[tuple[_Pending, Any, list[str], BaseException | None]] = []
         self._deferred = {}
-        with transaction(conn):
+        with transaction(conn, durable=durable):
             self.batch_value = self.at_begin(conn) if self.at_begin is not None else None
             for pending in batch:
                 if not (pending.isolated or isolate_all):

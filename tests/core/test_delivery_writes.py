@@ -160,9 +160,11 @@ def test_an_overlapping_thread_hands_over_its_outcome_and_what_depends_on_it_wai
     try:
         deferred = deliverer.attempt(first)
         assert deferred is not None and deferred.status == "deferred" and deferred.stored is not None
-        deferred.then(lambda: seen.append(store.messages.status(first)["status"]))  # type: ignore[index]
+        ran = threading.Event()
+        deferred.then(lambda: (seen.append(store.messages.status(first)["status"]), ran.set()))  # type: ignore[index]
         done = deliverer.attempt(second)  # waits for the first's outcome before handing over its own
         assert deferred.stored.done() and deferred.stored.result() is True
+        assert ran.wait(30)  # (the future's callbacks run just after its waiters are woken)
         assert seen == ["deferred"]  # run once the outcome was stored, and it saw it stored
         assert done is not None and done.status == "sent"
         deliverer.wait_for_last_outcome()
