@@ -4,6 +4,10 @@ Whole-transaction failures raise ``DeliveryError`` naming the stage and whether
 retrying can help (5xx permanent; 4xx, timeouts, connection, TLS and AUTH
 transient); error text never carries a secret. A ``Mailer`` keeps its thread's
 connection between messages, so a burst pays the TCP, TLS and AUTH handshakes once.
+The next message starts with MAIL, no RSET first: a transaction that ended with
+DATA's reply has already reset the session (RFC 5321 4.1.1.4), and a failed one
+sent RSET or closed the connection. A reused connection found dropped, or
+closing (421 at MAIL), is replaced and the message sent on the new one.
 """
 
 from __future__ import annotations
@@ -389,12 +393,7 @@ class Mailer:
     def _fresh_client(self, target: Target, idle_limit: float) -> tuple[smtplib.SMTP, bool]:
         client = self._client
         if client is not None and self._target == target and time.monotonic() - self._last_used < idle_limit:
-            try:
-                code, _ = client.rset()
-                if code == 250:
-                    return client, True
-            except (smtplib.SMTPException, OSError):
-                pass
+            return client, True
         self.close()
         client = connect(target)
         self.connections_opened += 1
@@ -408,8 +407,8 @@ class Mailer:
             result = transact(client, envelope_from, recipients, body)
         except DeliveryError as exc:
             self.close()
-            if reused and exc.stage == "MAIL" and exc.code is None:
-                # The server dropped an idle connection before MAIL: nothing was sent, retry once.
+            if reused and exc.stage == "MAIL" and exc.code in (None, 421):
+                # The server dropped an idle connection, or is closing it: nothing was sent, retry once.
                 client, _ = self._fresh_client(target, idle_limit)
                 result = transact(client, envelope_from, recipients, body)
             else:
