@@ -244,6 +244,16 @@ def test_auth_on_a_server_that_only_offers_it_after_starttls(mailer: Mailer, cer
     assert "STARTTLS" in caught.value.message and SMTP_PASSWORD not in caught.value.message
 
 
+@pytest.mark.parametrize("address", ["a.b+tag@example.org", "o'brien@example.org", "a..b@example.org",
+                                     "{x}%y!z@example.org", "#$&*/=?^_`|~-@example.org"])
+def test_envelope_addresses_go_out_as_given(mailer: Mailer, address: str) -> None:
+    """MAIL FROM and RCPT TO carry the validated address itself, as smtplib's quoting did."""
+    with SmtpServer("none") as server:
+        mailer.deliver(target(server), address, [address, "b@example.com"], BODY)
+        mailer.close()
+    assert [(r.mail_from, r.rcpt_tos) for r in server.received] == [(address, [address, "b@example.com"])]
+
+
 # -- connection reuse -----------------------------------------------------------------------
 def test_two_messages_within_the_idle_time_share_one_connection(mailer: Mailer, certs: Certificates) -> None:
     with SmtpServer("starttls", certs, auth=True) as server:
