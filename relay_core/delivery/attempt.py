@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
 
@@ -394,7 +394,7 @@ class Deliverer:
         stored = getattr(self._local, "stored", None)
         if stored is not None:
             self._local.stored = None
-            wait([stored])
+            stored.exception()  # waits; the store's error, if any, is ``_stored``'s to log
 
     def _stored(self, message_id: str, stored: Future[bool]) -> None:
         exc = stored.exception()

@@ -20,6 +20,8 @@ never holds the write lock through an fsync, and a thread of its own flushes
 the write-ahead log before the batch's callers hear of it: as durable as
 ``synchronous=FULL`` (the log is written in order, so a flush covers every
 commit before it), but claims arriving meanwhile need not wait for the disk.
+Durable jobs arriving during a flush wait for it to end, then go together in
+one transaction: a busy writer still pays one commit and one flush for many.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ NOT_STORED = "The relay could not store this message; nothing was queued. Try ag
 
 class NothingWritten(Exception):
     """A job's refusal raised before it wrote anything: no rollback is needed for it."""
+
+
+_FLUSHED = object()  # the flusher's word to the writer: the flush in progress ended
 
 
 class _Rerun(Exception):
@@ -93,9 +98,11 @@ class Intake:
         self._deferred: dict[str, list[Any]] = {}
         # Runs last in every batch's transaction with the number of messages it accepted.
         self.before_commit = before_commit
-        self._jobs: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Pending | object | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="relay-intake", daemon=True)
         self.flush = flush
+        self._held: list[_Pending] = []  # durable jobs waiting for the flush in progress to end
+        self._flush_busy = False
         self._flushing: queue.SimpleQueue[list | None] = queue.SimpleQueue()
         self._flusher = threading.Thread(target=self._flush_run, name="relay-flush", daemon=True)
         self.batches = 0
@@ -129,8 +136,9 @@ class Intake:
         self._jobs.put(_Pending(job, isolated=isolated, loop=loop, waiter=waiter))
         return waiter
 
-    def _take_batch(self, first: _Pending) -> tuple[list[_Pending], bool]:
-        batch, stopping = [first], False
+    def _take_batch(self, first: _Pending | object) -> tuple[list[_Pending], bool]:
+        batch: list[_Pending] = [first] if isinstance(first, _Pending) else []
+        stopping = False
         while len(batch) < self.max_batch:
             try:
                 item = self._jobs.get_nowait()
@@ -139,7 +147,8 @@ class Intake:
             if item is None:
                 stopping = True
                 break
-            batch.append(item)
+            if isinstance(item, _Pending):
+                batch.append(item)
         return batch, stopping
 
     def _run(self) -> None:
@@ -149,49 +158,58 @@ class Intake:
             if first is None:
                 break
             batch, stopping = self._take_batch(first)
-            try:
-                self._commit(conn, batch)
-            except Exception:
-                # Never let the writer die: every later send would wait forever.
-                logger.exception("the writer failed on a batch of %d writes", len(batch),
-                                 extra=fields("intake.error", count=len(batch)))
-                error = StoreUnavailable(NOT_STORED)
-                self._settle([(pending, None, error) for pending in batch])
+            self._commit(conn, batch, stopping)
             if stopping:
                 break
         if self.flush is not None:
+            self._commit(conn, [], True)  # what it still held
             self._flushing.put(None)
             self._flusher.join()
         self.store.close()
 
-    def _commit(self, conn: Connection, batch: list[_Pending]) -> None:
+    def _commit(self, conn: Connection, batch: list[_Pending], stopping: bool = False) -> None:
+        """Light jobs first, without a flush: their callers wait for no fsync. With ``flush``, the
+        durable ones wait in ``_held`` while the log is being flushed, then go together, with the
+        light jobs of that moment, in one transaction: one commit and one flush for all of them."""
         light = [pending for pending in batch if not pending.durable]
-        if light:  # committed first, without a flush: those callers wait for no fsync
-            self._commit_group(conn, light, durable=False)
-            batch = [pending for pending in batch if pending.durable]
-            if not batch:
-                return
-        self._commit_group(conn, batch, durable=True)
+        durable = [pending for pending in batch if pending.durable]
+        if self.flush is None:
+            for group, flushed in ((light, False), (durable, True)):
+                if group:
+                    self._commit_group(conn, group, flushed)
+            return
+        self._held += durable
+        if self._held and (not self._flush_busy or stopping):
+            light, self._held = light + self._held, []
+        if light:
+            self._commit_group(conn, light, False)
 
     def _commit_group(self, conn: Connection, batch: list[_Pending], durable: bool) -> None:
-        flush_apart = durable and self.flush is not None
+        """One transaction for ``batch``; answer its light jobs, and its durable ones once flushed."""
         try:
-            outcomes = self._run_batch(conn, batch, durable and not flush_apart)
+            outcomes = self._run_batch(conn, batch, durable)
         except Exception as exc:
-            if not is_database_error(exc):
-                raise
-            logger.error("the store refused a batch of %d writes: %s", len(batch), exc,
-                         extra=fields("intake.store_refused", count=len(batch)))
-            error = StoreUnavailable(STORE_DOWN)
+            if is_database_error(exc):
+                logger.error("the store refused a batch of %d writes: %s", len(batch), exc,
+                             extra=fields("intake.store_refused", count=len(batch)))
+                error = StoreUnavailable(STORE_DOWN)
+            else:  # never let the writer die: every later send would wait forever
+                logger.exception("the writer failed on a batch of %d writes", len(batch),
+                                 extra=fields("intake.error", count=len(batch)))
+                error = StoreUnavailable(NOT_STORED)
             self._settle([(pending, None, error) for pending in batch])
             return
-        if flush_apart:
-            self._flushing.put(outcomes)
-        else:
-            self._answer(outcomes)
+        self.batches += 1
+        flushed = [outcome for outcome in outcomes if outcome[0].durable] if not durable else []
+        if flushed:
+            self._flush_busy = True
+            self._flushing.put(flushed)
+            outcomes = [outcome for outcome in outcomes if not outcome[0].durable]
+        self._answer(outcomes)
 
     def _flush_run(self) -> None:
-        """Flush once for every batch committed since the last flush, then answer them."""
+        """Flush once for every batch committed since the last flush, answer them, and tell the
+        writer, which holds durable jobs meanwhile."""
         assert self.flush is not None
         while True:
             first = self._flushing.get()
@@ -219,6 +237,8 @@ class Intake:
             else:
                 for outcomes in committed:
                     self._answer(outcomes)
+            self._flush_busy = False
+            self._jobs.put(_FLUSHED)  # (wakes the writer for what it held)
             if stopping:
                 return
 
@@ -314,7 +334,6 @@ class Intake:
                 pass  # the loop is closed: nobody is waiting any more
 
     def _answer(self, outcomes: list) -> None:
-        self.batches += 1
         self.jobs_done += len(outcomes)
         to_enqueue: list[str] = []
         for pending, value, ids, exc in outcomes:
