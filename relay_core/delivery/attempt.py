@@ -251,7 +251,7 @@ class Deliverer:
             if claimed.sealed is None and claimed.sealed_size:
                 # Too large for the budget's room at the claim: read once the others leave room.
                 held = self.render_budget.wait_for_room(claimed.sealed_size, options)
-                claimed.sealed = self.store.read_body(claimed.id)
+                claimed.sealed = self.store.messages.read_body(claimed.id)
             try:
                 result, error = self._transact(claimed, options, pending)
             except Exception as exc:

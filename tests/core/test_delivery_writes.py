@@ -188,7 +188,7 @@ def test_a_body_the_budget_has_no_room_for_is_left_out_of_the_claim_and_read_whe
         try:
             thread.start()
             for _ in range(3000):  # claimed (without its body, which did not fit): now it waits for room
-                if store.message_status(message_id)["status"] == "sending":  # type: ignore[index]
+                if store.messages.status(message_id)["status"] == "sending":  # type: ignore[index]
                     break
                 time.sleep(0.01)
             assert not server.received and budget.used == 5  # the claim held nothing once made
