@@ -18,11 +18,13 @@ import base64
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
-from common import (HERE, Relay, free_port, peak_rss_mib, portal_message, post_many, rss_mib, start_sink,
-                    stop, wait_http, wrk)
+from common import (HERE, Relay, cpu_seconds, free_port, peak_rss_mib, portal_message, post_many, rss_mib,
+                    start_sink, stop, wait_http, wrk)
 
 
 def accept_rate(seconds: int, with_worker: bool = True, env: dict[str, str] | None = None) -> dict[str, float]:
@@ -53,19 +55,35 @@ def bare_rate(seconds: int) -> dict[str, float]:
         stop(proc)
 
 
+@dataclass
+class Drain:
+    rate: float  # delivered messages/s
+    cpu_ms: float  # the worker processes' CPU per message delivered, start-up left out
+
+
 def delivery_rate(count: int, delay: float, threads: int, workers: int = 1, reuse: bool = True,
                   starttls: tuple[str, str, str] | None = None, env: dict[str, str] | None = None,
-                  bare: bool = False) -> float:
+                  bare: bool = False, code: Path | None = None) -> float:
+    """Queue ``count`` messages with the worker stopped, then time the drain (messages/s)."""
+    return drain(count, delay, threads, workers, reuse, starttls, env, bare, code).rate
+
+
+def drain(count: int, delay: float, threads: int, workers: int = 1, reuse: bool = True,
+          starttls: tuple[str, str, str] | None = None, env: dict[str, str] | None = None,
+          bare: bool = False, code: Path | None = None) -> Drain:
     """Queue ``count`` messages with the worker stopped, then time the drain.
 
     The clock starts when the first delivery began (its finish time less the
     sink's delay) and stops at the last recorded delivery (``finished_at`` in
-    the store), so the worker process's start-up is not counted.
+    the store), so the worker process's start-up is not counted; nor is it in
+    the CPU figure, read from the first delivery on. ``code``: another
+    checkout of the relay to run.
     """
     sink_port = free_port()
     extra = ("--starttls", starttls[0], starttls[1]) if starttls else ()
     sink = start_sink(sink_port, delay, *extra)
-    relay = Relay(threads=threads, **({"SSL_CERT_FILE": starttls[2]} if starttls else {}), **(env or {}))
+    relay = Relay(threads=threads, code=code or HERE.parent, **({"SSL_CERT_FILE": starttls[2]} if starttls else {}),
+                  **(env or {}))
     try:
         relay.cli("config", "set", "smtp_host=127.0.0.1", f"smtp_port={sink_port}",
                   f"smtp_security={'starttls' if starttls else 'none'}",
@@ -76,15 +94,21 @@ def delivery_rate(count: int, delay: float, threads: int, workers: int = 1, reus
         for _ in range(workers):
             relay.start_worker()
         deadline = time.monotonic() + 600
+        cpu_from: tuple[int, float] | None = None  # (sent, CPU seconds) at the first delivery seen
         while time.monotonic() < deadline:
-            if relay.counts().get("sent", 0) >= count:
+            sent = relay.counts().get("sent", 0)
+            if sent and cpu_from is None:
+                cpu_from = (sent, sum(cpu_seconds(w.pid) for w in relay.workers))
+            if sent >= count:
                 break
             time.sleep(0.05)
         sent = relay.counts().get("sent", 0)
         if sent < count:
             raise RuntimeError(f"only {sent} of {count} delivered in 600 s")
+        cpu = sum(cpu_seconds(w.pid) for w in relay.workers)
+        assert cpu_from is not None
         first, last = relay.finish_span()
-        return count / (last - first + delay)
+        return Drain(count / (last - first + delay), (cpu - cpu_from[1]) * 1000 / max(1, count - cpu_from[0]))
     finally:
         relay.cleanup()
         stop(sink)

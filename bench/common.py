@@ -172,6 +172,12 @@ def start_sink(port: int, delay: float = 0.0, *extra: str) -> subprocess.Popen[b
     return proc
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a running process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):

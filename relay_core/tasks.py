@@ -30,6 +30,22 @@ class RelaySqliteStorage(SqliteStorage):
         conn.execute("PRAGMA synchronous = NORMAL")
         return conn
 
+    _found = False  # whether the last dequeue found a task
+
+    def dequeue(self) -> bytes | None:
+        """One statement that takes the oldest task. Huey's own looks first without a lock, then
+        selects and deletes it in a transaction of its own: five statements per task while a
+        backlog drains. The look without a lock stays for an idle worker's polls, which then
+        take no write lock the web's enqueues would wait for."""
+        with self.db() as cursor:
+            if not self._found and not cursor.execute("select 1 from task where queue = ? limit 1",
+                                                      (self.name,)).fetchone():
+                return None
+            row = cursor.execute("delete from task where id = (select id from task where queue = ?"
+                                 " order by priority desc, id limit 1) returning data", (self.name,)).fetchone()
+        self._found = row is not None
+        return None if row is None else bytes(row[0])
+
     def enqueue_many(self, items: list[bytes]) -> None:
         """One transaction for a batch of wake-up calls (the web's group commit), few statements."""
         with self.db(commit=True) as cursor:

@@ -79,6 +79,7 @@ class Handler:
         self.lock = threading.Lock()
         self.attempt_times: list[float] = []
         self.sasl_tried: list[str] = []  # one per AUTH answered (auth_* names are mechanisms to aiosmtpd)
+        self.resets = 0  # RSET commands received
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):  # type: ignore[no-untyped-def]
         with self.lock:
@@ -86,6 +87,10 @@ class Handler:
                 return self.behaviour.mail_replies.pop(0)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RSET(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        self.resets += 1
         return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # type: ignore[no-untyped-def]

@@ -17,10 +17,9 @@ import socket
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future, wait
-from contextlib import contextmanager
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 from ..store import metrics
 from . import oauth
@@ -97,13 +96,17 @@ class DeliveryWrites:
     transaction; the settings are the batch's, so a claim and its settings agree.
     """
 
-    def __init__(self, store: Store, writers: int = 1) -> None:
+    def __init__(self, store: Store, writers: int = 1, budget: RenderBudget | None = None) -> None:
         """``writers``: writer threads, each a group commit of its own, the delivery threads shared
         out between them (PostgreSQL, where batches of different transactions can be written at
-        once; on SQLite one at a time, so one is best)."""
+        once; on SQLite one at a time, so one is best). ``budget``: what a claim's body may take."""
         self.store = store
+        self.budget = budget or RenderBudget()
+        # On SQLite the log is flushed apart from the commit (see intake.py): the write lock is held
+        # for a commit's writes, not through its fsync.
+        flush = getattr(store.database, "flush_log", None)
         self.intakes = [Intake(store, None, at_begin=lambda conn: store.fresh_snapshot()[1],
-                               writers={"attempt": _write_attempt_logs}) for _ in range(writers)]
+                               writers={"attempt": _write_attempt_logs}, flush=flush) for _ in range(writers)]
         self._start_lock = threading.Lock()
         self._started = False
         self._local = threading.local()
@@ -123,25 +126,45 @@ class DeliveryWrites:
                     intake.start()
                 self._started = True
 
-    def _submit(self, job: Callable[[Connection], object]) -> Future:
+    def _submit(self, job: Callable[[Connection], object], durable: bool = True) -> Future:
         if not self._started:
             self.start()
         # Both jobs' first write is their UPDATE and nothing raises before it: no savepoint each.
-        return self.intake.submit(lambda conn: (job(conn), []), isolated=False)
+        return self.intake.submit(lambda conn: (job(conn), []), isolated=False, durable=durable)
 
     def claim(self, message_id: str, owner: str, now: float) -> tuple[Options, ClaimedMessage | Paced | str | None]:
-        """The batch's settings, and the claimed message (``PAUSED``, ``Paced`` or None: nothing to send)."""
+        """The batch's settings, and the claimed message (``PAUSED``, ``Paced`` or None: nothing to send).
 
-        intake = self.intake
+        The claim is committed without a flush (a claim lost to a power cut only means the message
+        is sent again, as after a crash mid-send), so a thread waits for no fsync before its SMTP
+        transaction. Its body comes with it only if it fits in the render budget now; the bytes
+        it takes there are the caller's to release once the attempt ends (``sealed``)."""
+
+        intake, budget = self.intake, self.budget
+        kept = [0]  # what this claim holds in the budget (a batch run again takes it anew)
 
         def job(conn: Connection) -> tuple[Options, ClaimedMessage | Paced | str | None]:
+            budget.release(kept[0])
+            kept[0] = 0
             options: Options = intake.batch_value
             if options.delivery_paused:
                 return options, PAUSED
-            return options, claim_message(conn, self.store.keys, message_id, owner, options.lease_seconds, now,
-                                          options.pacing_limits)
+            room, held = budget.hold(options)
+            claimed = None
+            try:
+                claimed = claim_message(conn, self.store.keys, message_id, owner, options.lease_seconds, now,
+                                        options.pacing_limits, room=room)
+            finally:
+                if isinstance(claimed, ClaimedMessage) and claimed.sealed is not None:
+                    kept[0] = len(claimed.sealed)
+                budget.settle(held, kept[0])
+            return options, claimed
 
-        return self._submit(job).result()  # type: ignore[no-any-return]
+        try:
+            return self._submit(job, durable=False).result()  # type: ignore[no-any-return]
+        except BaseException:
+            budget.release(kept[0])
+            raise
 
     def record(self, outcome: AttemptOutcome) -> Future[bool]:
         """The outcome's commit: True once stored, False if the lease was lost to another worker."""
@@ -177,7 +200,8 @@ class Deliverer:
         self._mailers: list[Mailer] = []
         self._mailers_lock = threading.Lock()
         self.leases = LeaseKeeper(store, self.clock)
-        self.writes = DeliveryWrites(store, 1 if store.database.dialect == "sqlite" else POSTGRES_WRITERS)
+        self.writes = DeliveryWrites(store, 1 if store.database.dialect == "sqlite" else POSTGRES_WRITERS,
+                                     self.render_budget)
         self._target: tuple[Options, Target] | None = None  # made once per settings, not per message
         # Set when a wake-up was dropped because delivery was paused: the sweeper
         # wakes the waiting messages again as soon as the pause is lifted.
@@ -209,11 +233,7 @@ class Deliverer:
     def attempt(self, message_id: str) -> Outcome | None:
         """Deliver the message if it can be claimed now; None when there was nothing to do."""
         owner = f"{self.identity}:{threading.get_ident()}"
-        # The budget is sized from the settings as last read (by the writer, for the last batch):
-        # the claim reads them again, but only once it is admitted.
-        with self.render_budget.reserve(self.store.cached_snapshot()[1]) as reservation:
-            options, claimed = self.writes.claim(message_id, owner, self.clock())
-            held = reservation.keep(len(claimed.sealed or b"") if isinstance(claimed, ClaimedMessage) else 0)
+        options, claimed = self.writes.claim(message_id, owner, self.clock())
         if claimed is PAUSED:
             # Nothing is claimed: the message stays as it is in the store, and the
             # sweeper (or `tspro-relay resume`) wakes it again once delivery resumes.
@@ -226,7 +246,12 @@ class Deliverer:
         pending = [r for r in claimed.recipients if r.status in ("pending", "deferred")]
         started = time.monotonic()
         self.leases.hold(claimed.id, owner, options.lease_seconds)
+        held = len(claimed.sealed or b"")
         try:
+            if claimed.sealed is None and claimed.sealed_size:
+                # Too large for the budget's room at the claim: read once the others leave room.
+                held = self.render_budget.wait_for_room(claimed.sealed_size, options)
+                claimed.sealed = self.store.messages.read_body(claimed.id)
             try:
                 result, error = self._transact(claimed, options, pending)
             except Exception as exc:
@@ -369,7 +394,7 @@ class Deliverer:
         stored = getattr(self._local, "stored", None)
         if stored is not None:
             self._local.stored = None
-            wait([stored])
+            stored.exception()  # waits; the store's error, if any, is ``_stored``'s to log
 
     def _stored(self, message_id: str, stored: Future[bool]) -> None:
         exc = stored.exception()
@@ -400,8 +425,12 @@ class RenderBudget:
     """Stored bytes claimed, rendered and sent at once by one worker's threads.
 
     A delivery holds about twice its stored message, so eight threads on the
-    largest messages would hold over 500 MiB. A thread claims only once the
-    largest admissible message fits (by default the budget is two of them).
+    largest messages would hold over 500 MiB. A claim (in the writer's batch)
+    brings the body only if it fits beside what the other threads keep (by
+    default the budget is two of the largest admissible messages); one that
+    does not stays in the store until there is room (``wait_for_room``).
+    Only the claim itself holds room for the largest message, never the wait
+    for its commit: holding it until then made a worker claim two at a time.
     """
 
     def __init__(self, limit: int | None = None) -> None:
@@ -410,19 +439,33 @@ class RenderBudget:
         self.peak = 0  # the most held at once (for tests and benches)
         self._changed = threading.Condition()
 
-    @contextmanager
-    def reserve(self, options: Options) -> Iterator[_Reservation]:
+    def _limit(self, options: Options) -> int:
+        return self.limit if self.limit is not None else 2 * options.max_body_bytes
+
+    def hold(self, options: Options) -> tuple[int | None, int]:
+        """For one claim: the largest body it may bring now (None: any, the budget being empty)
+        and what is held meanwhile; ``settle`` ends the hold."""
         largest = options.max_body_bytes
-        limit = self.limit if self.limit is not None else 2 * largest
         with self._changed:
-            self._changed.wait_for(lambda: self.used == 0 or self.used + largest <= limit)
-            self._take(largest)
-        reservation = _Reservation()
-        try:
-            yield reservation
-        finally:
-            with self._changed:
-                self._take(reservation.kept - largest)
+            if self.used == 0:
+                self._take(largest)
+                return None, largest
+            room = max(0, min(largest, self._limit(options) - self.used))
+            self._take(room)
+            return room, room
+
+    def settle(self, held: int, kept: int) -> None:
+        """The claim is made: of what it held, it keeps ``kept`` (its body)."""
+        with self._changed:
+            self._take(kept - held)
+
+    def wait_for_room(self, size: int, options: Options) -> int:
+        """Take ``size`` once it fits beside the others (or alone); ``release`` it later."""
+        limit = self._limit(options)
+        with self._changed:
+            self._changed.wait_for(lambda: self.used == 0 or self.used + size <= limit)
+            self._take(size)
+        return size
 
     def release(self, size: int) -> None:
         with self._changed:
@@ -433,16 +476,6 @@ class RenderBudget:
         self.peak = max(self.peak, self.used)
         if size < 0:
             self._changed.notify_all()
-
-
-@dataclass
-class _Reservation:
-    kept: int = 0
-
-    def keep(self, size: int) -> int:
-        """Keep ``size`` of the reservation past its end (``release`` it later); the rest goes."""
-        self.kept = size
-        return size
 
 
 class LeaseKeeper:

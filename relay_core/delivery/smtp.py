@@ -4,6 +4,10 @@ Whole-transaction failures raise ``DeliveryError`` naming the stage and whether
 retrying can help (5xx permanent; 4xx, timeouts, connection, TLS and AUTH
 transient); error text never carries a secret. A ``Mailer`` keeps its thread's
 connection between messages, so a burst pays the TCP, TLS and AUTH handshakes once.
+The next message starts with MAIL, no RSET first: a transaction that ended with
+DATA's reply has already reset the session (RFC 5321 4.1.1.4), and a failed one
+sent RSET or closed the connection. A reused connection found dropped, or
+closing (421 at MAIL), is replaced and the message sent on the new one.
 """
 
 from __future__ import annotations
@@ -309,14 +313,14 @@ def transact(client: smtplib.SMTP, envelope_from: str, recipients: list[str],
              body: bytes | bytearray) -> DeliveryResult:
     stage = "MAIL"
     try:
-        code, reply = client.mail(envelope_from)
+        code, reply = _command(client, "mail", "FROM", envelope_from)
         if code != 250:
             client.rset()
             raise _reply_error(stage, code, _reply_text(reply), "MAIL FROM")
         stage = "RCPT"
         results = []
         for address in recipients:
-            code, reply = client.rcpt(address)
+            code, reply = _command(client, "rcpt", "TO", address)
             text = _reply_text(reply)
             accepted = code in (250, 251)
             results.append(RecipientResult(address, accepted, code, text,
@@ -344,6 +348,14 @@ def transact(client: smtplib.SMTP, envelope_from: str, recipients: list[str],
     except (smtplib.SMTPException, OSError) as exc:
         raise DeliveryError(f"{stage}: connection lost: {_describe(exc)}", stage=stage,
                             permanent=False) from None
+
+
+def _command(client: smtplib.SMTP, verb: str, what: str, address: str) -> tuple[int, bytes]:
+    """MAIL FROM or RCPT TO as smtplib's ``mail`` and ``rcpt`` send them, without their address
+    parser: the relay's addresses are validated plain ones, which ``email.utils.parseaddr`` gives
+    back unchanged at a fifth of the worker's CPU per message."""
+    client.putcmd(verb, f"{what}:<{address}>")
+    return client.getreply()
 
 
 def _data(client: smtplib.SMTP, body: bytes | bytearray) -> tuple[int, bytes]:
@@ -389,12 +401,7 @@ class Mailer:
     def _fresh_client(self, target: Target, idle_limit: float) -> tuple[smtplib.SMTP, bool]:
         client = self._client
         if client is not None and self._target == target and time.monotonic() - self._last_used < idle_limit:
-            try:
-                code, _ = client.rset()
-                if code == 250:
-                    return client, True
-            except (smtplib.SMTPException, OSError):
-                pass
+            return client, True
         self.close()
         client = connect(target)
         self.connections_opened += 1
@@ -408,8 +415,8 @@ class Mailer:
             result = transact(client, envelope_from, recipients, body)
         except DeliveryError as exc:
             self.close()
-            if reused and exc.stage == "MAIL" and exc.code is None:
-                # The server dropped an idle connection before MAIL: nothing was sent, retry once.
+            if reused and exc.stage == "MAIL" and exc.code in (None, 421):
+                # The server dropped an idle connection, or is closing it: nothing was sent, retry once.
                 client, _ = self._fresh_client(target, idle_limit)
                 result = transact(client, envelope_from, recipients, body)
             else:

@@ -10,6 +10,18 @@ write; any other error reruns the batch with a savepoint around every job, so
 one job's failure still costs only that job. Its rows go through ``write`` and
 are written with the batch's others at its end. An event loop's futures are
 settled in one call per batch: one wake-up of the loop, not one per request.
+
+A job with ``durable=False`` (the worker's claims) is committed without a
+flush, ahead of the batch's others: every process must see it at once, but
+losing it to a power cut only repeats work, so it waits for no fsync.
+
+``flush`` (the worker on SQLite): the writer commits without a flush, so it
+never holds the write lock through an fsync, and a thread of its own flushes
+the write-ahead log before the batch's callers hear of it: as durable as
+``synchronous=FULL`` (the log is written in order, so a flush covers every
+commit before it), but claims arriving meanwhile need not wait for the disk.
+Durable jobs arriving during a flush wait for it to end, then go together in
+one transaction: a busy writer still pays one commit and one flush for many.
 """
 
 from __future__ import annotations
@@ -41,6 +53,9 @@ class NothingWritten(Exception):
     """A job's refusal raised before it wrote anything: no rollback is needed for it."""
 
 
+_FLUSHED = object()  # the flusher's word to the writer: the flush in progress ended
+
+
 class _Rerun(Exception):
     """A job without a savepoint failed: roll the batch back and run it again, each job isolated."""
 
@@ -50,6 +65,7 @@ class _Pending:
     job: Job
     future: Future | None = None  # submit's; submit_async's callers wait on ``waiter`` instead
     isolated: bool = True
+    durable: bool = True
     # Set by submit_async: the future is settled in this loop instead.
     loop: asyncio.AbstractEventLoop | None = None
     waiter: asyncio.Future[Any] | None = None
@@ -70,7 +86,8 @@ class Intake:
     def __init__(self, store: Store, relay_queue: RelayQueue | None, max_batch: int = 512,
                  before_commit: Callable[[Connection, int], None] | None = None,
                  at_begin: Callable[[Connection], Any] | None = None,
-                 writers: dict[str, Callable[[Connection, list[Any]], None]] | None = None) -> None:
+                 writers: dict[str, Callable[[Connection, list[Any]], None]] | None = None,
+                 flush: Callable[[], None] | None = None) -> None:
         self.store = store
         self.queue = relay_queue
         self.max_batch = max_batch
@@ -81,13 +98,20 @@ class Intake:
         self._deferred: dict[str, list[Any]] = {}
         # Runs last in every batch's transaction with the number of messages it accepted.
         self.before_commit = before_commit
-        self._jobs: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Pending | object | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="relay-intake", daemon=True)
+        self.flush = flush
+        self._held: list[_Pending] = []  # durable jobs waiting for the flush in progress to end
+        self._flush_busy = False
+        self._flushing: queue.SimpleQueue[list | None] = queue.SimpleQueue()
+        self._flusher = threading.Thread(target=self._flush_run, name="relay-flush", daemon=True)
         self.batches = 0
         self.jobs_done = 0
 
     def start(self) -> None:
         self._thread.start()
+        if self.flush is not None:
+            self._flusher.start()
 
     @property
     def alive(self) -> bool:
@@ -98,10 +122,10 @@ class Intake:
             self._jobs.put(None)
             self._thread.join(timeout)
 
-    def submit(self, job: Job, isolated: bool = True) -> Future:
+    def submit(self, job: Job, isolated: bool = True, durable: bool = True) -> Future:
         """Run ``job(conn)`` in the next batch; the future holds its first return value."""
         future: Future = Future()
-        self._jobs.put(_Pending(job, future, isolated=isolated))
+        self._jobs.put(_Pending(job, future, isolated=isolated, durable=durable))
         return future
 
     def submit_async(self, job: Job, isolated: bool = True,
@@ -112,8 +136,9 @@ class Intake:
         self._jobs.put(_Pending(job, isolated=isolated, loop=loop, waiter=waiter))
         return waiter
 
-    def _take_batch(self, first: _Pending) -> tuple[list[_Pending], bool]:
-        batch, stopping = [first], False
+    def _take_batch(self, first: _Pending | object) -> tuple[list[_Pending], bool]:
+        batch: list[_Pending] = [first] if isinstance(first, _Pending) else []
+        stopping = False
         while len(batch) < self.max_batch:
             try:
                 item = self._jobs.get_nowait()
@@ -122,7 +147,8 @@ class Intake:
             if item is None:
                 stopping = True
                 break
-            batch.append(item)
+            if isinstance(item, _Pending):
+                batch.append(item)
         return batch, stopping
 
     def _run(self) -> None:
@@ -132,30 +158,89 @@ class Intake:
             if first is None:
                 break
             batch, stopping = self._take_batch(first)
-            try:
-                self._commit(conn, batch)
-            except Exception:
-                # Never let the writer die: every later send would wait forever.
+            self._commit(conn, batch, stopping)
+            if stopping:
+                break
+        if self.flush is not None:
+            self._commit(conn, [], True)  # what it still held
+            self._flushing.put(None)
+            self._flusher.join()
+        self.store.close()
+
+    def _commit(self, conn: Connection, batch: list[_Pending], stopping: bool = False) -> None:
+        """Light jobs first, without a flush: their callers wait for no fsync. With ``flush``, the
+        durable ones wait in ``_held`` while the log is being flushed, then go together, with the
+        light jobs of that moment, in one transaction: one commit and one flush for all of them."""
+        light = [pending for pending in batch if not pending.durable]
+        durable = [pending for pending in batch if pending.durable]
+        if self.flush is None:
+            for group, flushed in ((light, False), (durable, True)):
+                if group:
+                    self._commit_group(conn, group, flushed)
+            return
+        self._held += durable
+        if self._held and (not self._flush_busy or stopping):
+            light, self._held = light + self._held, []
+        if light:
+            self._commit_group(conn, light, False)
+
+    def _commit_group(self, conn: Connection, batch: list[_Pending], durable: bool) -> None:
+        """One transaction for ``batch``; answer its light jobs, and its durable ones once flushed."""
+        try:
+            outcomes = self._run_batch(conn, batch, durable)
+        except Exception as exc:
+            if is_database_error(exc):
+                logger.error("the store refused a batch of %d writes: %s", len(batch), exc,
+                             extra=fields("intake.store_refused", count=len(batch)))
+                error = StoreUnavailable(STORE_DOWN)
+            else:  # never let the writer die: every later send would wait forever
                 logger.exception("the writer failed on a batch of %d writes", len(batch),
                                  extra=fields("intake.error", count=len(batch)))
                 error = StoreUnavailable(NOT_STORED)
-                self._settle([(pending, None, error) for pending in batch])
-            if stopping:
-                break
-        self.store.close()
-
-    def _commit(self, conn: Connection, batch: list[_Pending]) -> None:
-        try:
-            outcomes = self._run_batch(conn, batch)
-        except Exception as exc:
-            if not is_database_error(exc):
-                raise
-            logger.error("the store refused a batch of %d writes: %s", len(batch), exc,
-                         extra=fields("intake.store_refused", count=len(batch)))
-            error = StoreUnavailable(STORE_DOWN)
             self._settle([(pending, None, error) for pending in batch])
             return
+        self.batches += 1
+        flushed = [outcome for outcome in outcomes if outcome[0].durable] if not durable else []
+        if flushed:
+            self._flush_busy = True
+            self._flushing.put(flushed)
+            outcomes = [outcome for outcome in outcomes if not outcome[0].durable]
         self._answer(outcomes)
+
+    def _flush_run(self) -> None:
+        """Flush once for every batch committed since the last flush, answer them, and tell the
+        writer, which holds durable jobs meanwhile."""
+        assert self.flush is not None
+        while True:
+            first = self._flushing.get()
+            if first is None:
+                return
+            committed, stopping = [first], False
+            while True:
+                try:
+                    more = self._flushing.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                committed.append(more)
+            try:
+                self.flush()
+            except Exception as exc:
+                # Committed, but not known to be on disk: nothing that depends on them may run.
+                logger.error("the store's log could not be flushed to disk: %s", exc,
+                             extra=fields("intake.flush_error", count=sum(map(len, committed))))
+                error = StoreUnavailable(NOT_STORED)
+                for outcomes in committed:
+                    self._settle([(pending, None, error) for pending, _, _, _ in outcomes])
+            else:
+                for outcomes in committed:
+                    self._answer(outcomes)
+            self._flush_busy = False
+            self._jobs.put(_FLUSHED)  # (wakes the writer for what it held)
+            if stopping:
+                return
 
     def write(self, conn: Connection, kind: str, row: Any) -> None:
         """From a job: write ``row`` with ``writers[kind]``, now or with the batch's others at its end."""
@@ -164,17 +249,17 @@ class Intake:
         else:
             self.writers[kind](conn, [row])
 
-    def _run_batch(self, conn: Connection, batch: list[_Pending]) -> list:
+    def _run_batch(self, conn: Connection, batch: list[_Pending], durable: bool = True) -> list:
         """One transaction; a job's error undoes only that job (see the module docstring)."""
         try:
-            return self._run_jobs(conn, batch, isolate_all=False)
+            return self._run_jobs(conn, batch, isolate_all=False, durable=durable)
         except _Rerun:
-            return self._run_jobs(conn, batch, isolate_all=True)
+            return self._run_jobs(conn, batch, isolate_all=True, durable=durable)
 
-    def _run_jobs(self, conn: Connection, batch: list[_Pending], isolate_all: bool) -> list:
+    def _run_jobs(self, conn: Connection, batch: list[_Pending], isolate_all: bool, durable: bool) -> list:
         outcomes: list[tuple[_Pending, Any, list[str], BaseException | None]] = []
         self._deferred = {}
-        with transaction(conn):
+        with transaction(conn, durable=durable):
             self.batch_value = self.at_begin(conn) if self.at_begin is not None else None
             for pending in batch:
                 if not (pending.isolated or isolate_all):
@@ -249,7 +334,6 @@ class Intake:
                 pass  # the loop is closed: nobody is waiting any more
 
     def _answer(self, outcomes: list) -> None:
-        self.batches += 1
         self.jobs_done += len(outcomes)
         to_enqueue: list[str] = []
         for pending, value, ids, exc in outcomes:

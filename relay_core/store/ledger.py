@@ -95,6 +95,7 @@ class ClaimedMessage:
     lease_owner: str
     keys: KeySet | None = None
     attachments: int = 0
+    sealed_size: int = 0  # the stored body's length, also when the claim left it out (``room``)
 
     @property
     def body(self) -> bytes:
@@ -166,8 +167,13 @@ def _fail_interrupted(conn: Connection, message_id: str, interrupted: int, now: 
                               attachments=row["attachments"]))
 
 
+_CLAIMED = ("id, envelope_from, from_addr, subject, created_at, attempts, claims, attachments,"
+            " length(body) AS sealed_size")
+
+
 def claim_message(conn: Connection, keys: KeySet, message_id: str, owner: str, lease_seconds: float,
-                  now: float, limits: tuple[tuple[int, float], ...] = ()) -> ClaimedMessage | Paced | None:
+                  now: float, limits: tuple[tuple[int, float], ...] = (),
+                  room: int | None = None) -> ClaimedMessage | Paced | None:
     """Inside a transaction: queued/deferred and due (or sending with an expired lease) -> sending,
     leased to ``owner``.
 
@@ -177,13 +183,17 @@ def claim_message(conn: Connection, keys: KeySet, message_id: str, owner: str, l
     message goes back to deferred until a slot frees (``Paced``). The
     count is taken under the write lock (an advisory lock on PostgreSQL),
     so every worker process shares it. The UPDATE is the first write.
+    ``room``: the stored body comes with the claim only if it is at most
+    this many bytes (``sealed`` is None otherwise; ``sealed_size`` says
+    how large it is, and ``read_body`` reads it once there is room).
     """
+    body = "body" if room is None else "CASE WHEN length(body) <= ? THEN body END AS body"
     row = conn.execute(
         "UPDATE messages SET status = 'sending', lease_owner = ?, lease_expires_at = ?,"
         " updated_at = ?, claims = claims + 1"
         " WHERE id = ? AND ((status IN ('queued', 'deferred') AND next_attempt_at <= ?)"
-        " OR (status = 'sending' AND lease_expires_at < ?)) RETURNING *",
-        (owner, now + lease_seconds, now, message_id, now, now),
+        f" OR (status = 'sending' AND lease_expires_at < ?)) RETURNING {_CLAIMED}, {body}",
+        (owner, now + lease_seconds, now, message_id, now, now, *(() if room is None else (room,))),
     ).fetchone()
     if row is None:
         return None
@@ -206,7 +216,8 @@ def claim_message(conn: Connection, keys: KeySet, message_id: str, owner: str, l
                               " WHERE message_id = ? ORDER BY position", (message_id,))
     ]
     return ClaimedMessage(row["id"], row["envelope_from"], row["from_addr"], row["subject"], row["body"],
-                          row["created_at"], row["attempts"], recipients, owner, keys, row["attachments"])
+                          row["created_at"], row["attempts"], recipients, owner, keys, row["attachments"],
+                          row["sealed_size"] or 0)
 
 
 @dataclass
@@ -272,6 +283,11 @@ class Ledger(Part):
         # the outcome recorded afterwards is committed with a full fsync.
         with transaction(conn, durable=False):
             return claim_message(conn, self.store.keys, message_id, owner, lease_seconds, now, limits)
+
+    def read_body(self, message_id: str) -> bytes | None:
+        """A claimed message's stored body, when its claim left it out (see ``claim_message``)."""
+        row = self.conn().execute("SELECT body FROM messages WHERE id = ?", (message_id,)).fetchone()
+        return None if row is None else row[0]
 
     def renew_leases(self, held: list[tuple[str, str]], until: float) -> None:
         conn = self.conn()

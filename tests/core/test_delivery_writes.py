@@ -160,12 +160,66 @@ def test_an_overlapping_thread_hands_over_its_outcome_and_what_depends_on_it_wai
     try:
         deferred = deliverer.attempt(first)
         assert deferred is not None and deferred.status == "deferred" and deferred.stored is not None
-        deferred.then(lambda: seen.append(store.messages.status(first)["status"]))  # type: ignore[index]
+        ran = threading.Event()
+        deferred.then(lambda: (seen.append(store.messages.status(first)["status"]), ran.set()))  # type: ignore[index]
         done = deliverer.attempt(second)  # waits for the first's outcome before handing over its own
         assert deferred.stored.done() and deferred.stored.result() is True
+        assert ran.wait(30)  # (the future's callbacks run just after its waiters are woken)
         assert seen == ["deferred"]  # run once the outcome was stored, and it saw it stored
         assert done is not None and done.status == "sent"
         deliverer.wait_for_last_outcome()
         assert store.messages.status(second)["status"] == "sent"  # type: ignore[index]
     finally:
         deliverer.close()
+
+
+def test_a_body_the_budget_has_no_room_for_is_left_out_of_the_claim_and_read_when_there_is(
+        store: Store) -> None:
+    """A claim brings its body only if it fits beside what the other threads keep; a thread
+    whose body was left out waits for room, reads it from the store and sends it whole."""
+    with SmtpServer("none") as server:
+        store.set_options({"smtp_host": "127.0.0.1", "smtp_port": server.port, "smtp_security": "none"})
+        deliverer = Deliverer(store, render_budget=10)  # smaller than any sealed body
+        budget = deliverer.render_budget
+        message_id = store_message(store, created=time.time())
+        outcomes: list[object] = []
+        budget.used = 5  # as if another thread kept part of it
+        thread = threading.Thread(target=lambda: outcomes.append(deliverer.attempt(message_id)))
+        try:
+            thread.start()
+            for _ in range(3000):  # claimed (without its body, which did not fit): now it waits for room
+                if store.messages.status(message_id)["status"] == "sending":  # type: ignore[index]
+                    break
+                time.sleep(0.01)
+            assert not server.received and budget.used == 5  # the claim held nothing once made
+            budget.release(5)  # the other thread is done: alone, the message goes whatever its size
+            thread.join(30)
+        finally:
+            deliverer.close()
+    assert [getattr(o, "status", None) for o in outcomes] == ["sent"]
+    assert [r.rcpt_tos for r in server.received] == [["ann@example.com"]]
+    assert budget.used == 0 and budget.peak > 10
+
+
+def test_an_outcome_whose_flush_fails_is_not_reported_stored(store: Store) -> None:
+    """With the log flushed apart from the commit (SQLite), an outcome is reported stored only
+    once flushed: when the flush fails, what depends on it never runs."""
+    writes = DeliveryWrites(store)
+    failures = []
+
+    def failing_flush() -> None:
+        failures.append(True)
+        raise OSError(5, "Input/output error")
+
+    for intake in writes.intakes:
+        intake.flush = failing_flush
+    try:
+        message_id = store_message(store, created=time.time())
+        _, claimed = writes.claim(message_id, "w", time.time())
+        assert isinstance(claimed, ClaimedMessage)
+        stored = writes.record(sent(claimed))
+        with pytest.raises(Exception, match="could not store"):
+            stored.result(30)
+        assert failures
+    finally:
+        writes.close()

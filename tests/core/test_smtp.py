@@ -244,6 +244,16 @@ def test_auth_on_a_server_that_only_offers_it_after_starttls(mailer: Mailer, cer
     assert "STARTTLS" in caught.value.message and SMTP_PASSWORD not in caught.value.message
 
 
+@pytest.mark.parametrize("address", ["a.b+tag@example.org", "o'brien@example.org", "a..b@example.org",
+                                     "{x}%y!z@example.org", "#$&*/=?^_`|~-@example.org"])
+def test_envelope_addresses_go_out_as_given(mailer: Mailer, address: str) -> None:
+    """MAIL FROM and RCPT TO carry the validated address itself, as smtplib's quoting did."""
+    with SmtpServer("none") as server:
+        mailer.deliver(target(server), address, [address, "b@example.com"], BODY)
+        mailer.close()
+    assert [(r.mail_from, r.rcpt_tos) for r in server.received] == [(address, [address, "b@example.com"])]
+
+
 # -- connection reuse -----------------------------------------------------------------------
 def test_two_messages_within_the_idle_time_share_one_connection(mailer: Mailer, certs: Certificates) -> None:
     with SmtpServer("starttls", certs, auth=True) as server:
@@ -255,6 +265,7 @@ def test_two_messages_within_the_idle_time_share_one_connection(mailer: Mailer, 
         mailer.close()
     assert first.code == second.code == 250
     assert mailer.connections_opened == 1
+    assert server.handler.resets == 0  # DATA's reply ended the first transaction: no RSET before the second
     assert [r.rcpt_tos for r in server.received] == [["a@example.com"], ["b@example.com"]]
     assert body_of(server.received[1].content) == b"Second one.\n"
     assert served(server) - before == 1  # the server saw one connection too
@@ -295,6 +306,39 @@ def test_a_connection_dropped_by_a_restarted_server_is_replaced(mailer: Mailer) 
     assert mailer.connections_opened == 2
     assert [r.rcpt_tos for r in first.received] == [["a@example.com"]]
     assert [r.rcpt_tos for r in second.received] == [["b@example.com"]]
+
+
+def test_a_reused_connection_the_server_is_closing_is_replaced(mailer: Mailer) -> None:
+    with SmtpServer("none") as server:
+        mailer.deliver(target(server), "bounce@example.org", ["a@example.com"], BODY, idle_limit=60)
+        server.behaviour.mail_replies = ["421 4.4.2 idle for too long, closing"]
+        result = mailer.deliver(target(server), "bounce@example.org", ["b@example.com"], BODY, idle_limit=60)
+        mailer.close()
+    assert result.code == 250
+    assert mailer.connections_opened == 2
+    assert [r.rcpt_tos for r in server.received] == [["a@example.com"], ["b@example.com"]]
+
+
+def test_a_fresh_connection_refused_at_mail_is_not_tried_again(mailer: Mailer) -> None:
+    with SmtpServer("none") as server:
+        server.behaviour.mail_replies = ["421 4.3.2 not now"]
+        with pytest.raises(DeliveryError) as caught:
+            mailer.deliver(target(server), "bounce@example.org", ["a@example.com"], BODY, idle_limit=60)
+    assert caught.value.stage == "MAIL" and caught.value.code == 421 and not caught.value.permanent
+    assert mailer.connections_opened == 1 and server.received == []
+
+
+def test_a_message_after_one_whose_recipients_were_all_refused_goes_on_the_same_connection(
+        mailer: Mailer) -> None:
+    with SmtpServer("none") as server:
+        server.behaviour.rcpt_replies = {"gone@example.com": "550 5.1.1 no such user"}
+        refused = mailer.deliver(target(server), "bounce@example.org", ["gone@example.com"], BODY, idle_limit=60)
+        sent = mailer.deliver(target(server), "bounce@example.org", ["b@example.com"], BODY, idle_limit=60)
+        mailer.close()
+    assert not refused.recipients[0].accepted and sent.code == 250
+    assert server.handler.resets == 1  # the refused transaction's own RSET, none before the next
+    assert mailer.connections_opened == 1
+    assert [(r.mail_from, r.rcpt_tos) for r in server.received] == [("bounce@example.org", ["b@example.com"])]
 
 
 def test_close_sends_quit_and_is_idempotent(certs: Certificates) -> None:
