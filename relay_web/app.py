@@ -26,7 +26,7 @@ from relay_core.crypto import DecryptionError
 from relay_core.db import Connection, is_database_error
 from relay_core.errors import RelayError, StoreUnavailable
 from relay_core.store import metrics as relay_metrics
-from relay_core.intake.group_commit import Intake
+from relay_core.intake.group_commit import GroupCommit
 from relay_core.logs import fields
 from relay_core.intake.acceptance import insert_accepted
 from relay_core.store import Store
@@ -177,7 +177,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
 
         # The revision of the settings, read once per batch and held until its commit: every accept
         # checks it (api.accept), and a settings change waits for the batch (Store._bump_rev).
-        intake = Intake(relay_store, relay_queue, before_commit=count_batch,
+        intake = GroupCommit(relay_store, relay_queue, before_commit=count_batch,
                         at_begin=functools.partial(relay_store.revision, hold=True),
                         writers={ACCEPTED: functools.partial(insert_accepted, keys=relay_store.keys)})
         intake.start()

@@ -11,7 +11,7 @@ from typing import Any
 
 from relay_core.config import Settings
 from relay_core.db import Connection
-from relay_core.intake.group_commit import Intake, Job
+from relay_core.intake.group_commit import GroupCommit, Job
 from .latency import LatencyBuffer
 from .refusal_gate import RefusalGate
 from relay_core.store import Store
@@ -27,7 +27,7 @@ class AppState:
     settings: Settings
     store: Store
     queue: RelayQueue
-    intake: Intake
+    intake: GroupCommit
     refusals: RefusalGate = field(default_factory=RefusalGate)
     bodies: BodyBudget = field(default_factory=BodyBudget)  # request bodies being read at once
     accept_latency: LatencyBuffer = field(default_factory=LatencyBuffer)

@@ -85,7 +85,7 @@ class Sweeper:
     def check_settings(self) -> None:
         """Check a change to the SMTP settings in a thread of its own: the check waits on the
         server's timeouts, and the heartbeat must not."""
-        changed = self.store.settings_changed_at(UPSTREAM_SETTINGS)
+        changed = self.store.options_changed_at(UPSTREAM_SETTINGS)
         if changed <= self._checked_for or (self._checker is not None and self._checker.is_alive()):
             return
         self._checked_for = changed

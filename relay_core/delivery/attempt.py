@@ -27,7 +27,7 @@ from ..intake.acceptance import insert_logs
 from ..crypto import DecryptionError
 from ..db import Connection
 from ..errors import RelayError
-from ..intake.group_commit import Intake
+from ..intake.group_commit import GroupCommit
 from ..store.ledger import AttemptOutcome, claim_message, record_outcome
 from ..logs import fields
 from ..message import build_mime, is_rendered_mime, parse_stored, read_stored
@@ -90,7 +90,7 @@ def _write_attempt_logs(conn: Connection, entries: list[LogEntry]) -> None:
 
 
 class DeliveryWrites:
-    """The worker's claims and outcomes, group-committed (``Intake``): one flush per batch.
+    """The worker's claims and outcomes, group-committed (``GroupCommit``): one flush per batch.
 
     Each call waits for its batch's commit, so a claim is committed before its SMTP
     transaction; the settings are the batch's, so a claim and its settings agree.
@@ -105,7 +105,7 @@ class DeliveryWrites:
         # On SQLite the log is flushed apart from the commit (see intake.py): the write lock is held
         # for a commit's writes, not through its fsync.
         flush = getattr(store.database, "flush_log", None)
-        self.intakes = [Intake(store, None, at_begin=lambda conn: store.fresh_snapshot()[1],
+        self.intakes = [GroupCommit(store, None, at_begin=lambda conn: store.fresh_snapshot()[1],
                                writers={"attempt": _write_attempt_logs}, flush=flush) for _ in range(writers)]
         self._start_lock = threading.Lock()
         self._started = False
@@ -113,7 +113,7 @@ class DeliveryWrites:
         self._turns = itertools.count()
 
     @property
-    def intake(self) -> Intake:
+    def intake(self) -> GroupCommit:
         intake = getattr(self._local, "intake", None)
         if intake is None:
             intake = self._local.intake = self.intakes[next(self._turns) % len(self.intakes)]

@@ -117,7 +117,7 @@ def assess(store: Store, now: float | None = None, window: int = UPSTREAM_WINDOW
     has_key = any(key.revoked_at is None for key in store.api_keys.all())
     heartbeat = store.workers.last_heartbeat()
     alive = heartbeat is not None and now - heartbeat < WORKER_STALE_SECONDS
-    since = store.settings_changed_at(UPSTREAM_SETTINGS)
+    since = store.options_changed_at(UPSTREAM_SETTINGS)
     check = probe.latest(store)
     if check is not None and check["for"] < since:
         check = None  # of settings changed since

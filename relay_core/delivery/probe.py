@@ -90,7 +90,7 @@ def check_new_settings(store: Store, now: float | None = None) -> dict[str, Any]
     """Check the saved SMTP settings once after each change; None when there was nothing to do
     (no change since the last check, no host set, or another worker took it)."""
     options = store.options()
-    changed = store.settings_changed_at(UPSTREAM_SETTINGS)
+    changed = store.options_changed_at(UPSTREAM_SETTINGS)
     if not options.smtp_configured or not changed:
         return None
     row = store.conn().execute("SELECT value FROM meta WHERE name = ?", (ROW,)).fetchone()

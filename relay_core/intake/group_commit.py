@@ -82,7 +82,7 @@ def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
             waiter.set_result(value)
 
 
-class Intake:
+class GroupCommit:
     def __init__(self, store: Store, relay_queue: RelayQueue | None, max_batch: int = 512,
                  before_commit: Callable[[Connection, int], None] | None = None,
                  at_begin: Callable[[Connection], Any] | None = None,

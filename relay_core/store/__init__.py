@@ -303,7 +303,7 @@ class Store:
             self._cache = snapshot
         return snapshot
 
-    def settings_changed_at(self, names: tuple[str, ...]) -> float:
+    def options_changed_at(self, names: tuple[str, ...]) -> float:
         marks = ",".join("?" * len(names))
         row = self.conn().execute(f"SELECT MAX(updated_at) FROM settings WHERE name IN ({marks})",
                                   names).fetchone()

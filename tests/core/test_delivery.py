@@ -195,10 +195,10 @@ def test_leases_are_renewed_while_a_slow_delivery_runs(store: Store, server: Smt
 
 
 def test_the_writer_answers_around_a_cancelled_request(store: Store, settings: object) -> None:
-    from relay_core.intake.group_commit import Intake
+    from relay_core.intake.group_commit import GroupCommit
     from relay_core.tasks import build_queue
     queue = build_queue(settings)  # type: ignore[arg-type]
-    intake = Intake(store, queue)
+    intake = GroupCommit(store, queue)
     ids = []
 
     def job(message_id: str):  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import pytest
 
-from relay_core.intake.group_commit import Intake, NothingWritten
+from relay_core.intake.group_commit import GroupCommit, NothingWritten
 from relay_core.store import LogEntry, NewMessage, Store
 
 pytestmark = pytest.mark.backends
@@ -43,9 +43,9 @@ def rows(store: Store) -> set[str]:
     return {r[0] for r in store.conn().execute("SELECT name FROM meta WHERE name LIKE 'test-%'")}
 
 
-def run_batch(store: Store, jobs: list[tuple[Callable[[Any], Any], bool]], **kwargs: Any) -> tuple[Intake, list[Any]]:
+def run_batch(store: Store, jobs: list[tuple[Callable[[Any], Any], bool]], **kwargs: Any) -> tuple[GroupCommit, list[Any]]:
     """Submit every job before the writer starts, so they form one batch."""
-    intake = Intake(store, None, **kwargs)
+    intake = GroupCommit(store, None, **kwargs)
     futures = [intake.submit(job, isolated=isolated) for job, isolated in jobs]
     intake.start()
     try:
@@ -95,13 +95,13 @@ def test_at_begin_is_read_once_per_batch_in_its_transaction(store: Store) -> Non
         begun.append(1)
         return store.revision(conn)
 
-    intake_holder: list[Intake] = []
+    intake_holder: list[GroupCommit] = []
 
     def job(conn):  # type: ignore[no-untyped-def]
         seen.append(intake_holder[0].batch_value)
         return None, []
 
-    intake = Intake(store, None, at_begin=at_begin)
+    intake = GroupCommit(store, None, at_begin=at_begin)
     intake_holder.append(intake)
     futures = [intake.submit(job) for _ in range(3)]
     intake.start()
@@ -115,7 +115,7 @@ def test_at_begin_is_read_once_per_batch_in_its_transaction(store: Store) -> Non
 
 def test_an_event_loop_caller_gets_its_answer_and_a_cancelled_one_is_skipped(store: Store) -> None:
     calls: list[str] = []
-    intake = Intake(store, None)
+    intake = GroupCommit(store, None)
 
     async def main() -> list[Any]:
         first = intake.submit_async(note("a", calls))
@@ -163,8 +163,8 @@ def test_rows_handed_to_write_are_written_together_at_the_end_of_the_batch(store
             return name, []
         return run
 
-    holder: list[Intake] = []
-    intake = Intake(store, None, writers={"row": writer})
+    holder: list[GroupCommit] = []
+    intake = GroupCommit(store, None, writers={"row": writer})
     holder.append(intake)
     futures = [intake.submit(job("a"), isolated=False), intake.submit(job("b"), isolated=True),
                intake.submit(job("c"), isolated=False)]
@@ -184,7 +184,7 @@ def test_a_batch_write_that_fails_is_retried_row_by_row_and_fails_only_its_job(s
                 raise ValueError("this row cannot be written")
             conn.execute("INSERT INTO meta (name, value) VALUES (?, 'x')", (f"test-{r}",))
 
-    holder: list[Intake] = []
+    holder: list[GroupCommit] = []
 
     def job(name: str) -> Callable[[Any], Any]:
         def run(conn):  # type: ignore[no-untyped-def]
@@ -192,7 +192,7 @@ def test_a_batch_write_that_fails_is_retried_row_by_row_and_fails_only_its_job(s
             return name, []
         return run
 
-    intake = Intake(store, None, writers={"row": writer})
+    intake = GroupCommit(store, None, writers={"row": writer})
     holder.append(intake)
     futures = [intake.submit(job(n), isolated=False) for n in ("a", "bad", "c")]
     intake.start()
@@ -210,7 +210,7 @@ def test_accepted_messages_written_together_and_a_duplicate_fails_only_its_own(s
     refuses (here a message id taken twice) costs only its job once the batch runs again isolated."""
     from relay_core.intake.acceptance import insert_accepted
 
-    holder: list[Intake] = []
+    holder: list[GroupCommit] = []
 
     def job(message_id: str) -> Callable[[Any], Any]:
         def run(conn):  # type: ignore[no-untyped-def]
@@ -218,7 +218,7 @@ def test_accepted_messages_written_together_and_a_duplicate_fails_only_its_own(s
             return message_id, [message_id]
         return run
 
-    intake = Intake(store, None, writers={"accepted": lambda conn, rows: insert_accepted(conn, rows, store.keys)})
+    intake = GroupCommit(store, None, writers={"accepted": lambda conn, rows: insert_accepted(conn, rows, store.keys)})
     holder.append(intake)
     futures = [intake.submit(job(i), isolated=False) for i in ("m1", "m2", "m1", "m3")]
     intake.start()
@@ -259,8 +259,8 @@ def test_a_failing_end_of_batch_step_costs_no_job(store: Store) -> None:
     def write_meta(conn, names):  # type: ignore[no-untyped-def]
         conn.insert_rows("INSERT INTO meta (name, value) VALUES (?, 'x')", [(f"test-{n}",) for n in names])
 
-    holder: list[Intake] = []
-    intake = Intake(store, None, before_commit=hook, writers={"meta": write_meta})
+    holder: list[GroupCommit] = []
+    intake = GroupCommit(store, None, before_commit=hook, writers={"meta": write_meta})
     holder.append(intake)
     futures = [intake.submit(deferred(n), isolated=False) for n in ("a", "b")]
     futures.append(intake.submit(note("c", calls)))

@@ -26,7 +26,7 @@ from relay_core.db import migrations
 from relay_core.config import Secret, Settings, load_settings
 from relay_core.errors import BadRequest
 from relay_core.db.migrations import MIGRATIONS
-from relay_core.intake.group_commit import Intake, NothingWritten
+from relay_core.intake.group_commit import GroupCommit, NothingWritten
 from relay_core.options import Options, parse_option
 from relay_core.store import (ClaimedMessage, LogEntry, NewMessage, SqliteDatabase, Store, insert_message,
                               open_database, transaction)
@@ -708,7 +708,7 @@ def test_once_a_revoke_returns_no_send_checked_against_the_key_is_stored_later(
     batch, and the batch then stores a message by the revoked key after the operator looked."""
     key_id, _ = store.api_keys.add("leaked")
     checked = store.revision()
-    intake = Intake(store, None, at_begin=functools.partial(store.revision, hold=True))
+    intake = GroupCommit(store, None, at_begin=functools.partial(store.revision, hold=True))
     in_batch, release = threading.Event(), threading.Event()
 
     def send(conn: Any) -> tuple[str, list[str]]:  # api.accept's job, paused between its check and its write

@@ -226,7 +226,7 @@ def page_text(client: AdminClient, path: str = "/") -> str:
 
 def test_the_check_of_new_settings_shows_until_an_attempt_replaces_it(client: AdminClient) -> None:
     store = client.state.store
-    changed = store.settings_changed_at(UPSTREAM_SETTINGS)
+    changed = store.options_changed_at(UPSTREAM_SETTINGS)
     row = {"for": changed, "at": changed + 1, "state": "checking", "stage": None, "code": None, "detail": ""}
     store.conn().execute("INSERT INTO meta (name, value) VALUES ('upstream_probe', ?)", (json.dumps(row),))
     store.conn().commit()
