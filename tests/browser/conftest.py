@@ -73,7 +73,13 @@ class Watch:
         self.taken += 1
         slug = re.sub(r"[^A-Za-z0-9]+", "-", page.url.split("://", 1)[-1].split("/", 1)[-1]).strip("-")[:50]
         path = self.directory / f"{self.taken:02d}-{slug or 'root'}.png"
-        shot = cdp.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+        try:
+            shot = cdp.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+        except Exception as exc:
+            if "0 width" not in str(exc):
+                raise
+            # A document not laid out yet (it has just arrived) has no size beyond the viewport.
+            shot = cdp.send("Page.captureScreenshot", {"format": "png"})
         path.write_bytes(base64.b64decode(shot["data"]))
         self.shots.append(path)
 
