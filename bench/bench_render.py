@@ -60,7 +60,8 @@ def one(case: str, mode: str, port: int) -> dict:
     from relay_core.config import load_settings
     from relay_core.crypto import derive_keys
     from relay_core.delivery.attempt import Deliverer
-    from relay_core.message import build_mime, new_message_id, pack_stored, parse_payload
+    from relay_core.message import new_message_id, pack_stored, parse_payload
+    from relay_core.delivery.mime import build_mime
     from relay_core.store import NewMessage, Store, insert_message, transaction
 
     directory = Path(tempfile.mkdtemp(prefix="relay-bench-render-"))

@@ -30,7 +30,8 @@ from ..errors import RelayError
 from ..intake.group_commit import GroupCommit
 from ..store.ledger import AttemptOutcome, claim_message, record_outcome
 from ..logs import fields
-from ..message import build_mime, is_rendered_mime, parse_stored, read_stored
+from ..message import is_rendered_mime, parse_stored, read_stored
+from .mime import build_mime
 from ..options import Options
 from .smtp import DeliveryError, DeliveryResult, Mailer, RecipientResult, Target, retry_hint
 from ..store import ClaimedMessage, LogEntry, Paced, Recipient, Store

@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from relay_core.errors import BadRequest, Forbidden, PayloadTooLarge, RelayError
-from relay_core.message import (MAX_ATTACHMENTS, MAX_RECIPIENTS, OutgoingMessage, build_mime, ignored_fields,
+from relay_core.message import (MAX_ATTACHMENTS, MAX_RECIPIENTS, OutgoingMessage, ignored_fields,
                                 new_message_id, pack_stored, parse_payload, unpack_stored)
+from relay_core.delivery.mime import build_mime
 from relay_core.options import Options, parse_option
 
 OPTIONS = Options()

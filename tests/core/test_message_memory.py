@@ -25,7 +25,8 @@ from typing import Iterator
 import pytest
 
 from relay_core.delivery.attempt import Deliverer, Outcome
-from relay_core.message import build_mime, new_message_id, pack_stored, parse_payload
+from relay_core.message import new_message_id, pack_stored, parse_payload
+from relay_core.delivery.mime import build_mime
 from relay_core.delivery.smtp import _data_pieces
 from relay_core.store import NewMessage, Store, insert_message, transaction
 from support import SmtpServer, free_port

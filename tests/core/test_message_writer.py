@@ -1,4 +1,4 @@
-"""The MIME skeleton written directly (message._written) against the email package's rendering.
+"""The MIME skeleton written directly (mime._written) against the email package's rendering.
 
 The worker writes the usual message's headers and delimiters itself (the email
 package's generator and header folding were a fifth of its CPU per message)
@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from relay_core import message as rendering
-from relay_core.message import build_mime, parse_payload
+from relay_core.delivery import mime as rendering
+from relay_core.message import parse_payload
+from relay_core.delivery.mime import build_mime
 from relay_core.options import Options
 
 OPTIONS = Options()
