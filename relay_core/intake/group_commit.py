@@ -56,6 +56,20 @@ class NothingWritten(Exception):
 _FLUSHED = object()  # the flusher's word to the writer: the flush in progress ended
 
 
+def _take_waiting(waiting: queue.SimpleQueue, limit: int | None = None) -> list:
+    """What ``waiting`` holds now, up to ``limit`` items, ending at the first None (a stop) if any."""
+    taken: list = []
+    while limit is None or len(taken) < limit:
+        try:
+            item = waiting.get_nowait()
+        except queue.Empty:
+            break
+        taken.append(item)
+        if item is None:
+            break
+    return taken
+
+
 class _Rerun(Exception):
     """A job without a savepoint failed: roll the batch back and run it again, each job isolated."""
 
@@ -137,19 +151,9 @@ class GroupCommit:
         return waiter
 
     def _take_batch(self, first: _Pending | object) -> tuple[list[_Pending], bool]:
-        batch: list[_Pending] = [first] if isinstance(first, _Pending) else []
-        stopping = False
-        while len(batch) < self.max_batch:
-            try:
-                item = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                stopping = True
-                break
-            if isinstance(item, _Pending):
-                batch.append(item)
-        return batch, stopping
+        taken = [first, *_take_waiting(self._jobs, self.max_batch - 1)]
+        stopping = taken[-1] is None
+        return [item for item in taken if isinstance(item, _Pending)], stopping
 
     def _run(self) -> None:
         conn = self.store.conn()
@@ -215,16 +219,10 @@ class GroupCommit:
             first = self._flushing.get()
             if first is None:
                 return
-            committed, stopping = [first], False
-            while True:
-                try:
-                    more = self._flushing.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stopping = True
-                    break
-                committed.append(more)
+            committed = [first, *_take_waiting(self._flushing)]
+            stopping = committed[-1] is None
+            if stopping:
+                committed.pop()
             try:
                 self.flush()
             except Exception as exc:
